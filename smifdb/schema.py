@@ -1,0 +1,166 @@
+"""The schema as SQLAlchemy Core metadata.
+
+Migrations own the database; this module is the reference they are checked against
+(tests/test_migrations.py fails on any drift between the two).
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import (
+    BigInteger,
+    CheckConstraint,
+    Column,
+    DateTime,
+    Double,
+    Enum,
+    ForeignKey,
+    Identity,
+    Index,
+    Integer,
+    MetaData,
+    PrimaryKeyConstraint,
+    Table,
+    Text,
+    UniqueConstraint,
+    func,
+    text,
+)
+from sqlalchemy.dialects.postgresql import JSONB
+
+JOB_STATUSES = (
+    "waiting",
+    "ready",
+    "running",
+    "succeeded",
+    "failed",
+    "upstream_failed",
+    "cancelled",
+)
+JOB_FINISHED = ("succeeded", "failed", "upstream_failed", "cancelled")
+WORKFLOW_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
+WORKFLOW_FINISHED = ("succeeded", "failed", "cancelled")
+JOB_KINDS = ("command", "python")
+RUNNER_STATES = ("registered", "active", "draining", "stopped", "lost")
+
+metadata = MetaData()
+
+job_status = Enum(*JOB_STATUSES, name="job_status", metadata=metadata)
+workflow_status = Enum(*WORKFLOW_STATUSES, name="workflow_status", metadata=metadata)
+job_kind = Enum(*JOB_KINDS, name="job_kind", metadata=metadata)
+runner_state = Enum(*RUNNER_STATES, name="runner_state", metadata=metadata)
+
+TS = DateTime(timezone=True)
+
+workflows = Table(
+    "workflows",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("status", workflow_status, nullable=False, server_default="pending"),
+    Column("model_run", Text),
+    Column("bundle", Integer),
+    Column("job_count", Integer, nullable=False),
+    Column("submitted_at", TS, nullable=False, server_default=func.now()),
+    Column("started_at", TS),
+    Column("finished_at", TS),
+    CheckConstraint("job_count > 0", name="workflows_job_count_positive"),
+)
+Index("workflows_status_idx", workflows.c.status)
+Index("workflows_model_run_idx", workflows.c.model_run, workflows.c.bundle)
+
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column(
+        "workflow_id",
+        BigInteger,
+        ForeignKey("workflows.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("key", Text, nullable=False),
+    Column("kind", job_kind, nullable=False),
+    Column("payload", JSONB, nullable=False),
+    Column("model", Text),
+    Column("operation", Text),
+    Column("timestep", Integer),
+    Column("decision", Integer),
+    Column("status", job_status, nullable=False),
+    Column("priority", Integer, nullable=False, server_default="0"),
+    Column("unfinished_parents", Integer, nullable=False, server_default="0"),
+    Column("attempts", Integer, nullable=False, server_default="0"),
+    Column("max_attempts", Integer, nullable=False, server_default="1"),
+    Column("not_before", TS),
+    Column("timeout_seconds", Double),
+    Column("lease_owner", Text),
+    Column("lease_expires_at", TS),
+    Column("created_at", TS, nullable=False, server_default=func.now()),
+    Column("started_at", TS),
+    Column("finished_at", TS),
+    Column("exit_code", Integer),
+    Column("error", Text),
+    Column("result", JSONB),
+    Column("log_tail", Text),
+    UniqueConstraint("workflow_id", "key", name="jobs_workflow_key_key"),
+    CheckConstraint("unfinished_parents >= 0", name="jobs_unfinished_parents_nonnegative"),
+    CheckConstraint("max_attempts >= 1", name="jobs_max_attempts_positive"),
+    CheckConstraint("attempts >= 0", name="jobs_attempts_nonnegative"),
+    CheckConstraint(
+        "timeout_seconds IS NULL OR timeout_seconds > 0", name="jobs_timeout_positive"
+    ),
+)
+# The claim query's index: only ready rows, in claim order (priority desc, then age).
+Index(
+    "jobs_claim_idx",
+    jobs.c.priority.desc(),
+    jobs.c.id,
+    postgresql_where=text("status = 'ready'"),
+)
+# Lease rescue scans only running jobs.
+Index(
+    "jobs_running_lease_idx",
+    jobs.c.lease_expires_at,
+    postgresql_where=text("status = 'running'"),
+)
+# Workflow completion checks and per-workflow listings.
+Index("jobs_workflow_status_idx", jobs.c.workflow_id, jobs.c.status)
+
+job_edges = Table(
+    "job_edges",
+    metadata,
+    Column("parent_id", BigInteger, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("child_id", BigInteger, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    PrimaryKeyConstraint("parent_id", "child_id", name="job_edges_pkey"),
+    CheckConstraint("parent_id <> child_id", name="job_edges_no_self_loop"),
+)
+Index("job_edges_child_idx", job_edges.c.child_id)
+
+runners = Table(
+    "runners",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("name", Text, nullable=False, unique=True),
+    Column("host", Text),
+    Column("pid", Integer),
+    Column("slots", Integer, nullable=False),
+    Column("state", runner_state, nullable=False, server_default="registered"),
+    Column("registered_at", TS, nullable=False, server_default=func.now()),
+    Column("last_heartbeat_at", TS),
+    CheckConstraint("slots >= 1", name="runners_slots_positive"),
+)
+
+events = Table(
+    "events",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("at", TS, nullable=False, server_default=func.clock_timestamp()),
+    Column("workflow_id", BigInteger, nullable=False),
+    Column("job_id", BigInteger),
+    Column("from_status", Text),
+    Column("to_status", Text, nullable=False),
+    Column("attempt", Integer),
+    Column("actor", Text, nullable=False),
+    Column("reason", Text),
+)
+Index("events_workflow_idx", events.c.workflow_id, events.c.id)
+Index("events_job_idx", events.c.job_id, events.c.id, postgresql_where=text("job_id IS NOT NULL"))

@@ -1,0 +1,253 @@
+"""DAG specs: parse and validate completely before anything touches the database.
+
+A spec is a mapping ``{"name": str, "jobs": [job, ...]}``; see docs/dags.md for every field.
+Validation collects every problem it finds so that one run of ``smifdb submit`` reports them all.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import networkx as nx
+import yaml
+
+MAX_REPORTED = 20
+PYTHON_TARGET = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
+JOB_FIELDS = {
+    "key",
+    "command",
+    "python",
+    "args",
+    "cwd",
+    "env",
+    "after",
+    "priority",
+    "max_attempts",
+    "timeout",
+    "model",
+    "operation",
+    "timestep",
+    "decision",
+}
+TOP_FIELDS = {"name", "jobs"}
+
+
+class SpecError(ValueError):
+    """A DAG spec that cannot be submitted; the message lists every problem found."""
+
+    def __init__(self, problems: list[str]) -> None:
+        self.problems = problems
+        shown = problems[:MAX_REPORTED]
+        more = len(problems) - len(shown)
+        text = "\n".join(f"  - {p}" for p in shown)
+        if more:
+            text += f"\n  … and {more} more"
+        super().__init__(f"invalid DAG spec ({len(problems)} problem(s)):\n{text}")
+
+
+@dataclass(frozen=True)
+class Job:
+    key: str
+    kind: str  # "command" | "python"
+    payload: dict[str, Any]
+    after: tuple[str, ...] = ()
+    priority: int = 0
+    max_attempts: int = 1
+    timeout: float | None = None
+    model: str | None = None
+    operation: str | None = None
+    timestep: int | None = None
+    decision: int | None = None
+
+
+@dataclass(frozen=True)
+class Dag:
+    name: str
+    jobs: list[Job]
+    edges: list[tuple[str, str]] = field(default_factory=list)  # (parent key, child key)
+
+
+def load_file(path: str | Path) -> Any:
+    """Read a YAML or JSON file into plain data; SpecError if it is unreadable or unparsable."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise SpecError([f"cannot read {path}: {exc}"]) from exc
+    return load_text(text, str(path), json_only=path.suffix.lower() == ".json")
+
+
+def load_text(text: str, source: str, *, json_only: bool = False) -> Any:
+    """Parse YAML (a superset of JSON) or strict JSON; libyaml's loader when available."""
+    try:
+        if json_only:
+            return json.loads(text)
+        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+        return yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+        raise SpecError([f"cannot parse {source}: {exc}"]) from exc
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _check_job(index: int, raw: Any, problems: list[str]) -> Job | None:
+    where = f"jobs[{index}]"
+    if not isinstance(raw, Mapping):
+        problems.append(f"{where}: must be a mapping, got {type(raw).__name__}")
+        return None
+    key = raw.get("key")
+    if not isinstance(key, str) or not key.strip():
+        problems.append(f"{where}: 'key' must be a non-empty string")
+        return None
+    where = f"job {key!r}"
+    start = len(problems)
+    unknown = sorted(set(raw) - JOB_FIELDS)
+    if unknown:
+        problems.append(f"{where}: unknown field(s) {', '.join(unknown)}")
+
+    has_command, has_python = "command" in raw, "python" in raw
+    kind, payload = "command", {}
+    if has_command == has_python:
+        problems.append(f"{where}: give exactly one of 'command' or 'python'")
+    elif has_command:
+        command = raw["command"]
+        if isinstance(command, str) and command.strip():
+            payload = {"shell": command}
+        elif (
+            isinstance(command, list)
+            and command
+            and all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in command)
+        ):
+            payload = {"argv": [str(a) for a in command]}
+        else:
+            problems.append(f"{where}: 'command' must be a non-empty string or list of strings")
+        if "args" in raw:
+            problems.append(f"{where}: 'args' goes with 'python', not 'command'")
+    else:
+        kind = "python"
+        target = raw["python"]
+        if not isinstance(target, str) or not PYTHON_TARGET.match(target):
+            problems.append(f"{where}: 'python' must look like 'package.module:function'")
+        args = raw.get("args", {})
+        if not isinstance(args, Mapping) or not all(isinstance(k, str) for k in args):
+            problems.append(f"{where}: 'args' must be a mapping of names to values")
+            args = {}
+        else:
+            try:
+                json.dumps(args)
+            except (TypeError, ValueError):
+                problems.append(f"{where}: 'args' must be JSON-serialisable")
+        payload = {"function": target, "args": dict(args)}
+
+    if "cwd" in raw:
+        if isinstance(raw["cwd"], str) and raw["cwd"]:
+            payload["cwd"] = raw["cwd"]
+        else:
+            problems.append(f"{where}: 'cwd' must be a non-empty string")
+    if "env" in raw:
+        env = raw["env"]
+        if isinstance(env, Mapping) and all(
+            isinstance(k, str) and k and (isinstance(v, str) or _is_number(v))
+            for k, v in env.items()
+        ):
+            payload["env"] = {k: str(v) for k, v in env.items()}
+        else:
+            problems.append(f"{where}: 'env' must map names to strings or numbers")
+
+    after = raw.get("after", [])
+    if isinstance(after, str):
+        after = [after]
+    if not isinstance(after, list) or not all(isinstance(a, str) for a in after):
+        problems.append(f"{where}: 'after' must be a list of job keys")
+        after = []
+    priority = raw.get("priority", 0)
+    if not _is_int(priority) or not -(2**31) <= priority < 2**31:
+        problems.append(f"{where}: 'priority' must be an integer")
+    max_attempts = raw.get("max_attempts", 1)
+    if not _is_int(max_attempts) or not 1 <= max_attempts <= 1000:
+        problems.append(f"{where}: 'max_attempts' must be an integer from 1 to 1000")
+    timeout = raw.get("timeout")
+    if timeout is not None and (not _is_number(timeout) or timeout <= 0):
+        problems.append(f"{where}: 'timeout' must be a positive number of seconds")
+    smif: dict[str, Any] = {}
+    for name, check, wanted in (
+        ("model", lambda v: isinstance(v, str), "a string"),
+        ("operation", lambda v: isinstance(v, str), "a string"),
+        ("timestep", _is_int, "an integer"),
+        ("decision", _is_int, "an integer"),
+    ):
+        value = raw.get(name)
+        if value is not None and not check(value):
+            problems.append(f"{where}: {name!r} must be {wanted}")
+        smif[name] = value
+    if len(problems) > start:
+        return None
+    return Job(
+        key=key,
+        kind=kind,
+        payload=payload,
+        after=tuple(dict.fromkeys(after)),
+        priority=priority,
+        max_attempts=max_attempts,
+        timeout=float(timeout) if timeout is not None else None,
+        **smif,
+    )
+
+
+def parse(raw: Any, name: str | None = None) -> Dag:
+    """Validate plain data (from YAML, JSON or Python) into a Dag, or raise SpecError."""
+    problems: list[str] = []
+    if not isinstance(raw, Mapping):
+        raise SpecError([f"the spec must be a mapping with 'jobs', got {type(raw).__name__}"])
+    unknown = sorted(set(raw) - TOP_FIELDS)
+    if unknown:
+        problems.append(f"unknown top-level field(s) {', '.join(unknown)}")
+    name = name if name is not None else raw.get("name", "workflow")
+    if not isinstance(name, str) or not name.strip():
+        problems.append("'name' must be a non-empty string")
+    raw_jobs = raw.get("jobs")
+    if not isinstance(raw_jobs, list) or not raw_jobs:
+        problems.append("'jobs' must be a non-empty list")
+        raise SpecError(problems)
+
+    jobs: list[Job] = []
+    seen: set[str] = set()
+    for index, raw_job in enumerate(raw_jobs):
+        job = _check_job(index, raw_job, problems)
+        if job is None:
+            continue
+        if job.key in seen:
+            problems.append(f"duplicate job key {job.key!r}")
+            continue
+        seen.add(job.key)
+        jobs.append(job)
+
+    graph = nx.DiGraph()
+    graph.add_nodes_from(j.key for j in jobs)
+    edges: list[tuple[str, str]] = []
+    for job in jobs:
+        for parent in job.after:
+            if parent == job.key:
+                problems.append(f"job {job.key!r} depends on itself")
+            elif parent not in seen:
+                problems.append(f"job {job.key!r} depends on unknown job {parent!r}")
+            else:
+                edges.append((parent, job.key))
+    graph.add_edges_from(edges)
+    if not problems and not nx.is_directed_acyclic_graph(graph):
+        cycle = [u for u, _ in nx.find_cycle(graph)]
+        problems.append("dependency cycle: " + " -> ".join(cycle + cycle[:1]))
+    if problems:
+        raise SpecError(problems)
+    return Dag(name=name, jobs=jobs, edges=edges)
