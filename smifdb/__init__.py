@@ -10,7 +10,7 @@ import psycopg
 from smifdb.spec import Dag, SpecError, parse
 
 __version__ = "0.1.0"
-__all__ = ["Dag", "SpecError", "submit", "__version__"]
+__all__ = ["Dag", "SpecError", "__version__", "submit"]
 
 
 def submit(

@@ -118,7 +118,7 @@ def db_status(as_json: bool) -> None:
 @db_group.command("url")
 @click.pass_context
 def db_url(ctx: click.Context) -> None:
-    """Print the DSN smifdb uses (starting the embedded database if needed): psql "$(smifdb db url)"."""
+    """Print the DSN in use, starting the embedded database if needed: psql "$(smifdb db url)"."""
     click.echo(_dsn(ctx))
 
 

@@ -9,6 +9,7 @@ import psycopg
 from smifdb import migrate
 from smifdb.pgserver import Cluster
 
+
 def resolve_dsn(dsn: str | None = None, *, migrate_embedded: bool = True) -> str:
     """``dsn`` if given, else ``SMIFDB_DSN``, else the embedded cluster (started and migrated)."""
     dsn = dsn or os.environ.get("SMIFDB_DSN")

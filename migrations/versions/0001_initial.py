@@ -28,7 +28,13 @@ JOB_STATUS = postgresql.ENUM(
     create_type=False,
 )
 WORKFLOW_STATUS = postgresql.ENUM(
-    "pending", "running", "succeeded", "failed", "cancelled", name="workflow_status", create_type=False
+    "pending",
+    "running",
+    "succeeded",
+    "failed",
+    "cancelled",
+    name="workflow_status",
+    create_type=False,
 )
 JOB_KIND = postgresql.ENUM("command", "python", name="job_kind", create_type=False)
 RUNNER_STATE = postgresql.ENUM(
@@ -46,7 +52,8 @@ QUEUE_STORAGE = {
     "autovacuum_vacuum_threshold = 200, autovacuum_vacuum_cost_delay = 0",
     "runners": "fillfactor = 50, autovacuum_vacuum_scale_factor = 0.0, "
     "autovacuum_vacuum_threshold = 100, autovacuum_vacuum_cost_delay = 0",
-    "events": "autovacuum_vacuum_insert_scale_factor = 0.05, autovacuum_analyze_scale_factor = 0.02",
+    "events": "autovacuum_vacuum_insert_scale_factor = 0.05, "
+    "autovacuum_analyze_scale_factor = 0.02",
     "job_edges": "autovacuum_vacuum_insert_scale_factor = 0.05",
 }
 
