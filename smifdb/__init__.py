@@ -24,11 +24,12 @@ def submit(
     Nothing is written unless the whole spec is valid (SpecError lists every problem).
     """
     from smifdb import db, store
+    from smifdb.store.submit import submit_dag
 
     dag = spec if isinstance(spec, Dag) else parse(spec, name=name)
     if isinstance(conn_or_dsn, str):
         with db.connect(conn_or_dsn) as conn:
             store.check_schema(conn)
-            return store.submit_dag(conn, dag, actor=store.actor_name("api"))
+            return submit_dag(conn, dag, actor=store.actor_name("api"))
     store.check_schema(conn_or_dsn)
-    return store.submit_dag(conn_or_dsn, dag, actor=store.actor_name("api"))
+    return submit_dag(conn_or_dsn, dag, actor=store.actor_name("api"))

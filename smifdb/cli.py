@@ -11,6 +11,7 @@ import psycopg
 from smifdb import __version__, db, migrate, store
 from smifdb.pgserver import Cluster, ServerError
 from smifdb.spec import SpecError, load_file, load_text, parse
+from smifdb.store.submit import submit_dag
 
 
 class BadInput(click.ClickException):
@@ -135,7 +136,7 @@ def submit_cmd(ctx: click.Context, file: str, name: str | None) -> None:
     dag = parse(raw, name=name)
     with db.connect(_dsn(ctx)) as conn:
         store.check_schema(conn)
-        workflow_id = store.submit_dag(conn, dag, actor=store.actor_name("cli"))
+        workflow_id = submit_dag(conn, dag, actor=store.actor_name("cli"))
     ready = sum(1 for j in dag.jobs if not j.after)
     click.echo(
         f"submitted workflow {workflow_id} {dag.name!r}: {len(dag.jobs)} jobs, "

@@ -60,12 +60,23 @@ workflows = Table(
     Column("model_run", Text),
     Column("bundle", Integer),
     Column("job_count", Integer, nullable=False),
+    Column("unfinished_jobs", Integer, nullable=False),
     Column("submitted_at", TS, nullable=False, server_default=func.now()),
     Column("started_at", TS),
     Column("finished_at", TS),
     CheckConstraint("job_count > 0", name="workflows_job_count_positive"),
+    CheckConstraint(
+        "unfinished_jobs >= 0 AND unfinished_jobs <= job_count",
+        name="workflows_unfinished_jobs_range",
+    ),
 )
 Index("workflows_status_idx", workflows.c.status)
+# Is anything left to do anywhere? (`runner run --exit-when-idle`, `wait`)
+Index(
+    "workflows_unfinished_idx",
+    workflows.c.id,
+    postgresql_where=text("finished_at IS NULL"),
+)
 Index("workflows_model_run_idx", workflows.c.model_run, workflows.c.bundle)
 
 jobs = Table(
@@ -92,6 +103,8 @@ jobs = Table(
     Column("max_attempts", Integer, nullable=False, server_default="1"),
     Column("not_before", TS),
     Column("timeout_seconds", Double),
+    Column("retry_backoff_seconds", Double, nullable=False, server_default="1"),
+    Column("cancel_requested_at", TS),
     Column("lease_owner", Text),
     Column("lease_expires_at", TS),
     Column("created_at", TS, nullable=False, server_default=func.now()),
@@ -120,6 +133,12 @@ Index(
     jobs.c.lease_expires_at,
     postgresql_where=text("status = 'running'"),
 )
+# When is the next retry due? (runners sleep until then)
+Index(
+    "jobs_retry_idx",
+    jobs.c.not_before,
+    postgresql_where=text("status = 'ready' AND not_before IS NOT NULL"),
+)
 # Workflow completion checks and per-workflow listings.
 Index("jobs_workflow_status_idx", jobs.c.workflow_id, jobs.c.status)
 
@@ -144,6 +163,8 @@ runners = Table(
     Column("state", runner_state, nullable=False, server_default="registered"),
     Column("registered_at", TS, nullable=False, server_default=func.now()),
     Column("last_heartbeat_at", TS),
+    Column("jobs_succeeded", BigInteger, nullable=False, server_default="0"),
+    Column("jobs_failed", BigInteger, nullable=False, server_default="0"),
     CheckConstraint("slots >= 1", name="runners_slots_positive"),
 )
 

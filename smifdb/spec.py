@@ -29,6 +29,7 @@ JOB_FIELDS = {
     "priority",
     "max_attempts",
     "timeout",
+    "retry_backoff",
     "model",
     "operation",
     "timestep",
@@ -59,6 +60,7 @@ class Job:
     priority: int = 0
     max_attempts: int = 1
     timeout: float | None = None
+    retry_backoff: float = 1.0
     model: str | None = None
     operation: str | None = None
     timestep: int | None = None
@@ -180,6 +182,9 @@ def _check_job(index: int, raw: Any, problems: list[str]) -> Job | None:
     timeout = raw.get("timeout")
     if timeout is not None and (not _is_number(timeout) or timeout <= 0):
         problems.append(f"{where}: 'timeout' must be a positive number of seconds")
+    retry_backoff = raw.get("retry_backoff", 1.0)
+    if not _is_number(retry_backoff) or not 0 <= retry_backoff <= 86400:
+        problems.append(f"{where}: 'retry_backoff' must be seconds from 0 to 86400")
     smif: dict[str, Any] = {}
     for name, check, wanted in (
         ("model", lambda v: isinstance(v, str), "a string"),
@@ -201,6 +206,7 @@ def _check_job(index: int, raw: Any, problems: list[str]) -> Job | None:
         priority=priority,
         max_attempts=max_attempts,
         timeout=float(timeout) if timeout is not None else None,
+        retry_backoff=float(retry_backoff),
         **smif,
     )
 

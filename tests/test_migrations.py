@@ -64,7 +64,7 @@ def test_queue_tables_have_autovacuum_settings(dsn: str) -> None:
 
 
 def test_statuses_are_enforced(conn: psycopg.Connection) -> None:
-    conn.execute("INSERT INTO workflows (name, job_count) VALUES ('w', 1)")
+    conn.execute("INSERT INTO workflows (name, job_count, unfinished_jobs) VALUES ('w', 1, 1)")
     try:
         conn.execute("UPDATE workflows SET status = 'exploded'")
     except psycopg.errors.InvalidTextRepresentation:

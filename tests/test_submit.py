@@ -13,6 +13,7 @@ from click.testing import CliRunner
 import smifdb
 from smifdb import store
 from smifdb.cli import main
+from smifdb.store import read
 
 EXAMPLE = """
 name: example
@@ -56,7 +57,7 @@ def test_submit_yaml_file(tmp_path: Path, dsn: str, conn: psycopg.Connection) ->
     assert result.exit_code == 0, result.output
     workflow_id = int(result.stdout.strip())
 
-    wf = store.get_workflow(conn, workflow_id)
+    wf = read.get_workflow(conn, workflow_id)
     assert wf["name"] == "example" and wf["status"] == "pending" and wf["job_count"] == 3
     rows = {
         r[0]: r[1:]
@@ -98,7 +99,7 @@ def test_submit_json_with_name_override(tmp_path: Path, dsn: str, conn) -> None:
     spec.write_text(json.dumps({"jobs": [{"key": "a", "command": ["true"]}]}))
     result = run_cli(dsn, "submit", str(spec), "--name", "renamed")
     assert result.exit_code == 0, result.output
-    assert store.get_workflow(conn, int(result.stdout))["name"] == "renamed"
+    assert read.get_workflow(conn, int(result.stdout))["name"] == "renamed"
 
 
 def test_submit_from_stdin(dsn: str, conn) -> None:

@@ -71,12 +71,23 @@ def upgrade() -> None:
         sa.Column("model_run", sa.Text),
         sa.Column("bundle", sa.Integer),
         sa.Column("job_count", sa.Integer, nullable=False),
+        sa.Column("unfinished_jobs", sa.Integer, nullable=False),
         sa.Column("submitted_at", TS, nullable=False, server_default=sa.func.now()),
         sa.Column("started_at", TS),
         sa.Column("finished_at", TS),
         sa.CheckConstraint("job_count > 0", name="workflows_job_count_positive"),
+        sa.CheckConstraint(
+            "unfinished_jobs >= 0 AND unfinished_jobs <= job_count",
+            name="workflows_unfinished_jobs_range",
+        ),
     )
     op.create_index("workflows_status_idx", "workflows", ["status"])
+    op.create_index(
+        "workflows_unfinished_idx",
+        "workflows",
+        ["id"],
+        postgresql_where=sa.text("finished_at IS NULL"),
+    )
     op.create_index("workflows_model_run_idx", "workflows", ["model_run", "bundle"])
 
     op.create_table(
@@ -102,6 +113,8 @@ def upgrade() -> None:
         sa.Column("max_attempts", sa.Integer, nullable=False, server_default="1"),
         sa.Column("not_before", TS),
         sa.Column("timeout_seconds", sa.Double),
+        sa.Column("retry_backoff_seconds", sa.Double, nullable=False, server_default="1"),
+        sa.Column("cancel_requested_at", TS),
         sa.Column("lease_owner", sa.Text),
         sa.Column("lease_expires_at", TS),
         sa.Column("created_at", TS, nullable=False, server_default=sa.func.now()),
@@ -118,6 +131,7 @@ def upgrade() -> None:
         sa.CheckConstraint(
             "timeout_seconds IS NULL OR timeout_seconds > 0", name="jobs_timeout_positive"
         ),
+        sa.CheckConstraint("retry_backoff_seconds >= 0", name="jobs_retry_backoff_nonnegative"),
     )
     op.create_index(
         "jobs_claim_idx",
@@ -130,6 +144,12 @@ def upgrade() -> None:
         "jobs",
         ["lease_expires_at"],
         postgresql_where=sa.text("status = 'running'"),
+    )
+    op.create_index(
+        "jobs_retry_idx",
+        "jobs",
+        ["not_before"],
+        postgresql_where=sa.text("status = 'ready' AND not_before IS NOT NULL"),
     )
     op.create_index("jobs_workflow_status_idx", "jobs", ["workflow_id", "status"])
 
@@ -156,6 +176,8 @@ def upgrade() -> None:
         sa.Column("state", RUNNER_STATE, nullable=False, server_default="registered"),
         sa.Column("registered_at", TS, nullable=False, server_default=sa.func.now()),
         sa.Column("last_heartbeat_at", TS),
+        sa.Column("jobs_succeeded", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("jobs_failed", sa.BigInteger, nullable=False, server_default="0"),
         sa.CheckConstraint("slots >= 1", name="runners_slots_positive"),
     )
 

@@ -1,0 +1,53 @@
+"""The data layer: every SQL statement smifdb runs lives in this package, one module a concern.
+
+- ``submit``:  writing a validated DAG (COPY, one transaction)
+- ``queue``:   claiming, finishing, releasing and rescuing jobs — the hot path
+- ``control``: cancelling workflows and jobs
+- ``runners``: registration, heartbeats, status
+- ``read``:    progress and listings for the CLI and API
+
+Callers pass psycopg connections in autocommit mode; each function that writes more than one
+row opens exactly one transaction. Every transaction that locks several job rows locks them
+in ascending id order, in one statement, before it locks any workflow row: no deadlocks.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import psycopg
+
+from smifdb import migrate
+
+READY_CHANNEL = "smifdb_ready"  # payload: workflow id; sent once per committing batch
+CANCEL_CHANNEL = "smifdb_cancel"  # payload: workflow id; runners check their jobs at once
+FINISHED_CHANNEL = "smifdb_finished"  # payload: workflow id; `smifdb wait` wakes up
+
+
+class SchemaError(RuntimeError):
+    """The database is reachable but not migrated to this smifdb's schema."""
+
+
+def actor_name(role: str) -> str:
+    """Who made a change, for the audit log: role, host and process."""
+    return f"{role}@{socket.gethostname()}:{os.getpid()}"
+
+
+def check_schema(conn: psycopg.Connection) -> None:
+    """Fail with a clear message, not a missing-table error, on an unmigrated database."""
+    version = None
+    if conn.execute("SELECT to_regclass('alembic_version') IS NOT NULL").fetchone()[0]:
+        row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+        version = row[0] if row else None
+    expected = migrate.head()
+    if version != expected:
+        raise SchemaError(
+            f"database schema is at revision {version or 'none'} but this smifdb needs "
+            f"{expected}: run `smifdb db upgrade`"
+        )
+
+
+def notify(conn: psycopg.Connection, channel: str, payload: object) -> None:
+    """NOTIFY takes a global lock at commit: callers send one per transaction, never per row."""
+    conn.execute("SELECT pg_notify(%s, %s)", (channel, str(payload)))

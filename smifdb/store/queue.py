@@ -1,0 +1,494 @@
+"""The queue's hot path: claim ready jobs, record how they ended, rescue abandoned ones.
+
+Every write of a job's end is fenced by (status = 'running', lease_owner, attempts): a late or
+duplicate write — a runner that lost its lease, a retried completion after a dropped COMMIT, a
+rescue racing a completion — matches no row and changes nothing.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from smifdb.store import FINISHED_CHANNEL, READY_CHANNEL, notify
+
+MAX_BACKOFF = 3600.0
+
+
+@dataclass(frozen=True)
+class ClaimedJob:
+    id: int
+    workflow_id: int
+    key: str
+    kind: str
+    payload: dict[str, Any]
+    attempt: int
+    max_attempts: int
+    timeout: float | None
+    retry_backoff: float
+
+
+@dataclass
+class Outcome:
+    """How one attempt ended, as its lease holder (or a rescuer on its behalf) reports it.
+
+    status: 'succeeded', 'failed', 'cancelled', or 'released' (handed back unfinished, the
+    attempt not counted). A failure with attempts left becomes a retry.
+    """
+
+    job_id: int
+    workflow_id: int
+    attempt: int
+    owner: str
+    status: str
+    max_attempts: int = 1
+    retry_backoff: float = 1.0
+    result: Any = None
+    exit_code: int | None = None
+    error: str | None = None
+    log_tail: str | None = None
+    reason: str | None = None
+
+    @property
+    def retries(self) -> bool:
+        return self.status == "failed" and self.attempt < self.max_attempts
+
+    @property
+    def final_failure(self) -> bool:
+        return self.status == "failed" and self.attempt >= self.max_attempts
+
+
+@dataclass
+class FinishReport:
+    recorded: list[int] = field(default_factory=list)  # job ids whose outcome was written
+    became_ready: int = 0
+    finished_workflows: dict[int, str] = field(default_factory=dict)  # id -> final status
+
+
+def backoff_delay(attempt: int, base: float, rng: random.Random | None = None) -> float:
+    """Exponential backoff with full jitter in [0.5, 1.5) of the nominal delay."""
+    nominal = min(base * 2 ** max(attempt - 1, 0), MAX_BACKOFF)
+    return nominal * (0.5 + (rng or random).random())
+
+
+# -- claim ------------------------------------------------------------------------------
+
+_CLAIM = """
+WITH picked AS MATERIALIZED (
+    SELECT id FROM jobs
+    WHERE status = 'ready'
+      AND (not_before IS NULL OR not_before <= now())
+      {workflow_filter}
+    ORDER BY priority DESC, id
+    LIMIT %(n)s
+    FOR NO KEY UPDATE SKIP LOCKED
+), claimed AS (
+    UPDATE jobs j
+    SET status = 'running', attempts = j.attempts + 1, lease_owner = %(owner)s,
+        lease_expires_at = now() + make_interval(secs => %(lease)s),
+        started_at = now(), not_before = NULL
+    FROM picked
+    WHERE j.id = picked.id
+    RETURNING j.id, j.workflow_id, j.key, j.kind::text, j.payload, j.attempts,
+              j.max_attempts, j.timeout_seconds, j.retry_backoff_seconds
+), logged AS (
+    INSERT INTO events (workflow_id, job_id, from_status, to_status, attempt, actor, reason)
+    SELECT workflow_id, id, 'ready', 'running', attempts, %(owner)s, 'claimed' FROM claimed
+), started AS (
+    UPDATE workflows w SET status = 'running', started_at = now()
+    WHERE w.id IN (SELECT workflow_id FROM claimed) AND w.status = 'pending'
+    RETURNING w.id
+), started_logged AS (
+    INSERT INTO events (workflow_id, from_status, to_status, actor, reason)
+    SELECT id, 'pending', 'running', %(owner)s, 'first job claimed' FROM started
+)
+SELECT * FROM claimed ORDER BY id
+"""
+CLAIM_ANY = _CLAIM.format(workflow_filter="")
+CLAIM_WORKFLOW = _CLAIM.format(workflow_filter="AND workflow_id = %(workflow_id)s")
+
+
+def claim(
+    conn: psycopg.Connection,
+    owner: str,
+    n: int,
+    *,
+    lease: float,
+    workflow_id: int | None = None,
+) -> list[ClaimedJob]:
+    """Claim up to ``n`` ready jobs in one short transaction (a single statement)."""
+    if n <= 0:
+        return []
+    params = {"n": n, "owner": owner, "lease": lease, "workflow_id": workflow_id}
+    query = CLAIM_ANY if workflow_id is None else CLAIM_WORKFLOW
+    rows = conn.execute(query, params).fetchall()
+    return [ClaimedJob(*row) for row in rows]
+
+
+# -- finish -----------------------------------------------------------------------------
+
+_LOCK_JOBS = """
+WITH RECURSIVE doomed(id) AS (
+    SELECT child_id FROM job_edges WHERE parent_id = ANY(%(failing)s)
+    UNION
+    SELECT e.child_id FROM job_edges e JOIN doomed d ON e.parent_id = d.id
+), wanted(id) AS (
+    SELECT unnest(%(own)s::bigint[])
+    UNION SELECT child_id FROM job_edges WHERE parent_id = ANY(%(succeeding)s)
+    UNION SELECT id FROM doomed
+)
+SELECT j.id FROM jobs j WHERE j.id IN (SELECT id FROM wanted) ORDER BY j.id FOR NO KEY UPDATE
+"""
+
+_RECORD = """
+WITH o AS (
+    SELECT * FROM unnest(
+        %(ids)s::bigint[], %(attempts)s::int[], %(owners)s::text[], %(outcomes)s::text[],
+        %(results)s::jsonb[], %(exit_codes)s::int[], %(errors)s::text[], %(tails)s::text[],
+        %(not_before)s::timestamptz[], %(reasons)s::text[]
+    ) AS o(id, attempt, owner, outcome, result, exit_code, error, log_tail, not_before, reason)
+), updated AS (
+    UPDATE jobs j SET
+        status = (CASE
+            WHEN o.outcome IN ('retry', 'released') AND j.cancel_requested_at IS NOT NULL
+                THEN 'cancelled'
+            WHEN o.outcome IN ('retry', 'released') THEN 'ready'
+            ELSE o.outcome
+        END)::job_status,
+        attempts = j.attempts - (o.outcome = 'released')::int,
+        not_before = o.not_before,
+        lease_owner = NULL,
+        lease_expires_at = NULL,
+        finished_at = CASE
+            WHEN o.outcome IN ('retry', 'released') AND j.cancel_requested_at IS NULL THEN NULL
+            ELSE now() END,
+        result = o.result,
+        exit_code = o.exit_code,
+        error = o.error,
+        log_tail = o.log_tail
+    FROM o
+    WHERE j.id = o.id AND j.status = 'running' AND j.lease_owner = o.owner
+      AND j.attempts = o.attempt
+    RETURNING j.id, j.workflow_id, j.status::text AS status, o.outcome, o.attempt, o.reason
+), logged AS (
+    INSERT INTO events (workflow_id, job_id, from_status, to_status, attempt, actor, reason)
+    SELECT workflow_id, id, 'running', status, attempt, %(actor)s, reason FROM updated
+)
+SELECT id, workflow_id, status, outcome FROM updated
+"""
+
+_PROMOTE_CHILDREN = """
+WITH done AS (
+    SELECT e.child_id, count(*)::int AS n
+    FROM job_edges e WHERE e.parent_id = ANY(%(succeeded)s)
+    GROUP BY e.child_id
+), updated AS (
+    UPDATE jobs j SET
+        unfinished_parents = j.unfinished_parents - done.n,
+        status = (CASE WHEN j.status = 'waiting' AND j.unfinished_parents = done.n
+                       THEN 'ready' ELSE j.status::text END)::job_status
+    FROM done
+    WHERE j.id = done.child_id
+    RETURNING j.id, j.workflow_id, j.status::text AS status, j.unfinished_parents
+), logged AS (
+    INSERT INTO events (workflow_id, job_id, from_status, to_status, actor, reason)
+    SELECT workflow_id, id, 'waiting', 'ready', %(actor)s, 'all parents succeeded'
+    FROM updated WHERE status = 'ready' AND unfinished_parents = 0
+)
+SELECT count(*) FROM updated WHERE status = 'ready' AND unfinished_parents = 0
+"""
+
+_FAIL_DESCENDANTS = """
+WITH RECURSIVE doomed(id) AS (
+    SELECT child_id FROM job_edges WHERE parent_id = ANY(%(failed)s)
+    UNION
+    SELECT e.child_id FROM job_edges e JOIN doomed d ON e.parent_id = d.id
+), victims AS (
+    SELECT j.id, j.status::text AS old FROM jobs j
+    WHERE j.id IN (SELECT id FROM doomed) AND j.status IN ('waiting', 'ready')
+), updated AS (
+    UPDATE jobs j SET status = 'upstream_failed', finished_at = now(),
+                      error = 'an upstream job failed'
+    FROM victims v WHERE j.id = v.id
+    RETURNING j.id, j.workflow_id, v.old
+), logged AS (
+    INSERT INTO events (workflow_id, job_id, from_status, to_status, actor, reason)
+    SELECT workflow_id, id, old, 'upstream_failed', %(actor)s, 'an upstream job failed'
+    FROM updated
+)
+SELECT workflow_id, count(*) FROM updated GROUP BY workflow_id
+"""
+
+_LOCK_WORKFLOWS = "SELECT id FROM workflows WHERE id = ANY(%s) ORDER BY id FOR NO KEY UPDATE"
+
+# Subtract newly finished jobs from each workflow; a final failure fails the workflow at once
+# (other branches may still finish); the last job to finish decides the end status.
+_SETTLE_WORKFLOWS = """
+WITH d AS (
+    SELECT * FROM unnest(%(ids)s::bigint[], %(finished)s::int[], %(failed)s::bool[])
+        AS d(id, finished, failed)
+), before AS (
+    SELECT w.id, w.status AS old, w.unfinished_jobs - d.finished AS left_over, d.failed
+    FROM workflows w JOIN d ON d.id = w.id
+), updated AS (
+    UPDATE workflows w SET
+        unfinished_jobs = b.left_over,
+        finished_at = CASE WHEN b.left_over = 0 THEN now() END,
+        status = CASE
+            WHEN w.status NOT IN ('pending', 'running') THEN w.status
+            WHEN b.failed THEN 'failed'
+            WHEN b.left_over > 0 THEN w.status
+            WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.workflow_id = w.id
+                         AND j.status IN ('failed', 'upstream_failed')) THEN 'failed'
+            WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.workflow_id = w.id
+                         AND j.status = 'cancelled') THEN 'cancelled'
+            ELSE 'succeeded'
+        END::workflow_status
+    FROM before b WHERE w.id = b.id
+    RETURNING w.id, b.old::text AS old, w.status::text AS status, w.finished_at IS NOT NULL
+), logged AS (
+    INSERT INTO events (workflow_id, from_status, to_status, actor, reason)
+    SELECT id, old, status, %(actor)s, 'job outcomes recorded' FROM updated WHERE old <> status
+)
+SELECT id, status, finished FROM updated
+"""
+
+FINISHED = frozenset({"succeeded", "failed", "upstream_failed", "cancelled"})
+
+
+def _job_params(outcomes: list[Outcome], now: datetime) -> dict[str, list]:
+    def kind(o: Outcome) -> str:
+        return "retry" if o.retries else o.status
+
+    def not_before(o: Outcome) -> datetime | None:
+        if not o.retries:
+            return None
+        return now + timedelta(seconds=backoff_delay(o.attempt, o.retry_backoff))
+
+    return {
+        "ids": [o.job_id for o in outcomes],
+        "attempts": [o.attempt for o in outcomes],
+        "owners": [o.owner for o in outcomes],
+        "outcomes": [kind(o) for o in outcomes],
+        "results": [Jsonb(o.result) if o.result is not None else None for o in outcomes],
+        "exit_codes": [o.exit_code for o in outcomes],
+        "errors": [o.error for o in outcomes],
+        "tails": [o.log_tail for o in outcomes],
+        "not_before": [not_before(o) for o in outcomes],
+        "reasons": [o.reason or kind(o) for o in outcomes],
+    }
+
+
+def finish(conn: psycopg.Connection, actor: str, outcomes: list[Outcome]) -> FinishReport:
+    """Record a batch of attempt outcomes, and everything that follows, in one transaction.
+
+    Follows: children of succeeded jobs count down their unfinished parents and become ready
+    at zero; descendants of jobs that failed for good become upstream_failed; workflows count
+    down their unfinished jobs and end when none are left.
+    """
+    report = FinishReport()
+    if not outcomes:
+        return report
+    outcomes = sorted(outcomes, key=lambda o: o.job_id)
+    with conn.transaction():
+        conn.execute(
+            _LOCK_JOBS,
+            {
+                "own": [o.job_id for o in outcomes],
+                "succeeding": [o.job_id for o in outcomes if o.status == "succeeded"],
+                "failing": [o.job_id for o in outcomes if o.final_failure],
+            },
+        ).fetchall()
+        params = _job_params(outcomes, datetime.now(UTC))
+        recorded = conn.execute(_RECORD, {**params, "actor": actor}).fetchall()
+        if not recorded:
+            return report
+        report.recorded = [r[0] for r in recorded]
+        finished: Counter[int] = Counter()
+        failed_workflows: set[int] = set()
+        succeeded: list[int] = []
+        failed_for_good: list[int] = []
+        for job_id, workflow_id, status, outcome in recorded:
+            if status in FINISHED:
+                finished[workflow_id] += 1
+            if status == "succeeded":
+                succeeded.append(job_id)
+            elif status == "failed":
+                failed_for_good.append(job_id)
+                failed_workflows.add(workflow_id)
+        if succeeded:
+            row = conn.execute(_PROMOTE_CHILDREN, {"succeeded": succeeded, "actor": actor})
+            report.became_ready = row.fetchone()[0]
+        if failed_for_good:
+            for workflow_id, n in conn.execute(
+                _FAIL_DESCENDANTS, {"failed": failed_for_good, "actor": actor}
+            ):
+                finished[workflow_id] += n
+        if finished or failed_workflows:
+            report.finished_workflows = settle_workflows(conn, actor, finished, failed_workflows)
+        if report.became_ready:
+            notify(conn, READY_CHANNEL, outcomes[0].workflow_id)
+    return report
+
+
+def settle_workflows(
+    conn: psycopg.Connection,
+    actor: str,
+    finished: Counter[int],
+    failed: set[int] = frozenset(),  # type: ignore[assignment]
+) -> dict[int, str]:
+    """Within the caller's transaction: count finished jobs off their workflows.
+
+    Returns the workflows that ended, with their final status, and notifies once if any did.
+    """
+    ids = sorted(set(finished) | set(failed))
+    conn.execute(_LOCK_WORKFLOWS, [ids]).fetchall()
+    rows = conn.execute(
+        _SETTLE_WORKFLOWS,
+        {
+            "ids": ids,
+            "finished": [finished.get(i, 0) for i in ids],
+            "failed": [i in failed for i in ids],
+            "actor": actor,
+        },
+    ).fetchall()
+    ended = {wid: status for wid, status, is_finished in rows if is_finished}
+    if ended:
+        notify(conn, FINISHED_CHANNEL, ",".join(map(str, sorted(ended))))
+    return ended
+
+
+# -- leases -----------------------------------------------------------------------------
+
+_RENEW = """
+UPDATE jobs SET lease_expires_at = now() + make_interval(secs => %(lease)s)
+WHERE id = ANY(%(ids)s) AND status = 'running' AND lease_owner = %(owner)s
+  AND lease_expires_at < now() + make_interval(secs => %(lease)s / 2)
+"""
+
+_CANCEL_REQUESTED = """
+SELECT id FROM jobs
+WHERE id = ANY(%(ids)s) AND status = 'running' AND lease_owner = %(owner)s
+  AND cancel_requested_at IS NOT NULL
+"""
+
+_LOST_LEASES = """
+SELECT j.id, j.workflow_id, j.attempts, j.max_attempts, j.retry_backoff_seconds,
+       j.lease_owner,
+       CASE WHEN j.lease_expires_at < now() THEN 'lease expired'
+            WHEN r.id IS NULL THEN 'runner unknown'
+            ELSE 'runner ' || r.state::text || ' (no heartbeat since '
+                 || coalesce(to_char(r.last_heartbeat_at, 'YYYY-MM-DD HH24:MI:SS'), 'never')
+                 || ')'
+       END
+FROM jobs j LEFT JOIN runners r ON r.name = j.lease_owner
+WHERE j.status = 'running'
+  AND (j.lease_expires_at < now()
+       OR r.id IS NULL
+       OR r.state IN ('stopped', 'lost')
+       OR r.last_heartbeat_at < now() - make_interval(secs => %(dead_after)s))
+  AND (%(owner)s::text IS NULL OR j.lease_owner = %(owner)s)
+ORDER BY j.id
+LIMIT %(limit)s
+FOR NO KEY UPDATE OF j SKIP LOCKED
+"""
+
+_MINE = """
+SELECT id, workflow_id, attempts, max_attempts, retry_backoff_seconds, lease_owner
+FROM jobs WHERE status = 'running' AND lease_owner = %(owner)s AND NOT (id = ANY(%(known)s))
+ORDER BY id
+"""
+
+
+def renew_leases(conn: psycopg.Connection, owner: str, job_ids: list[int], lease: float) -> int:
+    """Extend the leases of long-running jobs nearing expiry (short jobs need no write)."""
+    if not job_ids:
+        return 0
+    cur = conn.execute(_RENEW, {"ids": job_ids, "owner": owner, "lease": lease})
+    return cur.rowcount
+
+
+def cancel_requested(conn: psycopg.Connection, owner: str, job_ids: list[int]) -> list[int]:
+    if not job_ids:
+        return []
+    rows = conn.execute(_CANCEL_REQUESTED, {"ids": job_ids, "owner": owner}).fetchall()
+    return [r[0] for r in rows]
+
+
+def rescue(
+    conn: psycopg.Connection,
+    actor: str,
+    *,
+    dead_after: float,
+    owner: str | None = None,
+    limit: int = 1000,
+) -> FinishReport:
+    """Take back jobs whose lease expired or whose runner stopped heartbeating.
+
+    Each goes back to ready (the lost attempt counted; no backoff), or fails if it has no
+    attempts left. Safe to run from any number of runners and managers at once.
+    """
+    with conn.transaction():
+        rows = conn.execute(
+            _LOST_LEASES, {"dead_after": dead_after, "owner": owner, "limit": limit}
+        ).fetchall()
+    outcomes = [
+        Outcome(
+            job_id=job_id,
+            workflow_id=workflow_id,
+            attempt=attempts,
+            owner=lease_owner,
+            status="failed",
+            max_attempts=max_attempts,
+            retry_backoff=0.0,
+            error=f"attempt {attempts} abandoned: {why}",
+            reason=f"rescued: {why}",
+        )
+        for job_id, workflow_id, attempts, max_attempts, _, lease_owner, why in rows
+    ]
+    return finish(conn, actor, outcomes)
+
+
+def release_unknown(conn: psycopg.Connection, owner: str, known: list[int]) -> FinishReport:
+    """Hand back jobs leased to ``owner`` that it is not running.
+
+    After a lost connection a claim may have committed without the runner seeing its result;
+    such jobs would otherwise stay 'running' under a live runner's name.
+    """
+    rows = conn.execute(_MINE, {"owner": owner, "known": known}).fetchall()
+    outcomes = [
+        Outcome(
+            job_id=job_id,
+            workflow_id=workflow_id,
+            attempt=attempts,
+            owner=lease_owner,
+            status="released",
+            max_attempts=max_attempts,
+            reason="released: claimed but never started by this runner",
+        )
+        for job_id, workflow_id, attempts, max_attempts, _, lease_owner in rows
+    ]
+    return finish(conn, owner, outcomes)
+
+
+_NEXT_DUE = """
+SELECT extract(epoch FROM min(not_before) - now()) FROM jobs
+WHERE status = 'ready' AND not_before IS NOT NULL AND not_before > now()
+"""
+_ANYTHING_LEFT = "SELECT EXISTS (SELECT 1 FROM workflows WHERE finished_at IS NULL)"
+
+
+def seconds_until_next_retry(conn: psycopg.Connection) -> float | None:
+    value = conn.execute(_NEXT_DUE).fetchone()[0]
+    return float(value) if value is not None else None
+
+
+def anything_unfinished(conn: psycopg.Connection) -> bool:
+    """Is any job anywhere waiting, ready or running? (`--exit-when-idle`)"""
+    return conn.execute(_ANYTHING_LEFT).fetchone()[0]

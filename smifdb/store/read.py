@@ -1,0 +1,65 @@
+"""Reads for the CLI and API: workflows, their progress, their jobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import psycopg
+from psycopg.rows import dict_row
+
+from smifdb.schema import JOB_STATUSES
+
+
+@dataclass(frozen=True)
+class Progress:
+    workflow_id: int
+    name: str
+    status: str
+    job_count: int
+    finished: bool
+    counts: dict[str, int]
+    elapsed: float  # seconds since submission (or total, once finished)
+
+    @property
+    def done(self) -> int:
+        return self.job_count - sum(self.counts.get(s, 0) for s in ("waiting", "ready", "running"))
+
+
+_WORKFLOW = """
+SELECT w.id, w.name, w.status::text AS status, w.model_run, w.bundle, w.job_count,
+       w.unfinished_jobs, w.submitted_at, w.started_at, w.finished_at
+FROM workflows w WHERE w.id = %s
+"""
+_JOB_COUNTS = "SELECT status::text, count(*)::int FROM jobs WHERE workflow_id = %s GROUP BY 1"
+_PROGRESS = """
+SELECT w.id, w.name, w.status::text, w.job_count, w.finished_at IS NOT NULL,
+       extract(epoch FROM coalesce(w.finished_at, now()) - w.submitted_at)::float
+FROM workflows w WHERE w.id = %s
+"""
+_PROBLEM_JOBS = """
+SELECT key, status::text AS status, attempts, exit_code, error, log_tail, lease_owner
+FROM jobs WHERE workflow_id = %s AND status IN ('failed', 'cancelled')
+ORDER BY finished_at NULLS LAST, id LIMIT %s
+"""
+
+
+def get_workflow(conn: psycopg.Connection, workflow_id: int) -> dict | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(_WORKFLOW, [workflow_id]).fetchone()
+    if row is None:
+        return None
+    return {**row, "jobs": dict(conn.execute(_JOB_COUNTS, [workflow_id]).fetchall())}
+
+
+def progress(conn: psycopg.Connection, workflow_id: int) -> Progress | None:
+    row = conn.execute(_PROGRESS, [workflow_id]).fetchone()
+    if row is None:
+        return None
+    counts = {s: 0 for s in JOB_STATUSES}
+    counts.update(dict(conn.execute(_JOB_COUNTS, [workflow_id]).fetchall()))
+    return Progress(row[0], row[1], row[2], row[3], row[4], counts, row[5])
+
+
+def problem_jobs(conn: psycopg.Connection, workflow_id: int, limit: int = 10) -> list[dict]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(_PROBLEM_JOBS, [workflow_id, limit]).fetchall()

@@ -1,0 +1,103 @@
+"""Runners: registration, one heartbeat row update per runner, and status."""
+
+from __future__ import annotations
+
+import psycopg
+from psycopg.rows import dict_row
+
+
+class RunnerNameInUse(RuntimeError):
+    """Another live runner already has this name."""
+
+
+_REGISTER = """
+INSERT INTO runners (name, host, slots, state)
+VALUES (%(name)s, %(host)s, %(slots)s, 'registered')
+ON CONFLICT (name) DO UPDATE SET host = EXCLUDED.host, slots = EXCLUDED.slots
+RETURNING id
+"""
+
+# Take over the name unless a live process (fresh heartbeat, other pid or host) holds it.
+_START = """
+INSERT INTO runners (name, host, pid, slots, state, last_heartbeat_at)
+VALUES (%(name)s, %(host)s, %(pid)s, %(slots)s, 'active', now())
+ON CONFLICT (name) DO UPDATE
+SET host = EXCLUDED.host, pid = EXCLUDED.pid, slots = EXCLUDED.slots, state = 'active',
+    last_heartbeat_at = now()
+WHERE runners.state NOT IN ('active', 'draining')
+   OR runners.last_heartbeat_at IS NULL
+   OR runners.last_heartbeat_at < now() - make_interval(secs => %(dead_after)s)
+   OR (runners.host = EXCLUDED.host AND runners.pid = EXCLUDED.pid)
+RETURNING id
+"""
+
+_HOLDER = "SELECT host, pid, last_heartbeat_at FROM runners WHERE name = %s"
+
+_HEARTBEAT = """
+UPDATE runners SET
+    last_heartbeat_at = now(),
+    state = CASE WHEN state = 'lost' THEN 'active' ELSE state END,
+    jobs_succeeded = jobs_succeeded + %(succeeded)s,
+    jobs_failed = jobs_failed + %(failed)s
+WHERE name = %(name)s
+"""
+
+_SET_STATE = "UPDATE runners SET state = %(state)s WHERE name = %(name)s"
+
+_MARK_LOST = """
+UPDATE runners SET state = 'lost'
+WHERE state IN ('active', 'draining')
+  AND last_heartbeat_at < now() - make_interval(secs => %(dead_after)s)
+RETURNING name
+"""
+
+_STATUS = """
+SELECT r.name, r.host, r.pid, r.slots,
+       CASE WHEN r.state IN ('active', 'draining')
+                 AND r.last_heartbeat_at < now() - make_interval(secs => %(dead_after)s)
+            THEN 'lost' ELSE r.state::text END AS state,
+       (SELECT count(*) FROM jobs j
+         WHERE j.status = 'running' AND j.lease_owner = r.name)::int AS busy,
+       r.last_heartbeat_at,
+       extract(epoch FROM now() - r.last_heartbeat_at)::float AS heartbeat_age,
+       r.jobs_succeeded, r.jobs_failed, r.registered_at
+FROM runners r
+ORDER BY r.name
+"""
+
+
+def register(conn: psycopg.Connection, name: str, slots: int, host: str | None) -> int:
+    return conn.execute(_REGISTER, {"name": name, "slots": slots, "host": host}).fetchone()[0]
+
+
+def start(
+    conn: psycopg.Connection, name: str, *, host: str, pid: int, slots: int, dead_after: float
+) -> int:
+    row = conn.execute(
+        _START,
+        {"name": name, "host": host, "pid": pid, "slots": slots, "dead_after": dead_after},
+    ).fetchone()
+    if row is None:
+        holder = conn.execute(_HOLDER, [name]).fetchone()
+        raise RunnerNameInUse(
+            f"runner name {name!r} is in use by a live runner (host {holder[0]}, pid {holder[1]},"
+            f" last heartbeat {holder[2]:%H:%M:%S}); choose another --name"
+        )
+    return row[0]
+
+
+def heartbeat(conn: psycopg.Connection, name: str, succeeded: int = 0, failed: int = 0) -> None:
+    conn.execute(_HEARTBEAT, {"name": name, "succeeded": succeeded, "failed": failed})
+
+
+def set_state(conn: psycopg.Connection, name: str, state: str) -> None:
+    conn.execute(_SET_STATE, {"name": name, "state": state})
+
+
+def mark_lost(conn: psycopg.Connection, dead_after: float) -> list[str]:
+    return [r[0] for r in conn.execute(_MARK_LOST, {"dead_after": dead_after})]
+
+
+def status(conn: psycopg.Connection, dead_after: float) -> list[dict]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(_STATUS, {"dead_after": dead_after}).fetchall()
