@@ -76,7 +76,7 @@ def layered_dag(jobs: int, edges: int, layers: int = 100, seed: int = 1) -> dict
     return {
         "name": f"layered-{jobs}",
         "jobs": [
-            {"key": keys[i], "python": "smifdb.examples.noop:run", "after": sorted(after[i])}
+            {"key": keys[i], "python": "smifdb.examples:noop", "after": sorted(after[i])}
             for i in range(jobs)
         ],
     }

@@ -3,14 +3,23 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import sys
+import time
+from pathlib import Path
 
 import click
 import psycopg
 
 from smifdb import __version__, db, migrate, store
-from smifdb.pgserver import Cluster, ServerError
+from smifdb.pgserver import Cluster, ServerError, default_home
+from smifdb.progress import ProgressPrinter, summary
+from smifdb.runner import Runner, RunnerConfig, default_name
 from smifdb.spec import SpecError, load_file, load_text, parse
+from smifdb.store import FINISHED_CHANNEL, control, read
+from smifdb.store import runners as runner_rows
+from smifdb.store.runners import RunnerNameInUse
 from smifdb.store.submit import submit_dag
 
 
@@ -144,6 +153,274 @@ def submit_cmd(ctx: click.Context, file: str, name: str | None) -> None:
         err=True,
     )
     click.echo(workflow_id)
+
+
+# -- running ----------------------------------------------------------------------------
+
+
+def _log_dir(value: str | None) -> Path:
+    return Path(value).resolve() if value else default_home() / "logs"
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _runner_options(f):
+    options = [
+        click.option(
+            "--slots", type=click.IntRange(1, 10_000), required=True, help="Jobs to run at once."
+        ),
+        click.option(
+            "--log-dir",
+            type=click.Path(file_okay=False),
+            help="Where job logs go (default: $SMIFDB_HOME/logs).",
+        ),
+        click.option(
+            "--batch",
+            type=click.IntRange(1, 100_000),
+            help="Most jobs per claim (default: all free slots).",
+        ),
+        click.option(
+            "--grace",
+            type=click.FloatRange(0),
+            default=30.0,
+            show_default=True,
+            help="Seconds running jobs get to finish after SIGTERM/SIGINT.",
+        ),
+        click.option(
+            "--poll",
+            type=click.FloatRange(0.01),
+            default=2.0,
+            show_default=True,
+            help="Seconds between polls when no notification arrives.",
+        ),
+        click.option(
+            "--heartbeat",
+            type=click.FloatRange(0.05),
+            default=2.0,
+            show_default=True,
+            help="Seconds between heartbeats.",
+        ),
+        click.option(
+            "--dead-after",
+            type=click.FloatRange(0.1),
+            default=30.0,
+            show_default=True,
+            help="A runner silent this long is dead and its jobs are rescued.",
+        ),
+        click.option(
+            "--lease",
+            type=click.FloatRange(1),
+            default=300.0,
+            show_default=True,
+            help="Seconds a claim holds a job before the runner must renew it.",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _runner_config(name: str | None, **kw) -> RunnerConfig:
+    config = RunnerConfig(
+        slots=kw["slots"],
+        log_dir=_log_dir(kw["log_dir"]),
+        batch=kw["batch"],
+        grace=kw["grace"],
+        poll=kw["poll"],
+        heartbeat=kw["heartbeat"],
+        dead_after=kw["dead_after"],
+        lease=kw["lease"],
+        exit_when_idle=kw.get("exit_when_idle", False),
+        workflow_id=kw.get("workflow_id"),
+    )
+    if name:
+        config.name = name
+    return config
+
+
+@main.group("runner")
+def runner_group() -> None:
+    """Runners: processes that claim and execute jobs."""
+
+
+@runner_group.command("run")
+@click.option("--name", help="Unique runner name (default: HOST-PID).")
+@_runner_options
+@click.option(
+    "--exit-when-idle",
+    is_flag=True,
+    help="Exit 0 once nothing is waiting, ready or running anywhere.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning"]),
+    default="info",
+    show_default=True,
+)
+@click.pass_context
+def runner_run(ctx: click.Context, name: str | None, log_level: str, **kw) -> None:
+    """Claim ready jobs and run them, until stopped (SIGTERM/SIGINT drain gracefully)."""
+    _setup_logging(log_level)
+    dsn = _dsn(ctx)
+    with db.connect(dsn) as conn:
+        store.check_schema(conn)
+    runner = Runner(dsn, _runner_config(name, **kw))
+    runner.install_signal_handlers()
+    try:
+        code = runner.run()
+    except RunnerNameInUse as exc:
+        raise BadInput(str(exc)) from exc
+    _exit(code, runner)
+
+
+def _exit(code: int, runner: Runner) -> None:
+    """Exit now if a stopped Python job still holds a thread (it cannot be interrupted)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if runner.busy:
+        os._exit(code)
+    sys.exit(code)
+
+
+@runner_group.command("register")
+@click.argument("name")
+@click.option("--slots", type=click.IntRange(1, 10_000), required=True)
+@click.option("--host", help="Machine the runner will run on.")
+@click.pass_context
+def runner_register(ctx: click.Context, name: str, slots: int, host: str | None) -> None:
+    """Record a runner ahead of time (it becomes active when `runner run --name NAME` starts)."""
+    with db.connect(_dsn(ctx)) as conn:
+        store.check_schema(conn)
+        runner_rows.register(conn, name, slots, host)
+    click.echo(f"registered runner {name!r} with {slots} slot(s)")
+
+
+@runner_group.command("status")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--dead-after", type=click.FloatRange(0.1), default=30.0, show_default=True)
+@click.pass_context
+def runner_status(ctx: click.Context, as_json: bool, dead_after: float) -> None:
+    """List runners: slots, busy slots, last heartbeat, jobs done and failed."""
+    with db.connect(_dsn(ctx)) as conn:
+        store.check_schema(conn)
+        rows = runner_rows.status(conn, dead_after)
+    if as_json:
+        click.echo(json.dumps(rows, default=str, indent=2))
+        return
+    if not rows:
+        click.echo("no runners")
+        return
+    header = f"{'name':24} {'host':16} {'state':10} {'busy':>9} {'heartbeat':>10} {'done':>8} {'failed':>7}"
+    click.echo(header)
+    for r in rows:
+        age = "never" if r["heartbeat_age"] is None else f"{r['heartbeat_age']:.0f}s ago"
+        click.echo(
+            f"{r['name'][:24]:24} {(r['host'] or '-')[:16]:16} {r['state']:10} "
+            f"{r['busy']:>4}/{r['slots']:<4} {age:>10} {r['jobs_succeeded']:>8} {r['jobs_failed']:>7}"
+        )
+
+
+def _workflow_arg(conn, workflow_id: int) -> None:
+    if read.progress(conn, workflow_id) is None:
+        raise BadInput(f"no workflow {workflow_id}")
+
+
+@main.command("wait")
+@click.argument("workflow_id", type=int)
+@click.option(
+    "--timeout", type=click.FloatRange(0), help="Give up after this many seconds (exit 124)."
+)
+@click.pass_context
+def wait_cmd(ctx: click.Context, workflow_id: int, timeout: float | None) -> None:
+    """Block until WORKFLOW_ID ends: exit 0 if it succeeded, 1 if it failed or was cancelled."""
+    dsn = _dsn(ctx)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with db.connect(dsn) as conn, db.connect(dsn) as listener:
+        store.check_schema(conn)
+        _workflow_arg(conn, workflow_id)
+        listener.execute(f"LISTEN {FINISHED_CHANNEL}")
+        printer = ProgressPrinter(conn, workflow_id)
+        try:
+            while True:
+                p = printer.tick(force=True)
+                if p is not None and p.finished:
+                    break
+                if deadline is not None and time.monotonic() >= deadline:
+                    printer.close()
+                    click.echo(f"timed out waiting for workflow {workflow_id}", err=True)
+                    sys.exit(124)
+                left = 1.0 if deadline is None else min(1.0, max(deadline - time.monotonic(), 0))
+                for _ in listener.notifies(timeout=left, stop_after=1):
+                    pass
+        finally:
+            printer.close()
+        click.echo(summary(conn, workflow_id))
+        sys.exit(0 if read.finished_status(conn, workflow_id) == "succeeded" else 1)
+
+
+@main.command("cancel")
+@click.argument("workflow_id", type=int)
+@click.option("--job", "job_key", help="Cancel only this job (and everything downstream of it).")
+@click.pass_context
+def cancel_cmd(ctx: click.Context, workflow_id: int, job_key: str | None) -> None:
+    """Cancel a workflow (or one job): waiting and ready jobs at once, running ones by their runner."""
+    with db.connect(_dsn(ctx)) as conn:
+        store.check_schema(conn)
+        try:
+            report = control.cancel(
+                conn, workflow_id, actor=store.actor_name("cli"), job_key=job_key
+            )
+        except control.NotFound as exc:
+            raise BadInput(str(exc)) from exc
+    if report.already_finished:
+        click.echo(
+            f"workflow {workflow_id} already finished ({report.workflow_status}); nothing to cancel"
+        )
+        sys.exit(1)
+    click.echo(
+        f"cancelled {report.cancelled} job(s); {report.terminating} running job(s) are being "
+        f"stopped by their runners; workflow {workflow_id} is {report.workflow_status}"
+    )
+
+
+@main.command("run")
+@click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("--name", "workflow_name", help="Workflow name (default: the spec's 'name').")
+@_runner_options
+@click.pass_context
+def run_cmd(ctx: click.Context, file: str, workflow_name: str | None, **kw) -> None:
+    """Submit a DAG and run it to completion on this machine, with a progress bar.
+
+    Exit 0 only if every job succeeded.
+    """
+    _setup_logging("warning")
+    raw = load_text(sys.stdin.read(), "standard input") if file == "-" else load_file(file)
+    dag = parse(raw, name=workflow_name)
+    dsn = _dsn(ctx)
+    with db.connect(dsn) as conn:
+        store.check_schema(conn)
+        workflow_id = submit_dag(conn, dag, actor=store.actor_name("cli"))
+        click.echo(f"submitted workflow {workflow_id} {dag.name!r}: {len(dag.jobs)} jobs", err=True)
+        config = _runner_config(f"run-{default_name()}", workflow_id=workflow_id, **kw)
+        runner = Runner(dsn, config)
+        printer = ProgressPrinter(conn, workflow_id)
+        runner.on_tick = printer.tick
+        runner.install_signal_handlers()
+        try:
+            runner.run()
+        finally:
+            printer.tick(force=True)
+            printer.close()
+        click.echo(summary(conn, workflow_id))
+        click.echo(f"logs: {config.log_dir / f'workflow-{workflow_id}'}")
+        status = read.finished_status(conn, workflow_id)
+    _exit(0 if status == "succeeded" else 1, runner)
 
 
 if __name__ == "__main__":

@@ -251,7 +251,8 @@ WITH d AS (
             ELSE 'succeeded'
         END::workflow_status
     FROM before b WHERE w.id = b.id
-    RETURNING w.id, b.old::text AS old, w.status::text AS status, w.finished_at IS NOT NULL
+    RETURNING w.id, b.old::text AS old, w.status::text AS status,
+              w.finished_at IS NOT NULL AS finished
 ), logged AS (
     INSERT INTO events (workflow_id, from_status, to_status, actor, reason)
     SELECT id, old, status, %(actor)s, 'job outcomes recorded' FROM updated WHERE old <> status
@@ -314,7 +315,7 @@ def finish(conn: psycopg.Connection, actor: str, outcomes: list[Outcome]) -> Fin
         failed_workflows: set[int] = set()
         succeeded: list[int] = []
         failed_for_good: list[int] = []
-        for job_id, workflow_id, status, outcome in recorded:
+        for job_id, workflow_id, status, _ in recorded:
             if status in FINISHED:
                 finished[workflow_id] += 1
             if status == "succeeded":
@@ -381,7 +382,8 @@ WHERE id = ANY(%(ids)s) AND status = 'running' AND lease_owner = %(owner)s
 _LOST_LEASES = """
 SELECT j.id, j.workflow_id, j.attempts, j.max_attempts, j.retry_backoff_seconds,
        j.lease_owner,
-       CASE WHEN j.lease_expires_at < now() THEN 'lease expired'
+       CASE WHEN %(force)s THEN 'runner ' || j.lease_owner || ' restarted'
+            WHEN j.lease_expires_at < now() THEN 'lease expired'
             WHEN r.id IS NULL THEN 'runner unknown'
             ELSE 'runner ' || r.state::text || ' (no heartbeat since '
                  || coalesce(to_char(r.last_heartbeat_at, 'YYYY-MM-DD HH24:MI:SS'), 'never')
@@ -389,7 +391,8 @@ SELECT j.id, j.workflow_id, j.attempts, j.max_attempts, j.retry_backoff_seconds,
        END
 FROM jobs j LEFT JOIN runners r ON r.name = j.lease_owner
 WHERE j.status = 'running'
-  AND (j.lease_expires_at < now()
+  AND (%(force)s
+       OR j.lease_expires_at < now()
        OR r.id IS NULL
        OR r.state IN ('stopped', 'lost')
        OR r.last_heartbeat_at < now() - make_interval(secs => %(dead_after)s))
@@ -427,16 +430,19 @@ def rescue(
     *,
     dead_after: float,
     owner: str | None = None,
+    force: bool = False,
     limit: int = 1000,
 ) -> FinishReport:
     """Take back jobs whose lease expired or whose runner stopped heartbeating.
 
     Each goes back to ready (the lost attempt counted; no backoff), or fails if it has no
     attempts left. Safe to run from any number of runners and managers at once.
+    ``force`` takes back every running job of ``owner`` (a restarted runner of that name).
     """
     with conn.transaction():
         rows = conn.execute(
-            _LOST_LEASES, {"dead_after": dead_after, "owner": owner, "limit": limit}
+            _LOST_LEASES,
+            {"dead_after": dead_after, "owner": owner, "force": force, "limit": limit},
         ).fetchall()
     outcomes = [
         Outcome(

@@ -36,6 +36,7 @@ SELECT w.id, w.name, w.status::text, w.job_count, w.finished_at IS NOT NULL,
        extract(epoch FROM coalesce(w.finished_at, now()) - w.submitted_at)::float
 FROM workflows w WHERE w.id = %s
 """
+_FINISHED_STATUS = "SELECT status::text FROM workflows WHERE id = %s AND finished_at IS NOT NULL"
 _PROBLEM_JOBS = """
 SELECT key, status::text AS status, attempts, exit_code, error, log_tail, lease_owner
 FROM jobs WHERE workflow_id = %s AND status IN ('failed', 'cancelled')
@@ -63,3 +64,9 @@ def progress(conn: psycopg.Connection, workflow_id: int) -> Progress | None:
 def problem_jobs(conn: psycopg.Connection, workflow_id: int, limit: int = 10) -> list[dict]:
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(_PROBLEM_JOBS, [workflow_id, limit]).fetchall()
+
+
+def finished_status(conn: psycopg.Connection, workflow_id: int) -> str | None:
+    """The workflow's final status once every job has finished, else None."""
+    row = conn.execute(_FINISHED_STATUS, [workflow_id]).fetchone()
+    return row[0] if row else None

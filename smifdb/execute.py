@@ -1,0 +1,224 @@
+"""Running one attempt of a job, outside any database transaction.
+
+``command`` jobs run as a subprocess in their own process group (so a timeout or cancellation
+kills everything they started); ``python`` jobs call ``module:function(**args)`` in a runner
+thread. Either way the result is an Outcome for the runner to record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import importlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from smifdb.store.queue import ClaimedJob, Outcome
+
+LOG_TAIL_BYTES = 4000
+KILL_GRACE = 5.0
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_runner() -> Callable[[], None] | None:
+    """A preexec hook so a job's process is killed if its runner dies (Linux only).
+
+    Otherwise a SIGKILLed runner leaves its jobs running while another runner reruns them.
+    """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):
+        return None
+
+    def hook() -> None:
+        prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+
+    return hook
+
+
+_PREEXEC = _die_with_runner() if sys.platform.startswith("linux") else None
+
+
+@dataclass
+class Attempt:
+    """One running attempt; the runner's other threads may ask it to stop."""
+
+    job: ClaimedJob
+    owner: str
+    log_dir: Path
+    started: float = field(default_factory=time.monotonic)
+    stop_reason: str | None = None  # 'timeout' | 'cancelled' | 'released'
+    process: subprocess.Popen | None = None
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def deadline(self) -> float | None:
+        return self.started + self.job.timeout if self.job.timeout else None
+
+    def outcome(self, status: str, **kwargs: Any) -> Outcome:
+        return Outcome(
+            job_id=self.job.id,
+            workflow_id=self.job.workflow_id,
+            attempt=self.job.attempt,
+            owner=self.owner,
+            status=status,
+            max_attempts=self.job.max_attempts,
+            retry_backoff=self.job.retry_backoff,
+            **kwargs,
+        )
+
+    def stop(self, reason: str) -> None:
+        """Ask the attempt to end: terminate its process group, then kill it after a grace."""
+        with self._lock:
+            if self.stop_reason is None:
+                self.stop_reason = reason
+            process = self.process
+        if process is not None and process.poll() is None:
+            _signal_group(process, signal.SIGTERM)
+            threading.Timer(KILL_GRACE, _signal_group, (process, signal.SIGKILL)).start()
+
+    def stopped_outcome(self, **kwargs: Any) -> Outcome:
+        """The outcome of an attempt that was stopped from outside."""
+        reason = self.stop_reason
+        if reason == "timeout":
+            error = f"timed out after {self.job.timeout:g} s"
+            return self.outcome("failed", error=error, reason=error, **kwargs)
+        if reason == "released":
+            return self.outcome("released", reason="released: runner shutting down", **kwargs)
+        return self.outcome("cancelled", error="cancelled", reason="cancelled", **kwargs)
+
+
+def _signal_group(process: subprocess.Popen, sig: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(process.pid, sig)
+
+
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:120]
+
+
+def _tail(path: Path) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            f.seek(0, os.SEEK_END)
+            size = f.tell()
+            f.seek(max(0, size - LOG_TAIL_BYTES))
+            data = f.read()
+    except OSError:
+        return None
+    text = data.decode("utf-8", errors="replace")
+    return text if size <= LOG_TAIL_BYTES else "…" + text
+
+
+def run_attempt(attempt: Attempt) -> Outcome:
+    try:
+        if attempt.job.kind == "command":
+            return _run_command(attempt)
+        return _run_python(attempt)
+    except Exception as exc:  # a bug or an environment problem: the attempt fails, runner lives
+        return attempt.outcome("failed", error=f"runner error: {exc!r}", reason="runner error")
+
+
+def _run_command(attempt: Attempt) -> Outcome:
+    job, payload = attempt.job, attempt.job.payload
+    folder = attempt.log_dir / f"workflow-{job.workflow_id}"
+    folder.mkdir(parents=True, exist_ok=True)
+    stem = f"{_safe(job.key)}.{job.attempt}"
+    log_path = folder / f"{stem}.log"
+    result_path = folder / f"{stem}.result.json"
+    result_path.unlink(missing_ok=True)
+    env = {
+        **os.environ,
+        **payload.get("env", {}),
+        "SMIFDB_JOB_ID": str(job.id),
+        "SMIFDB_JOB_KEY": job.key,
+        "SMIFDB_WORKFLOW_ID": str(job.workflow_id),
+        "SMIFDB_ATTEMPT": str(job.attempt),
+        "SMIFDB_RESULT_FILE": str(result_path),
+    }
+    shell = "shell" in payload
+    argv = payload["shell"] if shell else payload["argv"]
+    with open(log_path, "wb") as log:
+        try:
+            with attempt._lock:
+                if attempt.stop_reason is not None:
+                    return attempt.stopped_outcome()
+                attempt.process = subprocess.Popen(
+                    argv,
+                    shell=shell,
+                    cwd=payload.get("cwd"),
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    preexec_fn=_PREEXEC,  # one prctl call: safe after fork
+                )
+        except OSError as exc:
+            error = f"cannot start {argv!r}: {exc.strerror or exc}"
+            log.write(error.encode() + b"\n")
+            log.flush()
+            return attempt.outcome("failed", error=error, reason="could not start")
+        process = attempt.process
+        try:
+            returncode = process.wait(timeout=job.timeout)
+        except subprocess.TimeoutExpired:
+            attempt.stop("timeout")
+            returncode = process.wait()
+    tail = _tail(log_path)
+    common = {"exit_code": returncode, "log_tail": tail}
+    if attempt.stop_reason is not None:
+        return attempt.stopped_outcome(**common)
+    if returncode != 0:
+        error = f"exit status {returncode}" if returncode > 0 else f"killed by signal {-returncode}"
+        return attempt.outcome("failed", error=error, reason=error, **common)
+    result = None
+    if result_path.exists() and result_path.stat().st_size:
+        try:
+            result = json.loads(result_path.read_text())
+        except (OSError, ValueError) as exc:
+            error = f"$SMIFDB_RESULT_FILE does not hold JSON: {exc}"
+            return attempt.outcome("failed", error=error, reason="bad result file", **common)
+    return attempt.outcome("succeeded", result=result, reason="exit status 0", **common)
+
+
+_FUNCTIONS: dict[str, Any] = {}
+
+
+def resolve(target: str) -> Any:
+    """``package.module:attr.path`` → the object (cached)."""
+    if target not in _FUNCTIONS:
+        module_name, _, attr_path = target.partition(":")
+        obj: Any = importlib.import_module(module_name)
+        for part in attr_path.split("."):
+            obj = getattr(obj, part)
+        _FUNCTIONS[target] = obj
+    return _FUNCTIONS[target]
+
+
+def _run_python(attempt: Attempt) -> Outcome:
+    payload = attempt.job.payload
+    try:
+        value = resolve(payload["function"])(**payload.get("args", {}))
+        if value is not None:
+            json.dumps(value)
+    except Exception as exc:
+        tail = traceback.format_exc()[-LOG_TAIL_BYTES:]
+        if attempt.stop_reason is not None:
+            return attempt.stopped_outcome(log_tail=tail)
+        error = f"{type(exc).__name__}: {exc}"
+        return attempt.outcome("failed", error=error[:2000], log_tail=tail, reason="exception")
+    if attempt.stop_reason is not None:
+        return attempt.stopped_outcome()
+    return attempt.outcome("succeeded", result=value, reason="returned")

@@ -1,0 +1,93 @@
+"""Progress bars and end-of-run summaries for `smifdb run` and `smifdb wait`."""
+
+from __future__ import annotations
+
+import sys
+import time
+from typing import TextIO
+
+import psycopg
+
+from smifdb.store import read
+from smifdb.store.read import Progress
+
+ORDER = ("succeeded", "running", "ready", "waiting", "failed", "upstream_failed", "cancelled")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    minutes, seconds = divmod(seconds, 60)
+    if minutes < 60:
+        return f"{minutes}m{seconds:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+def render(p: Progress, width: int = 28) -> str:
+    fraction = p.done / p.job_count if p.job_count else 1.0
+    filled = int(fraction * width)
+    bar = "#" * filled + "-" * (width - filled)
+    counts = ", ".join(f"{p.counts[s]} {s}" for s in ORDER if p.counts.get(s))
+    return (
+        f"workflow {p.workflow_id} [{bar}] {p.done}/{p.job_count} ({fraction:.0%})"
+        f"  {counts}  {_duration(p.elapsed)}"
+    )
+
+
+class ProgressPrinter:
+    """Redraws one line on a terminal; elsewhere prints a line when something changed."""
+
+    def __init__(
+        self,
+        conn: psycopg.Connection,
+        workflow_id: int,
+        stream: TextIO = sys.stderr,
+        interval: float = 0.25,
+    ) -> None:
+        self.conn, self.workflow_id, self.stream = conn, workflow_id, stream
+        self.tty = stream.isatty()
+        self.interval = interval if self.tty else max(interval, 5.0)
+        self.last_time = 0.0
+        self.last_line = ""
+        self.latest: Progress | None = None
+
+    def tick(self, force: bool = False) -> Progress | None:
+        now = time.monotonic()
+        if not force and now - self.last_time < self.interval:
+            return self.latest
+        self.last_time = now
+        self.latest = read.progress(self.conn, self.workflow_id)
+        if self.latest is None:
+            return None
+        line = render(self.latest)
+        if self.tty:
+            self.stream.write("\r" + line.ljust(len(self.last_line)))
+            self.stream.flush()
+        elif line.split("  ")[:2] != self.last_line.split("  ")[:2] or force:
+            self.stream.write(line + "\n")
+        self.last_line = line
+        return self.latest
+
+    def close(self) -> None:
+        if self.tty and self.last_line:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def summary(conn: psycopg.Connection, workflow_id: int) -> str:
+    p = read.progress(conn, workflow_id)
+    if p is None:
+        return f"workflow {workflow_id} not found"
+    lines = [
+        f"workflow {p.workflow_id} {p.name!r}: {p.status.upper()} in {_duration(p.elapsed)}",
+        "  " + ", ".join(f"{p.counts[s]} {s}" for s in ORDER if p.counts.get(s)),
+    ]
+    for job in read.problem_jobs(conn, workflow_id):
+        lines.append(
+            f"  {job['status']}: {job['key']} (attempt {job['attempts']}): {job['error'] or ''}"
+        )
+        tail = (job["log_tail"] or "").strip().splitlines()[-3:]
+        lines.extend(f"      | {t}" for t in tail)
+    return "\n".join(lines)
