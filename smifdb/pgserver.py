@@ -432,6 +432,9 @@ def _watchdog(pid: int, root: Path) -> None:
     with contextlib.suppress(OSError):
         while sys.stdin.buffer.read(65536):
             pass
+    # The server may have been restarted since (tests do): ask the data folder for its pid.
+    cluster = Cluster(root / "pgdata", root / "server.lock", {}, None)
+    pid = cluster.postmaster_pid() or pid
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGQUIT)  # immediate shutdown: the data is thrown away anyway
         deadline = time.monotonic() + 30

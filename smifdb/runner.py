@@ -258,10 +258,13 @@ class Runner:
         if self.stop_deadline is not None:
             wait = min(wait, max(self.stop_deadline - now, 0) + 0.01)
         if self.conn is not None and not self.stopping.is_set():
-            with contextlib.suppress(*DB_ERRORS):
+            try:
                 due = queue.seconds_until_next_retry(self.conn)
-                if due is not None:
-                    wait = min(wait, due + 0.01)
+            except DB_ERRORS:
+                self._lost_connection()
+                return min(wait, max(self.retry_at - now, 0.01))
+            if due is not None:
+                wait = min(wait, due + 0.01)
         return max(wait, 0.001)
 
     # -- claiming and running -------------------------------------------------------------

@@ -32,6 +32,7 @@ class ClaimedJob:
     max_attempts: int
     timeout: float | None
     retry_backoff: float
+    priority: int = 0
 
 
 @dataclass
@@ -96,7 +97,7 @@ WITH picked AS MATERIALIZED (
     FROM picked
     WHERE j.id = picked.id
     RETURNING j.id, j.workflow_id, j.key, j.kind::text, j.payload, j.attempts,
-              j.max_attempts, j.timeout_seconds, j.retry_backoff_seconds
+              j.max_attempts, j.timeout_seconds, j.retry_backoff_seconds, j.priority
 ), logged AS (
     INSERT INTO events (workflow_id, job_id, from_status, to_status, attempt, actor, reason)
     SELECT workflow_id, id, 'ready', 'running', attempts, %(owner)s, 'claimed' FROM claimed
@@ -108,7 +109,7 @@ WITH picked AS MATERIALIZED (
     INSERT INTO events (workflow_id, from_status, to_status, actor, reason)
     SELECT id, 'pending', 'running', %(owner)s, 'first job claimed' FROM started
 )
-SELECT * FROM claimed ORDER BY id
+SELECT * FROM claimed ORDER BY priority DESC, id
 """
 CLAIM_ANY = _CLAIM.format(workflow_filter="")
 CLAIM_WORKFLOW = _CLAIM.format(workflow_filter="AND workflow_id = %(workflow_id)s")

@@ -1,0 +1,304 @@
+"""Queue semantics on a real database: claim order, fencing, readiness, failure, cancel, rescue."""
+
+from __future__ import annotations
+
+import threading
+
+import psycopg
+import pytest
+
+import smifdb
+from smifdb.store import control, queue, read
+from smifdb.store import runners as runner_rows
+from smifdb.store.queue import Outcome
+
+
+def job(key: str, after: list[str] | None = None, **extra) -> dict:
+    return {"key": key, "python": "smifdb.examples:noop", "after": after or [], **extra}
+
+
+def statuses(conn: psycopg.Connection, workflow_id: int) -> dict[str, str]:
+    rows = conn.execute(
+        "SELECT key, status::text FROM jobs WHERE workflow_id = %s", [workflow_id]
+    ).fetchall()
+    return dict(rows)
+
+
+def done(claimed, status: str = "succeeded", owner: str = "r1", **kw) -> list[Outcome]:
+    return [
+        Outcome(
+            job_id=c.id,
+            workflow_id=c.workflow_id,
+            attempt=c.attempt,
+            owner=owner,
+            status=status,
+            max_attempts=c.max_attempts,
+            retry_backoff=c.retry_backoff,
+            **kw,
+        )
+        for c in claimed
+    ]
+
+
+def test_claim_order_priority_then_age_and_batch(conn) -> None:
+    wf = smifdb.submit(
+        conn, {"jobs": [job("a"), job("b", priority=5), job("c"), job("d", priority=5)]}
+    )
+    first = queue.claim(conn, "r1", 3, lease=60)
+    assert [c.key for c in first] == ["b", "d", "a"]
+    assert all(c.attempt == 1 for c in first)
+    assert queue.claim(conn, "r2", 10, lease=60)[0].key == "c"
+    assert queue.claim(conn, "r2", 10, lease=60) == []
+    assert read.get_workflow(conn, wf)["status"] == "running"
+    rows = conn.execute(
+        "SELECT lease_owner, count(*) FROM jobs WHERE status = 'running' GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    assert rows == [("r1", 3), ("r2", 1)]
+
+
+def test_claim_skips_rows_locked_by_another_claim(conn, dsn) -> None:
+    smifdb.submit(conn, {"jobs": [job(f"j{i}") for i in range(4)]})
+    other = psycopg.connect(dsn)
+    other.execute("SELECT id FROM jobs ORDER BY id LIMIT 2 FOR NO KEY UPDATE")  # held open
+    try:
+        got = queue.claim(conn, "r1", 10, lease=60)
+        assert [c.key for c in got] == ["j2", "j3"]
+    finally:
+        other.close()
+
+
+def test_children_become_ready_only_when_all_parents_succeed(conn) -> None:
+    wf = smifdb.submit(conn, {"jobs": [job("a"), job("b"), job("c", ["a", "b"])]})
+    claimed = queue.claim(conn, "r1", 10, lease=60)
+    a = [c for c in claimed if c.key == "a"]
+    b = [c for c in claimed if c.key == "b"]
+    report = queue.finish(conn, "r1", done(a))
+    assert report.became_ready == 0 and statuses(conn, wf)["c"] == "waiting"
+    report = queue.finish(conn, "r1", done(b))
+    assert report.became_ready == 1 and statuses(conn, wf)["c"] == "ready"
+    (c,) = queue.claim(conn, "r1", 10, lease=60)
+    report = queue.finish(conn, "r1", done([c], result={"x": 1}))
+    assert report.finished_workflows == {wf: "succeeded"}
+    wf_row = read.get_workflow(conn, wf)
+    assert wf_row["status"] == "succeeded" and wf_row["finished_at"] is not None
+    assert wf_row["unfinished_jobs"] == 0
+    assert conn.execute("SELECT result FROM jobs WHERE key = 'c'").fetchone()[0] == {"x": 1}
+
+
+def test_completion_is_fenced_by_owner_and_attempt(conn) -> None:
+    smifdb.submit(conn, {"jobs": [job("a", max_attempts=3)]})
+    (a,) = queue.claim(conn, "r1", 1, lease=60)
+    # A stranger, and the right owner with a stale attempt, change nothing.
+    assert queue.finish(conn, "intruder", done([a], owner="intruder")).recorded == []
+    stale = done([a])[0]
+    stale.attempt = 0
+    assert queue.finish(conn, "r1", [stale]).recorded == []
+    assert queue.finish(conn, "r1", done([a])).recorded == [a.id]
+    # A duplicate (say, retried after a dropped COMMIT) is a no-op, not a second record.
+    assert queue.finish(conn, "r1", done([a], status="failed")).recorded == []
+    events = conn.execute(
+        "SELECT to_status FROM events WHERE job_id = %s AND from_status = 'running'", [a.id]
+    ).fetchall()
+    assert events == [("succeeded",)]
+
+
+def test_failure_retries_with_backoff_then_fails_and_propagates(conn) -> None:
+    wf = smifdb.submit(
+        conn,
+        {
+            "jobs": [
+                job("a", max_attempts=2, retry_backoff=30),
+                job("b", ["a"]),
+                job("c", ["b"]),
+                job("side"),
+            ]
+        },
+    )
+    claimed = {c.key: c for c in queue.claim(conn, "r1", 10, lease=60)}
+    queue.finish(conn, "r1", done([claimed["a"]], status="failed", error="boom"))
+    row = conn.execute(
+        "SELECT status::text, attempts, not_before - now() FROM jobs WHERE key = 'a'"
+    ).fetchone()
+    assert row[0] == "ready" and row[1] == 1
+    assert 14 <= row[2].total_seconds() <= 46  # 30 s nominal, jittered to [15, 45)
+    assert queue.claim(conn, "r1", 10, lease=60) == []  # not claimable before not_before
+    assert 14 <= queue.seconds_until_next_retry(conn) <= 46
+    conn.execute("UPDATE jobs SET not_before = now() WHERE key = 'a'")
+    (a2,) = queue.claim(conn, "r1", 10, lease=60)
+    assert a2.attempt == 2
+    queue.finish(conn, "r1", done([a2], status="failed", error="boom again"))
+    assert statuses(conn, wf) == {
+        "a": "failed",
+        "b": "upstream_failed",
+        "c": "upstream_failed",
+        "side": "running",
+    }
+    wf_row = read.get_workflow(conn, wf)
+    assert wf_row["status"] == "failed" and wf_row["finished_at"] is None  # side still runs
+    report = queue.finish(conn, "r1", done([claimed["side"]]))
+    assert report.finished_workflows == {wf: "failed"}
+
+
+def test_rescue_takes_back_jobs_of_dead_runners_only(conn) -> None:
+    smifdb.submit(conn, {"jobs": [job("a", max_attempts=2), job("b"), job("c")]})
+    runner_rows.start(conn, "dead", host="h", pid=1, slots=2, dead_after=30)
+    runner_rows.start(conn, "alive", host="h", pid=2, slots=1, dead_after=30)
+    dead_jobs = queue.claim(conn, "dead", 2, lease=600)
+    (alive_job,) = queue.claim(conn, "alive", 1, lease=600)
+    conn.execute(
+        "UPDATE runners SET last_heartbeat_at = now() - interval '1 minute' WHERE name = 'dead'"
+    )
+    report = queue.rescue(conn, "rescuer", dead_after=30)
+    assert sorted(report.recorded) == sorted(c.id for c in dead_jobs)
+    rows = dict(conn.execute("SELECT key, status::text FROM jobs").fetchall())
+    assert rows == {"a": "ready", "b": "failed", alive_job.key: "running"}  # b: no attempts left
+    # The dead runner's late completion is fenced out.
+    assert queue.finish(conn, "dead", done(dead_jobs, owner="dead")).recorded == []
+    assert runner_rows.mark_lost(conn, 30) == ["dead"]
+
+
+def test_expired_lease_is_rescued_even_with_live_runner(conn) -> None:
+    smifdb.submit(conn, {"jobs": [job("a", max_attempts=3)]})
+    runner_rows.start(conn, "r1", host="h", pid=1, slots=1, dead_after=30)
+    (a,) = queue.claim(conn, "r1", 1, lease=60)
+    assert queue.rescue(conn, "x", dead_after=30).recorded == []
+    conn.execute("UPDATE jobs SET lease_expires_at = now() - interval '1 second'")
+    assert queue.rescue(conn, "x", dead_after=30).recorded == [a.id]
+    reason = conn.execute("SELECT reason FROM events ORDER BY id DESC LIMIT 1").fetchone()[0]
+    assert "lease expired" in reason
+
+
+def test_rescue_racing_completion_never_overwrites(dsn, conn) -> None:
+    """Many rounds of a completion and a rescue of the same job at the same moment."""
+    rounds = 30
+    smifdb.submit(conn, {"jobs": [job(f"j{i}", max_attempts=5) for i in range(rounds)]})
+    conn.execute("INSERT INTO runners (name, slots, state) VALUES ('r1', 1, 'lost')")
+    claimed = queue.claim(conn, "r1", rounds, lease=600)
+    barrier = threading.Barrier(2)
+    results: dict[str, list] = {"finish": [], "rescue": []}
+
+    def finisher() -> None:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            for cj in claimed:
+                barrier.wait()
+                results["finish"] += queue.finish(c, "r1", done([cj])).recorded
+
+    def rescuer() -> None:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            for _ in claimed:
+                barrier.wait()
+                results["rescue"] += queue.rescue(c, "x", dead_after=30, limit=1).recorded
+
+    threads = [threading.Thread(target=finisher), threading.Thread(target=rescuer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    # Each job's attempt 1 ended exactly once: by its runner or by the rescue, never both.
+    for cj in claimed:
+        ends = conn.execute(
+            "SELECT count(*) FROM events WHERE job_id = %s AND attempt = 1"
+            " AND from_status = 'running'",
+            [cj.id],
+        ).fetchone()[0]
+        assert ends == 1
+    assert set(results["finish"]).isdisjoint(results["rescue"])
+    assert len(results["finish"]) + len(results["rescue"]) == rounds
+
+
+def test_release_hands_back_without_counting_the_attempt(conn) -> None:
+    smifdb.submit(conn, {"jobs": [job("a")]})
+    (a,) = queue.claim(conn, "r1", 1, lease=60)
+    queue.finish(conn, "r1", done([a], status="released"))
+    assert conn.execute("SELECT status::text, attempts FROM jobs").fetchone() == ("ready", 0)
+    (again,) = queue.claim(conn, "r2", 1, lease=60)
+    assert again.attempt == 1
+
+
+def test_release_unknown_after_lost_claim(conn) -> None:
+    smifdb.submit(conn, {"jobs": [job("a"), job("b")]})
+    a, b = queue.claim(conn, "r1", 2, lease=60)
+    report = queue.release_unknown(conn, "r1", known=[a.id])
+    assert report.recorded == [b.id]
+    assert statuses(conn, a.workflow_id) == {"a": "running", "b": "ready"}
+
+
+def test_cancel_workflow(conn) -> None:
+    wf = smifdb.submit(conn, {"jobs": [job("a"), job("b", ["a"]), job("c")]})
+    claimed = queue.claim(conn, "r1", 1, lease=60)
+    assert [c.key for c in claimed] == ["a"]
+    report = control.cancel(conn, wf, actor="test")
+    assert (report.cancelled, report.terminating) == (2, 1)
+    assert statuses(conn, wf) == {"a": "running", "b": "cancelled", "c": "cancelled"}
+    assert queue.cancel_requested(conn, "r1", [claimed[0].id]) == [claimed[0].id]
+    wf_row = read.get_workflow(conn, wf)
+    assert wf_row["status"] == "cancelled" and wf_row["finished_at"] is None
+    # The runner stops the attempt and records it; that ends the workflow.
+    report = queue.finish(conn, "r1", done(claimed, status="cancelled"))
+    assert report.finished_workflows == {wf: "cancelled"}
+    again = control.cancel(conn, wf, actor="test")
+    assert again.already_finished
+
+
+def test_cancel_one_job_and_its_descendants(conn) -> None:
+    wf = smifdb.submit(conn, {"jobs": [job("a"), job("b", ["a"]), job("c", ["b"]), job("d")]})
+    report = control.cancel(conn, wf, actor="test", job_key="b")
+    assert report.cancelled == 2
+    assert statuses(conn, wf) == {"a": "ready", "b": "cancelled", "c": "cancelled", "d": "ready"}
+    for c in queue.claim(conn, "r1", 10, lease=60):
+        report = queue.finish(conn, "r1", done([c]))
+    assert report.finished_workflows == {wf: "cancelled"}
+    with pytest.raises(control.NotFound):
+        control.cancel(conn, wf, actor="test", job_key="nope")
+    with pytest.raises(control.NotFound):
+        control.cancel(conn, 999999, actor="test")
+
+
+def test_retry_of_a_cancelled_job_is_cancelled_not_requeued(conn) -> None:
+    wf = smifdb.submit(conn, {"jobs": [job("a", max_attempts=3)]})
+    (a,) = queue.claim(conn, "r1", 1, lease=60)
+    control.cancel(conn, wf, actor="test")
+    report = queue.finish(conn, "r1", done([a], status="failed"))
+    assert statuses(conn, wf) == {"a": "cancelled"}
+    assert report.finished_workflows == {wf: "cancelled"}
+
+
+def test_claim_uses_the_partial_index(conn) -> None:
+    spec = {"jobs": [job(f"j{i}") for i in range(3000)]}
+    for _ in range(3):
+        smifdb.submit(conn, spec)
+    conn.execute("UPDATE jobs SET status = 'succeeded' WHERE id % 100 <> 0")
+    conn.execute("ANALYZE jobs")
+    plan = "\n".join(
+        r[0]
+        for r in conn.execute(
+            "EXPLAIN " + queue.CLAIM_ANY,
+            {"n": 10, "owner": "r1", "lease": 60, "workflow_id": None},
+        )
+    )
+    assert "jobs_claim_idx" in plan, plan
+    assert "Seq Scan on jobs" not in plan, plan
+
+
+def test_exactly_once_under_concurrent_claims(dsn, conn) -> None:
+    """Several claimers racing on one queue never get the same job."""
+    smifdb.submit(conn, {"jobs": [job(f"j{i}") for i in range(2000)]})
+    got: list[list[int]] = [[] for _ in range(4)]
+
+    def worker(i: int) -> None:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            while True:
+                batch = queue.claim(c, f"r{i}", 7, lease=60)
+                if not batch:
+                    return
+                got[i] += [b.id for b in batch]
+                queue.finish(c, f"r{i}", done(batch, owner=f"r{i}"))
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    ids = [i for g in got for i in g]
+    assert len(ids) == len(set(ids)) == 2000
+    assert all(len(g) > 0 for g in got)

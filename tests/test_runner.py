@@ -1,0 +1,498 @@
+"""Runners as real processes: slots, order, SIGKILL, hammering, retries, timeouts, cancel,
+graceful drain, and PostgreSQL restarting underneath."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+
+import smifdb
+from smifdb import migrate
+from smifdb.pgserver import ThrowawayCluster
+from smifdb.store import read
+
+FAST = ["--poll", "0.2", "--heartbeat", "0.2", "--dead-after", "2"]
+PY = sys.executable
+
+
+def wait_for(predicate: Callable[[], object], timeout: float = 30, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Runners:
+    """Starts runner processes; kills any left at the end of the test."""
+
+    def __init__(self, dsn: str, tmp: Path) -> None:
+        self.dsn, self.tmp, self.procs = dsn, tmp, []
+
+    def start(self, *args: str, name: str | None = None) -> subprocess.Popen:
+        name = name or f"r{len(self.procs)}"
+        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            [
+                PY,
+                "-m",
+                "smifdb.cli",
+                "--dsn",
+                self.dsn,
+                "runner",
+                "run",
+                "--name",
+                name,
+                "--log-dir",
+                str(self.tmp / "logs"),
+                *FAST,
+                *args,
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        self.procs.append(proc)
+        return proc
+
+    def output(self, name: str) -> str:
+        return (self.tmp / f"{name}.log").read_text()
+
+    def close(self) -> None:
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+@pytest.fixture
+def runners(dsn: str, tmp_path: Path) -> Iterator[Runners]:
+    r = Runners(dsn, tmp_path)
+    yield r
+    r.close()
+
+
+def finished(conn: psycopg.Connection, wf: int) -> str | None:
+    return read.finished_status(conn, wf)
+
+
+def job_rows(conn: psycopg.Connection, wf: int) -> dict[str, dict]:
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    rows = cur.execute(
+        "SELECT key, status::text AS status, attempts, started_at, finished_at, exit_code, error,"
+        " result, log_tail, lease_owner FROM jobs WHERE workflow_id = %s",
+        [wf],
+    ).fetchall()
+    return {r["key"]: r for r in rows}
+
+
+def py(code: str) -> list[str]:
+    return [PY, "-c", code]
+
+
+def intervals_overlap(intervals: list[tuple[float, float]]) -> int:
+    points = sorted([(s, 1) for s, _ in intervals] + [(e, -1) for _, e in intervals])
+    level = peak = 0
+    for _, delta in points:
+        level += delta
+        peak = max(peak, level)
+    return peak
+
+
+def test_slots_are_honoured(conn, runners, tmp_path) -> None:
+    record = tmp_path / "spans"
+    code = (
+        "import os,time,sys; s=time.time(); time.sleep(0.8); "
+        f"open({str(record)!r},'a').write(f'{{s}} {{time.time()}}\\n')"
+    )
+    wf = smifdb.submit(conn, {"jobs": [{"key": f"j{i}", "command": py(code)} for i in range(6)]})
+    proc = runners.start("--slots", "2", "--exit-when-idle")
+    assert proc.wait(timeout=60) == 0, runners.output("r0")
+    assert finished(conn, wf) == "succeeded"
+    spans = [tuple(map(float, line.split())) for line in record.read_text().splitlines()]
+    assert len(spans) == 6
+    assert intervals_overlap(spans) == 2  # parallel, but never more than the slots
+
+
+def test_fan_out_fan_in_runs_in_dependency_order(conn, runners) -> None:
+    sleep = py("import time; time.sleep(0.5)")
+    jobs = [{"key": "a", "command": sleep}]
+    jobs += [{"key": f"b{i}", "command": sleep, "after": ["a"]} for i in range(4)]
+    jobs += [{"key": "c", "command": sleep, "after": [f"b{i}" for i in range(4)]}]
+    wf = smifdb.submit(conn, {"jobs": jobs})
+    proc = runners.start("--slots", "4", "--exit-when-idle")
+    assert proc.wait(timeout=60) == 0
+    rows = job_rows(conn, wf)
+    for i in range(4):
+        assert rows[f"b{i}"]["started_at"] >= rows["a"]["finished_at"]
+        assert rows["c"]["started_at"] >= rows[f"b{i}"]["finished_at"]
+    spans = [(rows[f"b{i}"]["started_at"], rows[f"b{i}"]["finished_at"]) for i in range(4)]
+    assert intervals_overlap(spans) == 4  # the fan-out ran in parallel
+    assert finished(conn, wf) == "succeeded"
+
+
+def test_sigkilled_runner_loses_no_job(conn, runners, tmp_path) -> None:
+    trace = tmp_path / "trace"
+    code = (
+        f"import os,time; p={str(trace)!r}; a=os.environ['SMIFDB_ATTEMPT'];"
+        " open(p,'a').write('start '+a+'\\n'); time.sleep(2); open(p,'a').write('end '+a+'\\n')"
+    )
+    wf = smifdb.submit(conn, {"jobs": [{"key": "slow", "command": py(code), "max_attempts": 3}]})
+    victim = runners.start("--slots", "1", name="victim")
+    wait_for(lambda: trace.exists() and "start 1" in trace.read_text(), what="attempt 1")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    rescuer = runners.start("--slots", "1", "--exit-when-idle", name="rescuer")
+    assert rescuer.wait(timeout=60) == 0, runners.output("rescuer")
+    row = job_rows(conn, wf)["slow"]
+    assert row["status"] == "succeeded" and row["attempts"] == 2
+    succeeded = conn.execute(
+        "SELECT actor FROM events WHERE job_id = (SELECT id FROM jobs WHERE key = 'slow')"
+        " AND to_status = 'succeeded'"
+    ).fetchall()
+    assert succeeded == [("rescuer",)]  # recorded exactly once, by the runner that finished it
+    # Attempt 1 died with its runner instead of running on unsupervised.
+    assert trace.read_text().splitlines() == ["start 1", "start 2", "end 2"]
+
+
+def test_runners_hammering_one_queue_run_each_job_once(conn, runners, tmp_path) -> None:
+    ledger = tmp_path / "ledger"
+    n = 3000
+    jobs = [
+        {
+            "key": f"j{i}",
+            "python": "smifdb.examples:append",
+            "args": {"path": str(ledger), "line": f"j{i}"},
+        }
+        for i in range(n)
+    ]
+    wf = smifdb.submit(conn, {"jobs": jobs})
+    procs = [runners.start("--slots", "8", "--exit-when-idle", name=f"h{i}") for i in range(3)]
+    for p in procs:
+        assert p.wait(timeout=120) == 0
+    lines = ledger.read_text().splitlines()
+    assert len(lines) == n and len(set(lines)) == n
+    assert finished(conn, wf) == "succeeded"
+    per_job = conn.execute(
+        "SELECT count(*) FILTER (WHERE to_status = 'running'),"
+        "       count(*) FILTER (WHERE to_status = 'succeeded'),"
+        "       count(DISTINCT actor) FILTER (WHERE to_status = 'running')"
+        " FROM events WHERE workflow_id = %s AND job_id IS NOT NULL",
+        [wf],
+    ).fetchone()
+    assert per_job == (n, n, 3)  # each job claimed and recorded once; all runners took part
+
+
+def test_retries_with_backoff(conn, runners) -> None:
+    code = "import os,sys; sys.exit(0 if int(os.environ['SMIFDB_ATTEMPT']) >= 3 else 1)"
+    wf = smifdb.submit(
+        conn,
+        {"jobs": [{"key": "flaky", "command": py(code), "max_attempts": 3, "retry_backoff": 0.4}]},
+    )
+    proc = runners.start("--slots", "1", "--exit-when-idle")
+    assert proc.wait(timeout=60) == 0
+    row = job_rows(conn, wf)["flaky"]
+    assert row["status"] == "succeeded" and row["attempts"] == 3
+    claims = [
+        r[0]
+        for r in conn.execute(
+            "SELECT at FROM events WHERE to_status = 'running' AND job_id IS NOT NULL ORDER BY id"
+        )
+    ]
+    gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(claims)]
+    assert gaps[0] >= 0.4 * 0.5 and gaps[1] >= 0.8 * 0.5  # backoff doubles, jittered ±50%
+    failures = conn.execute(
+        "SELECT to_status, reason FROM events WHERE from_status = 'running' AND job_id IS NOT NULL ORDER BY id"
+    ).fetchall()
+    assert failures == [
+        ("ready", "exit status 1"),
+        ("ready", "exit status 1"),
+        ("succeeded", "exit status 0"),
+    ]
+
+
+def test_final_failure_marks_descendants_upstream_failed(conn, runners) -> None:
+    ok = py("pass")
+    wf = smifdb.submit(
+        conn,
+        {
+            "jobs": [
+                {
+                    "key": "bad",
+                    "command": py("import sys; print('oops'); sys.exit(3)"),
+                    "max_attempts": 2,
+                    "retry_backoff": 0,
+                },
+                {"key": "child", "command": ok, "after": ["bad"]},
+                {"key": "grandchild", "command": ok, "after": ["child"]},
+                {"key": "other", "command": py("import time; time.sleep(0.5)")},
+            ]
+        },
+    )
+    proc = runners.start("--slots", "2", "--exit-when-idle")
+    assert proc.wait(timeout=60) == 0
+    rows = job_rows(conn, wf)
+    assert rows["bad"]["status"] == "failed" and rows["bad"]["attempts"] == 2
+    assert rows["bad"]["exit_code"] == 3 and "oops" in rows["bad"]["log_tail"]
+    assert rows["child"]["status"] == rows["grandchild"]["status"] == "upstream_failed"
+    assert rows["other"]["status"] == "succeeded"  # other branches finish
+    assert finished(conn, wf) == "failed"
+
+
+def test_timeout_kills_the_process_group(conn, runners, tmp_path) -> None:
+    pidfile = tmp_path / "child.pid"
+    wf = smifdb.submit(
+        conn,
+        {
+            "jobs": [
+                {"key": "hang", "command": f"sleep 60 & echo $! > {pidfile}; wait", "timeout": 1}
+            ]
+        },
+    )
+    start = time.monotonic()
+    proc = runners.start("--slots", "1", "--exit-when-idle")
+    assert proc.wait(timeout=60) == 0
+    assert time.monotonic() - start < 20
+    row = job_rows(conn, wf)["hang"]
+    assert row["status"] == "failed" and "timed out after 1 s" in row["error"]
+    child = int(pidfile.read_text())
+    wait_for(lambda: not Path(f"/proc/{child}").exists(), 10, "the grandchild to die")
+
+
+def test_cancel_stops_running_jobs(conn, runners, dsn, tmp_path) -> None:
+    pidfile = tmp_path / "job.pid"
+    wf = smifdb.submit(
+        conn,
+        {
+            "jobs": [
+                {"key": "long", "command": f"echo $$ > {pidfile}; exec sleep 60"},
+                {"key": "after", "command": "true", "after": ["long"]},
+            ]
+        },
+    )
+    runners.start("--slots", "1", "--heartbeat", "5")  # the NOTIFY, not the heartbeat, reacts
+    wait_for(pidfile.exists, what="the job to start")
+    pid = int(pidfile.read_text())
+    t0 = time.monotonic()
+    out = subprocess.run(
+        [PY, "-m", "smifdb.cli", "--dsn", dsn, "cancel", str(wf)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "1 running job(s) are being stopped" in out.stdout
+    wait_for(lambda: finished(conn, wf), 10, "the workflow to end")
+    assert time.monotonic() - t0 < 4
+    assert finished(conn, wf) == "cancelled"
+    rows = job_rows(conn, wf)
+    assert rows["long"]["status"] == "cancelled" and rows["after"]["status"] == "cancelled"
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 10, "the job process to die")
+
+
+def test_sigterm_drains_then_releases(conn, runners, tmp_path) -> None:
+    wf = smifdb.submit(
+        conn,
+        {
+            "jobs": [
+                {"key": "short", "command": py("import time; time.sleep(1)")},
+                {"key": "long", "command": py("import time; time.sleep(60)")},
+            ]
+        },
+    )
+    proc = runners.start("--slots", "2", "--grace", "2.5")
+    wait_for(
+        lambda: all(r["status"] == "running" for r in job_rows(conn, wf).values()),
+        what="both running",
+    )
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0
+    assert time.monotonic() - t0 < 10
+    rows = job_rows(conn, wf)
+    assert rows["short"]["status"] == "succeeded"  # finished within the grace period
+    assert rows["long"]["status"] == "ready" and rows["long"]["attempts"] == 0  # handed back
+    state = conn.execute("SELECT state::text FROM runners WHERE name = 'r0'").fetchone()[0]
+    assert state == "stopped"
+
+
+def test_command_environment_result_and_log(conn, runners) -> None:
+    code = (
+        "import json,os; print('hello from the job');"
+        " keys=['SMIFDB_JOB_KEY','SMIFDB_WORKFLOW_ID','SMIFDB_ATTEMPT','A'];"
+        " json.dump({k: os.environ[k] for k in keys}, open(os.environ['SMIFDB_RESULT_FILE'],'w'))"
+    )
+    wf = smifdb.submit(conn, {"jobs": [{"key": "env", "command": py(code), "env": {"A": "x"}}]})
+    proc = runners.start("--slots", "1", "--exit-when-idle")
+    assert proc.wait(timeout=60) == 0
+    row = job_rows(conn, wf)["env"]
+    assert row["status"] == "succeeded" and row["exit_code"] == 0
+    assert row["result"] == {
+        "SMIFDB_JOB_KEY": "env",
+        "SMIFDB_WORKFLOW_ID": str(wf),
+        "SMIFDB_ATTEMPT": "1",
+        "A": "x",
+    }
+    assert "hello from the job" in row["log_tail"]
+
+
+def test_bad_result_file_and_missing_program_fail_clearly(conn, runners) -> None:
+    wf = smifdb.submit(
+        conn,
+        {
+            "jobs": [
+                {"key": "badjson", "command": "echo '{nope' > $SMIFDB_RESULT_FILE"},
+                {"key": "missing", "command": ["/no/such/program"]},
+                {"key": "nocwd", "command": "true", "cwd": "/no/such/dir"},
+            ]
+        },
+    )
+    proc = runners.start("--slots", "3", "--exit-when-idle")
+    assert proc.wait(timeout=60) == 0
+    rows = job_rows(conn, wf)
+    assert "does not hold JSON" in rows["badjson"]["error"]
+    assert "cannot start" in rows["missing"]["error"]
+    assert "cannot start" in rows["nocwd"]["error"]
+
+
+def test_python_jobs(conn, runners) -> None:
+    wf = smifdb.submit(
+        conn,
+        {
+            "jobs": [
+                {"key": "ok", "python": "smifdb.examples:converge", "args": {"value": 0.0}},
+                {"key": "raises", "python": "smifdb.examples:sleep", "args": {"seconds": "x"}},
+                {"key": "nomodule", "python": "no_such_module:f"},
+                {
+                    "key": "slow",
+                    "python": "smifdb.examples:sleep",
+                    "args": {"seconds": 30},
+                    "timeout": 0.5,
+                },
+            ]
+        },
+    )
+    proc = runners.start("--slots", "4", "--exit-when-idle")
+    assert proc.wait(timeout=60) == 0
+    rows = job_rows(conn, wf)
+    assert rows["ok"]["status"] == "succeeded"
+    assert rows["ok"]["result"] == {"value": 0.5, "change": 0.5}
+    assert rows["raises"]["status"] == "failed" and "TypeError" in rows["raises"]["error"]
+    assert "Traceback" in rows["raises"]["log_tail"]
+    assert "ModuleNotFoundError" in rows["nomodule"]["error"]
+    assert rows["slow"]["status"] == "failed" and "timed out" in rows["slow"]["error"]
+
+
+def test_runner_survives_postgres_restart(tmp_path) -> None:
+    server = ThrowawayCluster()
+    dsn = server.start()
+    try:
+        migrate.upgrade(dsn)
+        code = "import time; time.sleep(2)"
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            wf = smifdb.submit(
+                conn, {"jobs": [{"key": f"j{i}", "command": py(code)} for i in range(4)]}
+            )
+        runners = Runners(dsn, tmp_path)
+        try:
+            proc = runners.start("--slots", "4")
+
+            def all_running() -> bool:
+                with psycopg.connect(dsn) as c:
+                    return c.execute(
+                        "SELECT count(*) = 4 FROM jobs WHERE status = 'running'"
+                    ).fetchone()[0]
+
+            wait_for(all_running, what="all jobs running")
+            server.cluster.stop(mode="fast")  # kills every connection of the runner
+            time.sleep(4.0)  # the jobs finish while the database is down: results wait in memory
+            server.cluster.start()
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                wait_for(lambda: finished(conn, wf), 60, "the workflow to end after the restart")
+                assert finished(conn, wf) == "succeeded"
+                rows = job_rows(conn, wf)
+                assert all(r["attempts"] == 1 for r in rows.values())  # nothing rerun or lost
+            assert proc.poll() is None, "the runner died with the database"
+            assert "lost the database connection" in runners.output("r0")
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0
+        finally:
+            runners.close()
+    finally:
+        server.stop()
+
+
+def test_cli_run_wait_cancel_and_status(dsn, conn, tmp_path) -> None:
+    def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [PY, "-m", "smifdb.cli", "--dsn", dsn, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+
+    good = tmp_path / "good.yaml"
+    good.write_text(
+        "name: good\njobs:\n  - {key: a, command: 'echo A'}\n  - {key: b, command: 'echo B', after: [a]}\n"
+    )
+    out = cli(
+        "run", str(good), "--slots", "2", "--log-dir", str(tmp_path / "logs"), "--poll", "0.2"
+    )
+    assert out.returncode == 0, out.stderr
+    assert "SUCCEEDED" in out.stdout and "2 succeeded" in out.stdout
+    wf_good = int(out.stderr.split("submitted workflow ")[1].split()[0])
+    assert cli("wait", str(wf_good)).returncode == 0
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\njobs:\n  - {key: a, command: 'echo broken; exit 4'}\n")
+    out = cli("run", str(bad), "--slots", "1", "--log-dir", str(tmp_path / "logs"))
+    assert out.returncode == 1
+    assert "FAILED" in out.stdout and "exit status 4" in out.stdout and "broken" in out.stdout
+    wf_bad = int(out.stderr.split("submitted workflow ")[1].split()[0])
+    assert cli("wait", str(wf_bad)).returncode == 1
+
+    assert cli("wait", "99999").returncode == 2
+    assert cli("cancel", "99999").returncode == 2
+    assert cli("cancel", str(wf_good)).returncode == 1  # already finished
+    pending = smifdb.submit(conn, {"jobs": [{"key": "x", "command": "true"}]})
+    out = cli("wait", str(pending), "--timeout", "0.5")
+    assert out.returncode == 124
+    assert cli("cancel", str(pending), "--job", "nope").returncode == 2
+    assert cli("cancel", str(pending)).returncode == 0
+    assert cli("wait", str(pending)).returncode == 1  # cancelled
+
+    assert cli("runner", "register", "node-1", "--slots", "8", "--host", "10.0.0.5").returncode == 0
+    status = json.loads(cli("runner", "status", "--json").stdout)
+    node = next(r for r in status if r["name"] == "node-1")
+    assert (node["slots"], node["host"], node["state"], node["busy"]) == (
+        8,
+        "10.0.0.5",
+        "registered",
+        0,
+    )
+    ran = [r for r in status if r["name"].startswith("run-")]
+    assert sum(r["jobs_succeeded"] for r in ran) == 2 and sum(r["jobs_failed"] for r in ran) == 1
+    assert "node-1" in cli("runner", "status").stdout
+
+
+def test_runner_name_in_use_is_refused(conn, runners) -> None:
+    first = runners.start("--slots", "1", name="twin")
+    wait_for(
+        lambda: conn.execute(
+            "SELECT count(*) FROM runners WHERE name = 'twin' AND state = 'active'"
+        ).fetchone()[0]
+    )
+    second = runners.start("--slots", "1", name="twin")
+    assert second.wait(timeout=30) == 2
+    assert "in use by a live runner" in runners.output("twin")
+    assert first.poll() is None
