@@ -18,13 +18,13 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import queue as queue_mod
 import random
 import signal
 import socket
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from smifdb.store.queue import Outcome
 
 log = logging.getLogger("smifdb.runner")
 DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+LINGER = 0.002  # seconds an outcome may wait for others to share its transaction
 
 
 def default_name() -> str:
@@ -91,12 +92,19 @@ class Runner:
         self.closed = threading.Event()
         self.stop_deadline: float | None = None
         self.workflow_done: str | None = None
-        self.pool = ThreadPoolExecutor(max_workers=config.slots, thread_name_prefix="job")
+        self.todo: queue_mod.SimpleQueue[Attempt | None] = queue_mod.SimpleQueue()
+        self.workers = [
+            threading.Thread(target=self._work, name=f"slot-{i}", daemon=True)
+            for i in range(config.slots)
+        ]
         self.conn: psycopg.Connection | None = None
         self.backoff = Backoff()
         self.retry_at = 0.0
         self.connected_since: float | None = None
         self.on_tick: Callable[[], None] | None = None
+        self.pending_since = 0.0
+        self.next_retry_check = 0.0  # when to ask the database for the next retry time
+        self.next_retry_due = float("inf")
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -128,7 +136,7 @@ class Runner:
             threading.Thread(target=self._listen, name="listener", daemon=True),
             threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
         ]
-        for t in threads:
+        for t in threads + self.workers:
             t.start()
         try:
             self._main_loop()
@@ -186,7 +194,8 @@ class Runner:
         self.check_now.set()
         for t in threads:
             t.join(timeout=5)
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        for _ in self.workers:
+            self.todo.put(None)
         if self.conn is not None:
             self.conn.close()
         log.info(
@@ -202,29 +211,69 @@ class Runner:
         while True:
             self.wake.clear()
             self._enforce_deadlines()
-            if self.pending and not self._flush():
-                self._sleep_for_reconnect()
+            linger = self._linger()
+            if linger > 0:
+                self.wake.wait(linger)
                 continue
             if self._finished():
                 return
-            claimed_all = False
-            if not self.stopping.is_set() and self._db_ready():
-                free = self.config.slots - self.busy
-                if self.config.batch:
-                    free = min(free, self.config.batch)
-                if free > 0:
-                    got = self._claim(free)
-                    if got is None:
-                        self._sleep_for_reconnect()
-                        continue
-                    claimed_all = got == free
+            free = 0 if self.stopping.is_set() else self.config.slots - self.busy
+            if self.config.batch:
+                free = min(free, self.config.batch)
+            claimed = self._cycle(free) if (self.pending or free > 0) else 0
+            if claimed is None:
+                self._sleep_for_reconnect()
+                continue
             if self.on_tick is not None:
                 self.on_tick()
-            if claimed_all:
+            if free > 0 and claimed == free:
                 continue  # more may be ready: claim again as soon as slots free up
+            if self.pending:
+                continue
             if self._idle_exit():
                 return
             self.wake.wait(self._wait_time())
+
+    def _linger(self) -> float:
+        """Seconds to wait for more attempts to end before recording, batching the writes.
+
+        Record at once when nothing else runs, when half the slots have outcomes, or after
+        LINGER; so a chain of jobs pays nothing and a wide batch is written in one go.
+        """
+        with self.lock:
+            if not self.pending or not self.busy or self.stopping.is_set():
+                return 0.0
+            if len(self.pending) * 2 >= self.config.slots:
+                return 0.0
+            age = time.monotonic() - self.pending_since
+        return max(LINGER - age, 0.0)
+
+    def _cycle(self, free: int) -> int | None:
+        """Record pending outcomes and claim up to ``free`` jobs, in one transaction.
+
+        Returns how many jobs were claimed, or None if the database is unreachable.
+        """
+        if not self._db_ready():
+            return None
+        with self.lock:
+            batch, self.pending = self.pending, []
+        try:
+            report = queue.finish(
+                self.conn,
+                self.name,
+                batch,
+                claim_n=max(free, 0),
+                lease=self.config.lease,
+                workflow_id=self.config.workflow_id,
+            )
+        except DB_ERRORS:
+            with self.lock:
+                self.pending = batch + self.pending
+            self._lost_connection()
+            return None
+        self._recorded(batch, report)
+        self._start(report.claimed)
+        return len(report.claimed)
 
     def _finished(self) -> bool:
         with self.lock:
@@ -258,45 +307,36 @@ class Runner:
         if self.stop_deadline is not None:
             wait = min(wait, max(self.stop_deadline - now, 0) + 0.01)
         if self.conn is not None and not self.stopping.is_set():
-            try:
-                due = queue.seconds_until_next_retry(self.conn)
-            except DB_ERRORS:
-                self._lost_connection()
-                return min(wait, max(self.retry_at - now, 0.01))
-            if due is not None:
-                wait = min(wait, due + 0.01)
+            if now >= self.next_retry_check:  # at most once a poll interval
+                try:
+                    due = queue.seconds_until_next_retry(self.conn)
+                except DB_ERRORS:
+                    self._lost_connection()
+                    return min(wait, max(self.retry_at - now, 0.01))
+                self.next_retry_due = now + due if due is not None else float("inf")
+                self.next_retry_check = now + self.config.poll
+            wait = min(wait, max(self.next_retry_due - now, 0) + 0.01)
         return max(wait, 0.001)
 
     # -- claiming and running -------------------------------------------------------------
 
-    def _claim(self, n: int) -> int | None:
-        assert self.conn is not None
-        try:
-            jobs = queue.claim(
-                self.conn,
-                self.name,
-                n,
-                lease=self.config.lease,
-                workflow_id=self.config.workflow_id,
-            )
-        except DB_ERRORS:
-            self._lost_connection()
-            return None
+    def _start(self, jobs: list) -> None:
+        verbose = log.isEnabledFor(logging.INFO)
         for job in jobs:
             attempt = Attempt(job, self.name, self.config.log_dir)
             with self.lock:
                 self.active[job.id] = attempt
                 self.busy += 1
-            log.info(
-                "started %s/%s attempt %d",
-                job.workflow_id,
-                job.key,
-                job.attempt,
-                extra={"workflow_id": job.workflow_id, "job_key": job.key},
-            )
-            self.pool.submit(self._execute, attempt)
+            if verbose:
+                log.info("started %s/%s attempt %d", job.workflow_id, job.key, job.attempt,
+                         extra={"workflow_id": job.workflow_id, "job_key": job.key})
+            self.todo.put(attempt)
         self.total["claimed"] += len(jobs)
-        return len(jobs)
+
+    def _work(self) -> None:
+        """A slot: runs one attempt at a time, outside any database transaction."""
+        while (attempt := self.todo.get()) is not None:
+            self._execute(attempt)
 
     def _execute(self, attempt: Attempt) -> None:
         outcome = run_attempt(attempt)
@@ -304,7 +344,7 @@ class Runner:
             self.busy -= 1
             if self.active.get(attempt.job.id) is attempt:
                 del self.active[attempt.job.id]
-                self.pending.append(outcome)
+                self._add_pending(outcome)
         self.wake.set()
 
     def _report_now(self, attempt: Attempt) -> None:
@@ -312,8 +352,14 @@ class Runner:
         with self.lock:
             if self.active.get(attempt.job.id) is attempt:
                 del self.active[attempt.job.id]
-                self.pending.append(attempt.stopped_outcome())
+                self._add_pending(attempt.stopped_outcome())
         self.wake.set()
+
+    def _add_pending(self, outcome: Outcome) -> None:
+        """Caller holds the lock."""
+        if not self.pending:
+            self.pending_since = time.monotonic()
+        self.pending.append(outcome)
 
     def _stop_attempt(self, attempt: Attempt, reason: str) -> None:
         attempt.stop(reason)
@@ -335,42 +381,29 @@ class Runner:
     # -- recording ------------------------------------------------------------------------
 
     def _flush(self) -> bool:
-        """Record pending outcomes in one transaction; False if the database is unreachable."""
-        if not self._db_ready():
-            return False
-        with self.lock:
-            batch, self.pending = self.pending, []
-        try:
-            report = queue.finish(self.conn, self.name, batch)
-        except DB_ERRORS:
-            with self.lock:
-                self.pending = batch + self.pending
-            self._lost_connection()
-            return False
+        """Record pending outcomes (claiming nothing); False if the database is unreachable."""
+        return self._cycle(0) is not None
+
+    def _recorded(self, batch: list[Outcome], report: queue.FinishReport) -> None:
         recorded = set(report.recorded)
+        verbose = log.isEnabledFor(logging.INFO)
         for outcome in batch:
             if outcome.job_id not in recorded:
-                log.warning(
-                    "outcome of job %d attempt %d was not recorded: the lease had moved on",
-                    outcome.job_id,
-                    outcome.attempt,
-                )
+                log.warning("outcome of job %d attempt %d was not recorded: the lease had moved on",
+                            outcome.job_id, outcome.attempt)
                 continue
             if outcome.status in ("succeeded", "failed"):
                 with self.lock:
                     self.counts[outcome.status] += 1
                     self.total[outcome.status] += 1
-            log.info(
-                "job %d %s (%s)",
-                outcome.job_id,
-                outcome.status,
-                outcome.reason or "",
-                extra={"workflow_id": outcome.workflow_id, "job_id": outcome.job_id},
-            )
+            if verbose:
+                log.info("job %d %s (%s)", outcome.job_id, outcome.status, outcome.reason or "",
+                         extra={"workflow_id": outcome.workflow_id, "job_id": outcome.job_id})
+        if any(o.retries for o in batch):
+            self.next_retry_check = 0.0  # a retry of ours is due soon: look it up next wait
         wf = self.config.workflow_id
         if wf is not None and wf in report.finished_workflows:
             self.workflow_done = report.finished_workflows[wf]
-        return True
 
     def _take_counts(self) -> dict[str, int]:
         counts = {"succeeded": self.counts["succeeded"], "failed": self.counts["failed"]}

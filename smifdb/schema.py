@@ -139,8 +139,8 @@ Index(
     jobs.c.not_before,
     postgresql_where=text("status = 'ready' AND not_before IS NOT NULL"),
 )
-# Workflow completion checks and per-workflow listings.
-Index("jobs_workflow_status_idx", jobs.c.workflow_id, jobs.c.status)
+# Per-workflow reads use jobs_workflow_key_key (workflow_id leads it): no extra index, because
+# every status change of a job is a non-HOT update that writes to every index.
 
 job_edges = Table(
     "job_edges",
@@ -181,5 +181,5 @@ events = Table(
     Column("actor", Text, nullable=False),
     Column("reason", Text),
 )
-Index("events_workflow_idx", events.c.workflow_id, events.c.id)
-Index("events_job_idx", events.c.job_id, events.c.id, postgresql_where=text("job_id IS NOT NULL"))
+# One index serves a workflow's history and a job's history (WHERE workflow_id = … AND job_id = …).
+Index("events_workflow_job_idx", events.c.workflow_id, events.c.job_id, events.c.id)

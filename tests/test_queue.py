@@ -281,8 +281,8 @@ def test_claim_uses_the_partial_index(conn) -> None:
 
 
 def test_exactly_once_under_concurrent_claims(dsn, conn) -> None:
-    """Several claimers racing on one queue never get the same job."""
-    smifdb.submit(conn, {"jobs": [job(f"j{i}") for i in range(2000)]})
+    """Several claimers racing on one queue never get the same job, nor lose a count."""
+    wf = smifdb.submit(conn, {"jobs": [job(f"j{i}") for i in range(2000)]})
     got: list[list[int]] = [[] for _ in range(4)]
 
     def worker(i: int) -> None:
@@ -302,3 +302,5 @@ def test_exactly_once_under_concurrent_claims(dsn, conn) -> None:
     ids = [i for g in got for i in g]
     assert len(ids) == len(set(ids)) == 2000
     assert all(len(g) > 0 for g in got)
+    row = read.get_workflow(conn, wf)  # concurrent settles must not lose a decrement
+    assert (row["unfinished_jobs"], row["status"]) == (0, "succeeded")

@@ -151,7 +151,6 @@ def upgrade() -> None:
         ["not_before"],
         postgresql_where=sa.text("status = 'ready' AND not_before IS NOT NULL"),
     )
-    op.create_index("jobs_workflow_status_idx", "jobs", ["workflow_id", "status"])
 
     op.create_table(
         "job_edges",
@@ -193,13 +192,7 @@ def upgrade() -> None:
         sa.Column("actor", sa.Text, nullable=False),
         sa.Column("reason", sa.Text),
     )
-    op.create_index("events_workflow_idx", "events", ["workflow_id", "id"])
-    op.create_index(
-        "events_job_idx",
-        "events",
-        ["job_id", "id"],
-        postgresql_where=sa.text("job_id IS NOT NULL"),
-    )
+    op.create_index("events_workflow_job_idx", "events", ["workflow_id", "job_id", "id"])
 
     for table, options in QUEUE_STORAGE.items():
         op.execute(f"ALTER TABLE {table} SET ({options})")

@@ -1,7 +1,12 @@
 """Cancelling workflows and jobs.
 
-Waiting and ready jobs end at once; running jobs are flagged (cancel_requested_at) and a NOTIFY
-tells runners to terminate them and record them cancelled, fenced like any completion.
+Waiting and ready jobs end at once. Running jobs are ended by their runners, told by a NOTIFY
+(and their heartbeat) to terminate them and record them cancelled, fenced like any completion:
+a running job is cancelled when its workflow is, or when it carries cancel_requested_at.
+
+Locking: the waiting and ready jobs are locked in id order; a cancelled workflow's running jobs
+are not locked at all, and a single cancelled running job is locked last. A runner recording
+outcomes locks children before its own running jobs, so no cycle of waits can form.
 """
 
 from __future__ import annotations
@@ -11,7 +16,7 @@ from dataclasses import dataclass, field
 
 import psycopg
 
-from smifdb.store import CANCEL_CHANNEL, notify
+from smifdb.store import CANCEL_CHANNEL, notify, queue
 from smifdb.store.queue import settle_workflows
 
 
@@ -35,26 +40,18 @@ _WORKFLOW_JOBS = (
 )
 
 # Lock the jobs first (ascending id), then the workflow: the order every writer uses.
-_LOCK = """
-WITH RECURSIVE targets(id) AS (
-    SELECT unnest(%(roots)s::bigint[])
-    UNION
-    SELECT e.child_id FROM job_edges e JOIN targets t ON e.parent_id = t.id
-    WHERE %(descendants)s
-)
-SELECT j.id FROM jobs j
-WHERE j.id IN (SELECT id FROM targets) AND j.status IN ('waiting', 'ready', 'running')
-ORDER BY j.id FOR NO KEY UPDATE
+_LOCK_IDLE = """
+SELECT id FROM jobs WHERE id = ANY(%s) AND status IN ('waiting', 'ready')
+ORDER BY id FOR NO KEY UPDATE
 """
+_RUNNING = "SELECT count(*) FROM jobs WHERE id = ANY(%s) AND status = 'running'"
 
 _CANCEL_IDLE = """
-WITH victims AS (
-    SELECT id, status::text AS old FROM jobs
-    WHERE id = ANY(%(ids)s) AND status IN ('waiting', 'ready')
-), updated AS (
+WITH updated AS (
     UPDATE jobs j SET status = 'cancelled', finished_at = now(), not_before = NULL,
                       error = %(reason)s
-    FROM victims v WHERE j.id = v.id
+    FROM (SELECT id, status::text AS old FROM jobs WHERE id = ANY(%(ids)s)) v
+    WHERE j.id = v.id
     RETURNING j.id, j.workflow_id, v.old
 ), logged AS (
     INSERT INTO events (workflow_id, job_id, from_status, to_status, actor, reason)
@@ -66,7 +63,7 @@ SELECT count(*) FROM updated
 _FLAG_RUNNING = """
 WITH flagged AS (
     UPDATE jobs SET cancel_requested_at = now()
-    WHERE id = ANY(%(ids)s) AND status = 'running' AND cancel_requested_at IS NULL
+    WHERE id = %(id)s AND status = 'running' AND cancel_requested_at IS NULL
     RETURNING id, workflow_id, attempts
 ), logged AS (
     INSERT INTO events (workflow_id, job_id, from_status, to_status, attempt, actor, reason)
@@ -105,23 +102,24 @@ def cancel(
             raise NotFound(f"no workflow {workflow_id}")
         old_status, finished = row
         if job_key is None:
-            roots = [r[0] for r in conn.execute(_WORKFLOW_JOBS, [workflow_id])]
-            descendants = False
+            targets = [r[0] for r in conn.execute(_WORKFLOW_JOBS, [workflow_id])]
         else:
             job = conn.execute(_JOB_BY_KEY, [workflow_id, job_key]).fetchone()
             if job is None:
                 raise NotFound(f"workflow {workflow_id} has no job {job_key!r}")
-            roots, descendants = [job[0]], True
+            below = conn.execute(queue.DESCENDANTS, [[job[0]]]).fetchall()
+            targets = [job[0], *(r[0] for r in below)]
         if finished:
             return CancelReport(old_status, already_finished=True)
-        ids = [
-            r[0]
-            for r in conn.execute(_LOCK, {"roots": roots, "descendants": descendants}).fetchall()
-        ]
-        args = {"ids": ids, "actor": actor, "reason": reason}
+        idle = [r[0] for r in conn.execute(_LOCK_IDLE, [sorted(set(targets))]).fetchall()]
         report = CancelReport(old_status)
-        report.cancelled = conn.execute(_CANCEL_IDLE, args).fetchone()[0]
-        report.terminating = conn.execute(_FLAG_RUNNING, args).fetchone()[0]
+        args = {"ids": idle, "actor": actor, "reason": reason}
+        report.cancelled = conn.execute(_CANCEL_IDLE, args).fetchone()[0] if idle else 0
+        if job_key is None:
+            report.terminating = conn.execute(_RUNNING, [targets]).fetchone()[0]
+        else:  # the one job named may be running; its descendants cannot be
+            flag = {"id": targets[0], "actor": actor, "reason": reason}
+            report.terminating = conn.execute(_FLAG_RUNNING, flag).fetchone()[0]
         if job_key is None:
             conn.execute(
                 _CANCEL_WORKFLOW,

@@ -7,14 +7,15 @@ rescue racing a completion — matches no row and changes nothing.
 
 from __future__ import annotations
 
+import json
 import random
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
-from psycopg.types.json import Jsonb
 
 from smifdb.store import FINISHED_CHANNEL, READY_CHANNEL, notify
 
@@ -69,6 +70,7 @@ class Outcome:
 class FinishReport:
     recorded: list[int] = field(default_factory=list)  # job ids whose outcome was written
     became_ready: int = 0
+    claimed: list[ClaimedJob] = field(default_factory=list)
     finished_workflows: dict[int, str] = field(default_factory=dict)  # id -> final status
 
 
@@ -102,8 +104,14 @@ WITH picked AS MATERIALIZED (
     INSERT INTO events (workflow_id, job_id, from_status, to_status, attempt, actor, reason)
     SELECT workflow_id, id, 'ready', 'running', attempts, %(owner)s, 'claimed' FROM claimed
 ), started AS (
+    -- Never wait for a workflow row: whoever holds it is recording outcomes of its jobs and
+    -- marks a pending workflow running itself (settle_workflows).
     UPDATE workflows w SET status = 'running', started_at = now()
-    WHERE w.id IN (SELECT workflow_id FROM claimed) AND w.status = 'pending'
+    WHERE w.id IN (
+        SELECT id FROM workflows
+        WHERE id IN (SELECT workflow_id FROM claimed) AND status = 'pending'
+        FOR NO KEY UPDATE SKIP LOCKED
+    )
     RETURNING w.id
 ), started_logged AS (
     INSERT INTO events (workflow_id, from_status, to_status, actor, reason)
@@ -126,49 +134,59 @@ def claim(
     """Claim up to ``n`` ready jobs in one short transaction (a single statement)."""
     if n <= 0:
         return []
+    return [ClaimedJob(*row) for row in _claim_cursor(conn, owner, n, lease, workflow_id)]
+
+
+def _claim_cursor(
+    conn: psycopg.Connection, owner: str, n: int, lease: float, workflow_id: int | None
+) -> psycopg.Cursor:
     params = {"n": n, "owner": owner, "lease": lease, "workflow_id": workflow_id}
-    query = CLAIM_ANY if workflow_id is None else CLAIM_WORKFLOW
-    rows = conn.execute(query, params).fetchall()
-    return [ClaimedJob(*row) for row in rows]
+    return conn.execute(CLAIM_ANY if workflow_id is None else CLAIM_WORKFLOW, params)
 
 
 # -- finish -----------------------------------------------------------------------------
 
-_LOCK_JOBS = """
+DESCENDANTS = """
 WITH RECURSIVE doomed(id) AS (
-    SELECT child_id FROM job_edges WHERE parent_id = ANY(%(failing)s)
+    SELECT child_id FROM job_edges WHERE parent_id = ANY(%s::bigint[])
     UNION
     SELECT e.child_id FROM job_edges e JOIN doomed d ON e.parent_id = d.id
-), wanted(id) AS (
-    SELECT unnest(%(own)s::bigint[])
-    UNION SELECT child_id FROM job_edges WHERE parent_id = ANY(%(succeeding)s)
-    UNION SELECT id FROM doomed
 )
-SELECT j.id FROM jobs j WHERE j.id IN (SELECT id FROM wanted) ORDER BY j.id FOR NO KEY UPDATE
+SELECT id FROM doomed
+"""
+# The children of jobs that succeeded and the doomed descendants of jobs that failed for good
+# are locked here, in ascending id order, before anything else in the transaction. (A job's
+# own row is then locked by the UPDATE that records it: only its lease holder, a rescuer
+# acting for it, or a one-row cancel flag ever write a running job.) Index-driven.
+_LOCK_JOBS = """
+SELECT id FROM jobs
+WHERE id = ANY(ARRAY(
+    SELECT child_id FROM job_edges WHERE parent_id = ANY(%(succeeding)s::bigint[])
+    UNION SELECT unnest(%(doomed)s::bigint[])
+))
+ORDER BY id FOR NO KEY UPDATE
 """
 
-_RECORD = """
+_RECORD_TEMPLATE = """
 WITH o AS (
-    SELECT * FROM unnest(
-        %(ids)s::bigint[], %(attempts)s::int[], %(owners)s::text[], %(outcomes)s::text[],
-        %(results)s::jsonb[], %(exit_codes)s::int[], %(errors)s::text[], %(tails)s::text[],
-        %(not_before)s::timestamptz[], %(reasons)s::text[]
-    ) AS o(id, attempt, owner, outcome, result, exit_code, error, log_tail, not_before, reason)
+    SELECT * FROM jsonb_to_recordset(%(outcomes)s::jsonb) AS o(
+        id bigint, attempt int, owner text, outcome text, result jsonb, exit_code int,
+        error text, log_tail text, not_before timestamptz, reason text)
 ), updated AS (
     UPDATE jobs j SET
         status = (CASE
-            WHEN o.outcome IN ('retry', 'released') AND j.cancel_requested_at IS NOT NULL
-                THEN 'cancelled'
-            WHEN o.outcome IN ('retry', 'released') THEN 'ready'
-            ELSE o.outcome
+            WHEN o.outcome NOT IN ('retry', 'released') THEN o.outcome
+            WHEN {cancelled} THEN 'cancelled'
+            ELSE 'ready'
         END)::job_status,
         attempts = j.attempts - (o.outcome = 'released')::int,
         not_before = o.not_before,
         lease_owner = NULL,
         lease_expires_at = NULL,
         finished_at = CASE
-            WHEN o.outcome IN ('retry', 'released') AND j.cancel_requested_at IS NULL THEN NULL
-            ELSE now() END,
+            WHEN o.outcome NOT IN ('retry', 'released') THEN now()
+            WHEN {cancelled} THEN now()
+        END,
         result = o.result,
         exit_code = o.exit_code,
         error = o.error,
@@ -181,15 +199,15 @@ WITH o AS (
     INSERT INTO events (workflow_id, job_id, from_status, to_status, attempt, actor, reason)
     SELECT workflow_id, id, 'running', status, attempt, %(actor)s, reason FROM updated
 )
-SELECT id, workflow_id, status, outcome FROM updated
+{promote}SELECT id, workflow_id, status, outcome, {became_ready} FROM updated
 """
-
-_PROMOTE_CHILDREN = """
-WITH done AS (
-    SELECT e.child_id, count(*)::int AS n
-    FROM job_edges e WHERE e.parent_id = ANY(%(succeeded)s)
+# Children of the jobs that succeeded count down; at zero they become ready. The children
+# were locked by _LOCK_JOBS, and are never the rows `updated` touches.
+_PROMOTE = """, done AS (
+    SELECT e.child_id, count(*)::int AS n FROM job_edges e
+    WHERE e.parent_id = ANY(ARRAY(SELECT id FROM updated WHERE status = 'succeeded'))
     GROUP BY e.child_id
-), updated AS (
+), promoted AS (
     UPDATE jobs j SET
         unfinished_parents = j.unfinished_parents - done.n,
         status = (CASE WHEN j.status = 'waiting' AND j.unfinished_parents = done.n
@@ -197,22 +215,28 @@ WITH done AS (
     FROM done
     WHERE j.id = done.child_id
     RETURNING j.id, j.workflow_id, j.status::text AS status, j.unfinished_parents
-), logged AS (
+), promoted_logged AS (
     INSERT INTO events (workflow_id, job_id, from_status, to_status, actor, reason)
     SELECT workflow_id, id, 'waiting', 'ready', %(actor)s, 'all parents succeeded'
-    FROM updated WHERE status = 'ready' AND unfinished_parents = 0
+    FROM promoted WHERE status = 'ready' AND unfinished_parents = 0
 )
-SELECT count(*) FROM updated WHERE status = 'ready' AND unfinished_parents = 0
 """
+# A job that would go back to the queue is cancelled instead if it, or its workflow, was.
+_CANCELLED = """(j.cancel_requested_at IS NOT NULL OR EXISTS (
+                SELECT 1 FROM workflows w WHERE w.id = j.workflow_id AND w.status = 'cancelled'))"""
+_RECORD = _RECORD_TEMPLATE.format(promote="", became_ready="0", cancelled=_CANCELLED)
+_RECORD_AND_PROMOTE = _RECORD_TEMPLATE.format(
+    promote=_PROMOTE,
+    cancelled=_CANCELLED,
+    became_ready="(SELECT count(*) FROM promoted WHERE status = 'ready' AND unfinished_parents = 0)",
+)
+
+
 
 _FAIL_DESCENDANTS = """
-WITH RECURSIVE doomed(id) AS (
-    SELECT child_id FROM job_edges WHERE parent_id = ANY(%(failed)s)
-    UNION
-    SELECT e.child_id FROM job_edges e JOIN doomed d ON e.parent_id = d.id
-), victims AS (
+WITH victims AS (
     SELECT j.id, j.status::text AS old FROM jobs j
-    WHERE j.id IN (SELECT id FROM doomed) AND j.status IN ('waiting', 'ready')
+    WHERE j.id = ANY(%(doomed)s::bigint[]) AND j.status IN ('waiting', 'ready')
 ), updated AS (
     UPDATE jobs j SET status = 'upstream_failed', finished_at = now(),
                       error = 'an upstream job failed'
@@ -226,7 +250,9 @@ WITH RECURSIVE doomed(id) AS (
 SELECT workflow_id, count(*) FROM updated GROUP BY workflow_id
 """
 
-_LOCK_WORKFLOWS = "SELECT id FROM workflows WHERE id = ANY(%s) ORDER BY id FOR NO KEY UPDATE"
+_LOCK_WORKFLOWS = (
+    "SELECT id FROM workflows WHERE id = ANY(%s::bigint[]) ORDER BY id FOR NO KEY UPDATE"
+)
 
 # Subtract newly finished jobs from each workflow; a final failure fails the workflow at once
 # (other branches may still finish); the last job to finish decides the end status.
@@ -241,10 +267,11 @@ WITH d AS (
     UPDATE workflows w SET
         unfinished_jobs = b.left_over,
         finished_at = CASE WHEN b.left_over = 0 THEN now() END,
+        started_at = coalesce(w.started_at, now()),
         status = CASE
             WHEN w.status NOT IN ('pending', 'running') THEN w.status
             WHEN b.failed THEN 'failed'
-            WHEN b.left_over > 0 THEN w.status
+            WHEN b.left_over > 0 THEN 'running'
             WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.workflow_id = w.id
                          AND j.status IN ('failed', 'upstream_failed')) THEN 'failed'
             WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.workflow_id = w.id
@@ -264,78 +291,102 @@ SELECT id, status, finished FROM updated
 FINISHED = frozenset({"succeeded", "failed", "upstream_failed", "cancelled"})
 
 
-def _job_params(outcomes: list[Outcome], now: datetime) -> dict[str, list]:
-    def kind(o: Outcome) -> str:
-        return "retry" if o.retries else o.status
-
-    def not_before(o: Outcome) -> datetime | None:
-        if not o.retries:
-            return None
-        return now + timedelta(seconds=backoff_delay(o.attempt, o.retry_backoff))
-
-    return {
-        "ids": [o.job_id for o in outcomes],
-        "attempts": [o.attempt for o in outcomes],
-        "owners": [o.owner for o in outcomes],
-        "outcomes": [kind(o) for o in outcomes],
-        "results": [Jsonb(o.result) if o.result is not None else None for o in outcomes],
-        "exit_codes": [o.exit_code for o in outcomes],
-        "errors": [o.error for o in outcomes],
-        "tails": [o.log_tail for o in outcomes],
-        "not_before": [not_before(o) for o in outcomes],
-        "reasons": [o.reason or kind(o) for o in outcomes],
-    }
+def array(values: Iterable[int]) -> str:
+    """An array literal for ``%s::bigint[]``: far cheaper to send than a dumped Python list."""
+    return "{" + ",".join(map(str, values)) + "}"
 
 
-def finish(conn: psycopg.Connection, actor: str, outcomes: list[Outcome]) -> FinishReport:
+def _outcomes_json(outcomes: list[Outcome], now: datetime) -> str:
+    """The whole batch as one JSON parameter (jsonb_to_recordset), not ten arrays."""
+    rows = []
+    for o in outcomes:
+        retry = o.retries
+        kind = "retry" if retry else o.status
+        rows.append(
+            {
+                "id": o.job_id,
+                "attempt": o.attempt,
+                "owner": o.owner,
+                "outcome": kind,
+                "result": o.result,
+                "exit_code": o.exit_code,
+                "error": o.error,
+                "log_tail": o.log_tail,
+                "not_before": (
+                    (now + timedelta(seconds=backoff_delay(o.attempt, o.retry_backoff))).isoformat()
+                    if retry
+                    else None
+                ),
+                "reason": o.reason or kind,
+            }
+        )
+    return json.dumps(rows)
+
+
+def finish(
+    conn: psycopg.Connection,
+    actor: str,
+    outcomes: list[Outcome],
+    *,
+    claim_n: int = 0,
+    lease: float = 300.0,
+    workflow_id: int | None = None,
+) -> FinishReport:
     """Record a batch of attempt outcomes, and everything that follows, in one transaction.
 
     Follows: children of succeeded jobs count down their unfinished parents and become ready
     at zero; descendants of jobs that failed for good become upstream_failed; workflows count
     down their unfinished jobs and end when none are left.
+
+    With ``claim_n``, the same transaction then claims up to that many ready jobs for
+    ``actor`` (one commit per runner cycle instead of two). The claim never waits for a lock,
+    and the workflow rows are locked last, so the hot workflow row is held only briefly.
     """
     report = FinishReport()
     if not outcomes:
+        if claim_n:
+            report.claimed = claim(conn, actor, claim_n, lease=lease, workflow_id=workflow_id)
         return report
     outcomes = sorted(outcomes, key=lambda o: o.job_id)
-    with conn.transaction():
-        conn.execute(
-            _LOCK_JOBS,
-            {
-                "own": [o.job_id for o in outcomes],
-                "succeeding": [o.job_id for o in outcomes if o.status == "succeeded"],
-                "failing": [o.job_id for o in outcomes if o.final_failure],
-            },
-        ).fetchall()
-        params = _job_params(outcomes, datetime.now(UTC))
-        recorded = conn.execute(_RECORD, {**params, "actor": actor}).fetchall()
-        if not recorded:
-            return report
+    succeeding = [o.job_id for o in outcomes if o.status == "succeeded"]
+    failing = [o.job_id for o in outcomes if o.final_failure]
+    # Pipelined: statements are sent together and run in order, so the whole cycle costs two
+    # round trips; the lock statement still runs to completion before the record starts.
+    with conn.pipeline(), conn.transaction():
+        doomed = [r[0] for r in conn.execute(DESCENDANTS, [array(failing)])] if failing else []
+        if succeeding or doomed:
+            conn.execute(_LOCK_JOBS, {"succeeding": array(succeeding), "doomed": array(doomed)})
+        params = {"outcomes": _outcomes_json(outcomes, datetime.now(UTC)), "actor": actor}
+        record = conn.execute(_RECORD_AND_PROMOTE if succeeding else _RECORD, params)
+        claiming = _claim_cursor(conn, actor, claim_n, lease, workflow_id) if claim_n else None
+        recorded = record.fetchall()
         report.recorded = [r[0] for r in recorded]
+        report.became_ready = recorded[0][4] if recorded else 0
         finished: Counter[int] = Counter()
         failed_workflows: set[int] = set()
-        succeeded: list[int] = []
         failed_for_good: list[int] = []
-        for job_id, workflow_id, status, _ in recorded:
+        for job_id, wf_id, status, _, _ in recorded:
             if status in FINISHED:
-                finished[workflow_id] += 1
-            if status == "succeeded":
-                succeeded.append(job_id)
-            elif status == "failed":
+                finished[wf_id] += 1
+            if status == "failed":
                 failed_for_good.append(job_id)
-                failed_workflows.add(workflow_id)
-        if succeeded:
-            row = conn.execute(_PROMOTE_CHILDREN, {"succeeded": succeeded, "actor": actor})
-            report.became_ready = row.fetchone()[0]
+                failed_workflows.add(wf_id)
         if failed_for_good:
-            for workflow_id, n in conn.execute(
-                _FAIL_DESCENDANTS, {"failed": failed_for_good, "actor": actor}
-            ):
-                finished[workflow_id] += n
+            # Descendants of outcomes that were fenced out stay as they are.
+            doomed = [r[0] for r in conn.execute(DESCENDANTS, [array(failed_for_good)])]
+            failing_args = {"doomed": array(doomed), "actor": actor}
+            for wf_id, n in conn.execute(_FAIL_DESCENDANTS, failing_args):
+                finished[wf_id] += n
+        if claiming is not None:
+            report.claimed = [ClaimedJob(*row) for row in claiming.fetchall()]
+        settling = None
         if finished or failed_workflows:
-            report.finished_workflows = settle_workflows(conn, actor, finished, failed_workflows)
-        if report.became_ready:
+            settling = _settle_cursor(conn, actor, finished, failed_workflows)
+        # Wake other runners only if work may be left after our own claim took its share.
+        if report.became_ready and len(report.claimed) >= claim_n:
             notify(conn, READY_CHANNEL, outcomes[0].workflow_id)
+    if settling is not None:
+        report.finished_workflows = _ended(conn, settling)
     return report
 
 
@@ -349,18 +400,29 @@ def settle_workflows(
 
     Returns the workflows that ended, with their final status, and notifies once if any did.
     """
-    ids = sorted(set(finished) | set(failed))
-    conn.execute(_LOCK_WORKFLOWS, [ids]).fetchall()
-    rows = conn.execute(
+    return _ended(conn, _settle_cursor(conn, actor, finished, failed))
+
+
+def _settle_cursor(
+    conn: psycopg.Connection, actor: str, finished: Counter[int], failed: set[int]
+) -> psycopg.Cursor:
+    workflow_ids = sorted(set(finished) | set(failed))
+    # Required even for one row: _SETTLE_WORKFLOWS computes new counts in a CTE from its
+    # snapshot, which is only current if the rows are locked before the statement starts.
+    conn.execute(_LOCK_WORKFLOWS, [array(workflow_ids)])
+    return conn.execute(
         _SETTLE_WORKFLOWS,
         {
-            "ids": ids,
-            "finished": [finished.get(i, 0) for i in ids],
-            "failed": [i in failed for i in ids],
+            "ids": array(workflow_ids),
+            "finished": array(finished.get(i, 0) for i in workflow_ids),
+            "failed": "{" + ",".join("t" if i in failed else "f" for i in workflow_ids) + "}",
             "actor": actor,
         },
-    ).fetchall()
-    ended = {wid: status for wid, status, is_finished in rows if is_finished}
+    )
+
+
+def _ended(conn: psycopg.Connection, settling: psycopg.Cursor) -> dict[int, str]:
+    ended = {wid: status for wid, status, is_finished in settling.fetchall() if is_finished}
     if ended:
         notify(conn, FINISHED_CHANNEL, ",".join(map(str, sorted(ended))))
     return ended
@@ -368,16 +430,22 @@ def settle_workflows(
 
 # -- leases -----------------------------------------------------------------------------
 
+# SKIP LOCKED: never wait for a row (one being recorded right now needs no renewal), so the
+# heartbeat can never deadlock with its own runner's recording transaction.
 _RENEW = """
 UPDATE jobs SET lease_expires_at = now() + make_interval(secs => %(lease)s)
-WHERE id = ANY(%(ids)s) AND status = 'running' AND lease_owner = %(owner)s
-  AND lease_expires_at < now() + make_interval(secs => %(lease)s / 2)
+WHERE id IN (
+    SELECT id FROM jobs
+    WHERE id = ANY(%(ids)s) AND status = 'running' AND lease_owner = %(owner)s
+      AND lease_expires_at < now() + make_interval(secs => %(lease)s / 2)
+    FOR NO KEY UPDATE SKIP LOCKED
+)
 """
 
 _CANCEL_REQUESTED = """
-SELECT id FROM jobs
-WHERE id = ANY(%(ids)s) AND status = 'running' AND lease_owner = %(owner)s
-  AND cancel_requested_at IS NOT NULL
+SELECT j.id FROM jobs j JOIN workflows w ON w.id = j.workflow_id
+WHERE j.id = ANY(%(ids)s) AND j.status = 'running' AND j.lease_owner = %(owner)s
+  AND (j.cancel_requested_at IS NOT NULL OR w.status = 'cancelled')
 """
 
 _LOST_LEASES = """

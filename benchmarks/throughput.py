@@ -1,0 +1,219 @@
+"""Queue throughput and dispatch latency, smifdb side by side with pgqueuer.
+
+    pip install "pgqueuer[asyncpg]"      # only for the comparison
+    python benchmarks/throughput.py [--dsn DSN] [--jobs 20000] [--skip-pgqueuer] [--quick]
+
+Everything runs in one process tree on one database (a new local cluster with durable
+commits unless --dsn is given). Runners and pgqueuer workers are separate processes.
+
+Throughput is measured in steady state: a monitor polls the number of finished jobs every
+20 ms and reports the rate between 10% and 90% done (process start-up excluded); the wall
+time from spawning workers to their exit is printed too. Dispatch latency is from a parent's
+'succeeded' event to its child's 'running' event (both stamped with clock_timestamp()).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import psycopg
+from common import database, layered_dag, machine, parser
+
+import smifdb
+
+HERE = Path(__file__).resolve().parent
+NOOP = "smifdb.examples:noop"
+
+
+class Monitor(threading.Thread):
+    """Samples (time, finished jobs) until ``total`` are finished."""
+
+    def __init__(self, dsn: str, total: int, count: Callable[[psycopg.Connection], int]) -> None:
+        super().__init__(daemon=True)
+        self.dsn, self.total, self.count = dsn, total, count
+        self.samples: list[tuple[float, int]] = []
+
+    def run(self) -> None:
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            while True:
+                done = self.count(conn)
+                self.samples.append((time.perf_counter(), done))
+                if done >= self.total:
+                    return
+                time.sleep(0.02)
+
+    def steady_rate(self) -> float:
+        def when(fraction: float) -> float:
+            target = self.total * fraction
+            for (t0, d0), (t1, d1) in zip(self.samples, self.samples[1:], strict=False):
+                if d1 >= target:
+                    return t0 + (t1 - t0) * ((target - d0) / (d1 - d0) if d1 > d0 else 1)
+            return self.samples[-1][0]
+
+        span = when(0.9) - when(0.1)
+        return 0.8 * self.total / span if span > 0 else float("inf")
+
+
+def spawn_runners(dsn: str, runners: int, slots: int, batch: int, logs: str) -> list:
+    return [
+        subprocess.Popen(
+            [sys.executable, "-m", "smifdb.cli", "--dsn", dsn, "runner", "run",
+             "--name", f"bench-{i}-{time.monotonic_ns()}", "--slots", str(slots),
+             "--batch", str(batch), "--exit-when-idle", "--log-level", "warning",
+             "--log-dir", logs, "--poll", "0.5"],
+        )
+        for i in range(runners)
+    ]
+
+
+def vacuum(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("VACUUM ANALYZE jobs, job_edges, workflows, events")
+
+
+def run_smifdb(dsn: str, spec: dict, runners: int, slots: int, batch: int, logs: str) -> dict:
+    vacuum(dsn)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        wf = smifdb.submit(conn, spec)
+    total = len(spec["jobs"])
+
+    def finished(conn: psycopg.Connection) -> int:
+        return conn.execute(
+            "SELECT job_count - unfinished_jobs FROM workflows WHERE id = %s", [wf]
+        ).fetchone()[0]
+
+    monitor = Monitor(dsn, total, finished)
+    t0 = time.perf_counter()
+    monitor.start()
+    procs = spawn_runners(dsn, runners, slots, batch, logs)
+    for p in procs:
+        p.wait()
+    wall = time.perf_counter() - t0
+    monitor.join()
+    with psycopg.connect(dsn) as conn:
+        status = conn.execute("SELECT status::text FROM workflows WHERE id = %s", [wf]).fetchone()[0]
+    assert status == "succeeded", status
+    return {"workflow": wf, "rate": monitor.steady_rate(), "wall": wall}
+
+
+def run_pgqueuer(dsn: str, total: int, workers: int, batch: int) -> dict:
+    worker = str(HERE / "pgqueuer_worker.py")
+    subprocess.run([sys.executable, worker, "install", dsn], check=True)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("TRUNCATE pgqueuer, pgqueuer_log")
+        conn.execute("VACUUM ANALYZE pgqueuer, pgqueuer_log")
+    subprocess.run([sys.executable, worker, "enqueue", dsn, str(total)], check=True)
+
+    def finished(conn: psycopg.Connection) -> int:
+        return total - conn.execute("SELECT count(*) FROM pgqueuer").fetchone()[0]
+
+    monitor = Monitor(dsn, total, finished)
+    t0 = time.perf_counter()
+    monitor.start()
+    procs = [subprocess.Popen([sys.executable, worker, "work", dsn, str(batch)]) for _ in range(workers)]
+    for p in procs:
+        p.wait()
+    wall = time.perf_counter() - t0
+    monitor.join()
+    return {"rate": monitor.steady_rate(), "wall": wall}
+
+
+def dispatch_latency(dsn: str, workflow_id: int) -> tuple[float, float, int]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            """
+            SELECT extract(epoch FROM c.at - p.at) * 1000
+            FROM job_edges e
+            JOIN jobs cj ON cj.id = e.child_id AND cj.workflow_id = %(wf)s
+            JOIN events p ON p.job_id = e.parent_id AND p.to_status = 'succeeded'
+            JOIN events c ON c.job_id = e.child_id AND c.to_status = 'running'
+            """,
+            {"wf": workflow_id},
+        ).fetchall()
+    values = sorted(float(r[0]) for r in rows)
+    p99 = values[min(len(values) - 1, int(len(values) * 0.99))]
+    return statistics.median(values), p99, len(values)
+
+
+def independent(n: int) -> dict:
+    return {"name": f"independent-{n}", "jobs": [{"key": f"j{i}", "python": NOOP} for i in range(n)]}
+
+
+def chain(n: int) -> dict:
+    return {
+        "name": f"chain-{n}",
+        "jobs": [{"key": f"j{i}", "python": NOOP, "after": [f"j{i - 1}"] if i else []} for i in range(n)],
+    }
+
+
+def fan(n: int) -> dict:
+    jobs = [{"key": "start", "python": NOOP}]
+    jobs += [{"key": f"j{i}", "python": NOOP, "after": ["start"]} for i in range(n)]
+    jobs += [{"key": "end", "python": NOOP, "after": [f"j{i}" for i in range(n)]}]
+    return {"name": f"fan-{n}", "jobs": jobs}
+
+
+def main() -> None:
+    p = parser(__doc__)
+    p.add_argument("--jobs", type=int, default=40_000, help="jobs per independent run")
+    p.add_argument("--skip-pgqueuer", action="store_true")
+    p.add_argument("--quick", action="store_true", help="fewer configurations")
+    p.add_argument("--repeat", type=int, default=3, help="runs per configuration (median kept)")
+    args = p.parse_args()
+    n = args.jobs
+    logs = tempfile.mkdtemp(prefix="smifdb-bench-logs-")
+    with database(args.dsn) as dsn:
+        print(machine(dsn))
+        print(f"smifdb runners run no-op Python jobs ({NOOP}); slots = batch unless stated\n")
+
+        print("## Independent jobs, side by side")
+        print(f"median of {args.repeat} runs of {n} jobs each")
+        print(f"{'system':10} {'procs':>5} {'batch':>5} {'jobs/s (steady)':>16} {'wall s':>7}")
+        pairs = [(1, 64), (2, 64)] if args.quick else [(1, 64), (2, 64), (4, 64), (2, 16), (2, 256)]
+        best: dict[str, float] = {}
+        for procs, batch in pairs:
+            ours = [run_smifdb(dsn, independent(n), procs, batch, batch, logs) for _ in range(args.repeat)]
+            rate = statistics.median(r["rate"] for r in ours)
+            wall = statistics.median(r["wall"] for r in ours)
+            print(f"{'smifdb':10} {procs:>5} {batch:>5} {rate:>16,.0f} {wall:>7.2f}", flush=True)
+            best["smifdb"] = max(best.get("smifdb", 0), rate)
+            if not args.skip_pgqueuer:
+                theirs = [run_pgqueuer(dsn, n, procs, batch) for _ in range(args.repeat)]
+                q_rate = statistics.median(q["rate"] for q in theirs)
+                q_wall = statistics.median(q["wall"] for q in theirs)
+                print(f"{'pgqueuer':10} {procs:>5} {batch:>5} {q_rate:>16,.0f} {q_wall:>7.2f}")
+                print(f"{'':10} {'':>5} {'':>5} {'ratio':>9} {rate / q_rate:>6.2f}x", flush=True)
+                best["pgqueuer"] = max(best.get("pgqueuer", 0), q_rate)
+        if "pgqueuer" in best:
+            print(f"best: smifdb {best['smifdb']:,.0f}/s, pgqueuer {best['pgqueuer']:,.0f}/s, "
+                  f"ratio {best['smifdb'] / best['pgqueuer']:.2f}x")
+
+        print("\n## DAG shapes (2 runners, 64 slots each)")
+        shapes = [("chain", chain(2000)), ("fan-out/fan-in", fan(n))]
+        if not args.quick:
+            shapes.append(("layered random", layered_dag(100_000, 200_000) | {"name": "layered"}))
+        for label, spec in shapes:
+            r = run_smifdb(dsn, spec, 2, 64, 64, logs)
+            print(f"{label:16} {len(spec['jobs']):>7} jobs  {r['rate']:>10,.0f} jobs/s  wall {r['wall']:.2f} s")
+            if label == "chain":
+                chain_wf = r["workflow"]
+
+        print("\n## Dispatch latency: parent succeeded -> child running (chain of 2000)")
+        p50, p99, count = dispatch_latency(dsn, chain_wf)
+        print(f"2 runners: p50 {p50:.2f} ms  p99 {p99:.2f} ms  ({count} edges)")
+        r = run_smifdb(dsn, chain(2000), 1, 4, 4, logs)
+        p50, p99, count = dispatch_latency(dsn, r["workflow"])
+        print(f"1 runner:  p50 {p50:.2f} ms  p99 {p99:.2f} ms  ({count} edges)")
+    print(f"\n(job logs in {logs}; pid {os.getpid()})")
+
+
+if __name__ == "__main__":
+    main()
