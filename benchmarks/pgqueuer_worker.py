@@ -1,8 +1,8 @@
 """pgqueuer's side of benchmarks/throughput.py (pgqueuer from PyPI: pip install "pgqueuer[asyncpg]").
 
-    python pgqueuer_worker.py install DSN
-    python pgqueuer_worker.py enqueue DSN N
-    python pgqueuer_worker.py work DSN BATCH      # drains the queue, then exits
+python pgqueuer_worker.py install DSN
+python pgqueuer_worker.py enqueue DSN N
+python pgqueuer_worker.py work DSN BATCH      # drains the queue, then exits
 """
 
 from __future__ import annotations

@@ -65,10 +65,28 @@ class Monitor(threading.Thread):
 def spawn_runners(dsn: str, runners: int, slots: int, batch: int, logs: str) -> list:
     return [
         subprocess.Popen(
-            [sys.executable, "-m", "smifdb.cli", "--dsn", dsn, "runner", "run",
-             "--name", f"bench-{i}-{time.monotonic_ns()}", "--slots", str(slots),
-             "--batch", str(batch), "--exit-when-idle", "--log-level", "warning",
-             "--log-dir", logs, "--poll", "0.5"],
+            [
+                sys.executable,
+                "-m",
+                "smifdb.cli",
+                "--dsn",
+                dsn,
+                "runner",
+                "run",
+                "--name",
+                f"bench-{i}-{time.monotonic_ns()}",
+                "--slots",
+                str(slots),
+                "--batch",
+                str(batch),
+                "--exit-when-idle",
+                "--log-level",
+                "warning",
+                "--log-dir",
+                logs,
+                "--poll",
+                "0.5",
+            ],
         )
         for i in range(runners)
     ]
@@ -99,7 +117,9 @@ def run_smifdb(dsn: str, spec: dict, runners: int, slots: int, batch: int, logs:
     wall = time.perf_counter() - t0
     monitor.join()
     with psycopg.connect(dsn) as conn:
-        status = conn.execute("SELECT status::text FROM workflows WHERE id = %s", [wf]).fetchone()[0]
+        status = conn.execute("SELECT status::text FROM workflows WHERE id = %s", [wf]).fetchone()[
+            0
+        ]
     assert status == "succeeded", status
     return {"workflow": wf, "rate": monitor.steady_rate(), "wall": wall}
 
@@ -118,7 +138,9 @@ def run_pgqueuer(dsn: str, total: int, workers: int, batch: int) -> dict:
     monitor = Monitor(dsn, total, finished)
     t0 = time.perf_counter()
     monitor.start()
-    procs = [subprocess.Popen([sys.executable, worker, "work", dsn, str(batch)]) for _ in range(workers)]
+    procs = [
+        subprocess.Popen([sys.executable, worker, "work", dsn, str(batch)]) for _ in range(workers)
+    ]
     for p in procs:
         p.wait()
     wall = time.perf_counter() - t0
@@ -144,13 +166,18 @@ def dispatch_latency(dsn: str, workflow_id: int) -> tuple[float, float, int]:
 
 
 def independent(n: int) -> dict:
-    return {"name": f"independent-{n}", "jobs": [{"key": f"j{i}", "python": NOOP} for i in range(n)]}
+    return {
+        "name": f"independent-{n}",
+        "jobs": [{"key": f"j{i}", "python": NOOP} for i in range(n)],
+    }
 
 
 def chain(n: int) -> dict:
     return {
         "name": f"chain-{n}",
-        "jobs": [{"key": f"j{i}", "python": NOOP, "after": [f"j{i - 1}"] if i else []} for i in range(n)],
+        "jobs": [
+            {"key": f"j{i}", "python": NOOP, "after": [f"j{i - 1}"] if i else []} for i in range(n)
+        ],
     }
 
 
@@ -180,7 +207,10 @@ def main() -> None:
         pairs = [(1, 64), (2, 64)] if args.quick else [(1, 64), (2, 64), (4, 64), (2, 16), (2, 256)]
         best: dict[str, float] = {}
         for procs, batch in pairs:
-            ours = [run_smifdb(dsn, independent(n), procs, batch, batch, logs) for _ in range(args.repeat)]
+            ours = [
+                run_smifdb(dsn, independent(n), procs, batch, batch, logs)
+                for _ in range(args.repeat)
+            ]
             rate = statistics.median(r["rate"] for r in ours)
             wall = statistics.median(r["wall"] for r in ours)
             print(f"{'smifdb':10} {procs:>5} {batch:>5} {rate:>16,.0f} {wall:>7.2f}", flush=True)
@@ -193,8 +223,10 @@ def main() -> None:
                 print(f"{'':10} {'':>5} {'':>5} {'ratio':>9} {rate / q_rate:>6.2f}x", flush=True)
                 best["pgqueuer"] = max(best.get("pgqueuer", 0), q_rate)
         if "pgqueuer" in best:
-            print(f"best: smifdb {best['smifdb']:,.0f}/s, pgqueuer {best['pgqueuer']:,.0f}/s, "
-                  f"ratio {best['smifdb'] / best['pgqueuer']:.2f}x")
+            print(
+                f"best: smifdb {best['smifdb']:,.0f}/s, pgqueuer {best['pgqueuer']:,.0f}/s, "
+                f"ratio {best['smifdb'] / best['pgqueuer']:.2f}x"
+            )
 
         print("\n## DAG shapes (2 runners, 64 slots each)")
         shapes = [("chain", chain(2000)), ("fan-out/fan-in", fan(n))]
@@ -202,7 +234,9 @@ def main() -> None:
             shapes.append(("layered random", layered_dag(100_000, 200_000) | {"name": "layered"}))
         for label, spec in shapes:
             r = run_smifdb(dsn, spec, 2, 64, 64, logs)
-            print(f"{label:16} {len(spec['jobs']):>7} jobs  {r['rate']:>10,.0f} jobs/s  wall {r['wall']:.2f} s")
+            print(
+                f"{label:16} {len(spec['jobs']):>7} jobs  {r['rate']:>10,.0f} jobs/s  wall {r['wall']:.2f} s"
+            )
             if label == "chain":
                 chain_wf = r["workflow"]
 

@@ -16,7 +16,7 @@ from smifdb import __version__, db, migrate, store
 from smifdb.pgserver import Cluster, ServerError, default_home
 from smifdb.progress import ProgressPrinter, summary
 from smifdb.runner import Runner, RunnerConfig, default_name
-from smifdb.spec import SpecError, load_file, load_text, parse
+from smifdb.spec import SpecError, load_file, load_text, parse, with_base_dir
 from smifdb.store import FINISHED_CHANNEL, control, read
 from smifdb.store import runners as runner_rows
 from smifdb.store.runners import RunnerNameInUse
@@ -135,14 +135,20 @@ def db_url(ctx: click.Context) -> None:
 # -- workflows --------------------------------------------------------------------------
 
 
+def _read_dag(file: str, name: str | None):
+    """A spec file's jobs run in the file's folder unless they say otherwise (like make)."""
+    if file == "-":
+        return parse(load_text(sys.stdin.read(), "standard input"), name=name)
+    return with_base_dir(parse(load_file(file), name=name), Path(file).resolve().parent)
+
+
 @main.command("submit")
 @click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--name", help="Workflow name (default: the spec's 'name').")
 @click.pass_context
 def submit_cmd(ctx: click.Context, file: str, name: str | None) -> None:
     """Validate a YAML or JSON DAG FILE and submit it; print the new workflow id."""
-    raw = load_text(sys.stdin.read(), "standard input") if file == "-" else load_file(file)
-    dag = parse(raw, name=name)
+    dag = _read_dag(file, name)
     with db.connect(_dsn(ctx)) as conn:
         store.check_schema(conn)
         workflow_id = submit_dag(conn, dag, actor=store.actor_name("cli"))
@@ -400,8 +406,7 @@ def run_cmd(ctx: click.Context, file: str, workflow_name: str | None, **kw) -> N
     Exit 0 only if every job succeeded.
     """
     _setup_logging("warning")
-    raw = load_text(sys.stdin.read(), "standard input") if file == "-" else load_file(file)
-    dag = parse(raw, name=workflow_name)
+    dag = _read_dag(file, workflow_name)
     dsn = _dsn(ctx)
     with db.connect(dsn) as conn:
         store.check_schema(conn)

@@ -84,6 +84,11 @@ def summary(conn: psycopg.Connection, workflow_id: int) -> str:
         f"workflow {p.workflow_id} {p.name!r}: {p.status.upper()} in {_duration(p.elapsed)}",
         "  " + ", ".join(f"{p.counts[s]} {s}" for s in ORDER if p.counts.get(s)),
     ]
+    work, makespan = read.work_and_makespan(conn, workflow_id)
+    if makespan:
+        lines.append(
+            f"  {work:.1f} s of job time in {makespan:.1f} s ({work / makespan:.1f}x parallel)"
+        )
     for job in read.problem_jobs(conn, workflow_id):
         lines.append(
             f"  {job['status']}: {job['key']} (attempt {job['attempts']}): {job['error'] or ''}"

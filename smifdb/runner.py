@@ -328,8 +328,13 @@ class Runner:
                 self.active[job.id] = attempt
                 self.busy += 1
             if verbose:
-                log.info("started %s/%s attempt %d", job.workflow_id, job.key, job.attempt,
-                         extra={"workflow_id": job.workflow_id, "job_key": job.key})
+                log.info(
+                    "started %s/%s attempt %d",
+                    job.workflow_id,
+                    job.key,
+                    job.attempt,
+                    extra={"workflow_id": job.workflow_id, "job_key": job.key},
+                )
             self.todo.put(attempt)
         self.total["claimed"] += len(jobs)
 
@@ -389,16 +394,24 @@ class Runner:
         verbose = log.isEnabledFor(logging.INFO)
         for outcome in batch:
             if outcome.job_id not in recorded:
-                log.warning("outcome of job %d attempt %d was not recorded: the lease had moved on",
-                            outcome.job_id, outcome.attempt)
+                log.warning(
+                    "outcome of job %d attempt %d was not recorded: the lease had moved on",
+                    outcome.job_id,
+                    outcome.attempt,
+                )
                 continue
             if outcome.status in ("succeeded", "failed"):
                 with self.lock:
                     self.counts[outcome.status] += 1
                     self.total[outcome.status] += 1
             if verbose:
-                log.info("job %d %s (%s)", outcome.job_id, outcome.status, outcome.reason or "",
-                         extra={"workflow_id": outcome.workflow_id, "job_id": outcome.job_id})
+                log.info(
+                    "job %d %s (%s)",
+                    outcome.job_id,
+                    outcome.status,
+                    outcome.reason or "",
+                    extra={"workflow_id": outcome.workflow_id, "job_id": outcome.job_id},
+                )
         if any(o.retries for o in batch):
             self.next_retry_check = 0.0  # a retry of ours is due soon: look it up next wait
         wf = self.config.workflow_id

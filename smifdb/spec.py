@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -257,3 +257,14 @@ def parse(raw: Any, name: str | None = None) -> Dag:
     if problems:
         raise SpecError(problems)
     return Dag(name=name, jobs=jobs, edges=edges)
+
+
+def with_base_dir(dag: Dag, base: Path) -> Dag:
+    """Command jobs get ``base`` as working folder; a relative ``cwd`` is taken from ``base``."""
+    jobs = []
+    for job in dag.jobs:
+        if job.kind == "command":
+            cwd = base / job.payload.get("cwd", ".")
+            job = replace(job, payload={**job.payload, "cwd": str(cwd.resolve())})
+        jobs.append(job)
+    return replace(dag, jobs=jobs)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from datetime import UTC, datetime
 
 import psycopg
 import pytest
@@ -304,3 +305,38 @@ def test_exactly_once_under_concurrent_claims(dsn, conn) -> None:
     assert all(len(g) > 0 for g in got)
     row = read.get_workflow(conn, wf)  # concurrent settles must not lose a decrement
     assert (row["unfinished_jobs"], row["status"]) == (0, "succeeded")
+
+
+def test_hot_path_statements_never_scan_whole_tables(conn) -> None:
+    """Every statement of claim and finish is driven by an index, however big the tables.
+
+    (An earlier lock statement hash-joined over a sequential scan of all jobs: O(table) per
+    batch, invisible at test sizes.)
+    """
+    for w in range(30):
+        jobs = [job(f"j{i}", [f"j{i - 1}"] if i % 10 else []) for i in range(2000)]
+        smifdb.submit(conn, {"name": f"w{w}", "jobs": jobs})
+    conn.execute("ANALYZE")
+    claimed = queue.claim(conn, "r1", 64, lease=60)
+    ids = queue.array(c.id for c in claimed)
+    outcomes = queue._outcomes_json(done(claimed), datetime.now(UTC))
+    statements = {
+        "claim": (queue.CLAIM_ANY, {"n": 64, "owner": "r1", "lease": 60, "workflow_id": None}),
+        "lock": (queue._LOCK_JOBS, {"succeeding": ids, "doomed": ids}),
+        "record+promote": (queue._RECORD_AND_PROMOTE, {"outcomes": outcomes, "actor": "r1"}),
+        "descendants": (queue.DESCENDANTS, [ids]),
+        "fail descendants": (queue._FAIL_DESCENDANTS, {"doomed": ids, "actor": "r1"}),
+    }
+    for name, (sql, params) in statements.items():
+        with conn.transaction():
+            plan = "\n".join(r[0] for r in conn.execute("EXPLAIN ANALYZE " + sql, params))
+            conn.execute("SELECT 1")  # keep the transaction open until rollback below
+            assert "Seq Scan on jobs" not in plan, f"{name}:\n{plan}"
+            assert "Seq Scan on job_edges" not in plan, f"{name}:\n{plan}"
+            raise_rollback(conn)
+
+
+def raise_rollback(conn) -> None:
+    """Undo an EXPLAIN ANALYZE's writes by rolling back the open transaction block."""
+    conn.execute("ROLLBACK")
+    conn.execute("BEGIN")

@@ -71,13 +71,13 @@ def test_submit_yaml_file(tmp_path: Path, dsn: str, conn: psycopg.Connection) ->
     assert rows["prepare"][:6] == ("command", "ready", 0, 0, 1, None)
     assert rows["prepare"][6] == {
         "argv": ["python", "-c", "print('hello')"],
-        "cwd": ".",
+        "cwd": str(tmp_path),  # relative to the spec file's folder
         "env": {"A": "1", "B": "2"},
     }
     assert rows["simulate"][:6] == ("python", "waiting", 1, 5, 3, 600.0)
     assert rows["simulate"][6] == {"function": "mypkg.models:simulate", "args": {"year": 2020}}
     assert rows["report"][1:3] == ("waiting", 2)
-    assert rows["report"][6] == {"shell": "echo done > report.txt"}
+    assert rows["report"][6] == {"shell": "echo done > report.txt", "cwd": str(tmp_path)}
     assert rows["report"][7:] == ("energy_demand", "simulate", 2010, 0)
     edges = conn.execute(
         "SELECT p.key, c.key FROM job_edges e JOIN jobs p ON p.id = e.parent_id"

@@ -146,11 +146,14 @@ def _claim_cursor(
 
 # -- finish -----------------------------------------------------------------------------
 
+# LATERAL + OFFSET 0 (a planner fence) keeps each step an index lookup per parent; a plain
+# join lets the planner hash the whole edge table.
 DESCENDANTS = """
 WITH RECURSIVE doomed(id) AS (
     SELECT child_id FROM job_edges WHERE parent_id = ANY(%s::bigint[])
     UNION
-    SELECT e.child_id FROM job_edges e JOIN doomed d ON e.parent_id = d.id
+    SELECT e.child_id FROM doomed d
+    CROSS JOIN LATERAL (SELECT child_id FROM job_edges WHERE parent_id = d.id OFFSET 0) e
 )
 SELECT id FROM doomed
 """
@@ -230,7 +233,6 @@ _RECORD_AND_PROMOTE = _RECORD_TEMPLATE.format(
     cancelled=_CANCELLED,
     became_ready="(SELECT count(*) FROM promoted WHERE status = 'ready' AND unfinished_parents = 0)",
 )
-
 
 
 _FAIL_DESCENDANTS = """

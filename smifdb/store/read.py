@@ -36,6 +36,11 @@ SELECT w.id, w.name, w.status::text, w.job_count, w.finished_at IS NOT NULL,
        extract(epoch FROM coalesce(w.finished_at, now()) - w.submitted_at)::float
 FROM workflows w WHERE w.id = %s
 """
+_WORK = """
+SELECT coalesce(sum(extract(epoch FROM finished_at - started_at)), 0)::float,
+       extract(epoch FROM max(finished_at) - min(started_at))::float
+FROM jobs WHERE workflow_id = %s AND started_at IS NOT NULL AND finished_at IS NOT NULL
+"""
 _FINISHED_STATUS = "SELECT status::text FROM workflows WHERE id = %s AND finished_at IS NOT NULL"
 _PROBLEM_JOBS = """
 SELECT key, status::text AS status, attempts, exit_code, error, log_tail, lease_owner
@@ -70,3 +75,9 @@ def finished_status(conn: psycopg.Connection, workflow_id: int) -> str | None:
     """The workflow's final status once every job has finished, else None."""
     row = conn.execute(_FINISHED_STATUS, [workflow_id]).fetchone()
     return row[0] if row else None
+
+
+def work_and_makespan(conn: psycopg.Connection, workflow_id: int) -> tuple[float, float | None]:
+    """Seconds of job time (last attempts) and first start to last finish: the parallelism."""
+    work, makespan = conn.execute(_WORK, [workflow_id]).fetchone()
+    return work, makespan
