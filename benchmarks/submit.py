@@ -19,8 +19,8 @@ import psycopg
 from common import database, layered_dag, machine, parser
 
 import smifdb
-from smifdb import store
 from smifdb.spec import parse
+from smifdb.store.submit import submit_dag
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
             dag = parse(spec)
             t1 = time.perf_counter()
             with psycopg.connect(dsn, autocommit=True) as conn:
-                store.submit_dag(conn, dag, actor="benchmark")
+                submit_dag(conn, dag, actor="benchmark")
             t2 = time.perf_counter()
             print(
                 f"api  run {run}: validate {t1 - t0:5.2f} s  write {t2 - t1:5.2f} s"

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 import psycopg
 
-from smifdb import __version__, db, migrate, store
+from smifdb import __version__, db, store
 from smifdb.pgserver import Cluster, ServerError, default_home
 from smifdb.progress import ProgressPrinter, summary
 from smifdb.runner import Runner, RunnerConfig, default_name
@@ -68,12 +68,19 @@ def db_group() -> None:
     """Schema migrations and the embedded database."""
 
 
+def _migrate():
+    from smifdb import migrate  # alembic and SQLAlchemy load only for these commands
+
+    return migrate
+
+
 @db_group.command("upgrade")
 @click.argument("revision", default="head")
 @click.pass_context
 def db_upgrade(ctx: click.Context, revision: str) -> None:
     """Migrate the schema up to REVISION (default: head)."""
     dsn = _dsn(ctx, migrate_embedded=False)
+    migrate = _migrate()
     migrate.upgrade(dsn, revision)
     click.echo(f"schema at {migrate.current(dsn)}")
 
@@ -84,6 +91,7 @@ def db_upgrade(ctx: click.Context, revision: str) -> None:
 def db_downgrade(ctx: click.Context, revision: str) -> None:
     """Migrate the schema down to REVISION (default: one step; 'base' removes everything)."""
     dsn = _dsn(ctx, migrate_embedded=False)
+    migrate = _migrate()
     migrate.downgrade(dsn, revision)
     click.echo(f"schema at {migrate.current(dsn) or 'base'}")
 
@@ -92,6 +100,7 @@ def db_downgrade(ctx: click.Context, revision: str) -> None:
 @click.pass_context
 def db_current(ctx: click.Context) -> None:
     """Print the schema revision of the database (and whether it is the newest)."""
+    migrate = _migrate()
     current = migrate.current(_dsn(ctx, migrate_embedded=False))
     head = migrate.head()
     note = "(head)" if current == head else f"(head is {head}: run `smifdb db upgrade`)"
@@ -102,7 +111,7 @@ def db_current(ctx: click.Context) -> None:
 def db_start() -> None:
     """Start the embedded database (initialising and migrating it on first use)."""
     dsn = Cluster.embedded().start()
-    migrate.ensure_current(dsn)
+    _migrate().ensure_current(dsn)
     click.echo(dsn)
 
 

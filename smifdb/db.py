@@ -6,7 +6,6 @@ import os
 
 import psycopg
 
-from smifdb import migrate
 from smifdb.pgserver import Cluster
 
 
@@ -17,6 +16,8 @@ def resolve_dsn(dsn: str | None = None, *, migrate_embedded: bool = True) -> str
         return dsn
     dsn = Cluster.embedded().start()
     if migrate_embedded:
+        from smifdb import migrate  # alembic is slow to import; most commands never need it
+
         migrate.ensure_current(dsn)
     return dsn
 

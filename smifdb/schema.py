@@ -27,20 +27,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-JOB_STATUSES = (
-    "waiting",
-    "ready",
-    "running",
-    "succeeded",
-    "failed",
-    "upstream_failed",
-    "cancelled",
-)
-JOB_FINISHED = ("succeeded", "failed", "upstream_failed", "cancelled")
-WORKFLOW_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
-WORKFLOW_FINISHED = ("succeeded", "failed", "cancelled")
-JOB_KINDS = ("command", "python")
-RUNNER_STATES = ("registered", "active", "draining", "stopped", "lost")
+from smifdb.states import JOB_KINDS, JOB_STATUSES, RUNNER_STATES, WORKFLOW_STATUSES
 
 metadata = MetaData()
 

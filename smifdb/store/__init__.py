@@ -18,8 +18,6 @@ import socket
 
 import psycopg
 
-from smifdb import migrate
-
 READY_CHANNEL = "smifdb_ready"  # payload: workflow id; sent once per committing batch
 CANCEL_CHANNEL = "smifdb_cancel"  # payload: workflow id; runners check their jobs at once
 FINISHED_CHANNEL = "smifdb_finished"  # payload: workflow id; `smifdb wait` wakes up
@@ -40,7 +38,9 @@ def check_schema(conn: psycopg.Connection) -> None:
     if conn.execute("SELECT to_regclass('alembic_version') IS NOT NULL").fetchone()[0]:
         row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
         version = row[0] if row else None
-    expected = migrate.head()
+    from smifdb.migrate import head  # alembic is slow to import: only when checking
+
+    expected = head()
     if version != expected:
         raise SchemaError(
             f"database schema is at revision {version or 'none'} but this smifdb needs "

@@ -17,6 +17,7 @@ from typing import Any
 
 import psycopg
 
+from smifdb.states import JOB_FINISHED
 from smifdb.store import FINISHED_CHANNEL, READY_CHANNEL, notify
 
 MAX_BACKOFF = 3600.0
@@ -290,7 +291,7 @@ WITH d AS (
 SELECT id, status, finished FROM updated
 """
 
-FINISHED = frozenset({"succeeded", "failed", "upstream_failed", "cancelled"})
+FINISHED = frozenset(JOB_FINISHED)
 
 
 def array(values: Iterable[int]) -> str:

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import psycopg
 from psycopg.rows import dict_row
 
-from smifdb.schema import JOB_STATUSES
+from smifdb.states import JOB_STATUSES
 
 
 @dataclass(frozen=True)

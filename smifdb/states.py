@@ -1,0 +1,16 @@
+"""Job and workflow statuses: the schema's enums, importable without SQLAlchemy."""
+
+JOB_STATUSES = (
+    "waiting",
+    "ready",
+    "running",
+    "succeeded",
+    "failed",
+    "upstream_failed",
+    "cancelled",
+)
+JOB_FINISHED = ("succeeded", "failed", "upstream_failed", "cancelled")
+WORKFLOW_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
+WORKFLOW_FINISHED = ("succeeded", "failed", "cancelled")
+JOB_KINDS = ("command", "python")
+RUNNER_STATES = ("registered", "active", "draining", "stopped", "lost")
