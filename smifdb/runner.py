@@ -100,7 +100,6 @@ class Runner:
         self.conn: psycopg.Connection | None = None
         self.backoff = Backoff()
         self.retry_at = 0.0
-        self.connected_since: float | None = None
         self.on_tick: Callable[[], None] | None = None
         self.pending_since = 0.0
         self.next_retry_check = 0.0  # when to ask the database for the next retry time
@@ -199,8 +198,9 @@ class Runner:
         if self.conn is not None:
             self.conn.close()
         log.info(
-            "runner %s stopped: %d succeeded, %d failed",
+            "runner %s stopped: %d claimed, %d succeeded, %d failed",
             self.name,
+            self.total["claimed"],
             self.total["succeeded"],
             self.total["failed"],
         )
@@ -428,7 +428,6 @@ class Runner:
     def _connect_main(self) -> None:
         """First connection: errors here are the caller's (bad DSN, unmigrated schema...)."""
         self.conn = db.connect(self.dsn, connect_timeout=10)
-        self.connected_since = time.monotonic()
 
     def _db_ready(self) -> bool:
         if self.conn is not None and not self.conn.closed:
@@ -448,7 +447,6 @@ class Runner:
             return False
         log.warning("reconnected to the database")
         self.backoff.reset()
-        self.connected_since = time.monotonic()
         return True
 
     def _known_job_ids(self) -> list[int]:
@@ -461,7 +459,6 @@ class Runner:
             with contextlib.suppress(Exception):
                 self.conn.close()
         self.conn = None
-        self.connected_since = None
         self.retry_at = time.monotonic() + self.backoff.next()
 
     def _sleep_for_reconnect(self) -> None:

@@ -452,8 +452,7 @@ WHERE j.id = ANY(%(ids)s) AND j.status = 'running' AND j.lease_owner = %(owner)s
 """
 
 _LOST_LEASES = """
-SELECT j.id, j.workflow_id, j.attempts, j.max_attempts, j.retry_backoff_seconds,
-       j.lease_owner,
+SELECT j.id, j.workflow_id, j.attempts, j.max_attempts, j.lease_owner,
        CASE WHEN %(force)s THEN 'runner ' || j.lease_owner || ' restarted'
             WHEN j.lease_expires_at < now() THEN 'lease expired'
             WHEN r.id IS NULL THEN 'runner unknown'
@@ -475,7 +474,8 @@ FOR NO KEY UPDATE OF j SKIP LOCKED
 """
 
 _MINE = """
-SELECT id, workflow_id, attempts, max_attempts, retry_backoff_seconds, lease_owner
+SELECT id, workflow_id, attempts, max_attempts, lease_owner,
+       'claimed but never started by this runner'
 FROM jobs WHERE status = 'running' AND lease_owner = %(owner)s AND NOT (id = ANY(%(known)s))
 ORDER BY id
 """
@@ -516,21 +516,26 @@ def rescue(
             _LOST_LEASES,
             {"dead_after": dead_after, "owner": owner, "force": force, "limit": limit},
         ).fetchall()
-    outcomes = [
+    return finish(conn, actor, _taken_back(rows, "failed"))
+
+
+def _taken_back(rows: list[tuple], status: str) -> list[Outcome]:
+    """Outcomes for jobs taken from their lease holder: rows of (id, workflow, attempts,
+    max_attempts, owner, why). A failure counts the attempt and retries without backoff."""
+    return [
         Outcome(
             job_id=job_id,
             workflow_id=workflow_id,
             attempt=attempts,
-            owner=lease_owner,
-            status="failed",
+            owner=owner,
+            status=status,
             max_attempts=max_attempts,
             retry_backoff=0.0,
-            error=f"attempt {attempts} abandoned: {why}",
-            reason=f"rescued: {why}",
+            error=f"attempt {attempts} abandoned: {why}" if status == "failed" else None,
+            reason=f"{'rescued' if status == 'failed' else 'released'}: {why}",
         )
-        for job_id, workflow_id, attempts, max_attempts, _, lease_owner, why in rows
+        for job_id, workflow_id, attempts, max_attempts, owner, why in rows
     ]
-    return finish(conn, actor, outcomes)
 
 
 def release_unknown(conn: psycopg.Connection, owner: str, known: list[int]) -> FinishReport:
@@ -540,19 +545,7 @@ def release_unknown(conn: psycopg.Connection, owner: str, known: list[int]) -> F
     such jobs would otherwise stay 'running' under a live runner's name.
     """
     rows = conn.execute(_MINE, {"owner": owner, "known": known}).fetchall()
-    outcomes = [
-        Outcome(
-            job_id=job_id,
-            workflow_id=workflow_id,
-            attempt=attempts,
-            owner=lease_owner,
-            status="released",
-            max_attempts=max_attempts,
-            reason="released: claimed but never started by this runner",
-        )
-        for job_id, workflow_id, attempts, max_attempts, _, lease_owner in rows
-    ]
-    return finish(conn, owner, outcomes)
+    return finish(conn, owner, _taken_back(rows, "released"))
 
 
 _NEXT_DUE = """
