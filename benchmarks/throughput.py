@@ -194,6 +194,8 @@ def main() -> None:
     p.add_argument("--skip-pgqueuer", action="store_true")
     p.add_argument("--quick", action="store_true", help="fewer configurations")
     p.add_argument("--repeat", type=int, default=3, help="runs per configuration (median kept)")
+    p.add_argument("--configs", help="PROCSxBATCH list for the side-by-side runs, e.g. 2x256,4x64")
+    p.add_argument("--no-dags", action="store_true", help="skip DAG shapes and latency")
     args = p.parse_args()
     n = args.jobs
     logs = tempfile.mkdtemp(prefix="smifdb-bench-logs-")
@@ -205,6 +207,8 @@ def main() -> None:
         print(f"median of {args.repeat} runs of {n} jobs each")
         print(f"{'system':10} {'procs':>5} {'batch':>5} {'jobs/s (steady)':>16} {'wall s':>7}")
         pairs = [(1, 64), (2, 64)] if args.quick else [(1, 64), (2, 64), (4, 64), (2, 16), (2, 256)]
+        if args.configs:
+            pairs = [tuple(map(int, c.split("x"))) for c in args.configs.split(",")]
         best: dict[str, float] = {}
         for procs, batch in pairs:
             ours = [
@@ -228,6 +232,8 @@ def main() -> None:
                 f"ratio {best['smifdb'] / best['pgqueuer']:.2f}x"
             )
 
+        if args.no_dags:
+            return
         print("\n## DAG shapes (2 runners, 64 slots each)")
         shapes = [("chain", chain(2000)), ("fan-out/fan-in", fan(n))]
         if not args.quick:

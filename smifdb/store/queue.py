@@ -13,18 +13,18 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 
-from smifdb.states import JOB_FINISHED
 from smifdb.store import FINISHED_CHANNEL, READY_CHANNEL, notify
 
 MAX_BACKOFF = 3600.0
 
 
-@dataclass(frozen=True)
-class ClaimedJob:
+class ClaimedJob(NamedTuple):
+    """A job as claimed: the columns of the claim statement's result, in order."""
+
     id: int
     workflow_id: int
     key: str
@@ -37,7 +37,7 @@ class ClaimedJob:
     priority: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class Outcome:
     """How one attempt ended, as its lease holder (or a rescuer on its behalf) reports it.
 
@@ -135,7 +135,7 @@ def claim(
     """Claim up to ``n`` ready jobs in one short transaction (a single statement)."""
     if n <= 0:
         return []
-    return [ClaimedJob(*row) for row in _claim_cursor(conn, owner, n, lease, workflow_id)]
+    return [ClaimedJob._make(row) for row in _claim_cursor(conn, owner, n, lease, workflow_id)]
 
 
 def _claim_cursor(
@@ -203,7 +203,12 @@ WITH o AS (
     INSERT INTO events (workflow_id, job_id, from_status, to_status, attempt, actor, reason)
     SELECT workflow_id, id, 'running', status, attempt, %(actor)s, reason FROM updated
 )
-{promote}SELECT id, workflow_id, status, outcome, {became_ready} FROM updated
+{promote}SELECT workflow_id,
+       array_agg(id) AS recorded,
+       count(*) FILTER (WHERE status IN ('succeeded', 'failed', 'cancelled'))::int AS finished,
+       array_agg(id) FILTER (WHERE status = 'failed') AS failed,
+       {became_ready} AS became_ready
+FROM updated GROUP BY workflow_id
 """
 # Children of the jobs that succeeded count down; at zero they become ready. The children
 # were locked by _LOCK_JOBS, and are never the rows `updated` touches.
@@ -291,8 +296,6 @@ WITH d AS (
 SELECT id, status, finished FROM updated
 """
 
-FINISHED = frozenset(JOB_FINISHED)
-
 
 def array(values: Iterable[int]) -> str:
     """An array literal for ``%s::bigint[]``: far cheaper to send than a dumped Python list."""
@@ -362,17 +365,17 @@ def finish(
         params = {"outcomes": _outcomes_json(outcomes, datetime.now(UTC)), "actor": actor}
         record = conn.execute(_RECORD_AND_PROMOTE if succeeding else _RECORD, params)
         claiming = _claim_cursor(conn, actor, claim_n, lease, workflow_id) if claim_n else None
-        recorded = record.fetchall()
-        report.recorded = [r[0] for r in recorded]
-        report.became_ready = recorded[0][4] if recorded else 0
         finished: Counter[int] = Counter()
         failed_workflows: set[int] = set()
         failed_for_good: list[int] = []
-        for job_id, wf_id, status, _, _ in recorded:
-            if status in FINISHED:
-                finished[wf_id] += 1
-            if status == "failed":
-                failed_for_good.append(job_id)
+        # One row per workflow: the ids recorded, how many finished, which failed for good.
+        for wf_id, recorded, n_finished, failed, became_ready in record.fetchall():
+            report.recorded += recorded
+            report.became_ready = became_ready
+            if n_finished:
+                finished[wf_id] += n_finished
+            if failed:
+                failed_for_good += failed
                 failed_workflows.add(wf_id)
         if failed_for_good:
             # Descendants of outcomes that were fenced out stay as they are.
@@ -381,7 +384,7 @@ def finish(
             for wf_id, n in conn.execute(_FAIL_DESCENDANTS, failing_args):
                 finished[wf_id] += n
         if claiming is not None:
-            report.claimed = [ClaimedJob(*row) for row in claiming.fetchall()]
+            report.claimed = [ClaimedJob._make(row) for row in claiming.fetchall()]
         settling = None
         if finished or failed_workflows:
             settling = _settle_cursor(conn, actor, finished, failed_workflows)
