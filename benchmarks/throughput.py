@@ -6,9 +6,10 @@
 Everything runs in one process tree on one database (a new local cluster with durable
 commits unless --dsn is given). Runners and pgqueuer workers are separate processes.
 
-Throughput is measured in steady state: a monitor polls the number of finished jobs every
-20 ms and reports the rate between 10% and 90% done (process start-up excluded); the wall
-time from spawning workers to their exit is printed too. Dispatch latency is from a parent's
+Throughput is measured in steady state, after the run and without polling during it: from each
+system's own log of completions (smifdb's events, pgqueuer's pgqueuer_log), the rate between
+the 10% and the 90% completion (process start-up excluded). The wall time from spawning
+workers to their exit is printed too. Dispatch latency is from a parent's
 'succeeded' event to its child's 'running' event (both stamped with clock_timestamp()).
 """
 
@@ -19,9 +20,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -33,33 +32,25 @@ HERE = Path(__file__).resolve().parent
 NOOP = "smifdb.examples:noop"
 
 
-class Monitor(threading.Thread):
-    """Samples (time, finished jobs) until ``total`` are finished."""
+def steady_rate(times: list[float]) -> float:
+    """Jobs per second between the 10% and the 90% completion (start-up and tail excluded)."""
+    times = sorted(times)
+    lo, hi = times[len(times) // 10], times[(len(times) * 9) // 10]
+    return 0.8 * len(times) / (hi - lo) if hi > lo else float("inf")
 
-    def __init__(self, dsn: str, total: int, count: Callable[[psycopg.Connection], int]) -> None:
-        super().__init__(daemon=True)
-        self.dsn, self.total, self.count = dsn, total, count
-        self.samples: list[tuple[float, int]] = []
 
-    def run(self) -> None:
-        with psycopg.connect(self.dsn, autocommit=True) as conn:
-            while True:
-                done = self.count(conn)
-                self.samples.append((time.perf_counter(), done))
-                if done >= self.total:
-                    return
-                time.sleep(0.02)
+def completion_times(dsn: str, query: str, params: list) -> list[float]:
+    with psycopg.connect(dsn) as conn:
+        return [r[0] for r in conn.execute(query, params)]
 
-    def steady_rate(self) -> float:
-        def when(fraction: float) -> float:
-            target = self.total * fraction
-            for (t0, d0), (t1, d1) in zip(self.samples, self.samples[1:], strict=False):
-                if d1 >= target:
-                    return t0 + (t1 - t0) * ((target - d0) / (d1 - d0) if d1 > d0 else 1)
-            return self.samples[-1][0]
 
-        span = when(0.9) - when(0.1)
-        return 0.8 * self.total / span if span > 0 else float("inf")
+_SMIFDB_DONE = """
+SELECT extract(epoch FROM at)::float FROM events
+WHERE workflow_id = %s AND job_id IS NOT NULL AND to_status = 'succeeded'
+"""
+_PGQUEUER_DONE = (
+    "SELECT extract(epoch FROM created)::float FROM pgqueuer_log WHERE status = 'successful'"
+)
 
 
 def spawn_runners(dsn: str, runners: int, slots: int, batch: int, logs: str) -> list:
@@ -101,27 +92,18 @@ def run_smifdb(dsn: str, spec: dict, runners: int, slots: int, batch: int, logs:
     vacuum(dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
         wf = smifdb.submit(conn, spec)
-    total = len(spec["jobs"])
-
-    def finished(conn: psycopg.Connection) -> int:
-        return conn.execute(
-            "SELECT job_count - unfinished_jobs FROM workflows WHERE id = %s", [wf]
-        ).fetchone()[0]
-
-    monitor = Monitor(dsn, total, finished)
     t0 = time.perf_counter()
-    monitor.start()
     procs = spawn_runners(dsn, runners, slots, batch, logs)
     for p in procs:
         p.wait()
     wall = time.perf_counter() - t0
-    monitor.join()
     with psycopg.connect(dsn) as conn:
         status = conn.execute("SELECT status::text FROM workflows WHERE id = %s", [wf]).fetchone()[
             0
         ]
     assert status == "succeeded", status
-    return {"workflow": wf, "rate": monitor.steady_rate(), "wall": wall}
+    rate = steady_rate(completion_times(dsn, _SMIFDB_DONE, [wf]))
+    return {"workflow": wf, "rate": rate, "wall": wall}
 
 
 def run_pgqueuer(dsn: str, total: int, workers: int, batch: int) -> dict:
@@ -132,20 +114,16 @@ def run_pgqueuer(dsn: str, total: int, workers: int, batch: int) -> dict:
         conn.execute("VACUUM ANALYZE pgqueuer, pgqueuer_log")
     subprocess.run([sys.executable, worker, "enqueue", dsn, str(total)], check=True)
 
-    def finished(conn: psycopg.Connection) -> int:
-        return total - conn.execute("SELECT count(*) FROM pgqueuer").fetchone()[0]
-
-    monitor = Monitor(dsn, total, finished)
     t0 = time.perf_counter()
-    monitor.start()
     procs = [
         subprocess.Popen([sys.executable, worker, "work", dsn, str(batch)]) for _ in range(workers)
     ]
     for p in procs:
         p.wait()
     wall = time.perf_counter() - t0
-    monitor.join()
-    return {"rate": monitor.steady_rate(), "wall": wall}
+    times = completion_times(dsn, _PGQUEUER_DONE, [])
+    assert len(times) == total, (len(times), total)
+    return {"rate": steady_rate(times), "wall": wall}
 
 
 def dispatch_latency(dsn: str, workflow_id: int) -> tuple[float, float, int]:
