@@ -359,7 +359,7 @@ def wait_cmd(ctx: click.Context, workflow_id: int, timeout: float | None) -> Non
     with db.connect(dsn) as conn, db.connect(dsn) as listener:
         store.check_schema(conn)
         _workflow_arg(conn, workflow_id)
-        listener.execute(f"LISTEN {FINISHED_CHANNEL}")
+        store.listen(listener, FINISHED_CHANNEL)
         printer = ProgressPrinter(conn, workflow_id)
         try:
             while True:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,6 +45,7 @@ def _connection(dsn: str) -> Iterator[Connection]:
         engine.dispose()
 
 
+@functools.cache
 def head() -> str:
     heads = ScriptDirectory.from_config(_config()).get_heads()
     return heads[0]

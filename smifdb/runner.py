@@ -30,7 +30,7 @@ from pathlib import Path
 
 import psycopg
 
-from smifdb import db
+from smifdb import db, store
 from smifdb.execute import Attempt, run_attempt
 from smifdb.store import CANCEL_CHANNEL, FINISHED_CHANNEL, READY_CHANNEL, queue, read
 from smifdb.store import runners as runner_rows
@@ -472,8 +472,7 @@ class Runner:
         while not self.closed.is_set():
             try:
                 with db.connect(self.dsn, connect_timeout=5) as conn:
-                    for channel in (READY_CHANNEL, CANCEL_CHANNEL, FINISHED_CHANNEL):
-                        conn.execute(f"LISTEN {channel}")
+                    store.listen(conn, READY_CHANNEL, CANCEL_CHANNEL, FINISHED_CHANNEL)
                     backoff.reset()
                     self.wake.set()  # anything could have happened while we were not listening
                     while not self.closed.is_set():

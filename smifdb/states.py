@@ -9,8 +9,6 @@ JOB_STATUSES = (
     "upstream_failed",
     "cancelled",
 )
-JOB_FINISHED = ("succeeded", "failed", "upstream_failed", "cancelled")
 WORKFLOW_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
-WORKFLOW_FINISHED = ("succeeded", "failed", "cancelled")
 JOB_KINDS = ("command", "python")
 RUNNER_STATES = ("registered", "active", "draining", "stopped", "lost")

@@ -48,6 +48,11 @@ def check_schema(conn: psycopg.Connection) -> None:
         )
 
 
+def listen(conn: psycopg.Connection, *channels: str) -> None:
+    for channel in channels:
+        conn.execute(f"LISTEN {channel}")
+
+
 def notify(conn: psycopg.Connection, channel: str, payload: object) -> None:
     """NOTIFY takes a global lock at commit: callers send one per transaction, never per row."""
     conn.execute("SELECT pg_notify(%s, %s)", (channel, str(payload)))

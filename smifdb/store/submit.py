@@ -55,12 +55,10 @@ def submit_dag(
         ).fetchone()[0]
         ids = [r[0] for r in conn.execute(_ALLOCATE_JOB_IDS, [len(dag.jobs)])]
         key_to_id = {job.key: ids[i] for i, job in enumerate(dag.jobs)}
-        ready = 0
+        statuses = ["waiting" if parents.get(job.key) else "ready" for job in dag.jobs]
         with conn.cursor() as cur:
             with cur.copy(_COPY_JOBS) as copy:
-                for job in dag.jobs:
-                    waiting_on = parents.get(job.key, 0)
-                    ready += waiting_on == 0
+                for job, status in zip(dag.jobs, statuses, strict=True):
                     copy.write_row(
                         (
                             key_to_id[job.key],
@@ -72,9 +70,9 @@ def submit_dag(
                             job.operation,
                             job.timestep,
                             job.decision,
-                            "waiting" if waiting_on else "ready",
+                            status,
                             job.priority,
-                            waiting_on,
+                            parents.get(job.key, 0),
                             job.max_attempts,
                             job.timeout,
                             job.retry_backoff,
@@ -84,10 +82,9 @@ def submit_dag(
                 for parent, child in dag.edges:
                     copy.write_row((key_to_id[parent], key_to_id[child]))
             with cur.copy(_COPY_EVENTS) as copy:
-                for job in dag.jobs:
-                    status = "waiting" if parents.get(job.key) else "ready"
+                for job, status in zip(dag.jobs, statuses, strict=True):
                     copy.write_row((workflow_id, key_to_id[job.key], status, actor, "submitted"))
         conn.execute(_INSERT_EVENT, (workflow_id, None, None, "pending", None, actor, "submitted"))
-        if ready:
+        if "ready" in statuses:
             notify(conn, READY_CHANNEL, workflow_id)
     return workflow_id
