@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -13,11 +15,13 @@ import click
 import psycopg
 
 from smifdb import __version__, db, store
+from smifdb.decisions import DecisionError, ModelRunError
+from smifdb.manager import Manager, ManagerConfig, submit_model_run
 from smifdb.pgserver import Cluster, ServerError, default_home
-from smifdb.progress import ProgressPrinter, summary
+from smifdb.progress import ModelRunProgress, ProgressPrinter, model_run_summary, summary
 from smifdb.runner import Runner, RunnerConfig, default_name
 from smifdb.spec import SpecError, load_file, load_text, parse, with_base_dir
-from smifdb.store import FINISHED_CHANNEL, control, read
+from smifdb.store import FINISHED_CHANNEL, control, modelruns, read
 from smifdb.store import runners as runner_rows
 from smifdb.store.runners import RunnerNameInUse
 from smifdb.store.submit import submit_dag
@@ -35,7 +39,9 @@ class SmifdbGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except SpecError as exc:
+        except (SpecError, ModelRunError, DecisionError) as exc:
+            raise BadInput(str(exc)) from exc
+        except (modelruns.NotFound, modelruns.ModelRunInUse) as exc:
             raise BadInput(str(exc)) from exc
         except (ServerError, store.SchemaError) as exc:
             raise click.ClickException(str(exc)) from exc
@@ -253,6 +259,7 @@ def _runner_config(name: str | None, **kw) -> RunnerConfig:
         lease=kw["lease"],
         exit_when_idle=kw.get("exit_when_idle", False),
         workflow_id=kw.get("workflow_id"),
+        model_run_id=kw.get("model_run_id"),
     )
     if name:
         config.name = name
@@ -435,6 +442,206 @@ def run_cmd(ctx: click.Context, file: str, workflow_name: str | None, **kw) -> N
         click.echo(f"logs: {config.log_dir / f'workflow-{workflow_id}'}")
         status = read.finished_status(conn, workflow_id)
     _exit(0 if status == "succeeded" else 1, runner)
+
+
+# -- model runs and the manager ----------------------------------------------------------
+
+
+def _model_run_options(f):
+    options = [
+        click.argument("project_dir", type=click.Path()),
+        click.argument("run_name"),
+        click.option("--warm", is_flag=True, help="Skip jobs whose results exist (smif run -w)."),
+        click.option("--priority", type=int, default=0, show_default=True),
+        click.option(
+            "--decide",
+            metavar="MODULE:FUNCTION",
+            help="Not smif: call MODULE:FUNCTION(history) for each next bundle's DAG spec "
+            "(importable from PROJECT_DIR).",
+        ),
+        click.option(
+            "--interface",
+            type=click.Choice(["local_csv", "local_binary"]),
+            default="local_csv",
+            show_default=True,
+            help="smif data interface.",
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _submit_model_run(conn, kw: dict) -> tuple[int, int]:
+    if kw["decide"] and kw["warm"]:
+        raise BadInput("--warm applies to smif model runs, not to --decide")
+    model_run_id, workflow_id = submit_model_run(
+        conn,
+        kw["project_dir"],
+        kw["run_name"],
+        actor=store.actor_name("cli"),
+        decide=kw["decide"],
+        warm=kw["warm"],
+        priority=kw["priority"],
+        interface=kw["interface"],
+    )
+    click.echo(
+        f"submitted model run {model_run_id} {kw['run_name']!r}: bundle 0 is workflow "
+        f"{workflow_id}",
+        err=True,
+    )
+    return model_run_id, workflow_id
+
+
+@main.group("modelrun")
+def modelrun_group() -> None:
+    """smif model runs (and generic decision loops) as a sequence of DAG fragments."""
+
+
+@modelrun_group.command("submit")
+@_model_run_options
+@click.pass_context
+def modelrun_submit(ctx: click.Context, **kw) -> None:
+    """Record model run RUN_NAME of the smif project PROJECT_DIR and submit its first bundle.
+
+    Runners run the jobs; a manager (`smifdb manager run`) submits the later bundles.
+    Prints the model run id.
+    """
+    with db.connect(_dsn(ctx)) as conn:
+        store.check_schema(conn)
+        model_run_id, _ = _submit_model_run(conn, kw)
+    click.echo(model_run_id)
+
+
+@modelrun_group.command("status")
+@click.argument("run", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def modelrun_status(ctx: click.Context, run: str | None, as_json: bool) -> None:
+    """List model runs, or show RUN (an id or a name) with its bundles and audit log."""
+    with db.connect(_dsn(ctx)) as conn:
+        store.check_schema(conn)
+        if run is None:
+            rows = modelruns.listing(conn)
+            if as_json:
+                click.echo(json.dumps(rows, default=str, indent=2))
+            elif not rows:
+                click.echo("no model runs")
+            for r in [] if as_json else rows:
+                click.echo(
+                    f"{r['id']:>5} {r['name'][:28]:28} {r['kind']:6} {r['status']:10} "
+                    f"{r['bundles']:>3} bundle(s) {r['jobs_finished']:>6}/{r['jobs']:<6} jobs"
+                )
+            return
+        model_run = modelruns.get(conn, run)
+        if as_json:
+            detail = {
+                **modelruns.listing(conn, model_run.id)[0],
+                "options": model_run.options,
+                "decide": model_run.decide,
+                "bundles": modelruns.bundles(conn, model_run.id),
+                "events": modelruns.events(conn, model_run.id),
+            }
+            click.echo(json.dumps(detail, default=str, indent=2))
+            return
+        click.echo(model_run_summary(conn, model_run.id))
+        for e in modelruns.events(conn, model_run.id):
+            wf = f" workflow {e['workflow_id']}" if e["workflow_id"] else ""
+            click.echo(f"  {e['at']:%Y-%m-%d %H:%M:%S} {e['to_status']:10}{wf} {e['reason']}")
+
+
+@modelrun_group.command("cancel")
+@click.argument("run")
+@click.pass_context
+def modelrun_cancel(ctx: click.Context, run: str) -> None:
+    """Cancel model run RUN (an id or a name) and its unfinished bundle."""
+    with db.connect(_dsn(ctx)) as conn:
+        store.check_schema(conn)
+        model_run, fragments = modelruns.cancel(conn, run, actor=store.actor_name("cli"))
+    if model_run.finished:
+        click.echo(f"model run {model_run.id} already finished ({model_run.status})")
+        sys.exit(1)
+    click.echo(f"cancelled model run {model_run.id} and {fragments} unfinished bundle(s)")
+
+
+@modelrun_group.command("run")
+@_model_run_options
+@_runner_options
+@click.pass_context
+def modelrun_run(ctx: click.Context, **kw) -> None:
+    """Submit a model run and run it to the end on this machine: a manager and N slots.
+
+    The smifdb equivalent of `smif run`. Exit 0 only if the model run succeeded.
+    """
+    _setup_logging("warning")
+    dsn = _dsn(ctx)
+    with db.connect(dsn) as conn:
+        store.check_schema(conn)
+        model_run_id, _ = _submit_model_run(conn, kw)
+        manager = Manager(dsn, ManagerConfig(model_run_id=model_run_id, poll=0.5))
+        config = _runner_config(f"run-{default_name()}", model_run_id=model_run_id, **kw)
+        runner = Runner(dsn, config)
+        progress = ModelRunProgress(conn, model_run_id)
+
+        def ended(_: int, status: str) -> None:
+            manager.request_stop()
+            runner.wake.set()
+
+        def on_signal(signum: int, frame: object) -> None:
+            manager.request_stop()
+            runner.request_stop()
+
+        manager.on_model_run_end = ended
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+        worker = threading.Thread(target=runner.run, name="runner", daemon=True)
+        worker.start()
+        manager_thread = threading.Thread(target=manager.run, name="manager", daemon=True)
+        manager_thread.start()
+        try:
+            while worker.is_alive():
+                progress.tick()
+                worker.join(0.25)
+        finally:
+            manager.request_stop()
+            manager_thread.join(10)
+            progress.close()
+        click.echo(model_run_summary(conn, model_run_id))
+        click.echo(f"logs: {config.log_dir}")
+        status = read.model_run_finished_status(conn, model_run_id)
+    _exit(0 if status == "succeeded" else 1, runner)
+
+
+@main.group("manager")
+def manager_group() -> None:
+    """The manager: submits each model run's next bundle when the previous one is done."""
+
+
+@manager_group.command("run")
+@click.option("--poll", type=click.FloatRange(0.05), default=2.0, show_default=True)
+@click.option(
+    "--dead-after",
+    type=click.FloatRange(0.1),
+    default=30.0,
+    show_default=True,
+    help="A runner silent this long is dead and its jobs are rescued.",
+)
+@click.option(
+    "--log-level",
+    type=click.Choice(["debug", "info", "warning"]),
+    default="info",
+    show_default=True,
+)
+@click.pass_context
+def manager_run(ctx: click.Context, poll: float, dead_after: float, log_level: str) -> None:
+    """Run until stopped. Stateless: run several, kill and restart any at any moment."""
+    _setup_logging(log_level)
+    dsn = _dsn(ctx)
+    with db.connect(dsn) as conn:
+        store.check_schema(conn)
+    manager = Manager(dsn, ManagerConfig(poll=poll, dead_after=dead_after))
+    manager.install_signal_handlers()
+    sys.exit(manager.run())
 
 
 if __name__ == "__main__":

@@ -48,6 +48,11 @@ def _die_with_runner() -> Callable[[], None] | None:
 
 
 _PREEXEC = _die_with_runner() if sys.platform.startswith("linux") else None
+# Commands also find programs installed beside the runner (its venv's bin, e.g. `smif`), after
+# everything on PATH: a runner started as .venv/bin/smifdb works without activating the venv.
+_PATH = os.pathsep.join(
+    p for p in (os.environ.get("PATH", os.defpath), str(Path(sys.executable).parent)) if p
+)
 
 
 @dataclass
@@ -140,6 +145,7 @@ def _run_command(attempt: Attempt) -> Outcome:
     result_path.unlink(missing_ok=True)
     env = {
         **os.environ,
+        "PATH": _PATH,
         **payload.get("env", {}),
         "SMIFDB_JOB_ID": str(job.id),
         "SMIFDB_JOB_KEY": job.key,

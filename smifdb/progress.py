@@ -1,4 +1,4 @@
-"""Progress bars and end-of-run summaries for `smifdb run` and `smifdb wait`."""
+"""Progress bars and end-of-run summaries for `smifdb run`, `wait` and `modelrun run`."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import TextIO
 
 import psycopg
 
-from smifdb.store import read
+from smifdb.store import modelruns, read
 from smifdb.store.read import Progress
 
 ORDER = ("succeeded", "running", "ready", "waiting", "failed", "upstream_failed", "cancelled")
@@ -95,4 +95,56 @@ def summary(conn: psycopg.Connection, workflow_id: int) -> str:
         )
         tail = (job["log_tail"] or "").strip().splitlines()[-3:]
         lines.extend(f"      | {t}" for t in tail)
+    return "\n".join(lines)
+
+
+class ModelRunProgress:
+    """Follows a model run's newest fragment with a ProgressPrinter, a line per bundle."""
+
+    def __init__(self, conn: psycopg.Connection, model_run_id: int, stream: TextIO = sys.stderr):
+        self.conn, self.model_run_id, self.stream = conn, model_run_id, stream
+        self.printer: ProgressPrinter | None = None
+
+    def tick(self, force: bool = False) -> None:
+        rows = modelruns.listing(self.conn, self.model_run_id)
+        current = rows[0]["current_workflow"] if rows else None
+        if current is None:
+            return
+        if self.printer is None or self.printer.workflow_id != current:
+            if self.printer is not None:
+                self.printer.tick(force=True)
+                self.printer.close()
+            self.printer = ProgressPrinter(self.conn, current, self.stream)
+            force = True
+        self.printer.tick(force=force)
+
+    def close(self) -> None:
+        if self.printer is not None:
+            self.printer.tick(force=True)
+            self.printer.close()
+
+
+def model_run_summary(conn: psycopg.Connection, model_run_id: int) -> str:
+    rows = modelruns.listing(conn, model_run_id)
+    if not rows:
+        return f"model run {model_run_id} not found"
+    m = rows[0]
+    lines = [
+        f"model run {m['id']} {m['name']!r}: {m['status'].upper()} in {_duration(m['elapsed'])}"
+        f", {m['bundles']} bundle(s), {m['jobs']} job(s)"
+    ]
+    if m["error"]:
+        lines.append(f"  {m['error']}")
+    work, makespan = modelruns.work_and_makespan(conn, model_run_id)
+    if makespan:
+        lines.append(
+            f"  {work:.1f} s of job time in {makespan:.1f} s ({work / makespan:.1f}x parallel)"
+        )
+    for b in modelruns.bundles(conn, model_run_id):
+        lines.append(
+            f"  bundle {b['bundle']}: workflow {b['workflow_id']} {b['status']}, "
+            f"{b['job_count']} job(s)  {b['name']}"
+        )
+        if b["status"] in ("failed", "cancelled"):
+            lines.extend("  " + line for line in summary(conn, b["workflow_id"]).splitlines()[1:])
     return "\n".join(lines)

@@ -58,6 +58,11 @@ class RunnerConfig:
     grace: float = 30.0  # on SIGTERM/SIGINT, how long running jobs may take to finish
     exit_when_idle: bool = False  # exit once nothing is waiting, ready or running anywhere
     workflow_id: int | None = None  # only this workflow's jobs; exit when it has finished
+    model_run_id: int | None = None  # only this model run's jobs; exit when it has finished
+
+    @property
+    def scope(self) -> queue.Scope:
+        return queue.Scope(self.workflow_id, self.model_run_id)
 
 
 class Backoff:
@@ -264,7 +269,7 @@ class Runner:
                 batch,
                 claim_n=max(free, 0),
                 lease=self.config.lease,
-                workflow_id=self.config.workflow_id,
+                scope=self.config.scope,
             )
         except DB_ERRORS:
             with self.lock:
@@ -284,13 +289,16 @@ class Runner:
 
     def _idle_exit(self) -> bool:
         """Exit once idle if asked to, or once our workflow ended (even by a cancel elsewhere)."""
-        wf = self.config.workflow_id
-        wanted = self.config.exit_when_idle or wf is not None
+        wf, mr = self.config.workflow_id, self.config.model_run_id
+        wanted = self.config.exit_when_idle or wf is not None or mr is not None
         if not wanted or self.busy or self.pending or self.conn is None:
             return False
         try:
             if wf is not None:
                 self.workflow_done = read.finished_status(self.conn, wf)
+                return self.workflow_done is not None
+            if mr is not None:
+                self.workflow_done = read.model_run_finished_status(self.conn, mr)
                 return self.workflow_done is not None
             return not queue.anything_unfinished(self.conn)
         except DB_ERRORS:

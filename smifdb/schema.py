@@ -27,7 +27,13 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import JSONB
 
-from smifdb.states import JOB_KINDS, JOB_STATUSES, RUNNER_STATES, WORKFLOW_STATUSES
+from smifdb.states import (
+    JOB_KINDS,
+    JOB_STATUSES,
+    MODEL_RUN_KINDS,
+    RUNNER_STATES,
+    WORKFLOW_STATUSES,
+)
 
 metadata = MetaData()
 
@@ -35,8 +41,41 @@ job_status = Enum(*JOB_STATUSES, name="job_status", metadata=metadata)
 workflow_status = Enum(*WORKFLOW_STATUSES, name="workflow_status", metadata=metadata)
 job_kind = Enum(*JOB_KINDS, name="job_kind", metadata=metadata)
 runner_state = Enum(*RUNNER_STATES, name="runner_state", metadata=metadata)
+model_run_kind = Enum(*MODEL_RUN_KINDS, name="model_run_kind", metadata=metadata)
 
 TS = DateTime(timezone=True)
+
+model_runs = Table(
+    "model_runs",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("name", Text, nullable=False),
+    Column("kind", model_run_kind, nullable=False),
+    Column("project_dir", Text, nullable=False),
+    Column("decide", Text),  # module:function for kind 'python'
+    Column("options", JSONB, nullable=False, server_default="{}"),
+    Column("status", workflow_status, nullable=False, server_default="running"),
+    Column("priority", Integer, nullable=False, server_default="0"),
+    Column("bundles", Integer, nullable=False, server_default="0"),
+    Column("error", Text),
+    Column("submitted_at", TS, nullable=False, server_default=func.now()),
+    Column("finished_at", TS),
+    CheckConstraint(
+        "(kind = 'python') = (decide IS NOT NULL)", name="model_runs_decide_iff_python"
+    ),
+    CheckConstraint(
+        "(finished_at IS NULL) = (status IN ('pending', 'running'))",
+        name="model_runs_finished_iff_ended",
+    ),
+)
+# Two live runs of one model run in one project would write the same results folder.
+Index(
+    "model_runs_live_name_idx",
+    model_runs.c.project_dir,
+    model_runs.c.name,
+    unique=True,
+    postgresql_where=text("finished_at IS NULL"),
+)
 
 workflows = Table(
     "workflows",
@@ -51,7 +90,10 @@ workflows = Table(
     Column("submitted_at", TS, nullable=False, server_default=func.now()),
     Column("started_at", TS),
     Column("finished_at", TS),
+    Column("model_run_id", BigInteger, ForeignKey("model_runs.id")),
     CheckConstraint("job_count > 0", name="workflows_job_count_positive"),
+    # A bundle is submitted once, whatever managers race: enforced here, not by timing.
+    UniqueConstraint("model_run_id", "bundle", name="workflows_model_run_bundle_key"),
     CheckConstraint(
         "unfinished_jobs >= 0 AND unfinished_jobs <= job_count",
         name="workflows_unfinished_jobs_range",
@@ -64,7 +106,6 @@ Index(
     workflows.c.id,
     postgresql_where=text("finished_at IS NULL"),
 )
-Index("workflows_model_run_idx", workflows.c.model_run, workflows.c.bundle)
 
 jobs = Table(
     "jobs",
@@ -160,13 +201,20 @@ events = Table(
     metadata,
     Column("id", BigInteger, Identity(always=False), primary_key=True),
     Column("at", TS, nullable=False, server_default=func.clock_timestamp()),
-    Column("workflow_id", BigInteger, nullable=False),
+    Column("workflow_id", BigInteger),
     Column("job_id", BigInteger),
     Column("from_status", Text),
     Column("to_status", Text, nullable=False),
     Column("attempt", Integer),
     Column("actor", Text, nullable=False),
     Column("reason", Text),
+    Column("model_run_id", BigInteger),
 )
 # One index serves a workflow's history and a job's history (WHERE workflow_id = … AND job_id = …).
 Index("events_workflow_job_idx", events.c.workflow_id, events.c.job_id, events.c.id)
+Index(
+    "events_model_run_idx",
+    events.c.model_run_id,
+    events.c.id,
+    postgresql_where=text("model_run_id IS NOT NULL"),
+)

@@ -12,3 +12,4 @@ JOB_STATUSES = (
 WORKFLOW_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
 JOB_KINDS = ("command", "python")
 RUNNER_STATES = ("registered", "active", "draining", "stopped", "lost")
+MODEL_RUN_KINDS = ("smif", "python")

@@ -6,7 +6,7 @@ import psycopg
 
 from smifdb import migrate
 
-TABLES = {"workflows", "jobs", "job_edges", "runners", "events"}
+TABLES = {"model_runs", "workflows", "jobs", "job_edges", "runners", "events"}
 
 
 def _tables(dsn: str) -> set[str]:

@@ -4,6 +4,7 @@
 - ``queue``:   claiming, finishing, releasing and rescuing jobs — the hot path
 - ``control``: cancelling workflows and jobs
 - ``runners``: registration, heartbeats, status
+- ``modelruns``: model runs and their bundles (the manager's state)
 - ``read``:    progress and listings for the CLI and API
 
 Callers pass psycopg connections in autocommit mode; each function that writes more than one
@@ -21,6 +22,7 @@ import psycopg
 READY_CHANNEL = "smifdb_ready"  # payload: workflow id; sent once per committing batch
 CANCEL_CHANNEL = "smifdb_cancel"  # payload: workflow id; runners check their jobs at once
 FINISHED_CHANNEL = "smifdb_finished"  # payload: workflow id; `smifdb wait` wakes up
+MODEL_RUN_CHANNEL = "smifdb_model_run"  # payload: model run id, when one ends
 
 
 class SchemaError(RuntimeError):

@@ -122,6 +122,26 @@ SELECT * FROM claimed ORDER BY priority DESC, id
 """
 CLAIM_ANY = _CLAIM.format(workflow_filter="")
 CLAIM_WORKFLOW = _CLAIM.format(workflow_filter="AND workflow_id = %(workflow_id)s")
+CLAIM_MODEL_RUN = _CLAIM.format(
+    workflow_filter="AND workflow_id IN "
+    "(SELECT id FROM workflows WHERE model_run_id = %(model_run_id)s AND finished_at IS NULL)"
+)
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Which jobs a runner may claim: all, one workflow's, or one model run's."""
+
+    workflow_id: int | None = None
+    model_run_id: int | None = None
+
+    def statement(self) -> str:
+        if self.workflow_id is not None:
+            return CLAIM_WORKFLOW
+        return CLAIM_ANY if self.model_run_id is None else CLAIM_MODEL_RUN
+
+
+ANYWHERE = Scope()
 
 
 def claim(
@@ -130,19 +150,25 @@ def claim(
     n: int,
     *,
     lease: float,
-    workflow_id: int | None = None,
+    scope: Scope = ANYWHERE,
 ) -> list[ClaimedJob]:
     """Claim up to ``n`` ready jobs in one short transaction (a single statement)."""
     if n <= 0:
         return []
-    return [ClaimedJob._make(row) for row in _claim_cursor(conn, owner, n, lease, workflow_id)]
+    return [ClaimedJob._make(row) for row in _claim_cursor(conn, owner, n, lease, scope)]
 
 
 def _claim_cursor(
-    conn: psycopg.Connection, owner: str, n: int, lease: float, workflow_id: int | None
+    conn: psycopg.Connection, owner: str, n: int, lease: float, scope: Scope
 ) -> psycopg.Cursor:
-    params = {"n": n, "owner": owner, "lease": lease, "workflow_id": workflow_id}
-    return conn.execute(CLAIM_ANY if workflow_id is None else CLAIM_WORKFLOW, params)
+    params = {
+        "n": n,
+        "owner": owner,
+        "lease": lease,
+        "workflow_id": scope.workflow_id,
+        "model_run_id": scope.model_run_id,
+    }
+    return conn.execute(scope.statement(), params)
 
 
 # -- finish -----------------------------------------------------------------------------
@@ -336,7 +362,7 @@ def finish(
     *,
     claim_n: int = 0,
     lease: float = 300.0,
-    workflow_id: int | None = None,
+    scope: Scope = ANYWHERE,
 ) -> FinishReport:
     """Record a batch of attempt outcomes, and everything that follows, in one transaction.
 
@@ -351,7 +377,7 @@ def finish(
     report = FinishReport()
     if not outcomes:
         if claim_n:
-            report.claimed = claim(conn, actor, claim_n, lease=lease, workflow_id=workflow_id)
+            report.claimed = claim(conn, actor, claim_n, lease=lease, scope=scope)
         return report
     outcomes = sorted(outcomes, key=lambda o: o.job_id)
     succeeding = [o.job_id for o in outcomes if o.status == "succeeded"]
@@ -364,7 +390,7 @@ def finish(
             conn.execute(_LOCK_JOBS, {"succeeding": array(succeeding), "doomed": array(doomed)})
         params = {"outcomes": _outcomes_json(outcomes, datetime.now(UTC)), "actor": actor}
         record = conn.execute(_RECORD_AND_PROMOTE if succeeding else _RECORD, params)
-        claiming = _claim_cursor(conn, actor, claim_n, lease, workflow_id) if claim_n else None
+        claiming = _claim_cursor(conn, actor, claim_n, lease, scope) if claim_n else None
         finished: Counter[int] = Counter()
         failed_workflows: set[int] = set()
         failed_for_good: list[int] = []

@@ -42,6 +42,9 @@ SELECT coalesce(sum(extract(epoch FROM finished_at - started_at)), 0)::float,
 FROM jobs WHERE workflow_id = %s AND started_at IS NOT NULL AND finished_at IS NOT NULL
 """
 _FINISHED_STATUS = "SELECT status::text FROM workflows WHERE id = %s AND finished_at IS NOT NULL"
+_MODEL_RUN_FINISHED = (
+    "SELECT status::text FROM model_runs WHERE id = %s AND finished_at IS NOT NULL"
+)
 _PROBLEM_JOBS = """
 SELECT key, status::text AS status, attempts, exit_code, error, log_tail, lease_owner
 FROM jobs WHERE workflow_id = %s AND status IN ('failed', 'cancelled')
@@ -81,3 +84,9 @@ def work_and_makespan(conn: psycopg.Connection, workflow_id: int) -> tuple[float
     """Seconds of job time (last attempts) and first start to last finish: the parallelism."""
     work, makespan = conn.execute(_WORK, [workflow_id]).fetchone()
     return work, makespan
+
+
+def model_run_finished_status(conn: psycopg.Connection, model_run_id: int) -> str | None:
+    """The model run's final status once it has ended, else None."""
+    row = conn.execute(_MODEL_RUN_FINISHED, [model_run_id]).fetchone()
+    return row[0] if row else None

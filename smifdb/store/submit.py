@@ -10,8 +10,8 @@ from smifdb.spec import Dag
 from smifdb.store import READY_CHANNEL, notify
 
 _INSERT_WORKFLOW = """
-INSERT INTO workflows (name, model_run, bundle, job_count, unfinished_jobs)
-VALUES (%(name)s, %(model_run)s, %(bundle)s, %(job_count)s, %(job_count)s)
+INSERT INTO workflows (name, model_run, bundle, model_run_id, job_count, unfinished_jobs)
+VALUES (%(name)s, %(model_run)s, %(bundle)s, %(model_run_id)s, %(job_count)s, %(job_count)s)
 RETURNING id
 """
 _ALLOCATE_JOB_IDS = """
@@ -38,6 +38,7 @@ def submit_dag(
     actor: str,
     model_run: str | None = None,
     bundle: int | None = None,
+    model_run_id: int | None = None,
 ) -> int:
     """Write a validated DAG as one transaction, bulk-loaded with COPY; return the workflow id."""
     parents: dict[str, int] = {}
@@ -50,6 +51,7 @@ def submit_dag(
                 "name": dag.name,
                 "model_run": model_run,
                 "bundle": bundle,
+                "model_run_id": model_run_id,
                 "job_count": len(dag.jobs),
             },
         ).fetchone()[0]

@@ -1,0 +1,97 @@
+"""Deciders: what a model run asks, between bundles, for the next DAG fragment.
+
+A decider is rebuilt from a model run's row every time it is asked (the manager keeps nothing in
+memory), and is given the finished bundles' history from the tables. Two kinds:
+
+- ``python``: a user entry point ``module:function(history) -> DAG spec | None``;
+- ``smif``: a smif project's decision loop, replayed over the finished bundles
+  (see ``smifdb.smifrun``).
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from pathlib import Path
+from typing import Any, Protocol
+
+from smifdb.spec import PYTHON_TARGET, Dag, SpecError, parse, with_base_dir
+from smifdb.store.modelruns import ModelRun
+
+
+class ModelRunError(ValueError):
+    """A model run that cannot start: bad project, unknown run, bad configuration."""
+
+
+class DeciderUnavailable(ModelRunError):
+    """This process lacks what the decider needs (the smif extra); another process may not."""
+
+
+class DecisionError(RuntimeError):
+    """The decision module raised, or returned something that is not a valid DAG."""
+
+
+class Decider(Protocol):
+    def next_bundle(self, history: list[dict[str, Any]]) -> Dag | None:
+        """The DAG of bundle ``len(history)``, or None when the decision loop has ended."""
+
+
+def project_dir(path: str | Path) -> Path:
+    folder = Path(path).resolve()
+    if not folder.is_dir():
+        raise ModelRunError(f"project directory {path} does not exist")
+    return folder
+
+
+class PythonDecider:
+    """Calls ``module:function(history)``; the project directory is importable and is the
+    default working folder of command jobs."""
+
+    def __init__(self, entry: str, folder: Path, name: str) -> None:
+        if not PYTHON_TARGET.match(entry):
+            raise ModelRunError(f"decision entry point {entry!r} must look like module:function")
+        self.entry, self.folder, self.name = entry, folder, name
+        self.function = self._load()
+
+    def _load(self) -> Any:
+        module_name, _, attr = self.entry.partition(":")
+        if str(self.folder) not in sys.path:
+            sys.path.insert(0, str(self.folder))
+        try:
+            obj: Any = importlib.import_module(module_name)
+            for part in attr.split("."):
+                obj = getattr(obj, part)
+        except (ImportError, AttributeError) as exc:
+            raise ModelRunError(f"cannot load decision entry point {self.entry!r}: {exc}") from exc
+        if not callable(obj):
+            raise ModelRunError(f"decision entry point {self.entry!r} is not callable")
+        return obj
+
+    def next_bundle(self, history: list[dict[str, Any]]) -> Dag | None:
+        bundle = len(history)
+        try:
+            spec = self.function(history)
+        except Exception as exc:
+            raise DecisionError(
+                f"{self.entry} raised {type(exc).__name__}: {exc} (deciding bundle {bundle})"
+            ) from exc
+        if spec is None:
+            return None
+        try:
+            dag = parse(spec, name=f"{self.name} bundle {bundle}")
+        except SpecError as exc:
+            raise DecisionError(
+                f"{self.entry} returned an invalid DAG for bundle {bundle}: {exc}"
+            ) from exc
+        return with_base_dir(dag, self.folder)
+
+
+def decider_for(model_run: ModelRun) -> Decider:
+    """Rebuild a model run's decider from its row."""
+    folder = project_dir(model_run.project_dir)
+    if model_run.kind == "python":
+        assert model_run.decide is not None
+        return PythonDecider(model_run.decide, folder, model_run.name)
+    from smifdb.smifrun import SmifModelRun  # smif is an optional extra
+
+    return SmifModelRun.open(folder, model_run.name, **model_run.options)

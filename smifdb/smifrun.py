@@ -1,0 +1,200 @@
+"""smif model runs as DAG fragments, using smif's own API (the optional ``smif`` extra).
+
+smif's ``ModelRunner.solve_model`` walks ``DecisionManager.decision_loop()`` in one process and
+runs each bundle's job graph serially. Here each bundle's graph becomes a workflow whose jobs
+run ``smif before_step`` / ``smif step``; the decision loop is *replayed* from the start each
+time the next bundle is wanted, so the decision module's progress is rebuilt from smif's results
+store (which the finished bundles wrote) and never lives in a process.
+
+Replaying re-derives and rewrites the state files of earlier bundles from the same results, so
+it writes what it wrote before. Nodes of an earlier bundle and scenario nodes appear in smif's
+graphs without attributes (smif 1.3 fails on them with ``KeyError: 'operation'``): they are
+already satisfied and become no jobs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+from pathlib import Path
+from typing import Any
+
+from smifdb.decisions import DeciderUnavailable, DecisionError, ModelRunError
+from smifdb.spec import Dag, SpecError, parse
+
+INTERFACES = ("local_csv", "local_binary")
+
+
+def _quiet_smif() -> None:
+    for name in ("smif", "root"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _store(folder: Path, interface: str) -> Any:
+    from smif.data_layer import Store
+    from smif.data_layer.file import (
+        CSVDataStore,
+        FileMetadataStore,
+        ParquetDataStore,
+        YamlConfigStore,
+    )
+
+    data = CSVDataStore if interface == "local_csv" else ParquetDataStore
+    return Store(
+        config_store=YamlConfigStore(str(folder)),
+        metadata_store=FileMetadataStore(str(folder)),
+        data_store=data(str(folder)),
+        model_base_folder=str(folder),
+    )
+
+
+class SmifModelRun:
+    def __init__(
+        self,
+        folder: Path,
+        name: str,
+        store: Any,
+        interface: str,
+        warm: bool,
+        warm_start_timestep: int | None,
+    ) -> None:
+        self.folder, self.name, self.store = folder, name, store
+        self.interface, self.warm, self.warm_start_timestep = interface, warm, warm_start_timestep
+
+    @classmethod
+    def open(
+        cls,
+        folder: Path,
+        name: str,
+        interface: str = "local_csv",
+        warm: bool = False,
+        warm_start_timestep: int | None = None,
+    ) -> SmifModelRun:
+        """Check the project and model run exist and build; ModelRunError if not."""
+        try:
+            import smif  # noqa: F401
+        except ImportError as exc:
+            raise DeciderUnavailable(
+                "smif is not installed here; install the extra: "
+                'PIP_CONSTRAINT=constraints/smif.txt pip install "smifdb[smif]"'
+            ) from exc
+        from smif.exception import SmifDataNotFoundError
+
+        if interface not in INTERFACES:
+            raise ModelRunError(f"unknown smif interface {interface!r}: use one of {INTERFACES}")
+        if not (folder / "config").is_dir():
+            raise ModelRunError(f"{folder} is not a smif project (no config/ folder)")
+        _quiet_smif()
+        store = _store(folder, interface)
+        try:
+            store.read_model_run(name)
+        except SmifDataNotFoundError as exc:
+            try:
+                known = sorted(r["name"] for r in store.read_model_runs())
+            except Exception:  # an unreadable project: the main message is enough
+                known = []
+            hint = f"; model runs in this project: {', '.join(known)}" if known else ""
+            raise ModelRunError(f"unknown smif model run {name!r} in {folder}{hint}") from exc
+        run = cls(folder, name, store, interface, warm, warm_start_timestep)
+        run._build()  # configuration errors surface now, not in the manager
+        return run
+
+    def _build(self) -> Any:
+        from smif.controller.build import get_model_run_definition
+        from smif.controller.modelrun import ModelRun
+
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):
+                model_run = ModelRun.from_dict(get_model_run_definition(self.store, self.name))
+        except (Exception, SystemExit) as exc:
+            raise ModelRunError(
+                f"smif configuration error in model run {self.name!r}: {type(exc).__name__}: {exc}"
+            ) from exc
+        if self.warm_start_timestep is not None:
+            horizon = model_run.model_horizon
+            model_run.model_horizon = horizon[horizon.index(self.warm_start_timestep) :]
+        return model_run
+
+    def prepare(self) -> dict[str, Any]:
+        """Before the first bundle, as ``smif run`` does: clear old results, or for a warm
+        start find the timestep to restart from. Returns the options to store with the run."""
+        if self.warm:
+            self.warm_start_timestep = self.store.prepare_warm_start(self.name)
+        else:
+            self.store.clear_results(self.name)
+        return {
+            "interface": self.interface,
+            "warm": self.warm,
+            "warm_start_timestep": self.warm_start_timestep,
+        }
+
+    def next_bundle(self, history: list[dict[str, Any]]) -> Dag | None:
+        from smif.controller.modelrun import ModelRunner
+        from smif.decision.decision import DecisionManager
+
+        wanted = len(history)
+        model_run = self._build()
+        try:
+            manager = DecisionManager(
+                self.store, model_run.model_horizon, model_run.name, model_run.sos_model
+            )
+            loop = manager.decision_loop()
+            bundle = None
+            for _ in range(wanted + 1):
+                bundle = next(loop, None)
+                if bundle is None:
+                    return None
+            model_run.initialised = wanted > 0  # before_model_run jobs only in bundle 0
+            runner = ModelRunner(warm_start=self.warm)
+            graph = runner.build_job_graph(model_run, bundle)
+            if self.warm:
+                done = self.store.completed_jobs(self.name)
+                graph = runner.filter_job_graph(self.name, graph, done)
+        except Exception as exc:
+            raise DecisionError(
+                f"smif decision loop failed at bundle {wanted}: {type(exc).__name__}: {exc}"
+            ) from exc
+        return self._dag(graph, wanted, bundle)
+
+    def _dag(self, graph: Any, index: int, bundle: dict) -> Dag | None:
+        jobs = []
+        for key, node in graph.nodes(data=True):
+            if "operation" not in node:
+                continue  # an earlier bundle's job or a scenario: already satisfied
+            operation = node["operation"].value
+            model = node["model"].name
+            if operation == "before_model_run":
+                argv = ["smif", "before_step", self.name, "-m", model]
+            else:
+                argv = ["smif", "step", self.name, "-m", model]
+                argv += ["-t", str(node["current_timestep"])]
+                argv += ["-dn", str(node["decision_iteration"])]
+            argv += ["-d", str(self.folder), "-i", self.interface]
+            jobs.append(
+                {
+                    "key": key,
+                    "command": argv,
+                    "cwd": str(self.folder),
+                    "after": [p for p in graph.predecessors(key) if "operation" in graph.nodes[p]],
+                    "model": model,
+                    "operation": operation,
+                    "timestep": node["current_timestep"],
+                    "decision": node["decision_iteration"],
+                }
+            )
+        if not jobs:  # a warm start found everything of this bundle already done
+            jobs = [{"key": "nothing-to-do", "python": "smifdb.examples:noop"}]
+        spec = {"name": f"{self.name} bundle {index} {_describe(bundle)}", "jobs": jobs}
+        try:
+            return parse(spec)
+        except SpecError as exc:
+            raise DecisionError(
+                f"smif produced an invalid graph for bundle {index}: {exc}"
+            ) from exc
+
+
+def _describe(bundle: dict) -> str:
+    iterations = ",".join(map(str, bundle["decision_iterations"]))
+    timesteps = ",".join(map(str, bundle["timesteps"]))
+    return f"(decisions {iterations}; timesteps {timesteps})"

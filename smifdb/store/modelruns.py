@@ -1,0 +1,285 @@
+"""Model runs: rows that own a sequence of workflows, one per decision bundle.
+
+The manager's whole state is here. A model run is *due* when it is unfinished and none of its
+workflows is: the decision module must be asked for the next bundle. ``lock_due`` hands one due
+model run to one manager (FOR NO KEY UPDATE SKIP LOCKED); the unique (model_run_id, bundle)
+constraint makes a second copy of a bundle impossible even if two managers ever raced.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from typing import Any
+
+import psycopg
+from psycopg.rows import dict_row
+from psycopg.types.json import Jsonb
+
+from smifdb.spec import Dag
+from smifdb.store import MODEL_RUN_CHANNEL, control, notify
+from smifdb.store.submit import submit_dag
+
+
+class ModelRunInUse(RuntimeError):
+    """The same model run of the same project is already running."""
+
+
+class NotFound(LookupError):
+    """No such model run."""
+
+
+@dataclass(frozen=True)
+class ModelRun:
+    id: int
+    name: str
+    kind: str
+    project_dir: str
+    decide: str | None
+    options: dict[str, Any]
+    status: str
+    priority: int
+    bundles: int
+    error: str | None
+    finished: bool
+
+
+_COLUMNS = """
+m.id, m.name, m.kind::text, m.project_dir, m.decide, m.options, m.status::text, m.priority,
+m.bundles, m.error, m.finished_at IS NOT NULL
+"""
+_INSERT = """
+INSERT INTO model_runs (name, kind, project_dir, decide, options, priority)
+VALUES (%(name)s, %(kind)s, %(project_dir)s, %(decide)s, %(options)s, %(priority)s)
+RETURNING id
+"""
+_EVENT = """
+INSERT INTO events (model_run_id, workflow_id, from_status, to_status, actor, reason)
+VALUES (%s, %s, %s, %s, %s, %s)
+"""
+_LOCK_DUE = f"""
+SELECT {_COLUMNS} FROM model_runs m
+WHERE m.finished_at IS NULL
+  AND (%(only)s::bigint IS NULL OR m.id = %(only)s)
+  AND NOT (m.id = ANY(%(skip)s::bigint[]))
+  AND NOT EXISTS (
+      SELECT 1 FROM workflows w WHERE w.model_run_id = m.id AND w.finished_at IS NULL)
+ORDER BY m.priority DESC, m.id
+LIMIT 1
+FOR NO KEY UPDATE OF m SKIP LOCKED
+"""
+_LAST_FRAGMENT = """
+SELECT bundle, id, status::text FROM workflows WHERE model_run_id = %s
+ORDER BY bundle DESC LIMIT 1
+"""
+_SET_OPTIONS = "UPDATE model_runs SET options = %s WHERE id = %s"
+_BUNDLE_SUBMITTED = "UPDATE model_runs SET bundles = %s WHERE id = %s"
+_FINISH = """
+UPDATE model_runs SET status = %(status)s, error = %(error)s, finished_at = now()
+WHERE id = %(id)s AND finished_at IS NULL
+RETURNING status::text
+"""
+_HISTORY = """
+SELECT w.bundle, w.id, j.key, j.status::text, j.result, j.model, j.timestep, j.decision
+FROM workflows w JOIN jobs j ON j.workflow_id = w.id
+WHERE w.model_run_id = %s
+ORDER BY w.bundle, j.id
+"""
+_BY_ID = f"SELECT {_COLUMNS} FROM model_runs m WHERE m.id = %s"
+_BY_NAME = f"SELECT {_COLUMNS} FROM model_runs m WHERE m.name = %s ORDER BY m.id DESC LIMIT 1"
+_LOCK = f"SELECT {_COLUMNS} FROM model_runs m WHERE m.id = %s FOR NO KEY UPDATE"
+_UNFINISHED_FRAGMENTS = """
+SELECT id FROM workflows WHERE model_run_id = %s AND finished_at IS NULL ORDER BY id
+"""
+_LIST = """
+SELECT m.id, m.name, m.kind::text AS kind, m.project_dir, m.status::text AS status, m.bundles,
+       m.error, m.submitted_at, m.finished_at,
+       extract(epoch FROM coalesce(m.finished_at, now()) - m.submitted_at)::float AS elapsed,
+       coalesce(sum(w.job_count), 0)::int AS jobs,
+       coalesce(sum(w.job_count - w.unfinished_jobs), 0)::int AS jobs_finished,
+       (array_agg(w.id ORDER BY w.bundle DESC))[1] AS current_workflow
+FROM model_runs m LEFT JOIN workflows w ON w.model_run_id = m.id
+WHERE (%(id)s::bigint IS NULL OR m.id = %(id)s)
+GROUP BY m.id
+ORDER BY m.id DESC
+LIMIT %(limit)s
+"""
+_BUNDLES = """
+SELECT bundle, id AS workflow_id, name, status::text AS status, job_count, unfinished_jobs,
+       submitted_at, finished_at
+FROM workflows WHERE model_run_id = %s ORDER BY bundle
+"""
+_WORK = """
+SELECT coalesce(sum(extract(epoch FROM j.finished_at - j.started_at)), 0)::float,
+       extract(epoch FROM max(j.finished_at) - min(j.started_at))::float
+FROM workflows w JOIN jobs j ON j.workflow_id = w.id
+WHERE w.model_run_id = %s AND j.started_at IS NOT NULL AND j.finished_at IS NOT NULL
+"""
+_EVENTS = """
+SELECT at, workflow_id, from_status, to_status, actor, reason FROM events
+WHERE model_run_id = %s ORDER BY id
+"""
+
+
+def _model_run(row: tuple | None) -> ModelRun | None:
+    return None if row is None else ModelRun(*row)
+
+
+def create(
+    conn: psycopg.Connection,
+    *,
+    name: str,
+    kind: str,
+    project_dir: str,
+    decide: str | None,
+    options: dict[str, Any],
+    priority: int,
+    actor: str,
+) -> int:
+    """Within the caller's transaction: record a new running model run."""
+    try:
+        with conn.transaction():
+            model_run_id = conn.execute(
+                _INSERT,
+                {
+                    "name": name,
+                    "kind": kind,
+                    "project_dir": project_dir,
+                    "decide": decide,
+                    "options": Jsonb(options),
+                    "priority": priority,
+                },
+            ).fetchone()[0]
+    except psycopg.errors.UniqueViolation as exc:
+        raise ModelRunInUse(
+            f"model run {name!r} of {project_dir} is already running; "
+            f"cancel it first (smifdb modelrun cancel {name})"
+        ) from exc
+    conn.execute(_EVENT, (model_run_id, None, None, "running", actor, "submitted"))
+    return model_run_id
+
+
+def submit_bundle(
+    conn: psycopg.Connection, model_run: ModelRun, bundle: int, dag: Dag, *, actor: str
+) -> int:
+    """Within the caller's transaction: write bundle ``bundle`` of a model run as a workflow."""
+    if model_run.priority:
+        dag = replace(dag, jobs=[replace(j, priority=model_run.priority) for j in dag.jobs])
+    workflow_id = submit_dag(
+        conn, dag, actor=actor, model_run=model_run.name, bundle=bundle, model_run_id=model_run.id
+    )
+    conn.execute(_BUNDLE_SUBMITTED, (bundle + 1, model_run.id))
+    conn.execute(
+        _EVENT,
+        (model_run.id, workflow_id, None, "running", actor, f"bundle {bundle} submitted"),
+    )
+    return workflow_id
+
+
+def lock_due(
+    conn: psycopg.Connection, *, only: int | None = None, skip: list[int] | None = None
+) -> ModelRun | None:
+    """Within the caller's transaction: lock one model run whose next step is due, if any."""
+    params = {"only": only, "skip": skip or []}
+    return _model_run(conn.execute(_LOCK_DUE, params).fetchone())
+
+
+def set_options(conn: psycopg.Connection, model_run_id: int, options: dict[str, Any]) -> None:
+    conn.execute(_SET_OPTIONS, (Jsonb(options), model_run_id))
+
+
+def last_fragment(conn: psycopg.Connection, model_run_id: int) -> tuple[int, int, str] | None:
+    """(bundle, workflow id, workflow status) of the newest fragment, or None."""
+    return conn.execute(_LAST_FRAGMENT, [model_run_id]).fetchone()
+
+
+def finish(
+    conn: psycopg.Connection,
+    model_run_id: int,
+    status: str,
+    *,
+    actor: str,
+    reason: str,
+    error: str | None = None,
+) -> bool:
+    """Within the caller's transaction: end a model run (False if it had already ended)."""
+    row = conn.execute(_FINISH, {"id": model_run_id, "status": status, "error": error}).fetchone()
+    if row is None:
+        return False
+    conn.execute(_EVENT, (model_run_id, None, "running", status, actor, reason))
+    notify(conn, MODEL_RUN_CHANNEL, model_run_id)
+    return True
+
+
+def history(conn: psycopg.Connection, model_run_id: int) -> list[dict[str, Any]]:
+    """Finished bundles with their jobs' statuses and results, oldest first."""
+    bundles: dict[int, dict[str, Any]] = {}
+    for bundle, workflow_id, key, status, result, model, timestep, decision in conn.execute(
+        _HISTORY, [model_run_id]
+    ):
+        entry = bundles.setdefault(
+            bundle, {"bundle": bundle, "workflow_id": workflow_id, "jobs": {}, "results": {}}
+        )
+        entry["jobs"][key] = {
+            "status": status,
+            "result": result,
+            "model": model,
+            "timestep": timestep,
+            "decision": decision,
+        }
+        entry["results"][key] = result
+    return [bundles[b] for b in sorted(bundles)]
+
+
+def get(conn: psycopg.Connection, ref: str | int) -> ModelRun:
+    """A model run by id, or the newest one of that name."""
+    text = str(ref)
+    row = None
+    if text.isdigit():
+        row = conn.execute(_BY_ID, [int(text)]).fetchone()
+    if row is None:
+        row = conn.execute(_BY_NAME, [text]).fetchone()
+    if row is None:
+        raise NotFound(f"no model run {text!r}")
+    return ModelRun(*row)
+
+
+def listing(
+    conn: psycopg.Connection, model_run_id: int | None = None, limit: int = 50
+) -> list[dict]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(_LIST, {"id": model_run_id, "limit": limit}).fetchall()
+
+
+def events(conn: psycopg.Connection, model_run_id: int) -> list[dict]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(_EVENTS, [model_run_id]).fetchall()
+
+
+def cancel(conn: psycopg.Connection, ref: str | int, *, actor: str) -> tuple[ModelRun, int]:
+    """Cancel a model run and its unfinished fragments in one transaction.
+
+    Locks the model run first, so a manager deciding its next bundle finishes (and its new
+    fragment is cancelled here) or has not started (and will find the run ended).
+    Returns the model run as it was and the number of fragments cancelled.
+    """
+    model_run = get(conn, ref)
+    with conn.transaction():
+        model_run = ModelRun(*conn.execute(_LOCK, [model_run.id]).fetchone())
+        if model_run.finished:
+            return model_run, 0
+        fragments = [r[0] for r in conn.execute(_UNFINISHED_FRAGMENTS, [model_run.id])]
+        for workflow_id in fragments:
+            control.cancel(conn, workflow_id, actor=actor, reason="model run cancelled")
+        finish(conn, model_run.id, "cancelled", actor=actor, reason="cancelled by user")
+    return model_run, len(fragments)
+
+
+def bundles(conn: psycopg.Connection, model_run_id: int) -> list[dict]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(_BUNDLES, [model_run_id]).fetchall()
+
+
+def work_and_makespan(conn: psycopg.Connection, model_run_id: int) -> tuple[float, float | None]:
+    """Seconds of job time, and first job start to last job end, over all bundles."""
+    work, makespan = conn.execute(_WORK, [model_run_id]).fetchone()
+    return work, makespan
