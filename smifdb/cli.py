@@ -466,6 +466,12 @@ def _model_run_options(f):
             show_default=True,
             help="smif data interface.",
         ),
+        click.option(
+            "--in-process",
+            is_flag=True,
+            help="Run smif jobs as Python calls inside the runners instead of `smif step` "
+            "processes (saves about a second of start-up per job).",
+        ),
     ]
     for option in reversed(options):
         f = option(f)
@@ -484,6 +490,7 @@ def _submit_model_run(conn, kw: dict) -> tuple[int, int]:
         warm=kw["warm"],
         priority=kw["priority"],
         interface=kw["interface"],
+        in_process=kw["in_process"],
     )
     click.echo(
         f"submitted model run {model_run_id} {kw['run_name']!r}: bundle 0 is workflow "

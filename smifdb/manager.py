@@ -202,6 +202,7 @@ def submit_model_run(
     warm: bool = False,
     priority: int = 0,
     interface: str = "local_csv",
+    in_process: bool = False,
 ) -> tuple[int, int]:
     """Record a model run and submit its first bundle, all in one transaction.
 
@@ -215,8 +216,10 @@ def submit_model_run(
     else:
         from smifdb.smifrun import SmifModelRun
 
-        decider = SmifModelRun.open(folder, name, interface=interface, warm=warm)
-        kind, options = "smif", {"interface": interface, "warm": warm}
+        decider = SmifModelRun.open(
+            folder, name, interface=interface, warm=warm, in_process=in_process
+        )
+        kind, options = "smif", {"interface": interface, "warm": warm, "in_process": in_process}
     with conn.transaction():
         model_run_id = modelruns.create(
             conn,

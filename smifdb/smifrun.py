@@ -58,9 +58,11 @@ class SmifModelRun:
         interface: str,
         warm: bool,
         warm_start_timestep: int | None,
+        in_process: bool = False,
     ) -> None:
         self.folder, self.name, self.store = folder, name, store
         self.interface, self.warm, self.warm_start_timestep = interface, warm, warm_start_timestep
+        self.in_process = in_process
 
     @classmethod
     def open(
@@ -70,6 +72,7 @@ class SmifModelRun:
         interface: str = "local_csv",
         warm: bool = False,
         warm_start_timestep: int | None = None,
+        in_process: bool = False,
     ) -> SmifModelRun:
         """Check the project and model run exist and build; ModelRunError if not."""
         try:
@@ -96,7 +99,7 @@ class SmifModelRun:
                 known = []
             hint = f"; model runs in this project: {', '.join(known)}" if known else ""
             raise ModelRunError(f"unknown smif model run {name!r} in {folder}{hint}") from exc
-        run = cls(folder, name, store, interface, warm, warm_start_timestep)
+        run = cls(folder, name, store, interface, warm, warm_start_timestep, in_process)
         run._build()  # configuration errors surface now, not in the manager
         return run
 
@@ -127,6 +130,7 @@ class SmifModelRun:
             "interface": self.interface,
             "warm": self.warm,
             "warm_start_timestep": self.warm_start_timestep,
+            "in_process": self.in_process,
         }
 
     def next_bundle(self, history: list[dict[str, Any]]) -> Dag | None:
@@ -164,25 +168,34 @@ class SmifModelRun:
                 continue  # an earlier bundle's job or a scenario: already satisfied
             operation = node["operation"].value
             model = node["model"].name
-            if operation == "before_model_run":
-                argv = ["smif", "before_step", self.name, "-m", model]
-            else:
-                argv = ["smif", "step", self.name, "-m", model]
-                argv += ["-t", str(node["current_timestep"])]
-                argv += ["-dn", str(node["decision_iteration"])]
-            argv += ["-d", str(self.folder), "-i", self.interface]
-            jobs.append(
-                {
-                    "key": key,
-                    "command": argv,
-                    "cwd": str(self.folder),
-                    "after": [p for p in graph.predecessors(key) if "operation" in graph.nodes[p]],
+            timestep, decision = node["current_timestep"], node["decision_iteration"]
+            job = {
+                "key": key,
+                "after": [p for p in graph.predecessors(key) if "operation" in graph.nodes[p]],
+                "model": model,
+                "operation": operation,
+                "timestep": timestep,
+                "decision": decision,
+            }
+            if self.in_process:
+                job["python"] = "smifdb.smifrun:run_job"
+                job["args"] = {
+                    "project": str(self.folder),
+                    "model_run": self.name,
                     "model": model,
-                    "operation": operation,
-                    "timestep": node["current_timestep"],
-                    "decision": node["decision_iteration"],
+                    "timestep": timestep,
+                    "decision": decision,
+                    "interface": self.interface,
                 }
-            )
+            else:
+                if operation == "before_model_run":
+                    argv = ["smif", "before_step", self.name, "-m", model]
+                else:
+                    argv = ["smif", "step", self.name, "-m", model]
+                    argv += ["-t", str(timestep), "-dn", str(decision)]
+                job["command"] = [*argv, "-d", str(self.folder), "-i", self.interface]
+                job["cwd"] = str(self.folder)
+            jobs.append(job)
         if not jobs:  # a warm start found everything of this bundle already done
             jobs = [{"key": "nothing-to-do", "python": "smifdb.examples:noop"}]
         spec = {"name": f"{self.name} bundle {index} {_describe(bundle)}", "jobs": jobs}
@@ -192,6 +205,26 @@ class SmifModelRun:
             raise DecisionError(
                 f"smif produced an invalid graph for bundle {index}: {exc}"
             ) from exc
+
+
+def run_job(
+    project: str,
+    model_run: str,
+    model: str,
+    timestep: int | None,
+    decision: int | None,
+    interface: str = "local_csv",
+) -> None:
+    """One smif job inside the runner process (``--in-process``): what `smif step` does,
+    without starting Python and importing smif for every job."""
+    from smif.controller.execute_step import execute_model_before_step, execute_model_step
+
+    _quiet_smif()
+    store = _store(Path(project), interface)
+    if timestep is None:
+        execute_model_before_step(model_run, model, store)
+    else:
+        execute_model_step(model_run, model, timestep, decision, store)
 
 
 def _describe(bundle: dict) -> str:

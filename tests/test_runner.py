@@ -7,72 +7,18 @@ import itertools
 import json
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+from processes import PY, Runners, wait_for
 
 import smifdb
 from smifdb import migrate
 from smifdb.pgserver import ThrowawayCluster
 from smifdb.store import read
-
-FAST = ["--poll", "0.2", "--heartbeat", "0.2", "--dead-after", "2"]
-PY = sys.executable
-
-
-def wait_for(predicate: Callable[[], object], timeout: float = 30, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-class Runners:
-    """Starts runner processes; kills any left at the end of the test."""
-
-    def __init__(self, dsn: str, tmp: Path) -> None:
-        self.dsn, self.tmp, self.procs = dsn, tmp, []
-
-    def start(self, *args: str, name: str | None = None) -> subprocess.Popen:
-        name = name or f"r{len(self.procs)}"
-        log = open(self.tmp / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
-        proc = subprocess.Popen(
-            [
-                PY,
-                "-m",
-                "smifdb.cli",
-                "--dsn",
-                self.dsn,
-                "runner",
-                "run",
-                "--name",
-                name,
-                "--log-dir",
-                str(self.tmp / "logs"),
-                *FAST,
-                *args,
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        self.procs.append(proc)
-        return proc
-
-    def output(self, name: str) -> str:
-        return (self.tmp / f"{name}.log").read_text()
-
-    def close(self) -> None:
-        for p in self.procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
 
 
 @pytest.fixture
