@@ -651,5 +651,44 @@ def manager_run(ctx: click.Context, poll: float, dead_after: float, log_level: s
     sys.exit(manager.run())
 
 
+# -- the HTTP API -------------------------------------------------------------------------
+
+
+@main.group("api")
+def api_group() -> None:
+    """The HTTP API: the smif app's model-run API, workflows, jobs and runners."""
+
+
+@api_group.command("serve")
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
+@click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True)
+@click.option(
+    "--project",
+    type=click.Path(file_okay=False, exists=True),
+    help="The smif project whose model runs /api/v1/model_runs/ starts.",
+)
+@click.pass_context
+def api_serve(ctx: click.Context, host: str, port: int, workers: int, project: str | None) -> None:
+    """Serve the API with uvicorn (stateless: run as many as you like behind a balancer)."""
+    import uvicorn
+
+    from smifdb.api import server
+
+    dsn = _dsn(ctx)
+    with db.connect(dsn) as conn:
+        store.check_schema(conn)
+    os.environ[server.DSN_VAR] = dsn
+    os.environ[server.PROJECT_VAR] = str(Path(project).resolve()) if project else ""
+    uvicorn.run(
+        "smifdb.api.server:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        workers=workers,
+        log_level="info",
+    )
+
+
 if __name__ == "__main__":
     main()

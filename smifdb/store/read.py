@@ -90,3 +90,57 @@ def model_run_finished_status(conn: psycopg.Connection, model_run_id: int) -> st
     """The model run's final status once it has ended, else None."""
     row = conn.execute(_MODEL_RUN_FINISHED, [model_run_id]).fetchone()
     return row[0] if row else None
+
+
+_WORKFLOWS = """
+SELECT w.id, w.name, w.status::text AS status, w.model_run_id, w.bundle, w.job_count,
+       w.job_count - w.unfinished_jobs AS jobs_finished, w.submitted_at, w.started_at,
+       w.finished_at
+FROM workflows w
+WHERE (%(status)s::text IS NULL OR w.status::text = %(status)s)
+ORDER BY w.id DESC
+LIMIT %(limit)s
+"""
+_JOBS = """
+SELECT j.id, j.key, j.kind::text AS kind, j.status::text AS status, j.attempts, j.max_attempts,
+       coalesce(j.lease_owner, (SELECT e.actor FROM events e WHERE e.workflow_id = j.workflow_id
+                                 AND e.job_id = j.id AND e.reason = 'claimed'
+                                 ORDER BY e.id DESC LIMIT 1)) AS runner, j.model, j.operation, j.timestep, j.decision, j.exit_code,
+       j.error, j.started_at, j.finished_at,
+       coalesce((SELECT array_agg(e.parent_id ORDER BY e.parent_id) FROM job_edges e
+                 WHERE e.child_id = j.id), '{}') AS parents
+FROM jobs j WHERE j.workflow_id = %s ORDER BY j.id
+"""
+_JOB = """
+SELECT j.id, j.workflow_id, j.key, j.kind::text AS kind, j.payload, j.status::text AS status,
+       j.priority, j.attempts, j.max_attempts, j.not_before, j.timeout_seconds,
+       coalesce(j.lease_owner, (SELECT e.actor FROM events e WHERE e.workflow_id = j.workflow_id
+                                 AND e.job_id = j.id AND e.reason = 'claimed'
+                                 ORDER BY e.id DESC LIMIT 1)) AS runner, j.lease_expires_at, j.model, j.operation, j.timestep,
+       j.decision, j.exit_code, j.error, j.result, j.log_tail, j.created_at, j.started_at,
+       j.finished_at
+FROM jobs j WHERE j.id = %s
+"""
+_JOB_EVENTS = """
+SELECT at, from_status, to_status, attempt, actor, reason FROM events
+WHERE workflow_id = %s AND job_id = %s ORDER BY id
+"""
+
+
+def workflows(conn: psycopg.Connection, status: str | None = None, limit: int = 100) -> list[dict]:
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(_WORKFLOWS, {"status": status, "limit": limit}).fetchall()
+
+
+def jobs(conn: psycopg.Connection, workflow_id: int) -> list[dict]:
+    """Every job of a workflow with its parents' ids: enough to draw the DAG."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(_JOBS, [workflow_id]).fetchall()
+
+
+def job(conn: psycopg.Connection, job_id: int) -> dict | None:
+    with conn.cursor(row_factory=dict_row) as cur:
+        row = cur.execute(_JOB, [job_id]).fetchone()
+        if row is not None:
+            row["events"] = cur.execute(_JOB_EVENTS, [row["workflow_id"], job_id]).fetchall()
+    return row

@@ -1,0 +1,51 @@
+"""The HTTP API: a Starlette app over the same data layer as the CLI (stateless; run many)."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+from psycopg_pool import ConnectionPool
+from starlette.applications import Starlette
+
+from smifdb import store
+from smifdb.api import v1
+from smifdb.api.errors import HANDLERS
+
+MAX_BODY = 1_000_000  # bytes
+
+
+def create_app(
+    dsn: str,
+    *,
+    project_dir: str | Path | None = None,
+    max_body: int = MAX_BODY,
+    pool_size: int = 8,
+    dead_after: float = 30.0,
+) -> Starlette:
+    """An app bound to one database (and optionally one smif project for the smif app API)."""
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        pool = ConnectionPool(
+            dsn,
+            min_size=1,
+            max_size=pool_size,
+            kwargs={"autocommit": True},
+            open=False,
+        )
+        pool.open(wait=True, timeout=30)
+        with pool.connection() as conn:
+            store.check_schema(conn)
+        app.state.pool = pool
+        try:
+            yield
+        finally:
+            pool.close()
+
+    app = Starlette(routes=v1.ROUTES, exception_handlers=HANDLERS, lifespan=lifespan)
+    app.state.project_dir = str(Path(project_dir).resolve()) if project_dir else None
+    app.state.max_body = max_body
+    app.state.dead_after = dead_after
+    return app

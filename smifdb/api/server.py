@@ -1,0 +1,16 @@
+"""Entry point for uvicorn workers: each worker process builds its app from the environment."""
+
+from __future__ import annotations
+
+import os
+
+from starlette.applications import Starlette
+
+from smifdb.api import create_app
+
+DSN_VAR = "SMIFDB_API_DSN"
+PROJECT_VAR = "SMIFDB_API_PROJECT"
+
+
+def app_from_env() -> Starlette:
+    return create_app(os.environ[DSN_VAR], project_dir=os.environ.get(PROJECT_VAR) or None)

@@ -1,0 +1,272 @@
+"""JSON endpoints under /api/v1: the smif app's model-run API, and workflows, jobs, runners.
+
+Responses use smif's Flask app envelope, ``{"data": ..., "error": {}}``. Every handler reads or
+writes through ``smifdb.store`` in a worker thread (psycopg is synchronous here).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import psycopg
+from starlette.concurrency import run_in_threadpool
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from smifdb import store
+from smifdb.api.errors import ApiError, read_json
+from smifdb.decisions import DecisionError, ModelRunError
+from smifdb.manager import submit_model_run
+from smifdb.spec import SpecError, parse
+from smifdb.store import control, modelruns, read
+from smifdb.store import runners as runner_rows
+from smifdb.store.submit import submit_dag
+
+T = TypeVar("T")
+MAX_ID = 2**63 - 1
+# The smif app's words for a model run's state.
+SMIF_STATUS = {
+    None: "unstarted",
+    "pending": "queing",
+    "running": "running",
+    "succeeded": "done",
+    "failed": "failed",
+    "cancelled": "stopped",
+}
+
+
+def ok(data: Any, status: int = 200) -> JSONResponse:
+    return JSONResponse({"data": _jsonable(data), "error": {}}, status)
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "isoformat"):
+        return value.isoformat()
+    return value
+
+
+async def in_db(request: Request, fn: Callable[..., T], *args: Any) -> T:
+    """Run ``fn(conn, *args)`` on a pooled connection in a worker thread."""
+
+    def call() -> T:
+        with request.app.state.pool.connection() as conn:
+            return fn(conn, *args)
+
+    return await run_in_threadpool(call)
+
+
+def ident(request: Request, name: str) -> int:
+    value = request.path_params[name]
+    if not 0 < value <= MAX_ID:
+        raise ApiError(404, f"no {name.removesuffix('_id')} {value}")
+    return value
+
+
+async def body_of(request: Request) -> Any:
+    return await read_json(request, max_bytes=request.app.state.max_body)
+
+
+# -- smif app: model runs -------------------------------------------------------------------
+
+
+def _project(request: Request) -> str:
+    project = request.app.state.project_dir
+    if project is None:
+        raise ApiError(400, "this API serves no smif project: start it with --project DIR")
+    return project
+
+
+def _model_run_rows(conn: psycopg.Connection, project: str | None) -> list[dict]:
+    rows = modelruns.listing(conn, limit=1000)
+    newest: dict[str, dict] = {}
+    for r in rows:  # newest first
+        if project is None or r["project_dir"] == project:
+            newest.setdefault(r["name"], r)
+    out = []
+    for name, r in newest.items():
+        out.append({**r, "smif_status": SMIF_STATUS[r["status"]], "name": name})
+    return out
+
+
+async def model_runs_list(request: Request) -> JSONResponse:
+    status = request.query_params.get("status")
+    if status is not None and status not in SMIF_STATUS.values():
+        raise ApiError(400, f"unknown status {status!r}: one of {sorted(SMIF_STATUS.values())}")
+    rows = await in_db(request, _model_run_rows, request.app.state.project_dir)
+    if status is not None:
+        rows = [r for r in rows if r["smif_status"] == status]
+    return ok(rows)
+
+
+def _newest(conn: psycopg.Connection, name: str, project: str | None) -> dict:
+    for r in _model_run_rows(conn, project):
+        if r["name"] == name:
+            r["bundles"] = modelruns.bundles(conn, r["id"])
+            r["events"] = modelruns.events(conn, r["id"])
+            return r
+    raise ApiError(404, f"model run {name!r} has not been started here")
+
+
+async def model_run_get(request: Request) -> JSONResponse:
+    name = request.path_params["name"]
+    return ok(await in_db(request, _newest, name, request.app.state.project_dir))
+
+
+async def model_run_status(request: Request) -> JSONResponse:
+    name = request.path_params["name"]
+    try:
+        run = await in_db(request, _newest, name, request.app.state.project_dir)
+    except ApiError:
+        return ok({"status": "unstarted"})
+    return ok(
+        {
+            "status": run["smif_status"],
+            "id": run["id"],
+            "bundles": len(run["bundles"]),
+            "jobs": run["jobs"],
+            "jobs_finished": run["jobs_finished"],
+            "error": run["error"],
+        }
+    )
+
+
+async def model_run_start(request: Request) -> JSONResponse:
+    project = _project(request)
+    name = request.path_params["name"]
+    body = await body_of(request)
+    args = body.get("args", {}) if isinstance(body, dict) else None
+    if not isinstance(args, dict):
+        raise ApiError(400, "body must be {'args': {...}}")
+    warm = args.get("warm_start", False)
+    interface = args.get("output_format", "local_csv")
+    if not isinstance(warm, bool):
+        raise ApiError(400, "args.warm_start must be true or false")
+    if interface not in ("local_csv", "local_binary"):
+        raise ApiError(400, "args.output_format must be 'local_csv' or 'local_binary'")
+
+    def start(conn: psycopg.Connection) -> tuple[int, int]:
+        return submit_model_run(
+            conn, project, name, actor=store.actor_name("api"), warm=warm, interface=interface
+        )
+
+    try:
+        model_run_id, workflow_id = await in_db(request, start)
+    except modelruns.ModelRunInUse as exc:
+        raise ApiError(409, str(exc)) from exc
+    except (ModelRunError, DecisionError) as exc:
+        status = 404 if "unknown smif model run" in str(exc) else 400
+        raise ApiError(status, str(exc)) from exc
+    return ok({"id": model_run_id, "workflow_id": workflow_id, "status": "running"}, 201)
+
+
+async def model_run_kill(request: Request) -> JSONResponse:
+    name = request.path_params["name"]
+
+    def kill(conn: psycopg.Connection) -> dict:
+        run = _newest(conn, name, request.app.state.project_dir)
+        before, fragments = modelruns.cancel(conn, run["id"], actor=store.actor_name("api"))
+        if before.finished:
+            raise ApiError(409, f"model run {name!r} already finished ({before.status})")
+        return {"id": before.id, "status": "stopped", "bundles_cancelled": fragments}
+
+    return ok(await in_db(request, kill))
+
+
+# -- workflows, jobs, runners -----------------------------------------------------------------
+
+
+async def workflows_list(request: Request) -> JSONResponse:
+    status = request.query_params.get("status")
+    return ok(await in_db(request, read.workflows, status))
+
+
+async def workflow_submit(request: Request) -> JSONResponse:
+    spec = await body_of(request)
+    try:
+        dag = parse(spec)
+    except SpecError as exc:
+        raise ApiError(400, str(exc)) from exc
+
+    def submit(conn: psycopg.Connection) -> int:
+        return submit_dag(conn, dag, actor=store.actor_name("api"))
+
+    return ok({"id": await in_db(request, submit)}, 201)
+
+
+def _workflow(conn: psycopg.Connection, workflow_id: int) -> dict:
+    workflow = read.get_workflow(conn, workflow_id)
+    if workflow is None:
+        raise ApiError(404, f"no workflow {workflow_id}")
+    return workflow
+
+
+async def workflow_get(request: Request) -> JSONResponse:
+    return ok(await in_db(request, _workflow, ident(request, "workflow_id")))
+
+
+async def workflow_jobs(request: Request) -> JSONResponse:
+    workflow_id = ident(request, "workflow_id")
+
+    def jobs(conn: psycopg.Connection) -> list[dict]:
+        _workflow(conn, workflow_id)
+        return read.jobs(conn, workflow_id)
+
+    return ok(await in_db(request, jobs))
+
+
+async def workflow_cancel(request: Request) -> JSONResponse:
+    workflow_id = ident(request, "workflow_id")
+
+    def cancel(conn: psycopg.Connection) -> dict:
+        try:
+            report = control.cancel(conn, workflow_id, actor=store.actor_name("api"))
+        except control.NotFound as exc:
+            raise ApiError(404, str(exc)) from exc
+        if report.already_finished:
+            raise ApiError(409, f"workflow {workflow_id} already finished")
+        return {"cancelled": report.cancelled, "terminating": report.terminating}
+
+    return ok(await in_db(request, cancel))
+
+
+async def job_get(request: Request) -> JSONResponse:
+    job_id = ident(request, "job_id")
+    job = await in_db(request, read.job, job_id)
+    if job is None:
+        raise ApiError(404, f"no job {job_id}")
+    return ok(job)
+
+
+async def job_result(request: Request) -> JSONResponse:
+    job_id = ident(request, "job_id")
+    job = await in_db(request, read.job, job_id)
+    if job is None:
+        raise ApiError(404, f"no job {job_id}")
+    return ok({"status": job["status"], "result": job["result"]})
+
+
+async def runners_list(request: Request) -> JSONResponse:
+    return ok(await in_db(request, runner_rows.status, request.app.state.dead_after))
+
+
+ROUTES = [
+    Route("/api/v1/model_runs/", model_runs_list),
+    Route("/api/v1/model_runs/{name}", model_run_get),
+    Route("/api/v1/model_runs/{name}/status", model_run_status),
+    Route("/api/v1/model_runs/{name}/start", model_run_start, methods=["POST"]),
+    Route("/api/v1/model_runs/{name}/kill", model_run_kill, methods=["POST"]),
+    Route("/api/v1/workflows/", workflows_list),
+    Route("/api/v1/workflows/", workflow_submit, methods=["POST"]),
+    Route("/api/v1/workflows/{workflow_id:int}", workflow_get),
+    Route("/api/v1/workflows/{workflow_id:int}/jobs", workflow_jobs),
+    Route("/api/v1/workflows/{workflow_id:int}/cancel", workflow_cancel, methods=["POST"]),
+    Route("/api/v1/jobs/{job_id:int}", job_get),
+    Route("/api/v1/jobs/{job_id:int}/result", job_result),
+    Route("/api/v1/runners/", runners_list),
+]
