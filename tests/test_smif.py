@@ -229,3 +229,34 @@ def test_bad_smif_input_is_refused_with_nothing_written(sample, tmp_path, dsn, c
         assert message in result.stderr, (args, result.stderr)
         assert "Traceback" not in result.stderr
     assert conn.execute("SELECT count(*) FROM model_runs").fetchone() == before
+
+
+def test_smif_app_api_starts_and_watches_a_real_model_run(sample, tmp_path, dsn, procs) -> None:
+    """The smif app's endpoints drive a real smif model run from start to done."""
+    from starlette.testclient import TestClient
+
+    from smifdb.api import create_app
+
+    folder = project(sample, tmp_path, "api")
+    procs.start("--slots", "2", name="r1")
+    procs.manager(name="manager")
+    with TestClient(create_app(dsn, project_dir=folder)) as client:
+        assert client.get("/api/v1/model_runs/energy_central/status").json()["data"] == {
+            "status": "unstarted"
+        }
+        started = client.post("/api/v1/model_runs/energy_central/start", json={"args": {}})
+        assert started.status_code == 201, started.text
+        again = client.post("/api/v1/model_runs/energy_central/start", json={"args": {}})
+        assert again.status_code == 409
+        unknown = client.post("/api/v1/model_runs/no_such_run/start", json={"args": {}})
+        assert unknown.status_code == 404
+        assert "unknown smif model run" in unknown.json()["error"]["message"]
+
+        def done() -> dict | None:
+            status = client.get("/api/v1/model_runs/energy_central/status").json()["data"]
+            return status if status["status"] in ("done", "failed", "stopped") else None
+
+        status = wait_for(done, timeout=180, what="the model run to end")
+        assert status["status"] == "done" and status["bundles"] == 4
+        listed = client.get("/api/v1/model_runs/?status=done").json()["data"]
+        assert [r["name"] for r in listed] == ["energy_central"]
