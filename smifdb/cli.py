@@ -191,6 +191,13 @@ def _setup_logging(level: str) -> None:
     )
 
 
+def _stack(f, options: list):
+    """Apply click decorators so they appear in --help in list order."""
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
 def _runner_options(f):
     options = [
         click.option(
@@ -242,9 +249,7 @@ def _runner_options(f):
             help="Seconds a claim holds a job before the runner must renew it.",
         ),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+    return _stack(f, options)
 
 
 def _runner_config(name: str | None, **kw) -> RunnerConfig:
@@ -473,9 +478,7 @@ def _model_run_options(f):
             "processes (saves about a second of start-up per job).",
         ),
     ]
-    for option in reversed(options):
-        f = option(f)
-    return f
+    return _stack(f, options)
 
 
 def _submit_model_run(conn, kw: dict) -> tuple[int, int]:

@@ -23,6 +23,10 @@ class ModelRunError(ValueError):
     """A model run that cannot start: bad project, unknown run, bad configuration."""
 
 
+class UnknownModelRun(ModelRunError):
+    """The project has no model run of that name."""
+
+
 class DeciderUnavailable(ModelRunError):
     """This process lacks what the decider needs (the smif extra); another process may not."""
 

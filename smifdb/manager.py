@@ -28,6 +28,7 @@ from typing import Any
 import psycopg
 
 from smifdb import db, store
+from smifdb.db import DB_ERRORS, Backoff
 from smifdb.decisions import (
     DeciderUnavailable,
     DecisionError,
@@ -41,7 +42,6 @@ from smifdb.store import runners as runner_rows
 from smifdb.store.modelruns import ModelRun
 
 log = logging.getLogger(__name__)
-DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 
 
 @dataclass
@@ -69,25 +69,25 @@ class Manager:
         log.info("manager %s started", self.config.name)
         conn: psycopg.Connection | None = None
         up_since = 0.0
-        backoff = 0.1
+        backoff = Backoff()
         while not self.stopping.is_set():
             try:
                 if conn is None or conn.closed:
                     conn = db.connect(self.dsn, connect_timeout=5)
                     store.listen(conn, FINISHED_CHANNEL)
                     up_since = time.monotonic()
-                    backoff = 0.1
+                    backoff.reset()
                 connected_for = time.monotonic() - up_since
                 self.step(conn, rescue=connected_for >= self.config.dead_after)
                 self._wait(conn)
             except DB_ERRORS as exc:
-                log.warning("database unreachable (%s); retrying in %.1f s", exc, backoff)
+                delay = backoff.next()
+                log.warning("database unreachable (%s); retrying in %.1f s", exc, delay)
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         conn.close()
                 conn = None
-                self.stopping.wait(backoff)
-                backoff = min(backoff * 2, 10.0) * random.uniform(0.8, 1.2)
+                self.stopping.wait(delay)
         if conn is not None:
             conn.close()
         log.info("manager %s stopped", self.config.name)

@@ -76,6 +76,12 @@ class ProgressPrinter:
             self.stream.flush()
 
 
+def _parallelism(work: float, makespan: float | None) -> list[str]:
+    if not makespan:
+        return []
+    return [f"  {work:.1f} s of job time in {makespan:.1f} s ({work / makespan:.1f}x parallel)"]
+
+
 def summary(conn: psycopg.Connection, workflow_id: int) -> str:
     p = read.progress(conn, workflow_id)
     if p is None:
@@ -84,11 +90,7 @@ def summary(conn: psycopg.Connection, workflow_id: int) -> str:
         f"workflow {p.workflow_id} {p.name!r}: {p.status.upper()} in {_duration(p.elapsed)}",
         "  " + ", ".join(f"{p.counts[s]} {s}" for s in ORDER if p.counts.get(s)),
     ]
-    work, makespan = read.work_and_makespan(conn, workflow_id)
-    if makespan:
-        lines.append(
-            f"  {work:.1f} s of job time in {makespan:.1f} s ({work / makespan:.1f}x parallel)"
-        )
+    lines.extend(_parallelism(*read.work_and_makespan(conn, workflow_id)))
     for job in read.problem_jobs(conn, workflow_id):
         lines.append(
             f"  {job['status']}: {job['key']} (attempt {job['attempts']}): {job['error'] or ''}"
@@ -135,11 +137,7 @@ def model_run_summary(conn: psycopg.Connection, model_run_id: int) -> str:
     ]
     if m["error"]:
         lines.append(f"  {m['error']}")
-    work, makespan = modelruns.work_and_makespan(conn, model_run_id)
-    if makespan:
-        lines.append(
-            f"  {work:.1f} s of job time in {makespan:.1f} s ({work / makespan:.1f}x parallel)"
-        )
+    lines.extend(_parallelism(*modelruns.work_and_makespan(conn, model_run_id)))
     for b in modelruns.bundles(conn, model_run_id):
         lines.append(
             f"  bundle {b['bundle']}: workflow {b['workflow_id']} {b['status']}, "

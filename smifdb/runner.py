@@ -31,13 +31,13 @@ from pathlib import Path
 import psycopg
 
 from smifdb import db, store
+from smifdb.db import DB_ERRORS, Backoff
 from smifdb.execute import Attempt, run_attempt
 from smifdb.store import CANCEL_CHANNEL, FINISHED_CHANNEL, READY_CHANNEL, queue, read
 from smifdb.store import runners as runner_rows
 from smifdb.store.queue import Outcome
 
 log = logging.getLogger("smifdb.runner")
-DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 LINGER = 0.002  # seconds an outcome may wait for others to share its transaction
 
 
@@ -63,21 +63,6 @@ class RunnerConfig:
     @property
     def scope(self) -> queue.Scope:
         return queue.Scope(self.workflow_id, self.model_run_id)
-
-
-class Backoff:
-    """Exponential backoff with jitter for reconnecting: 0.1 s doubling to 10 s."""
-
-    def __init__(self, first: float = 0.1, cap: float = 10.0) -> None:
-        self.first, self.cap, self.current = first, cap, first
-
-    def next(self) -> float:
-        delay = self.current * random.uniform(0.5, 1.5)
-        self.current = min(self.current * 2, self.cap)
-        return delay
-
-    def reset(self) -> None:
-        self.current = self.first
 
 
 class Runner:

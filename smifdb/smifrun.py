@@ -20,7 +20,12 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from smifdb.decisions import DeciderUnavailable, DecisionError, ModelRunError
+from smifdb.decisions import (
+    DeciderUnavailable,
+    DecisionError,
+    ModelRunError,
+    UnknownModelRun,
+)
 from smifdb.spec import Dag, SpecError, parse
 
 INTERFACES = ("local_csv", "local_binary")
@@ -98,7 +103,7 @@ class SmifModelRun:
             except Exception:  # an unreadable project: the main message is enough
                 known = []
             hint = f"; model runs in this project: {', '.join(known)}" if known else ""
-            raise ModelRunError(f"unknown smif model run {name!r} in {folder}{hint}") from exc
+            raise UnknownModelRun(f"unknown smif model run {name!r} in {folder}{hint}") from exc
         run = cls(folder, name, store, interface, warm, warm_start_timestep, in_process)
         run._build()  # configuration errors surface now, not in the manager
         return run

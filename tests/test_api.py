@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import socket
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -175,4 +174,3 @@ def test_smif_app_api_starts_watches_and_kills_a_model_run(dsn, tmp_path, procs)
     assert [r["name"] for r in listed] == ["loop"]
     server.terminate()
     server.wait(10)
-    time.sleep(0)

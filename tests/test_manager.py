@@ -141,7 +141,8 @@ def test_killed_managers_submit_every_bundle_once(dsn, conn, procs, tmp_path) ->
 
 def test_a_bundle_cannot_be_submitted_twice(dsn, conn, tmp_path) -> None:
     write_module(tmp_path, "slow_loop", SLOW)
-    assert cli(dsn, "modelrun", "submit", str(tmp_path), "x", "--decide", "slow_loop:decide")
+    submitted = cli(dsn, "modelrun", "submit", str(tmp_path), "x", "--decide", "slow_loop:decide")
+    assert submitted.returncode == 0, submitted.stderr
     model_run = modelruns.get(conn, "x")
     with pytest.raises(psycopg.errors.UniqueViolation):
         conn.execute(

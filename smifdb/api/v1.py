@@ -17,7 +17,7 @@ from starlette.routing import Route
 
 from smifdb import store
 from smifdb.api.errors import ApiError, read_json
-from smifdb.decisions import DecisionError, ModelRunError
+from smifdb.decisions import DecisionError, ModelRunError, UnknownModelRun
 from smifdb.manager import submit_model_run
 from smifdb.spec import SpecError, parse
 from smifdb.store import control, modelruns, read
@@ -82,16 +82,16 @@ def _project(request: Request) -> str:
     return project
 
 
+def _with_smif_status(row: dict) -> dict:
+    return {**row, "smif_status": SMIF_STATUS[row["status"]]}
+
+
 def _model_run_rows(conn: psycopg.Connection, project: str | None) -> list[dict]:
-    rows = modelruns.listing(conn, limit=1000)
+    """The newest run of each name (of the project, if the API serves one)."""
     newest: dict[str, dict] = {}
-    for r in rows:  # newest first
-        if project is None or r["project_dir"] == project:
-            newest.setdefault(r["name"], r)
-    out = []
-    for name, r in newest.items():
-        out.append({**r, "smif_status": SMIF_STATUS[r["status"]], "name": name})
-    return out
+    for r in modelruns.listing(conn, project_dir=project, limit=1000):  # newest first
+        newest.setdefault(r["name"], r)
+    return [_with_smif_status(r) for r in newest.values()]
 
 
 async def model_runs_list(request: Request) -> JSONResponse:
@@ -104,13 +104,18 @@ async def model_runs_list(request: Request) -> JSONResponse:
     return ok(rows)
 
 
+def _latest(conn: psycopg.Connection, name: str, project: str | None) -> dict | None:
+    rows = modelruns.listing(conn, name=name, project_dir=project, limit=1)
+    return _with_smif_status(rows[0]) if rows else None
+
+
 def _newest(conn: psycopg.Connection, name: str, project: str | None) -> dict:
-    for r in _model_run_rows(conn, project):
-        if r["name"] == name:
-            r["bundles"] = modelruns.bundles(conn, r["id"])
-            r["events"] = modelruns.events(conn, r["id"])
-            return r
-    raise ApiError(404, f"model run {name!r} has not been started here")
+    run = _latest(conn, name, project)
+    if run is None:
+        raise ApiError(404, f"model run {name!r} has not been started here")
+    run["bundles"] = modelruns.bundles(conn, run["id"])
+    run["events"] = modelruns.events(conn, run["id"])
+    return run
 
 
 async def model_run_get(request: Request) -> JSONResponse:
@@ -120,15 +125,14 @@ async def model_run_get(request: Request) -> JSONResponse:
 
 async def model_run_status(request: Request) -> JSONResponse:
     name = request.path_params["name"]
-    try:
-        run = await in_db(request, _newest, name, request.app.state.project_dir)
-    except ApiError:
+    run = await in_db(request, _latest, name, request.app.state.project_dir)
+    if run is None:
         return ok({"status": "unstarted"})
     return ok(
         {
             "status": run["smif_status"],
             "id": run["id"],
-            "bundles": len(run["bundles"]),
+            "bundles": run["bundles"],
             "jobs": run["jobs"],
             "jobs_finished": run["jobs_finished"],
             "error": run["error"],
@@ -159,9 +163,10 @@ async def model_run_start(request: Request) -> JSONResponse:
         model_run_id, workflow_id = await in_db(request, start)
     except modelruns.ModelRunInUse as exc:
         raise ApiError(409, str(exc)) from exc
+    except UnknownModelRun as exc:
+        raise ApiError(404, str(exc)) from exc
     except (ModelRunError, DecisionError) as exc:
-        status = 404 if "unknown smif model run" in str(exc) else 400
-        raise ApiError(status, str(exc)) from exc
+        raise ApiError(400, str(exc)) from exc
     return ok({"id": model_run_id, "workflow_id": workflow_id, "status": "running"}, 201)
 
 

@@ -99,6 +99,8 @@ SELECT m.id, m.name, m.kind::text AS kind, m.project_dir, m.status::text AS stat
        (array_agg(w.id ORDER BY w.bundle DESC))[1] AS current_workflow
 FROM model_runs m LEFT JOIN workflows w ON w.model_run_id = m.id
 WHERE (%(id)s::bigint IS NULL OR m.id = %(id)s)
+  AND (%(name)s::text IS NULL OR m.name = %(name)s)
+  AND (%(project)s::text IS NULL OR m.project_dir = %(project)s)
 GROUP BY m.id
 ORDER BY m.id DESC
 LIMIT %(limit)s
@@ -244,10 +246,17 @@ def get(conn: psycopg.Connection, ref: str | int) -> ModelRun:
 
 
 def listing(
-    conn: psycopg.Connection, model_run_id: int | None = None, limit: int = 50
+    conn: psycopg.Connection,
+    model_run_id: int | None = None,
+    *,
+    name: str | None = None,
+    project_dir: str | None = None,
+    limit: int = 50,
 ) -> list[dict]:
+    """Model runs with progress, newest first."""
+    params = {"id": model_run_id, "name": name, "project": project_dir, "limit": limit}
     with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(_LIST, {"id": model_run_id, "limit": limit}).fetchall()
+        return cur.execute(_LIST, params).fetchall()
 
 
 def events(conn: psycopg.Connection, model_run_id: int) -> list[dict]:
