@@ -21,7 +21,7 @@ from smifdb.pgserver import Cluster, ServerError, default_home
 from smifdb.progress import ModelRunProgress, ProgressPrinter, model_run_summary, summary
 from smifdb.runner import Runner, RunnerConfig, default_name
 from smifdb.spec import SpecError, load_file, load_text, parse, with_base_dir
-from smifdb.store import FINISHED_CHANNEL, control, modelruns, read
+from smifdb.store import FINISHED_CHANNEL, auth, control, modelruns, read
 from smifdb.store import runners as runner_rows
 from smifdb.store.runners import RunnerNameInUse
 from smifdb.store.submit import submit_dag
@@ -671,8 +671,21 @@ def api_group() -> None:
     type=click.Path(file_okay=False, exists=True),
     help="The smif project whose model runs /api/v1/model_runs/ starts.",
 )
+@click.option(
+    "--data-dir",
+    type=click.Path(file_okay=False),
+    help="Where DAFNI workflow instances keep step inputs and outputs; runners must see the "
+    "same path. Default: SMIFDB_HOME/dafni.",
+)
 @click.pass_context
-def api_serve(ctx: click.Context, host: str, port: int, workers: int, project: str | None) -> None:
+def api_serve(
+    ctx: click.Context,
+    host: str,
+    port: int,
+    workers: int,
+    project: str | None,
+    data_dir: str | None,
+) -> None:
     """Serve the API with uvicorn (stateless: run as many as you like behind a balancer)."""
     import uvicorn
 
@@ -683,6 +696,7 @@ def api_serve(ctx: click.Context, host: str, port: int, workers: int, project: s
         store.check_schema(conn)
     os.environ[server.DSN_VAR] = dsn
     os.environ[server.PROJECT_VAR] = str(Path(project).resolve()) if project else ""
+    os.environ[server.DATA_VAR] = str(Path(data_dir).resolve()) if data_dir else ""
     uvicorn.run(
         "smifdb.api.server:app_from_env",
         factory=True,
@@ -691,6 +705,69 @@ def api_serve(ctx: click.Context, host: str, port: int, workers: int, project: s
         workers=workers,
         log_level="info",
     )
+
+
+@api_group.group("user")
+def api_user() -> None:
+    """Local API users: who may get a bearer token from the DAFNI-shaped token endpoint."""
+
+
+@api_user.command("add")
+@click.argument("name")
+@click.option(
+    "--password-stdin",
+    is_flag=True,
+    help="Read the password from standard input (for scripts) instead of prompting.",
+)
+@click.option("--update", is_flag=True, help="Change the password of an existing user.")
+@click.pass_context
+def api_user_add(ctx: click.Context, name: str, password_stdin: bool, update: bool) -> None:
+    """Add a user (the password is stored as an scrypt hash)."""
+    if not name.strip() or len(name) > 200:
+        raise BadInput("a user name must be 1 to 200 characters")
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
+    if len(password) < 8:
+        raise BadInput("a password must be at least 8 characters")
+    with db.connect(_dsn(ctx)) as conn:
+        store.check_schema(conn)
+        try:
+            if update:
+                auth.set_password(conn, name, password)
+            else:
+                auth.add_user(conn, name, password)
+        except (auth.UserExists, auth.UnknownUser) as exc:
+            raise BadInput(str(exc)) from exc
+    click.echo(f"{'updated' if update else 'added'} user {name}")
+
+
+@api_user.command("remove")
+@click.argument("name")
+@click.pass_context
+def api_user_remove(ctx: click.Context, name: str) -> None:
+    """Remove a user and revoke their tokens."""
+    with db.connect(_dsn(ctx)) as conn:
+        store.check_schema(conn)
+        try:
+            auth.remove_user(conn, name)
+        except auth.UnknownUser as exc:
+            raise BadInput(str(exc)) from exc
+    click.echo(f"removed user {name}")
+
+
+@api_user.command("list")
+@click.pass_context
+def api_user_list(ctx: click.Context) -> None:
+    """List users and when each last signed in."""
+    with db.connect(_dsn(ctx)) as conn:
+        store.check_schema(conn)
+        for user in auth.users(conn):
+            last = user["last_login_at"]
+            click.echo(
+                f"{user['name']}\tlast login {last:%Y-%m-%d %H:%M:%S}" if last else user["name"]
+            )
 
 
 if __name__ == "__main__":

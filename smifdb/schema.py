@@ -17,6 +17,7 @@ from sqlalchemy import (
     Identity,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
     Table,
@@ -25,7 +26,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB
+from sqlalchemy.dialects.postgresql import JSONB, UUID
 
 from smifdb.states import (
     JOB_KINDS,
@@ -218,3 +219,112 @@ Index(
     events.c.id,
     postgresql_where=text("model_run_id IS NOT NULL"),
 )
+
+# -- the HTTP API's users, and the DAFNI shim (migration 0003) ------------------------------
+
+UUID_ = UUID(as_uuid=True)
+NEW_UUID = text("gen_random_uuid()")
+
+api_users = Table(
+    "api_users",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("name", Text, nullable=False, unique=True),
+    Column("password_hash", Text, nullable=False),  # scrypt, see smifdb.store.auth
+    Column("created_at", TS, nullable=False, server_default=func.now()),
+)
+
+api_tokens = Table(
+    "api_tokens",
+    metadata,
+    Column("token_hash", LargeBinary, primary_key=True),  # SHA-256 of the bearer token
+    Column("user_id", BigInteger, ForeignKey("api_users.id", ondelete="CASCADE"), nullable=False),
+    Column("kind", Text, nullable=False),
+    Column("issued_at", TS, nullable=False, server_default=func.now()),
+    Column("expires_at", TS, nullable=False),
+    CheckConstraint("kind IN ('access', 'refresh')", name="api_tokens_kind_check"),
+)
+Index("api_tokens_user_idx", api_tokens.c.user_id)
+
+dafni_models = Table(
+    "dafni_models",
+    metadata,
+    Column("version_id", UUID_, primary_key=True, server_default=NEW_UUID),
+    Column("model_id", UUID_, nullable=False),  # DAFNI's "parent": versions of one model share it
+    Column("definition", JSONB, nullable=False),  # metadata and spec, incl. command or smif
+    Column("version_message", Text, nullable=False, server_default=""),
+    Column("owner", Text, nullable=False),
+    Column("created_at", TS, nullable=False, server_default=func.now()),
+)
+Index("dafni_models_model_idx", dafni_models.c.model_id, dafni_models.c.created_at)
+
+# dafni-cli uploads a model in steps (definition, image, ingest): the half-done upload lives here.
+dafni_model_uploads = Table(
+    "dafni_model_uploads",
+    metadata,
+    Column("id", UUID_, primary_key=True, server_default=NEW_UUID),
+    Column("owner", Text, nullable=False),
+    Column("definition", JSONB),
+    Column("image_bytes", BigInteger),
+    Column("created_at", TS, nullable=False, server_default=func.now()),
+)
+
+dafni_workflows = Table(
+    "dafni_workflows",
+    metadata,
+    Column("version_id", UUID_, primary_key=True, server_default=NEW_UUID),
+    Column("workflow_id", UUID_, nullable=False),  # DAFNI's "parent"
+    Column("definition", JSONB, nullable=False),
+    Column("version_message", Text, nullable=False, server_default=""),
+    Column("owner", Text, nullable=False),
+    Column("created_at", TS, nullable=False, server_default=func.now()),
+)
+Index("dafni_workflows_workflow_idx", dafni_workflows.c.workflow_id, dafni_workflows.c.created_at)
+
+dafni_parameter_sets = Table(
+    "dafni_parameter_sets",
+    metadata,
+    Column("id", UUID_, primary_key=True, server_default=NEW_UUID),
+    Column(
+        "workflow_version_id",
+        UUID_,
+        ForeignKey("dafni_workflows.version_id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("definition", JSONB, nullable=False),
+    Column("owner", Text, nullable=False),
+    Column("created_at", TS, nullable=False, server_default=func.now()),
+)
+Index("dafni_parameter_sets_workflow_idx", dafni_parameter_sets.c.workflow_version_id)
+
+dafni_instances = Table(
+    "dafni_instances",
+    metadata,
+    Column("id", UUID_, primary_key=True, server_default=NEW_UUID),
+    Column(
+        "workflow_version_id",
+        UUID_,
+        ForeignKey("dafni_workflows.version_id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column(
+        "parameter_set_id",
+        UUID_,
+        ForeignKey("dafni_parameter_sets.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column(
+        "workflow_id",
+        BigInteger,
+        ForeignKey("workflows.id", ondelete="CASCADE"),
+        nullable=False,
+        unique=True,
+    ),
+    Column("owner", Text, nullable=False),
+    Column("idempotency_key", Text),
+    Column("submitted_at", TS, nullable=False, server_default=func.now()),
+    # A retried execute request with the same key gets the same instance, not a second one.
+    UniqueConstraint("owner", "idempotency_key", name="dafni_instances_idempotency_key"),
+)
+Index("dafni_instances_workflow_version_idx", dafni_instances.c.workflow_version_id)
+Index("dafni_instances_parameter_set_idx", dafni_instances.c.parameter_set_id)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 FAST = ["--poll", "0.2", "--heartbeat", "0.2", "--dead-after", "2"]
 PY = sys.executable
@@ -65,3 +68,24 @@ class Runners:
             if p.poll() is None:
                 p.kill()
                 p.wait()
+
+
+class ApiServer:
+    """An API app under a real uvicorn in a background thread, on a socket bound before it starts."""
+
+    def __init__(self, app: Any) -> None:
+        import uvicorn
+
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+        self.thread = threading.Thread(target=self.server.run, args=([self.sock],), daemon=True)
+        self.thread.start()
+        wait_for(lambda: self.server.started or not self.thread.is_alive(), what="uvicorn")
+        assert self.server.started, "the API server did not start"
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()

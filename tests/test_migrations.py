@@ -6,7 +6,21 @@ import psycopg
 
 from smifdb import migrate
 
-TABLES = {"model_runs", "workflows", "jobs", "job_edges", "runners", "events"}
+TABLES = {
+    "model_runs",
+    "workflows",
+    "jobs",
+    "job_edges",
+    "runners",
+    "events",
+    "api_users",
+    "api_tokens",
+    "dafni_models",
+    "dafni_model_uploads",
+    "dafni_workflows",
+    "dafni_parameter_sets",
+    "dafni_instances",
+}
 
 
 def _tables(dsn: str) -> set[str]:

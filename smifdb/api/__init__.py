@@ -10,8 +10,9 @@ from psycopg_pool import ConnectionPool
 from starlette.applications import Starlette
 
 from smifdb import store
-from smifdb.api import v1
+from smifdb.api import dafni, dashboard, openapi, v1
 from smifdb.api.errors import HANDLERS
+from smifdb.pgserver import default_home
 
 MAX_BODY = 1_000_000  # bytes
 
@@ -20,11 +21,16 @@ def create_app(
     dsn: str,
     *,
     project_dir: str | Path | None = None,
+    data_dir: str | Path | None = None,
     max_body: int = MAX_BODY,
     pool_size: int = 8,
     dead_after: float = 30.0,
 ) -> Starlette:
-    """An app bound to one database (and optionally one smif project for the smif app API)."""
+    """An app bound to one database (and optionally one smif project for the smif app API).
+
+    ``data_dir`` is where DAFNI workflow instances keep each step's inputs and outputs; runners
+    must see it at the same path (a shared filesystem on a cluster).
+    """
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -44,8 +50,13 @@ def create_app(
         finally:
             pool.close()
 
-    app = Starlette(routes=v1.ROUTES, exception_handlers=HANDLERS, lifespan=lifespan)
+    app = Starlette(
+        routes=[*v1.ROUTES, *dafni.ROUTES, *openapi.ROUTES, *dashboard.ROUTES],
+        exception_handlers=HANDLERS,
+        lifespan=lifespan,
+    )
     app.state.project_dir = str(Path(project_dir).resolve()) if project_dir else None
+    app.state.data_dir = str(Path(data_dir or default_home() / "dafni").resolve())
     app.state.max_body = max_body
     app.state.dead_after = dead_after
     return app

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from http import HTTPStatus
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -14,35 +15,58 @@ log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        problems: list[str] | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
         self.status, self.message = status, message
+        self.problems, self.headers = problems, headers
 
 
-def error_response(status: int, message: str) -> JSONResponse:
-    return JSONResponse({"data": None, "error": {"code": status, "message": message}}, status)
+def error_response(
+    request: Request,
+    status: int,
+    message: str,
+    problems: list[str] | None = None,
+    headers: dict[str, str] | None = None,
+) -> JSONResponse:
+    """smif's envelope under /api/; elsewhere (the DAFNI shim) the shape dafni-cli reads."""
+    if request.url.path.startswith("/api/"):
+        error: dict[str, Any] = {"code": status, "message": message}
+        if problems:
+            error["problems"] = problems
+        return JSONResponse({"data": None, "error": error}, status, headers=headers)
+    body: dict[str, Any] = {"error": HTTPStatus(status).phrase, "error_message": message}
+    if problems:
+        body["errors"] = problems
+    return JSONResponse(body, status, headers=headers)
 
 
 async def api_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, ApiError)
-    return error_response(exc.status, exc.message)
+    return error_response(request, exc.status, exc.message, exc.problems, exc.headers)
 
 
 async def http_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, HTTPException)
-    return error_response(exc.status_code, str(exc.detail))
+    return error_response(request, exc.status_code, str(exc.detail), headers=exc.headers)
 
 
 async def unexpected(request: Request, exc: Exception) -> JSONResponse:
     log.exception("unhandled error on %s %s", request.method, request.url.path)
-    return error_response(500, f"internal error: {type(exc).__name__}")
+    return error_response(request, 500, f"internal error: {type(exc).__name__}")
 
 
 HANDLERS = {ApiError: api_error, HTTPException: http_error, Exception: unexpected}
 
 
-async def read_json(request: Request, *, max_bytes: int) -> Any:
-    """The request's JSON body; 413 if too large, 400 if it is not JSON."""
+async def read_body(request: Request, *, max_bytes: int) -> bytes:
+    """The request's body; 413 as soon as it is known to be too large."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(413, f"request body over {max_bytes} bytes")
@@ -51,12 +75,50 @@ async def read_json(request: Request, *, max_bytes: int) -> Any:
         body += chunk
         if len(body) > max_bytes:
             raise ApiError(413, f"request body over {max_bytes} bytes")
-    if not body.strip():
-        raise ApiError(400, "a JSON body is required")
+    return body
+
+
+def _encodable(value: Any) -> Any:
+    """JSON allows escaped lone surrogates ("\\ud800"), which no UTF-8 column can store."""
+    if isinstance(value, str):
+        value.encode()
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _encodable(k)
+            _encodable(v)
+    elif isinstance(value, list):
+        for v in value:
+            _encodable(v)
+    return value
+
+
+def decode(body: bytes, *, yaml_too: bool = False) -> Any:
+    """JSON (or, for definitions sent as files, YAML) text as values; 400 if it is neither."""
     try:
-        return json.loads(body)
+        return _encodable(json.loads(body))
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, "the body has an unpaired surrogate (\\ud800-\\udfff)") from exc
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"malformed JSON: {exc}") from exc
+        if not yaml_too:
+            raise ApiError(400, f"malformed JSON: {exc}") from exc
+    import yaml
+
+    try:
+        return _encodable(yaml.safe_load(body))
+    except UnicodeEncodeError as exc:
+        raise ApiError(400, "the body has an unpaired surrogate (\\ud800-\\udfff)") from exc
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the body is neither JSON nor YAML: {exc}") from exc
+
+
+async def read_json(request: Request, *, max_bytes: int, required: bool = True) -> Any:
+    """The request's JSON body; 413 if too large, 400 if it is not JSON."""
+    body = await read_body(request, max_bytes=max_bytes)
+    if not body.strip():
+        if required:
+            raise ApiError(400, "a JSON body is required")
+        return {}
+    return decode(body)
 
 
 def int_param(request: Request, name: str) -> int:

@@ -10,7 +10,12 @@ from smifdb.api import create_app
 
 DSN_VAR = "SMIFDB_API_DSN"
 PROJECT_VAR = "SMIFDB_API_PROJECT"
+DATA_VAR = "SMIFDB_API_DATA_DIR"
 
 
 def app_from_env() -> Starlette:
-    return create_app(os.environ[DSN_VAR], project_dir=os.environ.get(PROJECT_VAR) or None)
+    return create_app(
+        os.environ[DSN_VAR],
+        project_dir=os.environ.get(PROJECT_VAR) or None,
+        data_dir=os.environ.get(DATA_VAR) or None,
+    )

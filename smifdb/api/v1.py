@@ -6,17 +6,16 @@ writes through ``smifdb.store`` in a worker thread (psycopg is synchronous here)
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg
-from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from smifdb import store
 from smifdb.api.errors import ApiError, read_json
+from smifdb.api.pool import in_db
 from smifdb.decisions import DecisionError, ModelRunError, UnknownModelRun
 from smifdb.manager import submit_model_run
 from smifdb.spec import SpecError, parse
@@ -49,16 +48,6 @@ def _jsonable(value: Any) -> Any:
     if hasattr(value, "isoformat"):
         return value.isoformat()
     return value
-
-
-async def in_db(request: Request, fn: Callable[..., T], *args: Any) -> T:
-    """Run ``fn(conn, *args)`` on a pooled connection in a worker thread."""
-
-    def call() -> T:
-        with request.app.state.pool.connection() as conn:
-            return fn(conn, *args)
-
-    return await run_in_threadpool(call)
 
 
 def ident(request: Request, name: str) -> int:
@@ -256,6 +245,29 @@ async def job_result(request: Request) -> JSONResponse:
     return ok({"status": job["status"], "result": job["result"]})
 
 
+async def job_cancel(request: Request) -> JSONResponse:
+    """Cancel one job and everything downstream of it (a running job is ended by its runner)."""
+    job_id = ident(request, "job_id")
+
+    def cancel(conn: psycopg.Connection) -> dict:
+        job = read.job(conn, job_id)
+        if job is None:
+            raise ApiError(404, f"no job {job_id}")
+        if job["status"] not in ("waiting", "ready", "running"):
+            raise ApiError(409, f"job {job_id} already finished ({job['status']})")
+        try:
+            report = control.cancel(
+                conn, job["workflow_id"], job_key=job["key"], actor=store.actor_name("api")
+            )
+        except control.NotFound as exc:
+            raise ApiError(404, str(exc)) from exc
+        if report.already_finished:
+            raise ApiError(409, f"workflow {job['workflow_id']} already finished")
+        return {"cancelled": report.cancelled, "terminating": report.terminating}
+
+    return ok(await in_db(request, cancel))
+
+
 async def runners_list(request: Request) -> JSONResponse:
     return ok(await in_db(request, runner_rows.status, request.app.state.dead_after))
 
@@ -273,5 +285,6 @@ ROUTES = [
     Route("/api/v1/workflows/{workflow_id:int}/cancel", workflow_cancel, methods=["POST"]),
     Route("/api/v1/jobs/{job_id:int}", job_get),
     Route("/api/v1/jobs/{job_id:int}/result", job_result),
+    Route("/api/v1/jobs/{job_id:int}/cancel", job_cancel, methods=["POST"]),
     Route("/api/v1/runners/", runners_list),
 ]

@@ -1,0 +1,469 @@
+"""The OpenAPI 3.1 document served at /openapi.json.
+
+Written out here rather than scraped from docstrings, so handlers keep short docstrings;
+tests/test_fuzz.py checks that every route is documented and fuzzes each operation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from smifdb import __version__
+from smifdb.states import JOB_STATUSES, WORKFLOW_STATUSES
+
+JSON = "application/json"
+ID = {"type": "integer", "minimum": 1}
+UUID = {"type": "string", "format": "uuid"}
+ANY_OBJECT = {"type": "object"}
+
+
+def _error(description: str) -> dict:
+    return {
+        "description": description,
+        "content": {JSON: {"schema": {"$ref": "#/components/schemas/Error"}}},
+    }
+
+
+def _op(
+    summary: str,
+    *,
+    tag: str,
+    params: list[dict] | None = None,
+    body: dict | None = None,
+    body_type: str = JSON,
+    ok: tuple[int, str] = (200, "OK"),
+    errors: tuple[int, ...] = (),
+    auth: bool = False,
+) -> dict:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "tags": [tag],
+        "responses": {
+            str(ok[0]): {"description": ok[1]},
+            **{str(code): _error(REASONS[code]) for code in errors},
+        },
+    }
+    if params:
+        op["parameters"] = params
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {body_type: {"schema": body}}}
+    if auth:
+        op["security"] = [{"bearer": []}]
+        op["responses"]["401"] = _error(REASONS[401])
+    return op
+
+
+REASONS = {
+    400: "bad input: the message and `errors` say what is wrong",
+    401: "no token, or an invalid or expired one",
+    403: "only the owner may do this",
+    404: "no such thing",
+    409: "conflicts with the current state",
+    413: "request body too large",
+}
+
+
+def _path(name: str, schema: dict, description: str = "") -> dict:
+    return {
+        "name": name,
+        "in": "path",
+        "required": True,
+        "schema": schema,
+        "description": description,
+    }
+
+
+def _query(name: str, schema: dict) -> dict:
+    return {"name": name, "in": "query", "required": False, "schema": schema}
+
+
+NAME = _path("name", {"type": "string"}, "model run name")
+WORKFLOW_ID = _path("workflow_id", ID)
+JOB_ID = _path("job_id", ID)
+VERSION_ID = _path("version_id", UUID)
+SMIF_STATUSES = ["unstarted", "queing", "running", "done", "failed", "stopped"]
+
+DAG_SPEC = {
+    "type": "object",
+    "required": ["jobs"],
+    "properties": {
+        "name": {"type": "string"},
+        "jobs": {
+            "type": "array",
+            "minItems": 1,
+            "items": {
+                "type": "object",
+                "required": ["key"],
+                "properties": {
+                    "key": {"type": "string"},
+                    "command": {
+                        "oneOf": [
+                            {"type": "string"},
+                            {"type": "array", "items": {"type": "string"}},
+                        ]
+                    },
+                    "python": {"type": "string", "examples": ["smifdb.examples:noop"]},
+                    "args": ANY_OBJECT,
+                    "after": {"type": "array", "items": {"type": "string"}},
+                    "priority": {"type": "integer"},
+                    "max_attempts": {"type": "integer", "minimum": 1, "maximum": 1000},
+                    "timeout": {"type": "number", "exclusiveMinimum": 0},
+                    "env": {"type": "object", "additionalProperties": {"type": "string"}},
+                },
+            },
+        },
+    },
+}
+DEFINITION = {
+    "type": "object",
+    "description": "a DAFNI definition: kind, api_version, metadata, spec",
+    "required": ["metadata", "spec"],
+    "properties": {"kind": {"type": "string"}, "metadata": ANY_OBJECT, "spec": ANY_OBJECT},
+}
+TOKEN_FORM = {
+    "type": "object",
+    "required": ["grant_type"],
+    "properties": {
+        "grant_type": {"enum": ["password", "refresh_token"]},
+        "client_id": {"type": "string"},
+        "username": {"type": "string"},
+        "password": {"type": "string"},
+        "refresh_token": {"type": "string"},
+        "scope": {"type": "string"},
+    },
+}
+FORM = "application/x-www-form-urlencoded"
+TOKEN_PATH = "/realms/{realm}/protocol/openid-connect/token/"
+REALM = _path("realm", {"type": "string"}, "any realm name (DAFNI's is Production)")
+
+V1, DAFNI, AUTH = "smif app and workflows", "DAFNI workflow API", "tokens"
+
+PATHS: dict[str, dict[str, dict]] = {
+    "/api/v1/model_runs/": {
+        "get": _op(
+            "model runs, newest of each name",
+            tag=V1,
+            params=[_query("status", {"enum": SMIF_STATUSES})],
+            errors=(400,),
+        )
+    },
+    "/api/v1/model_runs/{name}": {
+        "get": _op("a model run: bundles and audit log", tag=V1, params=[NAME], errors=(404,))
+    },
+    "/api/v1/model_runs/{name}/status": {
+        "get": _op("a model run's status in smif's words", tag=V1, params=[NAME])
+    },
+    "/api/v1/model_runs/{name}/start": {
+        "post": _op(
+            "start a model run of the served smif project",
+            tag=V1,
+            params=[NAME],
+            body={
+                "type": "object",
+                "properties": {
+                    "args": {
+                        "type": "object",
+                        "properties": {
+                            "warm_start": {"type": "boolean"},
+                            "output_format": {"enum": ["local_csv", "local_binary"]},
+                        },
+                    }
+                },
+            },
+            ok=(201, "started"),
+            errors=(400, 404, 409, 413),
+        )
+    },
+    "/api/v1/model_runs/{name}/kill": {
+        "post": _op("cancel a model run", tag=V1, params=[NAME], errors=(404, 409))
+    },
+    "/api/v1/workflows/": {
+        "get": _op(
+            "newest workflows with progress",
+            tag=V1,
+            params=[_query("status", {"enum": list(WORKFLOW_STATUSES)})],
+        ),
+        "post": _op(
+            "submit a DAG", tag=V1, body=DAG_SPEC, ok=(201, "submitted"), errors=(400, 413)
+        ),
+    },
+    "/api/v1/workflows/{workflow_id}": {
+        "get": _op("a workflow", tag=V1, params=[WORKFLOW_ID], errors=(404,))
+    },
+    "/api/v1/workflows/{workflow_id}/jobs": {
+        "get": _op("a workflow's jobs, with parents", tag=V1, params=[WORKFLOW_ID], errors=(404,))
+    },
+    "/api/v1/workflows/{workflow_id}/cancel": {
+        "post": _op("cancel a workflow", tag=V1, params=[WORKFLOW_ID], errors=(404, 409))
+    },
+    "/api/v1/jobs/{job_id}": {
+        "get": _op("a job with its events and log tail", tag=V1, params=[JOB_ID], errors=(404,))
+    },
+    "/api/v1/jobs/{job_id}/result": {
+        "get": _op("a job's result", tag=V1, params=[JOB_ID], errors=(404,))
+    },
+    "/api/v1/jobs/{job_id}/cancel": {
+        "post": _op("cancel a job and its descendants", tag=V1, params=[JOB_ID], errors=(404, 409))
+    },
+    "/api/v1/runners/": {"get": _op("runners and their load", tag=V1)},
+    TOKEN_PATH: {
+        "post": {
+            **_op(
+                "get tokens (Keycloak-shaped)",
+                tag=AUTH,
+                params=[REALM],
+                body=TOKEN_FORM,
+                body_type=FORM,
+            ),
+            "responses": {
+                "200": {"description": "tokens"},
+                "400": {"description": "bad grant"},
+                "401": {"description": "bad credentials"},
+            },
+        }
+    },
+    TOKEN_PATH.rstrip("/"): {
+        "post": {
+            **_op(
+                "get tokens (no trailing slash)",
+                tag=AUTH,
+                params=[REALM],
+                body=TOKEN_FORM,
+                body_type=FORM,
+            ),
+            "responses": {
+                "200": {"description": "tokens"},
+                "400": {"description": "bad grant"},
+                "401": {"description": "bad credentials"},
+            },
+        }
+    },
+    "/realms/{realm}/protocol/openid-connect/logout": {
+        "post": {
+            **_op(
+                "revoke a session's tokens",
+                tag=AUTH,
+                params=[REALM],
+                body={"type": "object", "properties": {"refresh_token": {"type": "string"}}},
+                body_type=FORM,
+            ),
+            "responses": {"204": {"description": "logged out"}},
+        }
+    },
+    "/models/": {"get": _op("model versions", tag=DAFNI, auth=True)},
+    "/models/validate/": {
+        "put": _op(
+            "check a model definition (YAML or JSON)",
+            tag=DAFNI,
+            body=DEFINITION,
+            auth=True,
+            errors=(400, 413),
+        )
+    },
+    "/models/upload/": {
+        "post": _op(
+            "start a model upload: URLs to PUT files to",
+            tag=DAFNI,
+            body=ANY_OBJECT,
+            ok=(201, "upload started"),
+            auth=True,
+        )
+    },
+    "/models/upload/{upload_id}/definition/": {
+        "put": _op(
+            "the upload's definition",
+            tag=DAFNI,
+            params=[_path("upload_id", UUID)],
+            body=DEFINITION,
+            ok=(204, "stored"),
+            auth=True,
+            errors=(400, 404, 413),
+        )
+    },
+    "/models/upload/{upload_id}/image/": {
+        "put": _op(
+            "the upload's image (counted, not kept)",
+            tag=DAFNI,
+            params=[_path("upload_id", UUID)],
+            body={"type": "string", "format": "binary"},
+            body_type="application/octet-stream",
+            ok=(204, "received"),
+            auth=True,
+            errors=(404,),
+        )
+    },
+    "/models/upload/{upload_id}/ingest/": {
+        "post": _op(
+            "turn an upload into a model version",
+            tag=DAFNI,
+            params=[_path("upload_id", UUID)],
+            body={"type": "object", "properties": {"version_message": {"type": "string"}}},
+            ok=(201, "ingested"),
+            auth=True,
+            errors=(400, 404, 409),
+        )
+    },
+    "/models/{model_id}/upload/{upload_id}/ingest/": {
+        "post": _op(
+            "turn an upload into a new version of a model",
+            tag=DAFNI,
+            params=[_path("model_id", UUID), _path("upload_id", UUID)],
+            body={"type": "object", "properties": {"version_message": {"type": "string"}}},
+            ok=(201, "ingested"),
+            auth=True,
+            errors=(400, 404, 409),
+        )
+    },
+    "/models/{version_id}/": {
+        "get": _op("a model version", tag=DAFNI, params=[VERSION_ID], auth=True, errors=(404,)),
+        "delete": _op(
+            "delete a model version",
+            tag=DAFNI,
+            params=[VERSION_ID],
+            ok=(204, "deleted"),
+            auth=True,
+            errors=(403, 404),
+        ),
+    },
+    "/workflows/": {"get": _op("workflow versions", tag=DAFNI, auth=True)},
+    "/workflows/upload/": {
+        "post": _op(
+            "upload a workflow",
+            tag=DAFNI,
+            body={
+                "type": "object",
+                "required": ["definition"],
+                "properties": {"version_message": {"type": "string"}, "definition": DEFINITION},
+            },
+            ok=(201, "the new version"),
+            auth=True,
+            errors=(400, 413),
+        )
+    },
+    "/workflows/{parent_id}/upload/": {
+        "post": _op(
+            "upload a new version of a workflow",
+            tag=DAFNI,
+            params=[_path("parent_id", UUID)],
+            body={
+                "type": "object",
+                "required": ["definition"],
+                "properties": {"version_message": {"type": "string"}, "definition": DEFINITION},
+            },
+            ok=(201, "the new version"),
+            auth=True,
+            errors=(400, 404, 413),
+        )
+    },
+    "/workflows/parameter-set/validate/": {
+        "post": _op(
+            "check a parameter set", tag=DAFNI, body=DEFINITION, auth=True, errors=(400, 409, 413)
+        )
+    },
+    "/workflows/parameter-set/upload/": {
+        "post": _op(
+            "upload a parameter set",
+            tag=DAFNI,
+            body=DEFINITION,
+            ok=(201, "the parameter set"),
+            auth=True,
+            errors=(400, 404, 409, 413),
+        )
+    },
+    "/workflows/execute/{version_id}/{parameter_set_id}/": {
+        "post": {
+            **_op(
+                "run a workflow version with a parameter set: a new instance",
+                tag=DAFNI,
+                params=[
+                    VERSION_ID,
+                    _path("parameter_set_id", UUID),
+                    {
+                        "name": "Idempotency-Key",
+                        "in": "header",
+                        "required": False,
+                        "schema": {"type": "string", "minLength": 1, "maxLength": 200},
+                    },
+                ],
+                ok=(201, "the new instance (200: the instance this Idempotency-Key made)"),
+                auth=True,
+                errors=(400, 404, 409),
+            )
+        }
+    },
+    "/workflows/instances/{instance_id}/": {
+        "get": _op(
+            "a workflow instance with step statuses",
+            tag=DAFNI,
+            params=[_path("instance_id", UUID)],
+            auth=True,
+            errors=(404,),
+        )
+    },
+    "/workflows/{version_id}/": {
+        "get": _op(
+            "a workflow version with parameter sets and instances",
+            tag=DAFNI,
+            params=[VERSION_ID],
+            auth=True,
+            errors=(404,),
+        ),
+        "delete": _op(
+            "delete a workflow version",
+            tag=DAFNI,
+            params=[VERSION_ID],
+            ok=(204, "deleted"),
+            auth=True,
+            errors=(403, 404, 409),
+        ),
+    },
+    "/": {
+        "get": {
+            "summary": "the dashboard",
+            "tags": ["dashboard"],
+            "responses": {"200": {"description": "HTML page"}},
+        }
+    },
+    "/openapi.json": {
+        "get": {
+            "summary": "this document",
+            "tags": ["meta"],
+            "responses": {"200": {"description": "OpenAPI 3.1"}},
+        }
+    },
+}
+
+
+def document() -> dict:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "smifdb",
+            "version": __version__,
+            "description": "smifdb's HTTP API: the smif app's model runs, workflows and jobs, "
+            "and a local copy of DAFNI's workflow API. See docs/api.md.",
+        },
+        "paths": PATHS,
+        "components": {
+            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "schemas": {
+                "Error": {
+                    "type": "object",
+                    "description": "under /api/: {data: null, error: {code, message}}; "
+                    "elsewhere: {error, error_message, errors?}",
+                }
+            },
+        },
+        "x-job-statuses": list(JOB_STATUSES),
+    }
+
+
+async def openapi(request: Request) -> JSONResponse:
+    return JSONResponse(document())
+
+
+ROUTES = [Route("/openapi.json", openapi)]

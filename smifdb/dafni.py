@@ -1,0 +1,338 @@
+"""DAFNI's workflow model, run locally: validating definitions and turning an instance into a DAG.
+
+DAFNI runs each model step as a container with its parameters as environment variables,
+inputs under /data/inputs and outputs under /data/outputs. Here a model version names what a
+runner executes instead of an image: a shell ``command`` (parameters in its environment, run in
+the step's own folder with ``inputs/`` and ``outputs/``) or a ``smif`` model run. Publisher and
+visualisation steps become small Python jobs that record what their input steps produced.
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import uuid
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from smifdb.spec import SpecError, parse
+
+STEP_KINDS = {"model", "publisher", "visualisation"}
+UNSUPPORTED_STEP_KINDS = {"loop", "parameter-iterator"}
+PARAMETER_TYPES = {
+    "integer": lambda v: isinstance(v, int) and not isinstance(v, bool),
+    "number": lambda v: isinstance(v, (int, float)) and not isinstance(v, bool),
+    "boolean": lambda v: isinstance(v, bool),
+    "string": lambda v: isinstance(v, str),
+}
+ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+METADATA_FIELDS = ("display_name", "name", "summary")
+
+
+class DefinitionError(ValueError):
+    """A definition DAFNI would reject; ``problems`` lists every reason."""
+
+    def __init__(self, what: str, problems: list[str]) -> None:
+        super().__init__(f"invalid {what}: " + "; ".join(problems))
+        self.what, self.problems = what, problems
+
+
+def _metadata_problems(definition: Mapping, problems: list[str]) -> None:
+    metadata = definition.get("metadata")
+    if not isinstance(metadata, Mapping):
+        problems.append("metadata: a mapping is required")
+        return
+    for name in METADATA_FIELDS:
+        if not isinstance(metadata.get(name), str) or not metadata[name].strip():
+            problems.append(f"metadata.{name}: a non-empty string is required")
+    for name, value in metadata.items():
+        if value is not None and not isinstance(value, str):
+            problems.append(f"metadata.{name}: must be a string")
+
+
+def _check(definition: Any, kind: str, what: str) -> Mapping:
+    if not isinstance(definition, Mapping):
+        raise DefinitionError(
+            what, [f"the definition must be a JSON object, not {type(definition).__name__}"]
+        )
+    if definition.get("kind", kind) != kind:
+        raise DefinitionError(what, [f"kind: must be {kind!r}, got {definition.get('kind')!r}"])
+    return definition
+
+
+# -- model versions -------------------------------------------------------------------------
+
+
+def validate_model(definition: Any) -> dict:
+    """A model definition (DAFNI's, with ``spec.command`` or ``spec.smif`` instead of an image)."""
+    definition = _check(definition, "M", "model definition")
+    problems: list[str] = []
+    _metadata_problems(definition, problems)
+    spec = definition.get("spec")
+    if not isinstance(spec, Mapping):
+        raise DefinitionError("model definition", [*problems, "spec: a mapping is required"])
+    command, smif = spec.get("command"), spec.get("smif")
+    if (command is None) == (smif is None):
+        problems.append(
+            "spec: give exactly one of 'command' (a shell command) or 'smif' "
+            "({project, model_run}): what a runner executes for this model"
+        )
+    elif command is not None and (not isinstance(command, str) or not command.strip()):
+        problems.append("spec.command: must be a non-empty shell command")
+    elif smif is not None and not (
+        isinstance(smif, Mapping)
+        and all(isinstance(smif.get(k), str) and smif[k] for k in ("project", "model_run"))
+    ):
+        problems.append("spec.smif: must be {project: <folder>, model_run: <name>}")
+    timeout = spec.get("timeout")
+    if timeout is not None and (
+        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
+    ):
+        problems.append("spec.timeout: must be a positive number of seconds")
+    inputs = spec.get("inputs", {"parameters": []})
+    parameters = inputs.get("parameters", []) if isinstance(inputs, Mapping) else None
+    if not isinstance(parameters, list):
+        problems.append("spec.inputs.parameters: must be a list")
+        parameters = []
+    seen: set[str] = set()
+    for i, parameter in enumerate(parameters):
+        where = f"spec.inputs.parameters[{i}]"
+        if not isinstance(parameter, Mapping):
+            problems.append(f"{where}: must be a mapping")
+            continue
+        name = parameter.get("name")
+        if not isinstance(name, str) or not ENV_NAME.match(name):
+            problems.append(f"{where}.name: must be an environment variable name like MY_PARAM")
+            continue
+        if name in seen:
+            problems.append(f"{where}.name: {name!r} is given twice")
+        seen.add(name)
+        kind = parameter.get("type")
+        if kind not in PARAMETER_TYPES:
+            problems.append(f"{where}.type: must be one of {', '.join(PARAMETER_TYPES)}")
+        elif "default" in parameter and not PARAMETER_TYPES[kind](parameter["default"]):
+            problems.append(f"{where}.default: must be of type {kind}")
+    if problems:
+        raise DefinitionError("model definition", problems)
+    return {**definition, "kind": "M"}
+
+
+def model_parameters(model: Mapping) -> dict[str, Mapping]:
+    inputs = model["spec"].get("inputs") or {}
+    return {p["name"]: p for p in inputs.get("parameters", [])}
+
+
+# -- workflow versions and parameter sets ---------------------------------------------------
+
+
+def validate_workflow(definition: Any, model_exists: Callable[[str], bool]) -> dict:
+    """Every problem at once: step kinds, dependencies, cycles, unknown model versions."""
+    definition = _check(definition, "W", "workflow definition")
+    problems: list[str] = []
+    _metadata_problems(definition, problems)
+    spec = definition.get("spec")
+    steps = spec.get("steps") if isinstance(spec, Mapping) else None
+    if not isinstance(steps, Mapping) or not steps:
+        raise DefinitionError(
+            "workflow definition", [*problems, "spec.steps: a non-empty mapping is required"]
+        )
+    for step_id, step in steps.items():
+        where = f"spec.steps.{step_id}"
+        if not isinstance(step, Mapping):
+            problems.append(f"{where}: must be a mapping")
+            continue
+        kind = step.get("kind")
+        if kind in UNSUPPORTED_STEP_KINDS:
+            problems.append(f"{where}.kind: {kind!r} steps are not supported by smifdb's shim")
+        elif kind not in STEP_KINDS:
+            problems.append(f"{where}.kind: must be one of {', '.join(sorted(STEP_KINDS))}")
+        if not isinstance(step.get("name"), str) or not step["name"]:
+            problems.append(f"{where}.name: a non-empty string is required")
+        for field in ("dependencies", "inputs"):
+            value = step.get(field, [])
+            if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+                problems.append(f"{where}.{field}: must be a list of step ids")
+            elif unknown := [v for v in value if v not in steps]:
+                problems.append(f"{where}.{field}: unknown step(s) {', '.join(unknown)}")
+        if kind == "model":
+            version = step.get("model_version")
+            if not isinstance(version, str) or not _is_uuid(version):
+                problems.append(f"{where}.model_version: a model version id is required")
+            elif not model_exists(version):
+                problems.append(f"{where}.model_version: no model version {version}")
+    if not problems:  # the DAG checks (cycles) reuse smifdb's own spec validation
+        try:
+            parse({"jobs": [_placeholder(k, s) for k, s in steps.items()]})
+        except SpecError as exc:
+            problems.extend(exc.problems)
+    if problems:
+        raise DefinitionError("workflow definition", problems)
+    return {**definition, "kind": "W"}
+
+
+def _placeholder(step_id: str, step: Mapping) -> dict:
+    return {"key": step_id, "python": "smifdb.examples:noop", "after": _needs(step)}
+
+
+def _needs(step: Mapping) -> list[str]:
+    """A step waits for its dependencies and for the steps whose outputs it takes."""
+    return sorted({*step.get("dependencies", []), *step.get("inputs", [])})
+
+
+def validate_parameter_set(
+    definition: Any, workflow: Mapping | None, models: Mapping[str, Mapping]
+) -> dict:
+    """A parameter set against its workflow version and that version's model parameters."""
+    definition = _check(definition, "P", "parameter set")
+    problems: list[str] = []
+    metadata = definition.get("metadata")
+    if not isinstance(metadata, Mapping):
+        raise DefinitionError("parameter set", ["metadata: a mapping is required"])
+    for name in ("display_name", "name", "workflow_version"):
+        if not isinstance(metadata.get(name), str) or not metadata[name].strip():
+            problems.append(f"metadata.{name}: a non-empty string is required")
+    if workflow is None:
+        if not problems:
+            problems.append(
+                f"metadata.workflow_version: no workflow {metadata['workflow_version']}"
+            )
+        raise DefinitionError("parameter set", problems)
+    steps = workflow["spec"]["steps"]
+    spec = definition.get("spec", {})
+    if not isinstance(spec, Mapping):
+        raise DefinitionError("parameter set", [*problems, "spec: must be a mapping"])
+    for step_id, values in spec.items():
+        where = f"spec.{step_id}"
+        step = steps.get(step_id)
+        if step is None:
+            problems.append(f"{where}: the workflow has no step {step_id!r}")
+            continue
+        if not isinstance(values, Mapping):
+            problems.append(f"{where}: must be a mapping")
+            continue
+        parameters = values.get("parameters", [])
+        if not isinstance(parameters, list):
+            problems.append(f"{where}.parameters: must be a list")
+            continue
+        if parameters and step["kind"] != "model":
+            problems.append(f"{where}.parameters: a {step['kind']} step takes no parameters")
+            continue
+        known = model_parameters(models[step["model_version"]]) if parameters else {}
+        for i, parameter in enumerate(parameters):
+            at = f"{where}.parameters[{i}]"
+            if not isinstance(parameter, Mapping) or "name" not in parameter:
+                problems.append(f"{at}: must be {{name, value}}")
+            elif parameter["name"] not in known:
+                problems.append(
+                    f"{at}: the model of step {step_id!r} has no parameter "
+                    f"{parameter['name']!r} (it has: {', '.join(known) or 'none'})"
+                )
+            elif "value" not in parameter:
+                problems.append(f"{at}: a value is required")
+            elif not PARAMETER_TYPES[known[parameter["name"]]["type"]](parameter["value"]):
+                problems.append(f"{at}.value: must be of type {known[parameter['name']]['type']}")
+        if not isinstance(values.get("dataslots", []), list):
+            problems.append(f"{where}.dataslots: must be a list")
+    for step_id, step in steps.items():
+        if step["kind"] != "model":
+            continue
+        given = {p.get("name") for p in spec.get(step_id, {}).get("parameters", [])}
+        for name, parameter in model_parameters(models[step["model_version"]]).items():
+            if parameter.get("required") and "default" not in parameter and name not in given:
+                problems.append(f"spec.{step_id}: required parameter {name!r} has no value")
+    if problems:
+        raise DefinitionError("parameter set", problems)
+    return {**definition, "kind": "P"}
+
+
+def _is_uuid(value: str) -> bool:
+    try:
+        uuid.UUID(value)
+    except ValueError:
+        return False
+    return True
+
+
+# -- instances ------------------------------------------------------------------------------
+
+
+def _env_value(value: Any) -> str:
+    return ("true" if value else "false") if isinstance(value, bool) else str(value)
+
+
+def instance_dag(
+    instance_id: uuid.UUID,
+    workflow: Mapping,
+    parameter_set: Mapping,
+    models: Mapping[str, Mapping],
+    data_dir: Path,
+) -> dict:
+    """The smifdb DAG spec of one execution: one job per step, keyed by step id."""
+    root = data_dir / str(instance_id)
+    name = workflow["metadata"]["display_name"]
+    jobs = []
+    for step_id, step in workflow["spec"]["steps"].items():
+        folder = root / step_id
+        inputs = step.get("inputs", [])
+        job: dict[str, Any] = {"key": step_id, "after": _needs(step), "model": step["name"]}
+        if step["kind"] == "model":
+            model = models[step["model_version"]]
+            values = {
+                p["name"]: p["value"]
+                for p in parameter_set.get("spec", {}).get(step_id, {}).get("parameters", [])
+            }
+            env = {
+                pname: _env_value(values.get(pname, p.get("default", "")))
+                for pname, p in model_parameters(model).items()
+            }
+            env |= {
+                "DAFNI_INSTANCE_ID": str(instance_id),
+                "DAFNI_STEP_ID": step_id,
+                "INPUTS_DIR": str(folder / "inputs"),
+                "OUTPUTS_DIR": str(folder / "outputs"),
+            }
+            job |= {"command": _step_command(model["spec"], folder, root, inputs), "env": env}
+            job["operation"] = "simulate"
+            if model["spec"].get("timeout"):
+                job["timeout"] = model["spec"]["timeout"]
+        else:
+            job |= {
+                "python": "smifdb.dafni:publish",
+                "args": {"instance_dir": str(root), "step_id": step_id, "inputs": inputs},
+                "operation": step["kind"],
+            }
+        jobs.append(job)
+    return {"name": f"dafni: {name}", "jobs": jobs}
+
+
+def _step_command(spec: Mapping, folder: Path, root: Path, inputs: list[str]) -> str:
+    """Make the step's folders and link its input steps' outputs, then run the model."""
+    q = shlex.quote
+    lines = [f"mkdir -p {q(str(folder / 'inputs'))} {q(str(folder / 'outputs'))}"]
+    lines += [
+        f"ln -sfn {q(str(root / source / 'outputs'))} {q(str(folder / 'inputs' / source))}"
+        for source in inputs
+    ]
+    lines.append(f"cd {q(str(folder))}")
+    if "smif" in spec:
+        smif = spec["smif"]
+        lines.append(f"exec smif run -d {q(smif['project'])} {q(smif['model_run'])}")
+    else:
+        lines.append(spec["command"])
+    return "\n".join(lines)
+
+
+def publish(instance_dir: str, step_id: str, inputs: list[str]) -> dict:
+    """A publisher step: list what its input steps wrote, as the dataset it would publish."""
+    files = []
+    for source in inputs:
+        outputs = Path(instance_dir) / source / "outputs"
+        if outputs.is_dir():
+            files += [
+                str(p.relative_to(Path(instance_dir)))
+                for p in sorted(outputs.rglob("*"))
+                if p.is_file()
+            ]
+    ids = {k: str(uuid.uuid4()) for k in ("dataset_id", "metadata_id", "version_id")}
+    return {**ids, "files": files, "folder": str(Path(instance_dir) / step_id)}

@@ -1,0 +1,573 @@
+"""The DAFNI shim against DAFNI's own client: dafni-cli's API functions and parsers, and its
+command line, pointed at a real server on a real database, with a real runner executing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx2
+import pytest
+import yaml
+from processes import PY, ApiServer, Runners, wait_for
+from starlette.testclient import TestClient
+
+from smifdb.api import create_app
+from smifdb.store import auth
+
+dafni_cli = pytest.importorskip("dafni_cli", reason="dafni-cli is in the test extra")
+
+from dafni_cli.api import minio_api, models_api, session, workflows_api  # noqa: E402
+from dafni_cli.api.exceptions import DAFNIError, ValidationError  # noqa: E402
+from dafni_cli.models.model import parse_model, parse_models  # noqa: E402
+from dafni_cli.workflows.instance import parse_workflow_instance  # noqa: E402
+from dafni_cli.workflows.workflow import parse_workflow, parse_workflows  # noqa: E402
+
+PASSWORD = "correct horse battery"
+MODEL = {
+    "kind": "M",
+    "api_version": "v1beta3",
+    "metadata": {
+        "display_name": "Doubler",
+        "name": "doubler",
+        "summary": "Writes a number, or twice the number it is given",
+        "description": "A model for tests.",
+    },
+    "spec": {
+        # Step 'count' writes N; 'double' reads what 'count' wrote and writes 2N.
+        "command": "if [ -f inputs/count/n.txt ]; then echo $(( $(cat inputs/count/n.txt) * 2 ))"
+        ' > outputs/n.txt; else echo "$N" > outputs/n.txt; fi; echo "flag=$FLAG"',
+        "inputs": {
+            "parameters": [
+                {
+                    "name": "N",
+                    "type": "integer",
+                    "title": "N",
+                    "required": True,
+                    "description": "how many",
+                    "default": 1,
+                },
+                {"name": "FLAG", "type": "boolean", "default": False},
+            ]
+        },
+    },
+}
+
+
+def workflow_definition(model_version: str, **steps_override) -> dict:
+    steps = {
+        "count": {
+            "kind": "model",
+            "name": "count",
+            "dependencies": [],
+            "model_version": model_version,
+        },
+        "double": {
+            "kind": "model",
+            "name": "double",
+            "dependencies": ["count"],
+            "inputs": ["count"],
+            "model_version": model_version,
+        },
+        "publish": {
+            "kind": "publisher",
+            "name": "publish",
+            "dependencies": ["double"],
+            "inputs": ["double"],
+            "metadata": {"in_step": {"dct:title": "Results"}},
+        },
+    }
+    steps.update(steps_override)
+    return {
+        "kind": "W",
+        "api_version": "v1.0.2",
+        "metadata": {
+            "display_name": "Count and double",
+            "name": "count-double",
+            "summary": "Two model steps and a publisher",
+            "description": "For tests.",
+        },
+        "spec": {"steps": steps},
+    }
+
+
+def parameter_set(workflow_version: str, n: object = 21) -> dict:
+    return {
+        "kind": "P",
+        "api_version": "v1.0.0",
+        "metadata": {
+            "display_name": "N is 21",
+            "name": "n-21",
+            "description": "",
+            "publisher": "alice",
+            "workflow_version": workflow_version,
+        },
+        "spec": {
+            "count": {
+                "kind": "model",
+                "parameters": [{"name": "N", "value": n}, {"name": "FLAG", "value": True}],
+                "dataslots": [],
+            }
+        },
+    }
+
+
+def add_user(
+    dsn: str, name: str = "alice", password: str = PASSWORD
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [PY, "-m", "smifdb.cli", "--dsn", dsn, "api", "user", "add", name, "--password-stdin"],
+        input=password + "\n",
+        capture_output=True,
+        text=True,
+    )
+
+
+@pytest.fixture
+def server(dsn: str, tmp_path: Path) -> Iterator[ApiServer]:
+    assert add_user(dsn).returncode == 0
+    s = ApiServer(create_app(dsn, data_dir=tmp_path / "data"))
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def dafni(server: ApiServer, monkeypatch: pytest.MonkeyPatch) -> str:
+    """dafni-cli pointed here, the only way it allows: its module-level URLs rebound."""
+    login = f"{server.url}/realms/Production/protocol/openid-connect/token/"
+    for module in (dafni_cli.consts, workflows_api, models_api):
+        monkeypatch.setattr(module, "NIMS_API_URL", server.url)
+    for module in (dafni_cli.consts, session):
+        monkeypatch.setattr(module, "LOGIN_API_ENDPOINT", login)
+        monkeypatch.setattr(module, "LOGOUT_API_ENDPOINT", login.replace("token/", "logout"))
+    return server.url
+
+
+@pytest.fixture
+def procs(dsn: str, tmp_path: Path) -> Iterator[Runners]:
+    r = Runners(dsn, tmp_path)
+    yield r
+    r.close()
+
+
+def upload_model(user_session, tmp_path: Path, definition: dict = MODEL) -> str:
+    """dafni-cli's own model upload: validate, upload URLs, PUT both files, ingest."""
+    path = tmp_path / "model.yaml"
+    path.write_text(yaml.safe_dump(definition))
+    image = tmp_path / "image.tar"
+    image.write_bytes(b"\0" * 4096)
+    models_api.validate_model_definition(user_session, path)
+    upload_id, urls = models_api.get_model_upload_urls(user_session)
+    minio_api.upload_file_to_minio(user_session, urls["definition"], path)
+    minio_api.upload_file_to_minio(user_session, urls["image"], image)
+    return models_api.model_version_ingest(user_session, upload_id, "first")["version_id"]
+
+
+def test_dafni_cli_upload_list_get_execute_poll_to_succeeded(dafni, tmp_path, procs) -> None:
+    user = session.DAFNISession.login("alice", PASSWORD)
+    model_version = upload_model(user, tmp_path)
+    models = parse_models(models_api.get_all_models(user))
+    assert [m.model_id for m in models] == [model_version]
+    model = parse_model(models_api.get_model(user, model_version))
+    assert [p.name for p in model.spec.inputs.parameters] == ["N", "FLAG"]
+
+    wf_file = tmp_path / "workflow.json"
+    wf_file.write_text(json.dumps(workflow_definition(model_version)))
+    cyclic = workflow_definition(model_version)
+    cyclic["spec"]["steps"]["count"]["dependencies"] = ["double"]
+    bad_file = tmp_path / "cyclic.json"
+    bad_file.write_text(json.dumps(cyclic))
+    with pytest.raises(DAFNIError, match="dependency cycle"):
+        workflows_api.upload_workflow(user, bad_file, "cyclic")
+    version_id = workflows_api.upload_workflow(user, wf_file, "first version")["id"]
+    listed = parse_workflows(workflows_api.get_all_workflows(user))
+    assert [w.workflow_id for w in listed] == [version_id]
+    assert listed[0].metadata.display_name == "Count and double"
+
+    ps_file = tmp_path / "ps.json"
+    ps_file.write_text(json.dumps(parameter_set(version_id, n=1.5)))
+    with pytest.raises(ValidationError, match="must be of type integer"):
+        workflows_api.validate_parameter_set_definition(user, ps_file)
+    ps_file.write_text(json.dumps(parameter_set(version_id)))
+    workflows_api.validate_parameter_set_definition(user, ps_file)
+    parameter_set_id = workflows_api.upload_parameter_set(user, ps_file)["id"]
+
+    # dafni-cli has no execute call: its session sends ours, with its token handling.
+    url = f"{dafni}/workflows/execute/{version_id}/{parameter_set_id}/"
+    instance_id = user.post_request(url=url)["instance_id"]
+    first = parse_workflow_instance(workflows_api.get_workflow_instance(user, instance_id))
+    assert first.overall_status == "Pending"
+    assert set(first.step_statuses) == {"count", "double", "publish"}
+
+    procs.start("--slots", "2", name="runner")
+
+    def finished():
+        raw = workflows_api.get_workflow_instance(user, instance_id)
+        return raw if raw["overall_status"] not in ("Pending", "Running") else None
+
+    raw = wait_for(finished, timeout=60, what="the instance to finish")
+    instance = parse_workflow_instance(raw)
+    assert instance.overall_status == "Succeeded", raw
+    assert {k: s.status for k, s in instance.step_statuses.items()} == dict.fromkeys(
+        ("count", "double", "publish"), "Succeeded"
+    )
+    assert instance.finished_time >= instance.submission_time
+    assert list(instance.produced_assets) == ["publish"]
+    assert raw["produced_assets"]["publish"]["kind"] == "publisher"
+    data = tmp_path / "data" / instance_id
+    assert (data / "count" / "outputs" / "n.txt").read_text().strip() == "21"
+    assert (data / "double" / "outputs" / "n.txt").read_text().strip() == "42"
+
+    workflow = parse_workflow(workflows_api.get_workflow(user, version_id))
+    assert [i.instance_id for i in workflow.instances] == [instance_id]
+    assert [p.parameter_set_id for p in workflow.parameter_sets] == [parameter_set_id]
+    assert workflow.instances[0].overall_status == "Succeeded"
+
+    # A second version under the first's parent shares its version history.
+    second = workflows_api.upload_workflow(user, wf_file, "second", parent_id=workflow.parent_id)
+    history = parse_workflow(workflows_api.get_workflow(user, second["id"])).version_history
+    assert [v.version_id for v in history] == [second["id"], version_id]
+
+
+def test_dafni_cli_command_line_against_the_shim(dafni, tmp_path, procs) -> None:
+    """The real `dafni` command, run in its own process with only its URLs rebound."""
+    wrapper = tmp_path / "dafni_local.py"
+    wrapper.write_text(
+        "import sys\n"
+        "import dafni_cli.consts as c, dafni_cli.api.session as s\n"
+        "import dafni_cli.api.workflows_api as w, dafni_cli.api.models_api as m\n"
+        "base = sys.argv.pop(1)\n"
+        "for mod in (c, w, m): mod.NIMS_API_URL = base\n"
+        "token = base + '/realms/Production/protocol/openid-connect/token/'\n"
+        "for mod in (c, s):\n"
+        "    mod.LOGIN_API_ENDPOINT = token\n"
+        "    mod.LOGOUT_API_ENDPOINT = token.replace('token/', 'logout')\n"
+        "from dafni_cli.dafni import dafni\n"
+        "dafni()\n"
+    )
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {
+        "HOME": str(home),
+        "DAFNI_USERNAME": "alice",
+        "DAFNI_PASSWORD": PASSWORD,
+        "PATH": "/usr/bin:/bin",
+        "NO_PROXY": "127.0.0.1",
+    }
+
+    def cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, str(wrapper), dafni, *args],
+            input=stdin,
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+
+    user = session.DAFNISession.login("alice", PASSWORD)
+    model_version = upload_model(user, tmp_path)
+    wf_file = tmp_path / "workflow.json"
+    wf_file.write_text(json.dumps(workflow_definition(model_version)))
+    uploaded = cli("upload", "workflow", str(wf_file), "-m", "from the cli", "-y")
+    assert uploaded.returncode == 0, uploaded.stdout + uploaded.stderr
+    version_id = uploaded.stdout.split("Version ID:")[1].strip()
+    ps_file = tmp_path / "ps.json"
+    ps_file.write_text(json.dumps(parameter_set(version_id)))
+    ps = cli("upload", "workflow-parameter-set", str(ps_file), "-y")
+    assert ps.returncode == 0 and "Upload successful" in ps.stdout, ps.stdout + ps.stderr
+    bad = parameter_set(version_id, n="many")
+    ps_file.write_text(json.dumps(bad))
+    refused = cli("upload", "workflow-parameter-set", str(ps_file), "-y")
+    assert refused.returncode == 1
+    assert "must be of type integer" in refused.stdout
+
+    listed = cli("get", "workflows")
+    assert listed.returncode == 0 and version_id in listed.stdout, listed.stdout + listed.stderr
+    shown = cli("get", "workflow", version_id)
+    assert shown.returncode == 0 and "Count and double" in shown.stdout, shown.stderr
+    models = cli("get", "models")
+    assert models.returncode == 0 and model_version in models.stdout, models.stderr
+
+    parameter_set_id = ps.stdout.split("Parameter set ID:")[1].strip()
+    url = f"{dafni}/workflows/execute/{version_id}/{parameter_set_id}/"
+    instance_id = user.post_request(url=url)["instance_id"]
+    procs.start("--slots", "2", name="runner")
+    wait_for(
+        lambda: (
+            workflows_api.get_workflow_instance(user, instance_id)["overall_status"] == "Succeeded"
+        ),
+        timeout=60,
+        what="the instance to succeed",
+    )
+    got = cli("get", "workflow-instance", instance_id)
+    assert got.returncode == 0 and "Succeeded" in got.stdout, got.stdout + got.stderr
+
+    deleted = cli("delete", "workflow-version", version_id, stdin="y\n")
+    assert deleted.returncode == 0 and "deleted" in deleted.stdout, deleted.stdout
+    gone = cli("get", "workflow", version_id)
+    assert gone.returncode == 1 and "Unable to find a workflow" in gone.stdout
+
+
+# -- bad input: JSON 4xx, nothing written ----------------------------------------------------
+
+
+@pytest.fixture
+def client(dsn: str, tmp_path: Path) -> Iterator[TestClient]:
+    assert add_user(dsn).returncode == 0
+    app = create_app(dsn, data_dir=tmp_path / "data", max_body=20_000)
+    with TestClient(app, raise_server_exceptions=False) as c:
+        yield c
+
+
+TOKEN = "/realms/Production/protocol/openid-connect/token/"
+
+
+def login(client: TestClient, password: str = PASSWORD) -> httpx2.Response:
+    form = {
+        "grant_type": "password",
+        "client_id": "dafni-main",
+        "username": "alice",
+        "password": password,
+        "scope": "openid",
+    }
+    return client.post(TOKEN, data=form)
+
+
+def bearer(client: TestClient) -> dict[str, str]:
+    return {"Authorization": f"Bearer {login(client).json()['access_token']}"}
+
+
+def problem(response: httpx2.Response, status: int) -> str:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) >= {"error", "error_message"}, body
+    return body["error_message"] + " " + " ".join(body.get("errors", []))
+
+
+def counts(conn) -> tuple[int, ...]:
+    tables = (
+        "dafni_models",
+        "dafni_workflows",
+        "dafni_parameter_sets",
+        "dafni_instances",
+        "workflows",
+        "jobs",
+    )
+    return tuple(conn.execute(f"SELECT count(*) FROM {t}").fetchone()[0] for t in tables)
+
+
+def test_tokens_are_hashed_expire_and_refresh_once(client, conn) -> None:
+    assert login(client, "wrong password").status_code == 401
+    assert login(client, "wrong password").json()["error"] == "invalid_grant"
+    tokens = login(client).json()
+    assert tokens["expires_in"] > 60 and tokens["token_type"] == "Bearer"
+    stored = [bytes(r[0]) for r in conn.execute("SELECT token_hash FROM api_tokens")]
+    assert tokens["access_token"].encode() not in stored and len(stored) == 2
+    password = conn.execute("SELECT password_hash FROM api_users").fetchone()[0]
+    assert PASSWORD not in password and password.startswith("scrypt$")
+
+    form = {
+        "grant_type": "refresh_token",
+        "client_id": "dafni-main",
+        "refresh_token": tokens["refresh_token"],
+    }
+    renewed = client.post(TOKEN, data=form)
+    assert renewed.status_code == 200 and renewed.json()["access_token"] != tokens["access_token"]
+    reused = client.post(TOKEN, data=form)
+    assert reused.status_code == 400 and reused.json()["error"] == "invalid_grant"
+    assert client.post(TOKEN, data={"grant_type": "magic"}).status_code == 400
+
+    headers = {"Authorization": f"Bearer {renewed.json()['access_token']}"}
+    assert client.get("/workflows/", headers=headers).json() == []
+    conn.execute("UPDATE api_tokens SET expires_at = now() - interval '1 second'")
+    expired = client.get("/workflows/", headers=headers)
+    assert "expired" in problem(expired, 401)
+    assert "invalid_token" in expired.headers["www-authenticate"]
+
+
+@pytest.mark.parametrize(
+    "method,path",
+    [
+        ("GET", "/workflows/"),
+        ("GET", "/models/"),
+        ("POST", "/workflows/upload/"),
+        ("GET", "/workflows/instances/00000000-0000-0000-0000-000000000000/"),
+        ("DELETE", "/workflows/00000000-0000-0000-0000-000000000000/"),
+        ("POST", "/workflows/parameter-set/upload/"),
+    ],
+)
+def test_every_dafni_route_needs_a_token(client, method, path) -> None:
+    missing = client.request(method, path)
+    assert "Bearer" in problem(missing, 401)
+    assert missing.headers["www-authenticate"].startswith("Bearer")
+    invalid = client.request(method, path, headers={"Authorization": "Bearer not-a-token"})
+    problem(invalid, 401)
+
+
+def test_bad_definitions_are_400_with_every_reason_and_nothing_written(client, conn) -> None:
+    headers = bearer(client)
+    before = counts(conn)
+    upload = "/workflows/upload/"
+    assert "malformed JSON" in problem(client.post(upload, content=b"{nope", headers=headers), 400)
+    assert problem(client.post(upload, content=b"x" * 30_000, headers=headers), 413)
+    assert problem(client.post(upload, json=[1, 2], headers=headers), 400)
+    unknown_model = "11111111-1111-1111-1111-111111111111"
+    wf = workflow_definition(unknown_model)
+    text = problem(client.post(upload, json={"definition": wf}, headers=headers), 400)
+    assert f"no model version {unknown_model}" in text
+
+    model = client.post("/models/upload/", json={}, headers=headers).json()
+    client.put(model["urls"]["definition"], content=yaml.safe_dump(MODEL), headers=headers)
+    version = client.post(f"/models/upload/{model['id']}/ingest/", json={}, headers=headers)
+    model_version = version.json()["version_id"]
+    cyclic = workflow_definition(
+        model_version,
+        count={
+            "kind": "model",
+            "name": "count",
+            "dependencies": ["publish"],
+            "model_version": model_version,
+        },
+    )
+    text = problem(client.post(upload, json={"definition": cyclic}, headers=headers), 400)
+    assert "dependency cycle" in text
+    dangling = workflow_definition(
+        model_version, publish={"kind": "publisher", "name": "p", "dependencies": ["nowhere"]}
+    )
+    text = problem(client.post(upload, json={"definition": dangling}, headers=headers), 400)
+    assert "unknown step(s) nowhere" in text
+    loop = workflow_definition(
+        model_version, publish={"kind": "loop", "name": "l", "dependencies": []}
+    )
+    assert "not supported" in problem(
+        client.post(upload, json={"definition": loop}, headers=headers), 400
+    )
+    bad_model = {**MODEL, "spec": {"inputs": {"parameters": [{"name": "A B", "type": "x"}]}}}
+    checked = client.put("/models/validate/", content=yaml.safe_dump(bad_model), headers=headers)
+    assert checked.status_code == 200 and checked.json()["valid"] is False
+    assert len(checked.json()["errors"]) == 2  # no command; bad parameter name
+    parent = "/workflows/22222222-2222-2222-2222-222222222222/upload/"
+    good = {"definition": workflow_definition(model_version)}
+    assert "no workflow" in problem(client.post(parent, json=good, headers=headers), 404)
+    assert counts(conn) == (before[0] + 1, *before[1:])  # only the model was added
+
+    version_id = client.post(upload, json=good, headers=headers).json()["id"]
+    ps_upload = "/workflows/parameter-set/upload/"
+    for bad, reason in [
+        (parameter_set(version_id, n="many"), "must be of type integer"),
+        (parameter_set("33333333-3333-3333-3333-333333333333"), "no workflow"),
+        ({**parameter_set(version_id), "spec": {"ghost": {}}}, "has no step 'ghost'"),
+        ({**parameter_set(version_id), "kind": "W"}, "kind"),
+    ]:
+        assert reason in problem(client.post(ps_upload, json=bad, headers=headers), 400)
+    validate = client.post(
+        "/workflows/parameter-set/validate/", json=parameter_set(version_id), headers=headers
+    )
+    assert validate.status_code == 200 and validate.json() == {"valid": True}
+    after = counts(conn)
+    assert after[2] == before[2] and after[1] == before[1] + 1
+
+
+def test_execution_requests_unknown_ids_repeats_and_deletes(client, conn) -> None:
+    headers = bearer(client)
+    model = client.post("/models/upload/", json={}, headers=headers).json()
+    client.put(model["urls"]["definition"], content=yaml.safe_dump(MODEL), headers=headers)
+    model_version = client.post(
+        f"/models/upload/{model['id']}/ingest/", json={}, headers=headers
+    ).json()["version_id"]
+    version_id = client.post(
+        "/workflows/upload/",
+        headers=headers,
+        json={"definition": workflow_definition(model_version)},
+    ).json()["id"]
+    ps_id = client.post(
+        "/workflows/parameter-set/upload/", json=parameter_set(version_id), headers=headers
+    ).json()["id"]
+    nobody = "44444444-4444-4444-4444-444444444444"
+    before = counts(conn)
+    for path in (
+        f"/workflows/execute/{nobody}/{ps_id}/",
+        f"/workflows/execute/{version_id}/x/",
+        f"/workflows/execute/{version_id}/{nobody}/",
+    ):
+        problem(client.post(path, headers=headers), 404)
+    for path in (
+        f"/workflows/{nobody}/",
+        "/workflows/not-a-uuid/",
+        f"/workflows/instances/{nobody}/",
+        f"/models/{nobody}/",
+    ):
+        problem(client.get(path, headers=headers), 404)
+    assert counts(conn) == before
+
+    execute = f"/workflows/execute/{version_id}/{ps_id}/"
+    keyed = {**headers, "Idempotency-Key": "run-1"}
+    results: list[httpx2.Response] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(client.post(execute, headers=keyed)))
+        for _ in range(4)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r.status_code for r in results) == [200, 200, 200, 201]
+    assert len({r.json()["instance_id"] for r in results}) == 1
+    again = client.post(execute, headers=headers)
+    assert again.status_code == 201
+    assert counts(conn)[3:5] == (before[3] + 2, before[4] + 2)  # two instances, two workflows
+    other = client.post(
+        "/workflows/upload/",
+        headers=headers,
+        json={"definition": workflow_definition(model_version)},
+    ).json()["id"]
+    other_ps = client.post(
+        "/workflows/parameter-set/upload/", json=parameter_set(other), headers=headers
+    ).json()["id"]
+    reused = client.post(f"/workflows/execute/{other}/{other_ps}/", headers=keyed)
+    assert "Idempotency-Key" in problem(reused, 409)
+    mismatched = client.post(f"/workflows/execute/{version_id}/{other_ps}/", headers=headers)
+    problem(mismatched, 404)
+
+    # Nothing runs these instances: the version cannot be deleted from under them.
+    assert "still running" in problem(
+        client.delete(f"/workflows/{version_id}/", headers=headers), 409
+    )
+    auth.add_user(conn, "bob", PASSWORD)
+    form = {"grant_type": "password", "username": "bob", "password": PASSWORD}
+    bob = {"Authorization": f"Bearer {client.post(TOKEN, data=form).json()['access_token']}"}
+    assert client.get(f"/workflows/{version_id}/", headers=bob).json()["auth"]["destroy"] is False
+    problem(client.delete(f"/workflows/{other}/", headers=bob), 403)
+    assert client.delete(f"/workflows/{other}/", headers=headers).status_code == 204
+    problem(client.get(f"/workflows/{other}/", headers=headers), 404)
+
+
+def test_user_commands(dsn, conn) -> None:
+    assert add_user(dsn).returncode == 0
+    again = add_user(dsn)
+    assert again.returncode == 2 and "already exists" in again.stderr
+    short = add_user(dsn, "carol", "short")
+    assert short.returncode == 2 and "at least 8" in short.stderr
+    smifdb = [PY, "-m", "smifdb.cli", "--dsn", dsn, "api", "user"]
+    listed = subprocess.run([*smifdb, "list"], capture_output=True, text=True)
+    assert listed.stdout.split() == ["alice"]
+    assert auth.login(conn, "alice", PASSWORD) is not None
+    changed = subprocess.run(
+        [*smifdb, "add", "alice", "--update", "--password-stdin"],
+        input="a new password\n",
+        capture_output=True,
+        text=True,
+    )
+    assert changed.returncode == 0, changed.stderr
+    assert auth.login(conn, "alice", PASSWORD) is None
+    assert auth.login(conn, "alice", "a new password") is not None
+    removed = subprocess.run([*smifdb, "remove", "alice"], capture_output=True, text=True)
+    assert removed.returncode == 0
+    assert conn.execute("SELECT count(*) FROM api_tokens").fetchone()[0] == 0
+    missing = subprocess.run([*smifdb, "remove", "alice"], capture_output=True, text=True)
+    assert missing.returncode == 2 and "no user 'alice'" in missing.stderr

@@ -1,0 +1,504 @@
+"""The dashboard at ``/``: served by the API app, and driven in headless Chromium through Selenium
+against a real database, a real uvicorn server and a real runner process."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx2
+import psycopg
+import pytest
+from processes import PY, ApiServer, Runners, wait_for
+from starlette.testclient import TestClient
+
+from smifdb.api import create_app
+from smifdb.api.dashboard import STATIC
+
+# CI sets this: a missing browser or selenium is a failure there, not a skip.
+REQUIRE_BROWSER = bool(os.environ.get("SMIFDB_TEST_REQUIRE_BROWSER"))
+POLL_MS = 250  # the page's polling period in these tests (?poll_ms=); the default is 1 s
+
+
+# -- without a browser ---------------------------------------------------------------------------
+
+
+@pytest.fixture
+def client(dsn: str) -> Iterator[TestClient]:
+    with TestClient(create_app(dsn), raise_server_exceptions=False) as c:
+        yield c
+
+
+def test_page_and_static_assets_are_served(client) -> None:
+    page = client.get("/")
+    assert page.status_code == 200
+    assert page.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert '<script src="/static/dashboard.js"' in page.text
+    assert 'href="/static/dashboard.css"' in page.text
+    for name, kind in (
+        ("dashboard.js", "javascript"),
+        ("dashboard.css", "text/css"),
+        ("favicon.svg", "image/svg+xml"),
+    ):
+        asset = client.get(f"/static/{name}")
+        assert asset.status_code == 200, name
+        assert kind in asset.headers["content-type"], (name, asset.headers["content-type"])
+        assert asset.content == (STATIC / name).read_bytes()
+    assert client.get("/static/nothing.js").status_code == 404
+    assert client.get("/static/../dashboard.py").status_code == 404
+    assert client.post("/").status_code == 405
+
+
+def test_static_files_use_no_html_injection_and_no_outside_resources() -> None:
+    script = (STATIC / "dashboard.js").read_text()
+    for sink in ("innerHTML", "outerHTML", "insertAdjacentHTML", "document.write", "eval("):
+        assert sink not in script, sink
+    for path in STATIC.iterdir():
+        urls = re.findall(r"https?://[^\s\"'<>)]+", path.read_text())
+        assert set(urls) <= {"http://www.w3.org/2000/svg"}, (path.name, urls)
+
+
+def test_job_cancel_endpoint(client, conn) -> None:
+    spec = {
+        "name": "cancel-one",
+        "jobs": [
+            {"key": "a", "command": "true"},
+            {"key": "b", "command": "true", "after": ["a"]},
+            {"key": "c", "command": "true"},
+        ],
+    }
+    workflow_id = client.post("/api/v1/workflows/", json=spec).json()["data"]["id"]
+    jobs = {j["key"]: j for j in client.get(f"/api/v1/workflows/{workflow_id}/jobs").json()["data"]}
+    response = client.post(f"/api/v1/jobs/{jobs['a']['id']}/cancel")
+    assert response.status_code == 200, response.text
+    assert response.json()["data"] == {"cancelled": 2, "terminating": 0}  # a and b after it
+    statuses = dict(
+        conn.execute("SELECT key, status::text FROM jobs WHERE workflow_id = %s", [workflow_id])
+    )
+    assert statuses == {"a": "cancelled", "b": "cancelled", "c": "ready"}
+    again = client.post(f"/api/v1/jobs/{jobs['a']['id']}/cancel")
+    assert again.status_code == 409 and "already finished" in again.json()["error"]["message"]
+    assert client.post("/api/v1/jobs/999999/cancel").status_code == 404
+    assert client.get(f"/api/v1/jobs/{jobs['c']['id']}/cancel").status_code == 405
+
+
+# -- in a browser --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def server(dsn: str) -> Iterator[ApiServer]:
+    s = ApiServer(create_app(dsn))
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def procs(dsn: str, tmp_path: Path) -> Iterator[Runners]:
+    r = Runners(dsn, tmp_path)
+    yield r
+    r.close()
+
+
+def _unavailable(reason: str) -> None:
+    if REQUIRE_BROWSER:
+        pytest.fail(f"SMIFDB_TEST_REQUIRE_BROWSER is set but {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+def browser(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
+    """Headless Chromium with the system's chromedriver (Selenium Manager never downloads)."""
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.options import Options
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        _unavailable("selenium is not installed (pip install '.[test]')")
+    chromium = next(
+        filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None
+    )
+    chromedriver = shutil.which("chromedriver")
+    if chromium is None or chromedriver is None:
+        _unavailable(
+            "no chromium and chromedriver on PATH (Debian: apt-get install chromium chromium-driver)"
+        )
+    monkeypatch.setenv("SE_OFFLINE", "true")  # Selenium Manager, should it run, stays offline
+    options = Options()
+    options.binary_location = chromium
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-background-networking",
+        "--no-first-run",
+        "--window-size=1500,1100",
+        f"--user-data-dir={tmp_path / 'chromium-profile'}",
+    ):
+        options.add_argument(arg)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    service = Service(executable_path=chromedriver, log_output=str(tmp_path / "chromedriver.log"))
+    driver = webdriver.Chrome(service=service, options=options)
+    driver.set_page_load_timeout(30)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+def js(driver: Any, script: str, *args: Any) -> Any:
+    return driver.execute_script(script, *args)
+
+
+def node_statuses(driver: Any) -> dict[str, str]:
+    return js(
+        driver,
+        "return Object.fromEntries([...document.querySelectorAll('#dag g[data-job-key]')]"
+        ".map(g => [g.dataset.jobKey, g.dataset.status]))",
+    )
+
+
+def polls(driver: Any) -> int:
+    return int(js(driver, "return Number(document.body.dataset.polls || 0)"))
+
+
+def next_poll(driver: Any) -> None:
+    """Wait until the page has finished a poll that began after now."""
+    seen = polls(driver)
+    wait_for(lambda: polls(driver) >= seen + 2, timeout=15, what="the page to poll the API")
+
+
+def click(driver: Any, css: str) -> None:
+    wait_for(lambda: js(driver, "return !!document.querySelector(arguments[0])", css), what=css)
+    driver.find_element("css selector", css).click()
+
+
+def confirm(driver: Any) -> None:
+    """Answer the page's own confirmation dialog."""
+    wait_for(
+        lambda: js(driver, "return !document.getElementById('confirm').hidden"), what="confirm"
+    )
+    driver.find_element("css selector", "#confirm-yes").click()
+    wait_for(lambda: js(driver, "return document.getElementById('confirm').hidden"), what="close")
+
+
+def banner(driver: Any) -> str:
+    return js(
+        driver,
+        "const b = document.getElementById('banner'); return b.hidden ? '' : b.textContent",
+    )
+
+
+def severe_console_errors(driver: Any, allowed: tuple[str, ...] = ()) -> list[str]:
+    entries = driver.get_log("browser")
+    return [
+        e["message"]
+        for e in entries
+        if e["level"] == "SEVERE" and not any(a in e["message"] for a in allowed)
+    ]
+
+
+def submit(url: str, spec: dict) -> int:
+    response = httpx2.post(f"{url}/api/v1/workflows/", json=spec, timeout=30)
+    assert response.status_code == 201, response.text
+    return response.json()["data"]["id"]
+
+
+def db_statuses(dsn: str, workflow_id: int) -> tuple[str, dict[str, str]]:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        workflow = conn.execute("SELECT status::text FROM workflows WHERE id = %s", [workflow_id])
+        jobs = conn.execute(
+            "SELECT key, status::text FROM jobs WHERE workflow_id = %s", [workflow_id]
+        )
+        return workflow.fetchone()[0], dict(jobs.fetchall())
+
+
+# A key that would run script if it were ever put into the page as HTML.
+NASTY = 'report <img src=x onerror="window.pwned=1"> & "q"'
+DIAMOND = {
+    "name": "dashboard-diamond",
+    "jobs": [
+        {"key": "prepare", "command": "echo prepare-log-line; sleep 1"},
+        {"key": "left", "command": "sleep 1.5", "after": ["prepare"]},
+        {"key": "right", "command": "echo right-side; sleep 1", "after": ["prepare"]},
+        {"key": NASTY, "command": "echo joined", "after": ["left", "right"]},
+    ],
+}
+LONG = {
+    "name": "dashboard-long",
+    "jobs": [
+        {"key": "long", "command": "sleep 120"},
+        {"key": "after-long", "command": "true", "after": ["long"]},
+        {"key": "other", "command": "sleep 120"},
+    ],
+}
+
+
+def test_dashboard_follows_a_workflow_live_and_cancels_another(
+    dsn, server, procs, browser, tmp_path
+) -> None:
+    driver = browser
+    workflow_id = submit(server.url, DIAMOND)
+    driver.get(f"{server.url}/?poll_ms={POLL_MS}#workflow={workflow_id}")
+
+    # The DAG is drawn, one node per job, before any runner exists.
+    keys = {j["key"] for j in DIAMOND["jobs"]}
+    wait_for(lambda: set(node_statuses(driver)) == keys, what="every job in the DAG")
+    assert node_statuses(driver) == {
+        "prepare": "ready",
+        "left": "waiting",
+        "right": "waiting",
+        NASTY: "waiting",
+    }
+    assert js(driver, "return document.querySelectorAll('#dag path.edge').length") == 4
+    # Layered: prepare, then left and right side by side, then the join.
+    xs = js(
+        driver,
+        "return Object.fromEntries([...document.querySelectorAll('#dag g[data-job-key]')]"
+        ".map(g => [g.dataset.jobKey, g.transform.baseVal[0].matrix.e]))",
+    )
+    assert xs["prepare"] < xs["left"] == xs["right"] < xs[NASTY]
+    assert js(driver, "return window.pwned === undefined && !document.querySelector('img')")
+    assert js(driver, "return document.querySelectorAll('#legend li').length") == 7
+    assert banner(driver) == ""
+
+    # A real runner: the statuses change, live, until every job has succeeded.
+    procs.start("--slots", "2", name="dash-runner")
+    seen: dict[str, list[str]] = {k: [] for k in keys}
+
+    def all_succeeded() -> bool:
+        for key, status in node_statuses(driver).items():
+            if not seen[key] or seen[key][-1] != status:
+                seen[key].append(status)
+        return all(history and history[-1] == "succeeded" for history in seen.values())
+
+    wait_for(all_succeeded, timeout=60, what=f"every node to turn succeeded (seen {seen})")
+    assert seen["prepare"][0] == "ready" and "running" in seen["prepare"], seen
+    assert seen["left"][0] == "waiting" and "running" in seen["left"], seen
+    assert all(len(h) >= 2 for h in seen.values()), seen
+    wait_for(
+        lambda: js(
+            driver,
+            "return document.getElementById('workflow-panel').dataset.status === 'succeeded'"
+            " && document.querySelector('#legend li[data-status=succeeded] .n').textContent === '4'",
+        ),
+        what="the workflow to show as succeeded with 4 succeeded jobs",
+    )
+    item = f"#workflow-item-{workflow_id}"
+    wait_for(
+        lambda: (
+            js(driver, f"return document.querySelector('{item}')?.dataset.status") == "succeeded"
+        ),
+        what="the workflow list to show it succeeded",
+    )
+    wait_for(
+        lambda: js(
+            driver,
+            "return document.querySelector('#runners-table tr[data-runner=dash-runner]')"
+            "?.textContent.includes('dash-runner')",
+        ),
+        what="the runner in the runners panel",
+    )
+
+    # Job detail: clicking a node shows its status, runner, log tail and events.
+    click(driver, '#dag g[data-job-key="prepare"]')
+    wait_for(
+        lambda: js(
+            driver,
+            "const p = document.getElementById('job-panel');"
+            "return !p.hidden && p.dataset.jobKey === 'prepare'"
+            " && document.getElementById('job-log').textContent.includes('prepare-log-line')",
+        ),
+        what="the job panel with prepare's log",
+    )
+    field = "return document.getElementById(arguments[0]).textContent"
+    assert js(driver, field, "job-field-runner") == "dash-runner"
+    assert js(driver, field, "job-field-status") == "succeeded"
+    assert js(driver, field, "job-field-exit-code") == "0"
+    assert js(driver, field, "job-field-attempts") == "1 of 1"
+    events = js(
+        driver,
+        "return [...document.querySelectorAll('#job-events tbody tr')]"
+        ".map(r => r.children[2].textContent)",
+    )
+    assert events == ["ready", "running", "succeeded"]
+    assert js(driver, "return document.getElementById('job-cancel').hidden")
+    assert "job=" in driver.current_url
+    # The nasty key is shown as text, never markup.
+    click(driver, f"#dag g[data-job-key='{NASTY}']")
+    wait_for(
+        lambda: js(driver, "return document.getElementById('job-title').textContent") == NASTY,
+        what="the nasty key as the job panel's title",
+    )
+    assert js(driver, "return window.pwned === undefined && !document.querySelector('img')")
+    driver.save_screenshot(str(tmp_path / "dashboard-succeeded.png"))
+
+    # A second, long workflow: cancel one running job from its panel, then the workflow.
+    long_id = submit(server.url, LONG)
+    click(driver, f"#workflow-item-{long_id}")
+    wait_for(
+        lambda: (
+            node_statuses(driver)
+            == {"long": "running", "after-long": "waiting", "other": "running"}
+        ),
+        what="both long jobs running",
+    )
+    assert js(driver, "return document.getElementById('job-panel').hidden")  # selection reset
+    click(driver, '#dag g[data-job-key="long"]')
+    wait_for(
+        lambda: js(
+            driver,
+            "const p = document.getElementById('job-panel');"
+            "return !p.hidden && p.dataset.jobKey === 'long' && p.dataset.status === 'running'",
+        ),
+        what="the running job's panel",
+    )
+    click(driver, "#job-cancel")
+    confirm(driver)
+    wait_for(
+        lambda: (
+            db_statuses(dsn, long_id)[1]
+            == {"long": "cancelled", "after-long": "cancelled", "other": "running"}
+        ),
+        what="the job and its downstream to be cancelled in the database",
+    )
+    wait_for(
+        lambda: node_statuses(driver)["long"] == "cancelled", what="the cancelled node to show"
+    )
+    driver.save_screenshot(str(tmp_path / "dashboard-job-cancelled.png"))
+
+    # The confirmation can be declined: nothing happens.
+    click(driver, "#workflow-cancel")
+    wait_for(lambda: js(driver, "return !document.getElementById('confirm').hidden"), what="ask")
+    driver.find_element("css selector", "#confirm-no").click()
+    next_poll(driver)
+    assert db_statuses(dsn, long_id)[0] == "running"
+
+    click(driver, "#workflow-cancel")
+    confirm(driver)
+    wait_for(
+        lambda: (
+            db_statuses(dsn, long_id)
+            == ("cancelled", {"long": "cancelled", "after-long": "cancelled", "other": "cancelled"})
+        ),
+        what="the workflow to end cancelled in the database",
+    )
+    wait_for(
+        lambda: (
+            set(node_statuses(driver).values()) == {"cancelled"}
+            and js(driver, "return document.getElementById('workflow-panel').dataset.status")
+            == "cancelled"
+        ),
+        what="the dashboard to show the workflow cancelled",
+    )
+    assert js(driver, "return document.getElementById('workflow-cancel').hidden")
+    driver.save_screenshot(str(tmp_path / "dashboard-cancelled.png"))
+    assert banner(driver) == ""
+    assert severe_console_errors(driver) == []
+
+
+def test_dashboard_big_workflow_table_model_run_kill_and_errors(
+    dsn, server, browser, tmp_path
+) -> None:
+    driver = browser
+    # A smifdb model run (generic decision loop) submitted from the CLI; no manager, so it stays
+    # running after its first bundle: the dashboard kills it.
+    project = tmp_path / "project"
+    project.mkdir()
+    subprocess.run(
+        [
+            PY,
+            "-m",
+            "smifdb.cli",
+            "--dsn",
+            dsn,
+            "modelrun",
+            "submit",
+            str(project),
+            "loop",
+            "--decide",
+            "smifdb.examples:converge_decision",
+        ],
+        capture_output=True,
+        check=True,
+    )
+    workflow_id = submit(
+        server.url,
+        {"name": "wide", "jobs": [{"key": f"job-{i}", "command": "true"} for i in range(5)]},
+    )
+    # Drawn as a table past max_nodes (1500 by default; 3 here).
+    driver.get(f"{server.url}/?poll_ms={POLL_MS}&max_nodes=3#workflow={workflow_id}")
+    rows = (
+        "return [...document.querySelectorAll('#jobs-table tbody tr')].map(r => r.dataset.jobKey)"
+    )
+    wait_for(lambda: len(js(driver, rows)) == 5, what="the big-workflow table")
+    assert sorted(js(driver, rows)) == [f"job-{i}" for i in range(5)]
+    assert not js(driver, "return document.querySelector('#dag')")
+    assert "too many to draw" in js(driver, "return document.getElementById('graph').textContent")
+    click(driver, '#jobs-table tr[data-job-key="job-3"]')
+    wait_for(
+        lambda: js(driver, "return document.getElementById('job-panel').dataset.jobKey") == "job-3",
+        what="the job panel from a table row",
+    )
+
+    # The model run's Kill button (after confirming) cancels it.
+    kill = '#model-runs [data-model-run-name="loop"] button[data-action="kill-model-run"]'
+    wait_for(lambda: js(driver, f"return !!document.querySelector('{kill}')"), what="model run")
+    item = f"return document.querySelector('{kill}').closest('.item').dataset.status"
+    assert js(driver, item) == "running"
+    click(driver, kill)
+    confirm(driver)
+
+    def model_run_status() -> str:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            return conn.execute("SELECT status::text FROM model_runs").fetchone()[0]
+
+    wait_for(lambda: model_run_status() == "cancelled", what="the model run to be cancelled")
+    wait_for(
+        lambda: (
+            js(
+                driver,
+                "return document.querySelector('#model-runs [data-model-run-name=loop]')"
+                ".dataset.status",
+            )
+            == "cancelled"
+        ),
+        what="the dashboard to show the model run cancelled",
+    )
+
+    # A refused action (409: the workflow has ended meanwhile) shows its message in the banner.
+    js(driver, "document.body.dataset.confirm = 'off'")  # the documented way to skip confirm
+    cancel = f"#workflow-item-{workflow_id} button[data-action=cancel-workflow]"
+    wait_for(lambda: js(driver, f"return !!document.querySelector('{cancel}')"), what="button")
+    js(driver, "document.getElementById('pause').click()")  # keep the stale button on screen
+    wait_for(lambda: js(driver, "return document.body.dataset.polling") == "0", what="idle")
+    httpx2.post(f"{server.url}/api/v1/workflows/{workflow_id}/cancel", timeout=30)
+    driver.find_element("css selector", cancel).click()
+    wait_for(lambda: "already finished" in banner(driver), what="the 409 in the banner")
+    js(driver, "document.getElementById('pause').click()")
+    driver.find_element("css selector", "#banner-close").click()
+
+    # An unknown workflow: an error banner, and the rest of the page still works.
+    driver.get(f"{server.url}/?poll_ms={POLL_MS}#workflow=999999")
+    wait_for(lambda: "no workflow 999999" in banner(driver), what="a 404 banner")
+    # The page still lists both workflows: the model run's first bundle and "wide".
+    assert js(driver, "return document.querySelectorAll('#workflows .item').length") == 2
+
+    # The API goes away: a banner says so and the last data stays on the page.
+    driver.get(f"{server.url}/?poll_ms={POLL_MS}&max_nodes=3#workflow={workflow_id}")
+    wait_for(lambda: len(js(driver, rows)) == 5, what="the table again")
+    server.stop()
+    wait_for(
+        lambda: "cannot reach the api" in banner(driver).lower(), what="an unreachable-API banner"
+    )
+    assert js(driver, "return document.getElementById('live').dataset.state") == "error"
+    assert len(js(driver, rows)) == 5
+    driver.save_screenshot(str(tmp_path / "dashboard-offline.png"))
+    allowed = ("Failed to load resource", "ERR_CONNECTION_REFUSED")
+    assert severe_console_errors(driver, allowed) == []
