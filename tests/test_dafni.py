@@ -571,3 +571,47 @@ def test_user_commands(dsn, conn) -> None:
     assert conn.execute("SELECT count(*) FROM api_tokens").fetchone()[0] == 0
     missing = subprocess.run([*smifdb, "remove", "alice"], capture_output=True, text=True)
     assert missing.returncode == 2 and "no user 'alice'" in missing.stderr
+
+
+def register(client: TestClient, headers: dict, definition: dict) -> str:
+    upload = client.post("/models/upload/", json={}, headers=headers).json()
+    stored = client.put(
+        upload["urls"]["definition"], content=yaml.safe_dump(definition), headers=headers
+    )
+    assert stored.status_code == 204, stored.text
+    ingested = client.post(f"/models/upload/{upload['id']}/ingest/", json={}, headers=headers)
+    return ingested.json()["version_id"]
+
+
+@pytest.mark.parametrize(
+    "spec,overall,steps",
+    [
+        ({"command": "exit 3"}, "Failed", ("Failed", "Omitted", "Omitted")),
+        ({"command": "sleep 30", "timeout": 0.5}, "Error", ("Failed", "Omitted", "Omitted")),
+    ],
+)
+def test_failed_and_errored_instances(client, procs, spec, overall, steps) -> None:
+    headers = bearer(client)
+    model_version = register(client, headers, {**MODEL, "spec": spec})
+    version_id = client.post(
+        "/workflows/upload/",
+        headers=headers,
+        json={"definition": workflow_definition(model_version)},
+    ).json()["id"]
+    ps = {**parameter_set(version_id), "spec": {}}
+    ps_id = client.post("/workflows/parameter-set/upload/", json=ps, headers=headers).json()["id"]
+    instance_id = client.post(f"/workflows/execute/{version_id}/{ps_id}/", headers=headers).json()[
+        "instance_id"
+    ]
+    procs.start("--slots", "2", "--exit-when-idle", name="runner")
+
+    def ended():
+        raw = client.get(f"/workflows/instances/{instance_id}/", headers=headers).json()
+        return raw if raw["finished_time"] else None
+
+    raw = wait_for(ended, timeout=60, what="the instance to end")
+    assert raw["overall_status"] == overall
+    assert tuple(raw["step_status"][k]["status"] for k in ("count", "double", "publish")) == steps
+    assert raw["produced_assets"] == {}
+    instance = parse_workflow_instance(raw)
+    assert instance.overall_status == overall

@@ -407,7 +407,7 @@ def _parameter_set_record(row: dict, steps: Mapping) -> dict:
 
 def _overall(instance: Mapping) -> str:
     if instance["status"] == "failed" and instance["infrastructure_failure"]:
-        return "Error"  # a step timed out or its runner was lost, rather than failing itself
+        return "Error"  # a step was killed (timeout, signal) or lost, rather than failing itself
     return OVERALL_STATUS[instance["status"]]
 
 

@@ -6,7 +6,6 @@ it ran; its status is read from the workflow and its jobs, never copied.
 
 from __future__ import annotations
 
-import json
 import uuid
 from collections.abc import Callable
 from typing import Any
@@ -256,7 +255,8 @@ _INSTANCE_COLUMNS = """
 i.id, i.workflow_version_id, i.parameter_set_id, i.workflow_id, i.owner, i.submitted_at,
 w.status::text AS status, w.started_at, w.finished_at,
 EXISTS (SELECT 1 FROM jobs j WHERE j.workflow_id = i.workflow_id
-        AND j.status = 'failed' AND j.exit_code IS NULL) AS infrastructure_failure
+        AND j.status = 'failed' AND (j.exit_code IS NULL OR j.exit_code < 0))
+    AS infrastructure_failure
 """
 _INSTANCES = f"""
 SELECT {_INSTANCE_COLUMNS} FROM dafni_instances i JOIN workflows w ON w.id = i.workflow_id
@@ -332,7 +332,3 @@ def execute(
     except psycopg.errors.ForeignKeyViolation as exc:  # deleted while we built the DAG
         raise NotFound("the workflow version or parameter set was deleted") from exc
     return instance_id, True
-
-
-def dumps(value: Any) -> str:
-    return json.dumps(value, default=str)
