@@ -285,23 +285,35 @@ async def model_get(request: Request) -> JSONResponse:
     return _json(await in_db(request, _one_model, version_id, user))
 
 
-async def model_delete(request: Request) -> Response:
+async def _delete(
+    request: Request,
+    what: str,
+    find: Callable[[psycopg.Connection, uuid.UUID], dict | None],
+    delete: Callable[[psycopg.Connection, uuid.UUID], None],
+) -> Response:
+    """Delete a version its owner names: 404 unknown, 403 not theirs, 409 still in use."""
     user = await _user(request)
-    version_id = _uuid(request, "version_id", "model version")
+    version_id = _uuid(request, "version_id", what)
 
-    def delete(conn: psycopg.Connection) -> None:
-        row = rows.model(conn, version_id)
+    def run(conn: psycopg.Connection) -> None:
+        row = find(conn, version_id)
         if row is None:
-            raise ApiError(404, f"no model version {version_id}")
+            raise ApiError(404, f"no {what} {version_id}")
         if row["owner"] != user:
-            raise ApiError(403, f"only {row['owner']} may delete model version {version_id}")
+            raise ApiError(403, f"only {row['owner']} may delete {what} {version_id}")
         try:
-            rows.delete_model(conn, version_id)
+            delete(conn, version_id)
         except rows.NotFound as exc:
             raise ApiError(404, str(exc)) from exc
+        except rows.InUse as exc:
+            raise ApiError(409, str(exc)) from exc
 
-    await in_db(request, delete)
+    await in_db(request, run)
     return Response(status_code=204)
+
+
+async def model_delete(request: Request) -> Response:
+    return await _delete(request, "model version", rows.model, rows.delete_model)
 
 
 async def model_validate(request: Request) -> JSONResponse:
@@ -478,22 +490,7 @@ async def workflow_get(request: Request) -> JSONResponse:
 
 
 async def workflow_delete(request: Request) -> Response:
-    user = await _user(request)
-    version_id = _uuid(request, "version_id", "workflow version")
-
-    def delete(conn: psycopg.Connection) -> None:
-        row = _workflow_row(conn, version_id)
-        if row["owner"] != user:
-            raise ApiError(403, f"only {row['owner']} may delete workflow version {version_id}")
-        try:
-            rows.delete_workflow(conn, version_id)
-        except rows.NotFound as exc:
-            raise ApiError(404, str(exc)) from exc
-        except rows.InUse as exc:
-            raise ApiError(409, str(exc)) from exc
-
-    await in_db(request, delete)
-    return Response(status_code=204)
+    return await _delete(request, "workflow version", rows.workflow, rows.delete_workflow)
 
 
 async def workflow_upload(request: Request) -> JSONResponse:
