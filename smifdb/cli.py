@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import sys
@@ -14,7 +13,7 @@ from pathlib import Path
 import click
 import psycopg
 
-from smifdb import __version__, db, store
+from smifdb import __version__, db, logs, store
 from smifdb.decisions import DecisionError, ModelRunError
 from smifdb.manager import Manager, ManagerConfig, submit_model_run
 from smifdb.pgserver import Cluster, ServerError, default_home
@@ -22,9 +21,12 @@ from smifdb.progress import ModelRunProgress, ProgressPrinter, model_run_summary
 from smifdb.runner import Runner, RunnerConfig, default_name
 from smifdb.spec import SpecError, load_file, load_text, parse, with_base_dir
 from smifdb.store import FINISHED_CHANNEL, auth, control, modelruns, read
+from smifdb.store import prune as retention
 from smifdb.store import runners as runner_rows
+from smifdb.store import views as view_rows
 from smifdb.store.runners import RunnerNameInUse
 from smifdb.store.submit import submit_dag
+from smifdb.tables import Column, seconds, table, timestamp
 
 
 class BadInput(click.ClickException):
@@ -183,12 +185,8 @@ def _log_dir(value: str | None) -> Path:
     return Path(value).resolve() if value else default_home() / "logs"
 
 
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging(level: str, fmt: str = "text") -> None:
+    logs.configure(level, fmt)
 
 
 def _stack(f, options: list):
@@ -196,6 +194,30 @@ def _stack(f, options: list):
     for option in reversed(options):
         f = option(f)
     return f
+
+
+def _log_options(f):
+    """--log-level and --log-format: the same on every long-running process."""
+    options = [
+        click.option(
+            "--log-level",
+            type=click.Choice(logs.LEVELS),
+            default="info",
+            show_default=True,
+            envvar="SMIFDB_LOG_LEVEL",
+            help="Least severe log lines written (on standard error).",
+        ),
+        click.option(
+            "--log-format",
+            type=click.Choice(logs.FORMATS),
+            default="text",
+            show_default=True,
+            envvar="SMIFDB_LOG_FORMAT",
+            help="Log lines as text, or as one JSON object per line (ts, level, logger, msg, "
+            "and fields such as workflow_id, job_key, attempt, runner, status).",
+        ),
+    ]
+    return _stack(f, options)
 
 
 def _runner_options(f):
@@ -284,16 +306,11 @@ def runner_group() -> None:
     is_flag=True,
     help="Exit 0 once nothing is waiting, ready or running anywhere.",
 )
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning"]),
-    default="info",
-    show_default=True,
-)
+@_log_options
 @click.pass_context
-def runner_run(ctx: click.Context, name: str | None, log_level: str, **kw) -> None:
+def runner_run(ctx: click.Context, name: str | None, log_level: str, log_format: str, **kw) -> None:
     """Claim ready jobs and run them, until stopped (SIGTERM/SIGINT drain gracefully)."""
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     dsn = _dsn(ctx)
     with db.connect(dsn) as conn:
         store.check_schema(conn)
@@ -351,6 +368,35 @@ def runner_status(ctx: click.Context, as_json: bool, dead_after: float) -> None:
             f"{r['name'][:24]:24} {(r['host'] or '-')[:16]:16} {r['state']:10} "
             f"{r['busy']:>4}/{r['slots']:<4} {age:>10} {r['jobs_succeeded']:>8} {r['jobs_failed']:>7}"
         )
+
+
+@runner_group.command("check")
+@click.argument("name")
+@click.option(
+    "--max-age",
+    type=click.FloatRange(0.1),
+    default=30.0,
+    show_default=True,
+    help="Most seconds since the runner's last heartbeat.",
+)
+@click.pass_context
+def runner_check(ctx: click.Context, name: str, max_age: float) -> None:
+    """Exit 0 if runner NAME is active or draining with a fresh heartbeat, else 1.
+
+    For health checks (Docker, systemd, monitoring): its heartbeat thread and its database
+    connection both work, which a live process alone does not show.
+    """
+    with db.connect(_dsn(ctx), connect_timeout=10) as conn:
+        store.check_schema(conn)
+        row = next((r for r in runner_rows.status(conn, max_age) if r["name"] == name), None)
+    if row is None:
+        click.echo(f"no runner named {name!r}", err=True)
+        sys.exit(1)
+    age = row["heartbeat_age"]
+    alive = row["state"] in ("active", "draining") and age is not None and age <= max_age
+    seen = "never" if age is None else f"{age:.1f}s ago"
+    click.echo(f"runner {name} {row['state']}, last heartbeat {seen}", err=not alive)
+    sys.exit(0 if alive else 1)
 
 
 def _workflow_arg(conn, workflow_id: int) -> None:
@@ -447,6 +493,163 @@ def run_cmd(ctx: click.Context, file: str, workflow_name: str | None, **kw) -> N
         click.echo(f"logs: {config.log_dir / f'workflow-{workflow_id}'}")
         status = read.finished_status(conn, workflow_id)
     _exit(0 if status == "succeeded" else 1, runner)
+
+
+# -- status and audit: answers from the SQL views (docs/sql.md) ---------------------------
+
+_QUEUE_COLUMNS: list[Column] = [
+    ("ready", lambda r: r["ready"]),
+    ("claimable", lambda r: r["claimable"]),
+    ("retrying", lambda r: r["retries_pending"]),
+    ("next retry", lambda r: seconds(r["next_retry_in_seconds"])),
+    ("oldest ready", lambda r: seconds(r["oldest_ready_seconds"])),
+    ("running", lambda r: r["running"]),
+    ("lease expired", lambda r: r["expired_leases"]),
+    ("waiting", lambda r: r["waiting"]),
+    ("workflows", lambda r: r["unfinished_workflows"]),
+    ("runners", lambda r: r["live_runners"]),
+    ("slots", lambda r: r["live_slots"]),
+]
+_RUNNER_COLUMNS: list[Column] = [
+    ("runner", lambda r: r["runner"]),
+    ("host", lambda r: r["host"]),
+    ("state", lambda r: r["state"]),
+    ("busy", lambda r: f"{r['busy']}/{r['slots']}"),
+    ("heartbeat", lambda r: seconds(r["heartbeat_age_seconds"])),
+    ("done 1h", lambda r: r["succeeded_last_hour"]),
+    ("failed 1h", lambda r: r["failed_last_hour"]),
+    ("done", lambda r: r["jobs_succeeded"]),
+    ("failed", lambda r: r["jobs_failed"]),
+]
+_WORKFLOW_COLUMNS: list[Column] = [
+    ("workflow", lambda r: r["workflow_id"]),
+    ("name", lambda r: r["name"][:24]),
+    ("status", lambda r: r["status"]),
+    ("done", lambda r: f"{r['jobs_done']}/{r['jobs_total']}"),
+    ("%", lambda r: r["percent_done"]),
+    ("running", lambda r: r["running"]),
+    ("ready", lambda r: r["ready"]),
+    ("waiting", lambda r: r["waiting"]),
+    ("failed", lambda r: r["failed"]),
+    ("elapsed", lambda r: seconds(r["elapsed_seconds"])),
+    ("eta", lambda r: seconds(r["eta_seconds"])),
+]
+_COUNT_COLUMNS: list[Column] = [
+    (s, lambda r, s=s: r[s])
+    for s in ("waiting", "ready", "running", "succeeded", "failed", "upstream_failed", "cancelled")
+]
+_JOB_COLUMNS: list[Column] = [
+    ("job", lambda r: r["job_id"]),
+    ("key", lambda r: r["key"]),
+    ("status", lambda r: r["status"]),
+    ("attempt", lambda r: f"{r['attempts']}/{r['max_attempts']}"),
+    ("runner", lambda r: r["runner"]),
+    ("duration", lambda r: seconds(r["duration_seconds"])),
+    ("error", lambda r: (r["error"] or "")[:60] or None),
+]
+_FAILURE_COLUMNS: list[Column] = [
+    ("jobs", lambda r: r["jobs"]),
+    ("attempts", lambda r: r["attempts"]),
+    ("error", lambda r: r["error"][:60]),
+    ("e.g.", lambda r: r["example_keys"]),
+]
+_EVENT_COLUMNS: list[Column] = [
+    ("event", lambda r: r["event_id"]),
+    ("at", lambda r: timestamp(r["at"])),
+    ("workflow", lambda r: r["workflow_id"]),
+    ("job", lambda r: r["job_id"]),
+    ("key", lambda r: r["job_key"]),
+    ("attempt", lambda r: r["attempt"]),
+    ("from", lambda r: r["from_status"]),
+    ("to", lambda r: r["to_status"]),
+    ("actor", lambda r: r["actor"]),
+    ("reason", lambda r: r["reason"]),
+]
+
+
+def _print_json(data: object) -> None:
+    click.echo(json.dumps(data, default=str, indent=2))
+
+
+@main.command("status")
+@click.argument("workflow_id", type=int, required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--dead-after",
+    type=click.FloatRange(0.1),
+    default=30.0,
+    show_default=True,
+    help="A runner silent this long shows as lost.",
+)
+@click.pass_context
+def status_cmd(
+    ctx: click.Context, workflow_id: int | None, as_json: bool, dead_after: float
+) -> None:
+    """Queue health, runners and recent workflows; or WORKFLOW_ID's progress and problem jobs."""
+    with db.connect(_dsn(ctx)) as conn:
+        store.check_schema(conn)
+        if workflow_id is None:
+            data = view_rows.overview(conn, dead_after=dead_after)
+        else:
+            data = view_rows.workflow_status(conn, workflow_id)
+            if data is None:
+                raise BadInput(f"no workflow {workflow_id}")
+    if as_json:
+        _print_json(data)
+    elif workflow_id is None:
+        click.echo(table([data["queue"]], _QUEUE_COLUMNS))
+        click.echo()
+        click.echo(table(data["runners"], _RUNNER_COLUMNS) if data["runners"] else "no runners")
+        click.echo()
+        click.echo(
+            table(data["workflows"], _WORKFLOW_COLUMNS) if data["workflows"] else "no workflows"
+        )
+    else:
+        w = data["workflow"]
+        eta = f", eta {seconds(w['eta_seconds'])}" if w["eta_seconds"] is not None else ""
+        click.echo(
+            f"workflow {w['workflow_id']} {w['name']!r}: {w['status']}, "
+            f"{w['jobs_done']}/{w['jobs_total']} jobs done ({w['percent_done']}%), "
+            f"elapsed {seconds(w['elapsed_seconds']) or '-'}{eta}"
+        )
+        click.echo(table([w], _COUNT_COLUMNS))
+        if data["jobs"]:
+            click.echo()
+            click.echo(table(data["jobs"], _JOB_COLUMNS))
+        if data["failures"]:
+            click.echo()
+            click.echo(table(data["failures"], _FAILURE_COLUMNS))
+
+
+@main.command("audit")
+@click.argument("workflow_id", type=int, required=False)
+@click.option("--job", "job_id", type=int, help="One job's history (a job id, as in `status`).")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--limit",
+    type=click.IntRange(0),
+    default=100,
+    show_default=True,
+    help="Show the last N events (0: all).",
+)
+@click.pass_context
+def audit_cmd(
+    ctx: click.Context, workflow_id: int | None, job_id: int | None, as_json: bool, limit: int
+) -> None:
+    """The event log, oldest first: of WORKFLOW_ID, of one --job, or the latest anywhere."""
+    if workflow_id is not None and job_id is not None:
+        raise BadInput("give a WORKFLOW_ID or --job, not both")
+    with db.connect(_dsn(ctx)) as conn:
+        store.check_schema(conn)
+        if workflow_id is not None and not view_rows.workflow_exists(conn, workflow_id):
+            raise BadInput(f"no workflow {workflow_id}")
+        rows = view_rows.history(conn, workflow_id=workflow_id, job_id=job_id, limit=limit)
+    if job_id is not None and not rows:
+        raise BadInput(f"no job {job_id}")
+    if as_json:
+        _print_json(rows)
+    else:
+        click.echo(table(rows, _EVENT_COLUMNS) if rows else "no events")
 
 
 # -- model runs and the manager ----------------------------------------------------------
@@ -636,22 +839,85 @@ def manager_group() -> None:
     show_default=True,
     help="A runner silent this long is dead and its jobs are rescued.",
 )
-@click.option(
-    "--log-level",
-    type=click.Choice(["debug", "info", "warning"]),
-    default="info",
-    show_default=True,
-)
+@_log_options
 @click.pass_context
-def manager_run(ctx: click.Context, poll: float, dead_after: float, log_level: str) -> None:
+def manager_run(
+    ctx: click.Context, poll: float, dead_after: float, log_level: str, log_format: str
+) -> None:
     """Run until stopped. Stateless: run several, kill and restart any at any moment."""
-    _setup_logging(log_level)
+    _setup_logging(log_level, log_format)
     dsn = _dsn(ctx)
     with db.connect(dsn) as conn:
         store.check_schema(conn)
     manager = Manager(dsn, ManagerConfig(poll=poll, dead_after=dead_after))
     manager.install_signal_handlers()
     sys.exit(manager.run())
+
+
+# -- retention ----------------------------------------------------------------------------
+
+
+class _Duration(click.ParamType):
+    name = "duration"
+
+    def convert(self, value, param, ctx):
+        try:
+            return retention.parse_duration(value)
+        except ValueError as exc:
+            self.fail(str(exc), param, ctx)
+
+
+@main.command("prune")
+@click.option(
+    "--older-than",
+    type=_Duration(),
+    required=True,
+    help="Delete what finished longer ago than this: 30d, 12h, 90m, 45s, 2w (or 1d12h).",
+)
+@click.option("--dry-run", is_flag=True, help="Print what would be deleted; change nothing.")
+@click.option(
+    "--archive-events",
+    type=click.Path(dir_okay=False),
+    help="Append the deleted events to FILE as JSON Lines, fsynced before each batch commits.",
+)
+@click.option(
+    "--batch-size",
+    type=click.IntRange(1, 10_000),
+    default=100,
+    show_default=True,
+    help="Most workflows per transaction.",
+)
+@click.pass_context
+def prune_cmd(
+    ctx: click.Context, older_than, dry_run: bool, archive_events: str | None, batch_size: int
+) -> None:
+    """Delete finished workflows and model runs, with their jobs, edges and events.
+
+    Never touches an unfinished workflow, nor any bundle of a model run that is still running
+    or ended after the cutoff. Short transactions that never wait for a lock: safe while
+    runners and managers work.
+    """
+    with db.connect(_dsn(ctx)) as conn:
+        store.check_schema(conn)
+        if dry_run or not archive_events:
+            report = retention.prune(conn, older_than, dry_run=dry_run, batch_size=batch_size)
+        else:
+            archive = retention.EventArchive(Path(archive_events))
+            try:
+                archive.open()
+            except (OSError, retention.ArchiveInUse) as exc:
+                raise BadInput(f"cannot write the archive: {exc}") from exc
+            with archive:
+                if archive.torn_bytes:
+                    click.echo(
+                        f"{archive_events}: cut off a torn last line ({archive.torn_bytes} "
+                        "bytes) left by an interrupted prune; those events were not deleted",
+                        err=True,
+                    )
+                report = retention.prune(conn, older_than, archive=archive, batch_size=batch_size)
+    click.echo(report.summary())
+    if report.archived:
+        click.echo(f"archived {report.archived:,} events to {archive_events}")
 
 
 # -- the HTTP API -------------------------------------------------------------------------
@@ -677,6 +943,7 @@ def api_group() -> None:
     help="Where DAFNI workflow instances keep step inputs and outputs; runners must see the "
     "same path. Default: SMIFDB_HOME/dafni.",
 )
+@_log_options
 @click.pass_context
 def api_serve(
     ctx: click.Context,
@@ -685,12 +952,15 @@ def api_serve(
     workers: int,
     project: str | None,
     data_dir: str | None,
+    log_level: str,
+    log_format: str,
 ) -> None:
     """Serve the API with uvicorn (stateless: run as many as you like behind a balancer)."""
     import uvicorn
 
     from smifdb.api import server
 
+    _setup_logging(log_level, log_format)
     dsn = _dsn(ctx)
     with db.connect(dsn) as conn:
         store.check_schema(conn)
@@ -703,7 +973,8 @@ def api_serve(
         host=host,
         port=port,
         workers=workers,
-        log_level="info",
+        log_level=log_level,
+        log_config=logs.uvicorn_config(log_level, log_format),  # also in every worker process
     )
 
 

@@ -80,6 +80,7 @@ class Attempt:
             status=status,
             max_attempts=self.job.max_attempts,
             retry_backoff=self.job.retry_backoff,
+            key=self.job.key,
             **kwargs,
         )
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import psycopg
 
-from smifdb import db, store
+from smifdb import db, logs, store
 from smifdb.db import DB_ERRORS, Backoff
 from smifdb.decisions import (
     DeciderUnavailable,
@@ -66,7 +66,7 @@ class Manager:
 
     def run(self) -> int:
         """Step until stopped, waking on finished workflows or every poll interval."""
-        log.info("manager %s started", self.config.name)
+        log.info("manager %s started", self.config.name, extra={"manager": self.config.name})
         conn: psycopg.Connection | None = None
         up_since = 0.0
         backoff = Backoff()
@@ -90,7 +90,7 @@ class Manager:
                 self.stopping.wait(delay)
         if conn is not None:
             conn.close()
-        log.info("manager %s stopped", self.config.name)
+        log.info("manager %s stopped", self.config.name, extra={"manager": self.config.name})
         return 0
 
     def request_stop(self) -> None:
@@ -134,6 +134,7 @@ class Manager:
         report = queue.rescue(conn, self.config.name, dead_after=self.config.dead_after)
         if report.recorded:
             log.warning("rescued %d job(s) from dead runners", len(report.recorded))
+            logs.taken_back(log, report.taken, "rescued")
 
     def advance_one(self, conn: psycopg.Connection) -> bool:
         """Lock one due model run and move it on, in one transaction. False if none is due."""
@@ -148,7 +149,12 @@ class Manager:
                 ended = advance(conn, model_run, actor=self.config.name)
         except DeciderUnavailable as exc:
             assert model_run is not None
-            log.warning("cannot decide model run %d here: %s", model_run.id, exc)
+            log.warning(
+                "cannot decide model run %d here: %s",
+                model_run.id,
+                exc,
+                extra={"model_run_id": model_run.id},
+            )
             self.skipped.add(model_run.id)
             return True
         if ended is not None and self.on_model_run_end is not None:
@@ -165,7 +171,13 @@ def advance(conn: psycopg.Connection, model_run: ModelRun, *, actor: str) -> str
         ended = "cancelled" if status == "cancelled" else "failed"
         reason = f"bundle {bundle} (workflow {workflow_id}) {status}"
         modelruns.finish(conn, model_run.id, ended, actor=actor, reason=reason, error=reason)
-        log.info("model run %d %s: %s", model_run.id, ended, reason)
+        log.info(
+            "model run %d %s: %s",
+            model_run.id,
+            ended,
+            reason,
+            extra={"model_run_id": model_run.id, "workflow_id": workflow_id, "status": ended},
+        )
         return ended
     history = modelruns.history(conn, model_run.id)
     try:
@@ -174,12 +186,22 @@ def advance(conn: psycopg.Connection, model_run: ModelRun, *, actor: str) -> str
         raise
     except (ModelRunError, DecisionError) as exc:
         modelruns.finish(conn, model_run.id, "failed", actor=actor, reason=str(exc), error=str(exc))
-        log.warning("model run %d failed: %s", model_run.id, exc)
+        log.warning(
+            "model run %d failed: %s",
+            model_run.id,
+            exc,
+            extra={"model_run_id": model_run.id, "status": "failed"},
+        )
         return "failed"
     if dag is None:
         reason = f"decision loop ended after {len(history)} bundle(s)"
         modelruns.finish(conn, model_run.id, "succeeded", actor=actor, reason=reason)
-        log.info("model run %d succeeded: %s", model_run.id, reason)
+        log.info(
+            "model run %d succeeded: %s",
+            model_run.id,
+            reason,
+            extra={"model_run_id": model_run.id, "status": "succeeded"},
+        )
         return "succeeded"
     workflow_id = modelruns.submit_bundle(conn, model_run, len(history), dag, actor=actor)
     log.info(
@@ -188,6 +210,7 @@ def advance(conn: psycopg.Connection, model_run: ModelRun, *, actor: str) -> str
         len(history),
         workflow_id,
         len(dag.jobs),
+        extra={"model_run_id": model_run.id, "bundle": len(history), "workflow_id": workflow_id},
     )
     return None
 

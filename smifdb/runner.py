@@ -30,7 +30,7 @@ from pathlib import Path
 
 import psycopg
 
-from smifdb import db, store
+from smifdb import db, logs, store
 from smifdb.db import DB_ERRORS, Backoff
 from smifdb.execute import Attempt, run_attempt
 from smifdb.store import CANCEL_CHANNEL, FINISHED_CHANNEL, READY_CHANNEL, queue, read
@@ -119,8 +119,15 @@ class Runner:
                 "took back %d job(s) from an earlier runner named %s",
                 len(report.recorded),
                 self.name,
+                extra={"runner": self.name},
             )
-        log.info("runner %s started with %d slot(s)", self.name, self.config.slots)
+            logs.taken_back(log, report.taken, "rescued")
+        log.info(
+            "runner %s started with %d slot(s)",
+            self.name,
+            self.config.slots,
+            extra={"runner": self.name, "slots": self.config.slots},
+        )
         threads = [
             threading.Thread(target=self._listen, name="listener", daemon=True),
             threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
@@ -154,6 +161,10 @@ class Runner:
                 "received %s: %s",
                 signal.Signals(signum).name,
                 "stopping now" if self.stopping.is_set() else "draining",
+                extra={
+                    "runner": self.name,
+                    "grace": 0 if self.stopping.is_set() else self.config.grace,
+                },
             )
             self.request_stop()
 
@@ -175,14 +186,15 @@ class Runner:
         while self.pending and time.monotonic() < deadline:
             if not self._flush():
                 time.sleep(self.backoff.next())
-        with contextlib.suppress(*DB_ERRORS):
-            if self.conn is not None:
-                runner_rows.heartbeat(self.conn, self.name, **self._take_counts())
-                runner_rows.set_state(self.conn, self.name, "stopped")
+        # Heartbeat thread first: a beat in flight would mark the runner draining again.
         self.closed.set()
         self.check_now.set()
         for t in threads:
             t.join(timeout=5)
+        with contextlib.suppress(*DB_ERRORS):
+            if self.conn is not None:
+                runner_rows.heartbeat(self.conn, self.name, **self._take_counts())
+                runner_rows.set_state(self.conn, self.name, "stopped")
         for _ in self.workers:
             self.todo.put(None)
         if self.conn is not None:
@@ -193,6 +205,7 @@ class Runner:
             self.total["claimed"],
             self.total["succeeded"],
             self.total["failed"],
+            extra={"runner": self.name, **self.total},
         )
 
     # -- main loop ------------------------------------------------------------------------
@@ -314,22 +327,27 @@ class Runner:
     # -- claiming and running -------------------------------------------------------------
 
     def _start(self, jobs: list) -> None:
-        verbose = log.isEnabledFor(logging.INFO)
+        verbose = log.isEnabledFor(logging.DEBUG)
         for job in jobs:
             attempt = Attempt(job, self.name, self.config.log_dir)
             with self.lock:
                 self.active[job.id] = attempt
                 self.busy += 1
             if verbose:
-                log.info(
-                    "started %s/%s attempt %d",
-                    job.workflow_id,
-                    job.key,
-                    job.attempt,
-                    extra={"workflow_id": job.workflow_id, "job_key": job.key},
-                )
+                log.debug("job claimed", extra=self._job_fields(job, "claimed"))
             self.todo.put(attempt)
         self.total["claimed"] += len(jobs)
+
+    def _job_fields(self, job: queue.ClaimedJob, event: str) -> dict:
+        return {
+            "event": event,
+            "workflow_id": job.workflow_id,
+            "job_key": job.key,
+            "job_id": job.id,
+            "attempt": job.attempt,
+            "runner": self.name,
+            "status": "running",
+        }
 
     def _work(self) -> None:
         """A slot: runs one attempt at a time, outside any database transaction."""
@@ -337,6 +355,8 @@ class Runner:
             self._execute(attempt)
 
     def _execute(self, attempt: Attempt) -> None:
+        if log.isEnabledFor(logging.INFO):
+            log.info("job started", extra=self._job_fields(attempt.job, "started"))
         outcome = run_attempt(attempt)
         with self.lock:
             self.busy -= 1
@@ -391,6 +411,7 @@ class Runner:
                     "outcome of job %d attempt %d was not recorded: the lease had moved on",
                     outcome.job_id,
                     outcome.attempt,
+                    extra=logs.job_fields(outcome, "not_recorded"),
                 )
                 continue
             if outcome.status in ("succeeded", "failed"):
@@ -398,13 +419,7 @@ class Runner:
                     self.counts[outcome.status] += 1
                     self.total[outcome.status] += 1
             if verbose:
-                log.info(
-                    "job %d %s (%s)",
-                    outcome.job_id,
-                    outcome.status,
-                    outcome.reason or "",
-                    extra={"workflow_id": outcome.workflow_id, "job_id": outcome.job_id},
-                )
+                logs.job_event(log, outcome, "retried" if outcome.retries else outcome.status)
         if any(o.retries for o in batch):
             self.next_retry_check = 0.0  # a retry of ours is due soon: look it up next wait
         wf = self.config.workflow_id
@@ -430,7 +445,7 @@ class Runner:
         try:
             self.conn = db.connect(self.dsn, connect_timeout=5)
             known = self._known_job_ids()
-            queue.release_unknown(self.conn, self.name, known)
+            released = queue.release_unknown(self.conn, self.name, known)
         except DB_ERRORS as exc:
             if self.conn is not None:
                 self.conn.close()
@@ -439,6 +454,7 @@ class Runner:
             log.debug("database still unreachable: %s", exc)
             return False
         log.warning("reconnected to the database")
+        logs.taken_back(log, released.taken, "released")
         self.backoff.reset()
         return True
 
@@ -526,7 +542,11 @@ class Runner:
         for job_id in queue.cancel_requested(conn, self.name, ids):
             attempt = attempts[job_id]
             if not attempt.stop_reason:
-                log.info("cancelling job %d on request", job_id)
+                log.info(
+                    "cancelling job %d on request",
+                    job_id,
+                    extra=self._job_fields(attempt.job, "cancelling"),
+                )
                 self._stop_attempt(attempt, "cancelled")
 
     def _rescue(self, conn: psycopg.Connection) -> None:
@@ -536,3 +556,4 @@ class Runner:
         report = queue.rescue(conn, self.name, dead_after=self.config.dead_after)
         if report.recorded:
             log.warning("rescued %d job(s) from dead runners", len(report.recorded))
+            logs.taken_back(log, report.taken, "rescued")

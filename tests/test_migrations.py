@@ -5,6 +5,7 @@ from __future__ import annotations
 import psycopg
 
 from smifdb import migrate
+from smifdb.store.views import VIEWS
 
 TABLES = {
     "model_runs",
@@ -31,6 +32,13 @@ def _tables(dsn: str) -> set[str]:
     return {r[0] for r in rows} - {"alembic_version"}
 
 
+def _views(dsn: str) -> set[str]:
+    """Views are not in smifdb.schema's metadata (the drift check compares tables only)."""
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute("SELECT viewname FROM pg_views WHERE schemaname = 'public'").fetchall()
+    return {r[0] for r in rows}
+
+
 def _types(dsn: str) -> set[str]:
     with psycopg.connect(dsn) as conn:
         rows = conn.execute("SELECT typname FROM pg_type WHERE typtype = 'e'").fetchall()
@@ -42,11 +50,13 @@ def test_round_trip_and_no_drift(empty_dsn: str) -> None:
     migrate.upgrade(empty_dsn)
     assert migrate.current(empty_dsn) == migrate.head()
     assert _tables(empty_dsn) == TABLES
+    assert _views(empty_dsn) == set(VIEWS)
     assert migrate.drift(empty_dsn) == []
 
     migrate.downgrade(empty_dsn, "base")
     assert migrate.current(empty_dsn) is None
     assert _tables(empty_dsn) == set()
+    assert _views(empty_dsn) == set()
     assert _types(empty_dsn) == set()
 
     migrate.upgrade(empty_dsn)

@@ -10,7 +10,7 @@ from psycopg_pool import ConnectionPool
 from starlette.applications import Starlette
 
 from smifdb import store
-from smifdb.api import dafni, dashboard, openapi, v1
+from smifdb.api import dafni, dashboard, metrics, openapi, v1
 from smifdb.api.errors import HANDLERS
 from smifdb.pgserver import default_home
 
@@ -51,7 +51,7 @@ def create_app(
             pool.close()
 
     app = Starlette(
-        routes=[*v1.ROUTES, *dafni.ROUTES, *openapi.ROUTES, *dashboard.ROUTES],
+        routes=[*v1.ROUTES, *dafni.ROUTES, *openapi.ROUTES, *metrics.ROUTES, *dashboard.ROUTES],
         exception_handlers=HANDLERS,
         lifespan=lifespan,
     )

@@ -428,6 +428,19 @@ PATHS: dict[str, dict[str, dict]] = {
             "responses": {"200": {"description": "HTML page"}},
         }
     },
+    "/metrics": {
+        "get": {
+            "summary": "Prometheus metrics read from the database (smifdb_up 0 when it is down)",
+            "tags": ["meta"],
+            "responses": {
+                "200": {
+                    "description": "Prometheus text format 0.0.4, or OpenMetrics if the "
+                    "Accept header asks for it; see docs/api.md#metrics",
+                    "content": {"text/plain": {"schema": {"type": "string"}}},
+                }
+            },
+        }
+    },
     "/openapi.json": {
         "get": {
             "summary": "this document",

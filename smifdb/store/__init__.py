@@ -6,6 +6,9 @@
 - ``runners``: registration, heartbeats, status
 - ``modelruns``: model runs and their bundles (the manager's state)
 - ``read``:    progress and listings for the CLI and API
+- ``views``:   reads through the SQL views (docs/sql.md) for `smifdb status` and `audit`
+- ``prune``:   retention: deleting what finished long ago, in many short transactions that
+  touch only finished rows and skip any workflow row another session holds (SKIP LOCKED)
 
 Callers pass psycopg connections in autocommit mode; each function that writes more than one
 row opens exactly one transaction. Every transaction that locks several job rows locks them

@@ -57,6 +57,7 @@ class Outcome:
     error: str | None = None
     log_tail: str | None = None
     reason: str | None = None
+    key: str | None = None  # the job's key, for log lines only
 
     @property
     def retries(self) -> bool:
@@ -73,6 +74,7 @@ class FinishReport:
     became_ready: int = 0
     claimed: list[ClaimedJob] = field(default_factory=list)
     finished_workflows: dict[int, str] = field(default_factory=dict)  # id -> final status
+    taken: list[Outcome] = field(default_factory=list)  # rescue/release: the outcomes written
 
 
 def backoff_delay(attempt: int, base: float, rng: random.Random | None = None) -> float:
@@ -481,7 +483,7 @@ WHERE j.id = ANY(%(ids)s) AND j.status = 'running' AND j.lease_owner = %(owner)s
 """
 
 _LOST_LEASES = """
-SELECT j.id, j.workflow_id, j.attempts, j.max_attempts, j.lease_owner,
+SELECT j.id, j.workflow_id, j.key, j.attempts, j.max_attempts, j.lease_owner,
        CASE WHEN %(force)s THEN 'runner ' || j.lease_owner || ' restarted'
             WHEN j.lease_expires_at < now() THEN 'lease expired'
             WHEN r.id IS NULL THEN 'runner unknown'
@@ -503,7 +505,7 @@ FOR NO KEY UPDATE OF j SKIP LOCKED
 """
 
 _MINE = """
-SELECT id, workflow_id, attempts, max_attempts, lease_owner,
+SELECT id, workflow_id, key, attempts, max_attempts, lease_owner,
        'claimed but never started by this runner'
 FROM jobs WHERE status = 'running' AND lease_owner = %(owner)s AND NOT (id = ANY(%(known)s))
 ORDER BY id
@@ -545,11 +547,18 @@ def rescue(
             _LOST_LEASES,
             {"dead_after": dead_after, "owner": owner, "force": force, "limit": limit},
         ).fetchall()
-    return finish(conn, actor, _taken_back(rows, "failed"))
+    return _finish_taken(conn, actor, _taken_back(rows, "failed"))
+
+
+def _finish_taken(conn: psycopg.Connection, actor: str, outcomes: list[Outcome]) -> FinishReport:
+    report = finish(conn, actor, outcomes)
+    recorded = set(report.recorded)
+    report.taken = [o for o in outcomes if o.job_id in recorded]
+    return report
 
 
 def _taken_back(rows: list[tuple], status: str) -> list[Outcome]:
-    """Outcomes for jobs taken from their lease holder: rows of (id, workflow, attempts,
+    """Outcomes for jobs taken from their lease holder: rows of (id, workflow, key, attempts,
     max_attempts, owner, why). A failure counts the attempt and retries without backoff."""
     return [
         Outcome(
@@ -562,8 +571,9 @@ def _taken_back(rows: list[tuple], status: str) -> list[Outcome]:
             retry_backoff=0.0,
             error=f"attempt {attempts} abandoned: {why}" if status == "failed" else None,
             reason=f"{'rescued' if status == 'failed' else 'released'}: {why}",
+            key=key,
         )
-        for job_id, workflow_id, attempts, max_attempts, owner, why in rows
+        for job_id, workflow_id, key, attempts, max_attempts, owner, why in rows
     ]
 
 
@@ -574,7 +584,7 @@ def release_unknown(conn: psycopg.Connection, owner: str, known: list[int]) -> F
     such jobs would otherwise stay 'running' under a live runner's name.
     """
     rows = conn.execute(_MINE, {"owner": owner, "known": known}).fetchall()
-    return finish(conn, owner, _taken_back(rows, "released"))
+    return _finish_taken(conn, owner, _taken_back(rows, "released"))
 
 
 _NEXT_DUE = """
