@@ -9,6 +9,7 @@ from collections.abc import Iterator
 
 import psycopg
 import pytest
+from processes import Runners
 from psycopg import conninfo, sql
 
 from smifdb import db, migrate
@@ -92,3 +93,16 @@ def dsn(pg_server: str, template_db: str) -> Iterator[str]:
 def conn(dsn: str) -> Iterator[psycopg.Connection]:
     with db.connect(dsn) as connection:
         yield connection
+
+
+@pytest.fixture
+def procs(dsn: str, tmp_path) -> Iterator[Runners]:
+    """Runner and manager processes on this test's database, killed at its end."""
+    r = Runners(dsn, tmp_path)
+    yield r
+    r.close()
+
+
+@pytest.fixture
+def runners(procs: Runners) -> Runners:
+    return procs

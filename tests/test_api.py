@@ -6,21 +6,13 @@ from __future__ import annotations
 import socket
 import subprocess
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx2
 import pytest
-from processes import PY, Runners, wait_for
+from processes import PY, wait_for
 from starlette.testclient import TestClient
 
 from smifdb.api import create_app
-
-
-@pytest.fixture
-def procs(dsn: str, tmp_path: Path) -> Iterator[Runners]:
-    r = Runners(dsn, tmp_path)
-    yield r
-    r.close()
 
 
 @pytest.fixture

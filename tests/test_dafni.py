@@ -13,7 +13,7 @@ from pathlib import Path
 import httpx2
 import pytest
 import yaml
-from processes import PY, ApiServer, Runners, wait_for
+from processes import PY, ApiServer, wait_for
 from starlette.testclient import TestClient
 
 from smifdb.api import create_app
@@ -145,13 +145,6 @@ def dafni(server: ApiServer, monkeypatch: pytest.MonkeyPatch) -> str:
         monkeypatch.setattr(module, "LOGIN_API_ENDPOINT", login)
         monkeypatch.setattr(module, "LOGOUT_API_ENDPOINT", login.replace("token/", "logout"))
     return server.url
-
-
-@pytest.fixture
-def procs(dsn: str, tmp_path: Path) -> Iterator[Runners]:
-    r = Runners(dsn, tmp_path)
-    yield r
-    r.close()
 
 
 def upload_model(user_session, tmp_path: Path, definition: dict = MODEL) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import httpx2
 import psycopg
 import pytest
-from processes import PY, ApiServer, Runners, wait_for
+from processes import PY, ApiServer, wait_for
 from starlette.testclient import TestClient
 
 from smifdb.api import create_app
@@ -96,13 +96,6 @@ def server(dsn: str) -> Iterator[ApiServer]:
     s = ApiServer(create_app(dsn))
     yield s
     s.stop()
-
-
-@pytest.fixture
-def procs(dsn: str, tmp_path: Path) -> Iterator[Runners]:
-    r = Runners(dsn, tmp_path)
-    yield r
-    r.close()
 
 
 def _unavailable(reason: str) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 import pytest
 import yaml
-from processes import PY, Runners, wait_for
+from processes import PY, wait_for
 
 from smifdb.cli import main
 from smifdb.execute import KILL_GRACE
@@ -264,13 +264,6 @@ def test_compose_builds_this_dockerfile(compose: dict, dockerfile: list) -> None
 
 
 # -- running the health checks for real -------------------------------------------------
-
-
-@pytest.fixture
-def runners(dsn: str, tmp_path: Path) -> Iterator[Runners]:
-    r = Runners(dsn, tmp_path)
-    yield r
-    r.close()
 
 
 def run_check(words: list[str], dsn: str) -> subprocess.CompletedProcess:

@@ -19,20 +19,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from processes import FAST, PY, Runners, wait_for
+from processes import FAST, PY, wait_for
 
 import smifdb
 from smifdb import logs
 from smifdb.store import control, read
 
 JOB_EVENTS = {"claimed", "started", "succeeded", "failed", "retried", "cancelled", "released"}
-
-
-@pytest.fixture
-def runners(dsn: str, tmp_path: Path) -> Iterator[Runners]:
-    r = Runners(dsn, tmp_path)
-    yield r
-    r.close()
 
 
 class Process:

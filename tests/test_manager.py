@@ -6,23 +6,15 @@ import signal
 import subprocess
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from processes import PY, Runners, wait_for
+from processes import PY, wait_for
 
 from smifdb.examples import CONVERGE_TARGETS
 from smifdb.manager import Manager, ManagerConfig
 from smifdb.store import modelruns
-
-
-@pytest.fixture
-def procs(dsn: str, tmp_path: Path) -> Iterator[Runners]:
-    r = Runners(dsn, tmp_path)
-    yield r
-    r.close()
 
 
 def cli(dsn: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:

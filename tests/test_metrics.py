@@ -7,12 +7,11 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import psycopg
 import pytest
 from conftest import dsn_for
-from processes import Runners, wait_for
+from processes import wait_for
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.utils import floatToGoString
 from psycopg import conninfo, sql
@@ -25,13 +24,6 @@ from smifdb.store import control, metrics, read
 from smifdb.store.submit import submit_dag
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-
-
-@pytest.fixture
-def procs(dsn: str, tmp_path: Path) -> Iterator[Runners]:
-    r = Runners(dsn, tmp_path)
-    yield r
-    r.close()
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ import json
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
 
@@ -23,13 +22,6 @@ from smifdb.store.queue import Outcome
 
 NOOP = "smifdb.examples:noop"
 OLD = timedelta(days=40)
-
-
-@pytest.fixture
-def runners(dsn: str, tmp_path: Path) -> Iterator[Runners]:
-    r = Runners(dsn, tmp_path)
-    yield r
-    r.close()
 
 
 def diamond(name: str) -> dict:

@@ -8,24 +8,15 @@ import json
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
-import pytest
 from processes import PY, Runners, wait_for
 
 import smifdb
 from smifdb import migrate
 from smifdb.pgserver import ThrowawayCluster
 from smifdb.store import read
-
-
-@pytest.fixture
-def runners(dsn: str, tmp_path: Path) -> Iterator[Runners]:
-    r = Runners(dsn, tmp_path)
-    yield r
-    r.close()
 
 
 def finished(conn: psycopg.Connection, wf: int) -> str | None:

@@ -6,22 +6,13 @@ import json
 import signal
 import subprocess
 import textwrap
-from collections.abc import Iterator
-from pathlib import Path
 
 import psycopg
 import pytest
-from processes import PY, Runners, wait_for
+from processes import PY, wait_for
 from psycopg.rows import dict_row
 
 import smifdb
-
-
-@pytest.fixture
-def runners(dsn: str, tmp_path: Path) -> Iterator[Runners]:
-    r = Runners(dsn, tmp_path)
-    yield r
-    r.close()
 
 
 def cli(dsn: str, *args: str) -> subprocess.CompletedProcess:

@@ -61,7 +61,7 @@ async def _user(request: Request) -> str:
         raise ApiError(
             401, "an 'Authorization: Bearer <token>' header is required", headers=_CHALLENGE
         )
-    user = await in_db(request, auth.user_for, token.strip())
+    user = await _db(request, auth.user_for, token.strip())
     if user is None:
         raise ApiError(
             401,
@@ -96,6 +96,16 @@ async def _json_body(request: Request, *, required: bool = True) -> Any:
 
 def _invalid(exc: dafni.DefinitionError) -> ApiError:
     return ApiError(400, str(exc), problems=exc.problems)
+
+
+async def _db(request: Request, fn: Callable[..., Any], *args: Any) -> Any:
+    """``in_db``, with the store's NotFound and InUse answered as 404 and 409."""
+    try:
+        return await in_db(request, fn, *args)
+    except rows.NotFound as exc:
+        raise ApiError(404, str(exc)) from exc
+    except rows.InUse as exc:
+        raise ApiError(409, str(exc)) from exc
 
 
 def _ts(value: datetime | None) -> str | None:
@@ -196,13 +206,13 @@ async def token(request: Request) -> JSONResponse:
     if grant == "password":
         if not form.get("username") or "password" not in form:
             return _oauth_error(400, "invalid_request", "username and password are required")
-        tokens = await in_db(request, auth.login, form["username"], form["password"])
+        tokens = await _db(request, auth.login, form["username"], form["password"])
         if tokens is None:
             return _oauth_error(401, "invalid_grant", "Invalid user credentials")
     elif grant == "refresh_token":
         if not form.get("refresh_token"):
             return _oauth_error(400, "invalid_request", "refresh_token is required")
-        tokens = await in_db(request, auth.refresh, form["refresh_token"])
+        tokens = await _db(request, auth.refresh, form["refresh_token"])
         if tokens is None:
             return _oauth_error(400, "invalid_grant", "Token is not active")
     else:
@@ -224,7 +234,7 @@ async def token(request: Request) -> JSONResponse:
 async def logout(request: Request) -> Response:
     form = await _form(request)
     if form.get("refresh_token"):
-        await in_db(request, auth.logout, form["refresh_token"])
+        await _db(request, auth.logout, form["refresh_token"])
     return Response(status_code=204)
 
 
@@ -276,13 +286,13 @@ def _one_model(conn: psycopg.Connection, version_id: uuid.UUID, user: str) -> di
 
 async def models_list(request: Request) -> JSONResponse:
     user = await _user(request)
-    return _json(await in_db(request, _all_models, user))
+    return _json(await _db(request, _all_models, user))
 
 
 async def model_get(request: Request) -> JSONResponse:
     user = await _user(request)
     version_id = _uuid(request, "version_id", "model version")
-    return _json(await in_db(request, _one_model, version_id, user))
+    return _json(await _db(request, _one_model, version_id, user))
 
 
 async def _delete(
@@ -301,14 +311,9 @@ async def _delete(
             raise ApiError(404, f"no {what} {version_id}")
         if row["owner"] != user:
             raise ApiError(403, f"only {row['owner']} may delete {what} {version_id}")
-        try:
-            delete(conn, version_id)
-        except rows.NotFound as exc:
-            raise ApiError(404, str(exc)) from exc
-        except rows.InUse as exc:
-            raise ApiError(409, str(exc)) from exc
+        delete(conn, version_id)
 
-    await in_db(request, run)
+    await _db(request, run)
     return Response(status_code=204)
 
 
@@ -327,7 +332,7 @@ async def model_validate(request: Request) -> JSONResponse:
 
 async def model_upload_start(request: Request) -> JSONResponse:
     user = await _user(request)
-    upload_id = await in_db(request, rows.start_model_upload, user)
+    upload_id = await _db(request, rows.start_model_upload, user)
     base = str(request.base_url).rstrip("/")
     urls = {part: f"{base}/models/upload/{upload_id}/{part}/" for part in ("definition", "image")}
     return _json({"id": str(upload_id), "urls": urls}, 201)
@@ -340,10 +345,7 @@ async def model_upload_definition(request: Request) -> Response:
         definition = dafni.validate_model(await _definition(request))
     except dafni.DefinitionError as exc:
         raise _invalid(exc) from exc
-    try:
-        await in_db(request, rows.put_model_definition, upload_id, user, definition)
-    except rows.NotFound as exc:
-        raise ApiError(404, str(exc)) from exc
+    await _db(request, rows.put_model_definition, upload_id, user, definition)
     return Response(status_code=204)
 
 
@@ -356,10 +358,7 @@ async def model_upload_image(request: Request) -> Response:
         size += len(chunk)
         if size > MAX_IMAGE:
             raise ApiError(413, f"image over {MAX_IMAGE} bytes")
-    try:
-        await in_db(request, rows.put_model_image, upload_id, user, size)
-    except rows.NotFound as exc:
-        raise ApiError(404, str(exc)) from exc
+    await _db(request, rows.put_model_image, upload_id, user, size)
     return Response(status_code=204)
 
 
@@ -372,17 +371,12 @@ async def model_ingest(request: Request) -> JSONResponse:
     if not isinstance(message, str):
         raise ApiError(400, "version_message must be a string")
 
-    def ingest(conn: psycopg.Connection) -> uuid.UUID:
-        try:
-            return rows.ingest_model(
-                conn, upload_id, owner=user, message=message, model_id=model_id
-            )
-        except rows.NotFound as exc:
-            raise ApiError(404, str(exc)) from exc
-        except rows.InUse as exc:
-            raise ApiError(409, str(exc)) from exc
-
-    version_id = await in_db(request, ingest)
+    version_id = await _db(
+        request,
+        lambda conn: rows.ingest_model(
+            conn, upload_id, owner=user, message=message, model_id=model_id
+        ),
+    )
     return _json({"version_id": str(version_id), "id": str(version_id)}, 201)
 
 
@@ -480,13 +474,13 @@ def _one_workflow(conn: psycopg.Connection, version_id: uuid.UUID, user: str) ->
 
 async def workflows_list(request: Request) -> JSONResponse:
     user = await _user(request)
-    return _json(await in_db(request, _all_workflows, user))
+    return _json(await _db(request, _all_workflows, user))
 
 
 async def workflow_get(request: Request) -> JSONResponse:
     user = await _user(request)
     version_id = _uuid(request, "version_id", "workflow version")
-    return _json(await in_db(request, _one_workflow, version_id, user))
+    return _json(await _db(request, _one_workflow, version_id, user))
 
 
 async def workflow_delete(request: Request) -> Response:
@@ -514,11 +508,9 @@ async def workflow_upload(request: Request) -> JSONResponse:
             )
         except dafni.DefinitionError as exc:
             raise _invalid(exc) from exc
-        except rows.NotFound as exc:
-            raise ApiError(404, str(exc)) from exc
         return _one_workflow(conn, version_id, user)
 
-    return _json(await in_db(request, upload), 201)
+    return _json(await _db(request, upload), 201)
 
 
 def _checked_parameter_set(conn: psycopg.Connection, definition: Any) -> dict:
@@ -550,7 +542,7 @@ def _checked_parameter_set(conn: psycopg.Connection, definition: Any) -> dict:
 async def parameter_set_validate(request: Request) -> JSONResponse:
     await _user(request)
     definition = await _definition(request)
-    await in_db(request, _checked_parameter_set, definition)
+    await _db(request, _checked_parameter_set, definition)
     return _json({"valid": True})
 
 
@@ -561,14 +553,11 @@ async def parameter_set_upload(request: Request) -> JSONResponse:
     def upload(conn: psycopg.Connection) -> dict:
         checked = _checked_parameter_set(conn, definition)
         version_id = checked.pop("workflow_version_id")
-        try:
-            parameter_set_id = rows.add_parameter_set(conn, version_id, checked, owner=user)
-        except rows.NotFound as exc:
-            raise ApiError(404, str(exc)) from exc
+        parameter_set_id = rows.add_parameter_set(conn, version_id, checked, owner=user)
         steps = rows.workflow(conn, version_id)["definition"]["spec"]["steps"]
         return _parameter_set_record(rows.parameter_set(conn, parameter_set_id), steps)
 
-    return _json(await in_db(request, upload), 201)
+    return _json(await _db(request, upload), 201)
 
 
 # -- instances ------------------------------------------------------------------------------
@@ -636,7 +625,7 @@ def _instance_record(conn: psycopg.Connection, instance_id: uuid.UUID, user: str
 async def instance_get(request: Request) -> JSONResponse:
     user = await _user(request)
     instance_id = _uuid(request, "instance_id", "workflow instance")
-    return _json(await in_db(request, _instance_record, instance_id, user))
+    return _json(await _db(request, _instance_record, instance_id, user))
 
 
 async def execute(request: Request) -> JSONResponse:
@@ -674,18 +663,15 @@ async def execute(request: Request) -> JSONResponse:
             except SpecError as exc:  # a definition that validated but cannot run
                 raise ApiError(400, str(exc), problems=exc.problems) from exc
 
-        try:
-            instance_id, created = rows.execute(
-                conn,
-                workflow_version_id=version_id,
-                parameter_set_id=parameter_set_id,
-                owner=user,
-                idempotency_key=key,
-                build=build,
-                actor=store.actor_name(f"api:{user}"),
-            )
-        except rows.NotFound as exc:
-            raise ApiError(404, str(exc)) from exc
+        instance_id, created = rows.execute(
+            conn,
+            workflow_version_id=version_id,
+            parameter_set_id=parameter_set_id,
+            owner=user,
+            idempotency_key=key,
+            build=build,
+            actor=store.actor_name(f"api:{user}"),
+        )
         record = _instance_record(conn, instance_id, user)
         if not created and (
             record["workflow_version"]["id"] != str(version_id)
@@ -694,7 +680,7 @@ async def execute(request: Request) -> JSONResponse:
             raise ApiError(409, f"Idempotency-Key {key!r} was used for another execution")
         return record, created
 
-    record, created = await in_db(request, run)
+    record, created = await _db(request, run)
     return _json(record, 201 if created else 200)
 
 

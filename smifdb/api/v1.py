@@ -217,16 +217,18 @@ async def workflow_jobs(request: Request) -> JSONResponse:
 async def workflow_cancel(request: Request) -> JSONResponse:
     workflow_id = ident(request, "workflow_id")
 
-    def cancel(conn: psycopg.Connection) -> dict:
-        try:
-            report = control.cancel(conn, workflow_id, actor=store.actor_name("api"))
-        except control.NotFound as exc:
-            raise ApiError(404, str(exc)) from exc
-        if report.already_finished:
-            raise ApiError(409, f"workflow {workflow_id} already finished")
-        return {"cancelled": report.cancelled, "terminating": report.terminating}
+    return ok(await in_db(request, _cancel, workflow_id))
 
-    return ok(await in_db(request, cancel))
+
+def _cancel(conn: psycopg.Connection, workflow_id: int, job_key: str | None = None) -> dict:
+    """Cancel a workflow, or one job of it and everything downstream: 404 unknown, 409 ended."""
+    try:
+        report = control.cancel(conn, workflow_id, job_key=job_key, actor=store.actor_name("api"))
+    except control.NotFound as exc:
+        raise ApiError(404, str(exc)) from exc
+    if report.already_finished:
+        raise ApiError(409, f"workflow {workflow_id} already finished")
+    return {"cancelled": report.cancelled, "terminating": report.terminating}
 
 
 async def job_get(request: Request) -> JSONResponse:
@@ -255,15 +257,7 @@ async def job_cancel(request: Request) -> JSONResponse:
             raise ApiError(404, f"no job {job_id}")
         if job["status"] not in ("waiting", "ready", "running"):
             raise ApiError(409, f"job {job_id} already finished ({job['status']})")
-        try:
-            report = control.cancel(
-                conn, job["workflow_id"], job_key=job["key"], actor=store.actor_name("api")
-            )
-        except control.NotFound as exc:
-            raise ApiError(404, str(exc)) from exc
-        if report.already_finished:
-            raise ApiError(409, f"workflow {job['workflow_id']} already finished")
-        return {"cancelled": report.cancelled, "terminating": report.terminating}
+        return _cancel(conn, job["workflow_id"], job["key"])
 
     return ok(await in_db(request, cancel))
 

@@ -45,19 +45,9 @@ FROM workflows w JOIN jobs j ON j.workflow_id = w.id
 WHERE w.status <> 'succeeded'
 GROUP BY j.status
 """
-# A due ready job has been ready since its newest event (made ready at submission, by its
-# last parent, by a retry, release or rescue) or, for a retry, since its backoff ran out.
-# One index probe per ready job (jobs_claim_idx, then events_workflow_job_idx).
-OLDEST_READY = """
-SELECT extract(epoch FROM now() - min(greatest(coalesce(e.at, j.created_at), j.not_before)))::float
-FROM jobs j
-LEFT JOIN LATERAL (
-    SELECT at FROM events
-    WHERE workflow_id = j.workflow_id AND job_id = j.id
-    ORDER BY id DESC LIMIT 1
-) e ON true
-WHERE j.status = 'ready' AND (j.not_before IS NULL OR j.not_before <= now())
-"""
+# The queue-health view owns the definition: a due ready job is ready since its latest move to
+# ready, or since its retry backoff ran out. One index probe per ready job.
+OLDEST_READY = "SELECT oldest_ready_seconds FROM smifdb_queue_health"
 # Runner state as `smifdb runner status` reports it (silent for dead_after: lost); busy slots
 # from running jobs only (jobs_running_lease_idx).
 RUNNERS = """
