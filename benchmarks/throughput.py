@@ -189,20 +189,24 @@ def main() -> None:
             pairs = [tuple(map(int, c.split("x"))) for c in args.configs.split(",")]
         best: dict[str, float] = {}
         for procs, batch in pairs:
-            ours = [
-                run_smifdb(dsn, independent(n), procs, batch, batch, logs)
-                for _ in range(args.repeat)
-            ]
+            # Alternate the two systems run by run: this machine's speed drifts by +-15% over
+            # minutes, and back-to-back blocks of runs would hand the drift to one side.
+            ours, theirs = [], []
+            for _ in range(args.repeat):
+                ours.append(run_smifdb(dsn, independent(n), procs, batch, batch, logs))
+                if not args.skip_pgqueuer:
+                    theirs.append(run_pgqueuer(dsn, n, procs, batch))
             rate = statistics.median(r["rate"] for r in ours)
             wall = statistics.median(r["wall"] for r in ours)
             print(f"{'smifdb':10} {procs:>5} {batch:>5} {rate:>16,.0f} {wall:>7.2f}", flush=True)
             best["smifdb"] = max(best.get("smifdb", 0), rate)
-            if not args.skip_pgqueuer:
-                theirs = [run_pgqueuer(dsn, n, procs, batch) for _ in range(args.repeat)]
+            if theirs:
                 q_rate = statistics.median(q["rate"] for q in theirs)
                 q_wall = statistics.median(q["wall"] for q in theirs)
                 print(f"{'pgqueuer':10} {procs:>5} {batch:>5} {q_rate:>16,.0f} {q_wall:>7.2f}")
-                print(f"{'':10} {'':>5} {'':>5} {'ratio':>9} {rate / q_rate:>6.2f}x", flush=True)
+                pairwise = sorted(o["rate"] / q["rate"] for o, q in zip(ours, theirs, strict=True))
+                spread = ", ".join(f"{r:.2f}" for r in pairwise)
+                print(f"{'':10} {'':>5} {'':>5} {'ratio':>9} {rate / q_rate:>6.2f}x  (run pairs: {spread})")
                 best["pgqueuer"] = max(best.get("pgqueuer", 0), q_rate)
         if "pgqueuer" in best:
             print(

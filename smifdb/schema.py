@@ -156,6 +156,14 @@ Index(
     jobs.c.id,
     postgresql_where=text("status = 'ready'"),
 )
+# Claims scoped to one workflow (smifdb run) or a model run's bundles: an ordered range scan.
+Index(
+    "jobs_claim_workflow_idx",
+    jobs.c.workflow_id,
+    jobs.c.priority.desc(),
+    jobs.c.id,
+    postgresql_where=text("status = 'ready'"),
+)
 # Lease rescue scans only running jobs.
 Index(
     "jobs_running_lease_idx",

@@ -281,6 +281,51 @@ def test_claim_uses_the_partial_index(conn) -> None:
     assert "Seq Scan on jobs" not in plan, plan
 
 
+def _explain(conn: psycopg.Connection, sql: str, params: dict) -> str:
+    """The plan a runner's claiming transaction would get (PLAN_CLAIM in force)."""
+    with conn.transaction():
+        conn.execute(queue.PLAN_CLAIM)
+        return "\n".join(r[0] for r in conn.execute("EXPLAIN " + sql, params))
+
+
+def test_claim_and_record_plans_survive_stale_statistics(conn) -> None:
+    """Statistics lag a queue: VACUUM ANALYZE last saw no jobs at all, then a big DAG came.
+
+    Each claim must still be an ordered partial-index scan that stops at n, not a bitmap scan
+    and sort of every ready job (any scope) nor a read of every job of the workflow through its
+    key index (workflow and model-run scopes). Recording must find each job by id, not through
+    the running-jobs index, whose dead entries grow with every job claimed since the last
+    vacuum. (Both mistakes were made here before: claims cost O(ready), records O(history).)
+    """
+    conn.execute("VACUUM ANALYZE jobs")  # while empty
+    wf = smifdb.submit(conn, {"jobs": [job(f"j{i}") for i in range(20000)]})
+    run = conn.execute(
+        "INSERT INTO model_runs (name, kind, project_dir, decide)"
+        " VALUES ('mr', 'python', '.', 'm:f') RETURNING id"
+    ).fetchone()[0]
+    conn.execute("UPDATE workflows SET model_run_id = %s, bundle = 0 WHERE id = %s", [run, wf])
+    params = {"n": 64, "owner": "r1", "lease": 60, "workflow_id": wf, "model_run_id": run}
+    scopes = {
+        "any": (queue.CLAIM_ANY, "jobs_claim_idx"),
+        "workflow": (queue.CLAIM_WORKFLOW, "jobs_claim_workflow_idx"),
+        "model run": (queue.CLAIM_MODEL_RUN, "jobs_claim_workflow_idx"),
+    }
+    for name, (sql, index) in scopes.items():
+        plan = _explain(conn, sql, params)
+        picked = plan[plan.index("CTE picked") : plan.index("CTE claimed")]
+        assert f"Index Scan using {index} on jobs" in picked, (name, plan)
+        assert "Bitmap" not in picked, (name, plan)
+        if name != "model run":  # which merges its bundles' first n rows: a top-n sort
+            assert "Sort" not in picked, (name, plan)
+
+    claimed = queue.claim(conn, "r1", 64, lease=60)
+    outcomes = queue._outcomes_json(done(claimed), datetime.now(UTC))
+    plan = _explain(conn, queue._RECORD_AND_PROMOTE, {"outcomes": outcomes, "actor": "r1"})
+    updated = plan[plan.index("CTE updated") : plan.index("CTE logged")]
+    assert "Index Scan using jobs_pkey on jobs j" in updated, plan
+    assert "jobs_running_lease_idx" not in plan, plan
+
+
 def test_exactly_once_under_concurrent_claims(dsn, conn) -> None:
     """Several claimers racing on one queue never get the same job, nor lose a count."""
     wf = smifdb.submit(conn, {"jobs": [job(f"j{i}") for i in range(2000)]})
