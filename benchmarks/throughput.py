@@ -206,7 +206,9 @@ def main() -> None:
                 print(f"{'pgqueuer':10} {procs:>5} {batch:>5} {q_rate:>16,.0f} {q_wall:>7.2f}")
                 pairwise = sorted(o["rate"] / q["rate"] for o, q in zip(ours, theirs, strict=True))
                 spread = ", ".join(f"{r:.2f}" for r in pairwise)
-                print(f"{'':10} {'':>5} {'':>5} {'ratio':>9} {rate / q_rate:>6.2f}x  (run pairs: {spread})")
+                print(
+                    f"{'':10} {'':>5} {'':>5} {'ratio':>9} {rate / q_rate:>6.2f}x  (run pairs: {spread})"
+                )
                 best["pgqueuer"] = max(best.get("pgqueuer", 0), q_rate)
         if "pgqueuer" in best:
             print(
