@@ -92,6 +92,7 @@ def run_smifdb(dsn: str, spec: dict, runners: int, slots: int, batch: int, logs:
     vacuum(dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
         wf = smifdb.submit(conn, spec)
+        conn.execute("ANALYZE jobs")  # as pgqueuer's queue: both start with current statistics
     t0 = time.perf_counter()
     procs = spawn_runners(dsn, runners, slots, batch, logs)
     for p in procs:
@@ -113,6 +114,8 @@ def run_pgqueuer(dsn: str, total: int, workers: int, batch: int) -> dict:
         conn.execute("TRUNCATE pgqueuer, pgqueuer_log")
         conn.execute("VACUUM ANALYZE pgqueuer, pgqueuer_log")
     subprocess.run([sys.executable, worker, "enqueue", dsn, str(total)], check=True)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ANALYZE pgqueuer")
 
     t0 = time.perf_counter()
     procs = [
@@ -166,9 +169,43 @@ def fan(n: int) -> dict:
     return {"name": f"fan-{n}", "jobs": jobs}
 
 
+def side_by_side(
+    dsn: str, n: int, pairs: list[tuple[int, int]], repeat: int, compare: bool, logs: str
+) -> None:
+    print(f"\nmedian of {repeat} runs of {n} jobs each")
+    print(f"{'system':10} {'procs':>5} {'batch':>5} {'jobs/s (steady)':>16} {'wall s':>7}")
+    best: dict[str, float] = {}
+    for procs, batch in pairs:
+        # Alternate the two systems run by run: this machine's speed drifts by +-15% over
+        # minutes, and back-to-back blocks of runs would hand the drift to one side.
+        ours, theirs = [], []
+        for _ in range(repeat):
+            ours.append(run_smifdb(dsn, independent(n), procs, batch, batch, logs))
+            if compare:
+                theirs.append(run_pgqueuer(dsn, n, procs, batch))
+        rate = statistics.median(r["rate"] for r in ours)
+        wall = statistics.median(r["wall"] for r in ours)
+        print(f"{'smifdb':10} {procs:>5} {batch:>5} {rate:>16,.0f} {wall:>7.2f}", flush=True)
+        best["smifdb"] = max(best.get("smifdb", 0), rate)
+        if theirs:
+            q_rate = statistics.median(q["rate"] for q in theirs)
+            q_wall = statistics.median(q["wall"] for q in theirs)
+            print(f"{'pgqueuer':10} {procs:>5} {batch:>5} {q_rate:>16,.0f} {q_wall:>7.2f}")
+            pairwise = sorted(o["rate"] / q["rate"] for o, q in zip(ours, theirs, strict=True))
+            spread = ", ".join(f"{r:.2f}" for r in pairwise)
+            print(f"{'':22} ratio {rate / q_rate:>5.2f}x  (run pairs: {spread})", flush=True)
+            best["pgqueuer"] = max(best.get("pgqueuer", 0), q_rate)
+    if "pgqueuer" in best:
+        print(
+            f"best at {n} jobs: smifdb {best['smifdb']:,.0f}/s, pgqueuer {best['pgqueuer']:,.0f}/s,"
+            f" ratio {best['smifdb'] / best['pgqueuer']:.2f}x"
+        )
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--jobs", type=int, default=40_000, help="jobs per independent run")
+    p.add_argument("--sizes", help="job counts for the side-by-side runs, e.g. 10000,40000,100000")
     p.add_argument("--skip-pgqueuer", action="store_true")
     p.add_argument("--quick", action="store_true", help="fewer configurations")
     p.add_argument("--repeat", type=int, default=3, help="runs per configuration (median kept)")
@@ -182,39 +219,12 @@ def main() -> None:
         print(f"smifdb runners run no-op Python jobs ({NOOP}); slots = batch unless stated\n")
 
         print("## Independent jobs, side by side")
-        print(f"median of {args.repeat} runs of {n} jobs each")
-        print(f"{'system':10} {'procs':>5} {'batch':>5} {'jobs/s (steady)':>16} {'wall s':>7}")
         pairs = [(1, 64), (2, 64)] if args.quick else [(1, 64), (2, 64), (4, 64), (2, 16), (2, 256)]
         if args.configs:
             pairs = [tuple(map(int, c.split("x"))) for c in args.configs.split(",")]
-        best: dict[str, float] = {}
-        for procs, batch in pairs:
-            # Alternate the two systems run by run: this machine's speed drifts by +-15% over
-            # minutes, and back-to-back blocks of runs would hand the drift to one side.
-            ours, theirs = [], []
-            for _ in range(args.repeat):
-                ours.append(run_smifdb(dsn, independent(n), procs, batch, batch, logs))
-                if not args.skip_pgqueuer:
-                    theirs.append(run_pgqueuer(dsn, n, procs, batch))
-            rate = statistics.median(r["rate"] for r in ours)
-            wall = statistics.median(r["wall"] for r in ours)
-            print(f"{'smifdb':10} {procs:>5} {batch:>5} {rate:>16,.0f} {wall:>7.2f}", flush=True)
-            best["smifdb"] = max(best.get("smifdb", 0), rate)
-            if theirs:
-                q_rate = statistics.median(q["rate"] for q in theirs)
-                q_wall = statistics.median(q["wall"] for q in theirs)
-                print(f"{'pgqueuer':10} {procs:>5} {batch:>5} {q_rate:>16,.0f} {q_wall:>7.2f}")
-                pairwise = sorted(o["rate"] / q["rate"] for o, q in zip(ours, theirs, strict=True))
-                spread = ", ".join(f"{r:.2f}" for r in pairwise)
-                print(
-                    f"{'':10} {'':>5} {'':>5} {'ratio':>9} {rate / q_rate:>6.2f}x  (run pairs: {spread})"
-                )
-                best["pgqueuer"] = max(best.get("pgqueuer", 0), q_rate)
-        if "pgqueuer" in best:
-            print(
-                f"best: smifdb {best['smifdb']:,.0f}/s, pgqueuer {best['pgqueuer']:,.0f}/s, "
-                f"ratio {best['smifdb'] / best['pgqueuer']:.2f}x"
-            )
+        sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else [n]
+        for size in sizes:
+            side_by_side(dsn, size, pairs, args.repeat, not args.skip_pgqueuer, logs)
 
         if args.no_dags:
             return

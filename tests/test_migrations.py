@@ -95,3 +95,11 @@ def test_statuses_are_enforced(conn: psycopg.Connection) -> None:
         pass
     else:
         raise AssertionError("an unknown workflow status was accepted")
+
+
+def test_code_expects_the_newest_migration() -> None:
+    """store.SCHEMA_REVISION (what commands check at start) is alembic's head: update it with
+    every new migration."""
+    from smifdb import store
+
+    assert migrate.head() == store.SCHEMA_REVISION

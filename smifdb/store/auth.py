@@ -7,6 +7,7 @@ plain SHA-256 of them is enough to look one up without being reversible.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import hmac
 import secrets
@@ -59,8 +60,12 @@ def _token_hash(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
 
-# A password check against a missing user still costs one scrypt: no timing oracle for names.
-_DUMMY_HASH = hash_password("", salt=b"\0" * 16)
+@functools.cache
+def _dummy_hash() -> str:
+    """A password check against a missing user still costs one scrypt: no timing oracle for
+    names. Computed on first use, not at import: every CLI command imports this module."""
+    return hash_password("", salt=b"\0" * 16)
+
 
 _ADD_USER = """
 INSERT INTO api_users (name, password_hash) VALUES (%s, %s)
@@ -134,7 +139,7 @@ def _issue(conn: psycopg.Connection, user_id: int) -> Tokens:
 def login(conn: psycopg.Connection, name: str, password: str) -> Tokens | None:
     """New tokens for a right name and password, else None."""
     row = conn.execute(_USER_BY_NAME, [name]).fetchone()
-    if not _password_matches(password, row[1] if row else _DUMMY_HASH) or row is None:
+    if not _password_matches(password, row[1] if row else _dummy_hash()) or row is None:
         return None
     with conn.transaction():
         return _issue(conn, row[0])
