@@ -49,6 +49,12 @@ class SmifdbGroup(click.Group):
             raise click.ClickException(str(exc)) from exc
         except psycopg.OperationalError as exc:
             raise click.ClickException(f"cannot reach the database: {exc}".strip()) from exc
+        except psycopg.errors.InsufficientPrivilege as exc:
+            # A login without the grants this command needs (docs/operations.md, "Roles").
+            raise click.ClickException(
+                f"the database refused: {exc.diag.message_primary or exc}; this command needs a "
+                "role with more grants (smifdb_runner to run jobs, smifdb_admin to change them)"
+            ) from exc
 
 
 @click.group(cls=SmifdbGroup)

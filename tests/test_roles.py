@@ -102,7 +102,10 @@ def test_readonly_login_reads_status_but_writes_nothing(dsn, conn, login, tmp_pa
     assert denied(reader, "INSERT INTO runners (name, slots) VALUES ('x', 1)")
     assert denied(reader, "SELECT password_hash FROM api_users")
     assert denied(reader, "SELECT * FROM api_tokens")
-    assert cli(reader, "cancel", str(wf)).returncode != 0
+    refused = cli(reader, "cancel", str(wf))
+    assert refused.returncode == 1, refused.stderr
+    assert "the database refused: permission denied" in refused.stderr, refused.stderr
+    assert "Traceback" not in refused.stderr, refused.stderr
     assert conn.execute("SELECT status::text FROM workflows").fetchone() == ("pending",)
 
 
