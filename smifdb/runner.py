@@ -240,13 +240,13 @@ class Runner:
     def _linger(self) -> float:
         """Seconds to wait for more attempts to end before recording, batching the writes.
 
-        Record at once when nothing else runs, when half the slots have outcomes, or after
-        LINGER; so a chain of jobs pays nothing and a wide batch is written in one go.
+        Record at once when nothing else runs, else LINGER after the first outcome: a chain of
+        jobs pays nothing, and a batch of short jobs is written in one transaction, not in
+        several as its attempts end. (Recording as soon as half the slots had outcomes cost a
+        single runner of 64 no-op slots about 10%: twice the cycles, each ~0.3 ms of psycopg.)
         """
         with self.lock:
             if not self.pending or not self.busy or self.stopping.is_set():
-                return 0.0
-            if len(self.pending) * 2 >= self.config.slots:
                 return 0.0
             age = time.monotonic() - self.pending_since
         return max(LINGER - age, 0.0)
