@@ -15,6 +15,17 @@ FAST = ["--poll", "0.2", "--heartbeat", "0.2", "--dead-after", "2"]
 PY = sys.executable
 
 
+def cli(dsn: str, *args: str, timeout: float = 120, **kwargs: Any) -> subprocess.CompletedProcess:
+    """`smifdb --dsn DSN ARGS…` in a process of its own, its output captured as text."""
+    return subprocess.run(
+        [PY, "-m", "smifdb.cli", "--dsn", dsn, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        **kwargs,
+    )
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 30, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -4,12 +4,11 @@ and bad input answered with JSON 4xx errors (never a 500)."""
 from __future__ import annotations
 
 import socket
-import subprocess
 from collections.abc import Iterator
 
 import httpx2
 import pytest
-from processes import PY, wait_for
+from processes import cli, wait_for
 from starlette.testclient import TestClient
 
 from smifdb.api import create_app
@@ -136,22 +135,14 @@ def test_smif_app_api_starts_watches_and_kills_a_model_run(dsn, tmp_path, procs)
     bad = httpx2.post(f"{base}/api/v1/model_runs/x/start", json={"args": {"warm_start": "yes"}})
     assert bad.status_code == 400 and "warm_start" in bad.json()["error"]["message"]
     # A model run submitted elsewhere is watched and killed through the same endpoints.
-    submitted = subprocess.run(
-        [
-            PY,
-            "-m",
-            "smifdb.cli",
-            "--dsn",
-            dsn,
-            "modelrun",
-            "submit",
-            str(project),
-            "loop",
-            "--decide",
-            "smifdb.examples:converge_decision",
-        ],
-        capture_output=True,
-        text=True,
+    submitted = cli(
+        dsn,
+        "modelrun",
+        "submit",
+        str(project),
+        "loop",
+        "--decide",
+        "smifdb.examples:converge_decision",
         check=True,
     )
     assert submitted.stdout.strip()

@@ -6,7 +6,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,7 +13,7 @@ from typing import Any
 import httpx2
 import psycopg
 import pytest
-from processes import PY, ApiServer, wait_for
+from processes import ApiServer, cli, wait_for
 from starlette.testclient import TestClient
 
 from smifdb.api import create_app
@@ -404,21 +403,14 @@ def test_dashboard_big_workflow_table_model_run_kill_and_errors(
     # running after its first bundle: the dashboard kills it.
     project = tmp_path / "project"
     project.mkdir()
-    subprocess.run(
-        [
-            PY,
-            "-m",
-            "smifdb.cli",
-            "--dsn",
-            dsn,
-            "modelrun",
-            "submit",
-            str(project),
-            "loop",
-            "--decide",
-            "smifdb.examples:converge_decision",
-        ],
-        capture_output=True,
+    cli(
+        dsn,
+        "modelrun",
+        "submit",
+        str(project),
+        "loop",
+        "--decide",
+        "smifdb.examples:converge_decision",
         check=True,
     )
     workflow_id = submit(

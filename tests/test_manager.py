@@ -3,27 +3,17 @@
 from __future__ import annotations
 
 import signal
-import subprocess
 import textwrap
 import time
 from pathlib import Path
 
 import psycopg
 import pytest
-from processes import PY, wait_for
+from processes import cli, wait_for
 
 from smifdb.examples import CONVERGE_TARGETS
 from smifdb.manager import Manager, ManagerConfig
 from smifdb.store import modelruns
-
-
-def cli(dsn: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [PY, "-m", "smifdb.cli", "--dsn", dsn, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def write_module(folder: Path, name: str, source: str) -> None:

@@ -4,7 +4,6 @@ archive, bad durations, index-driven deletes on big tables, and a runner working
 from __future__ import annotations
 
 import json
-import subprocess
 import threading
 import time
 from datetime import timedelta
@@ -12,7 +11,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from processes import PY, Runners, wait_for
+from processes import PY, Runners, cli, wait_for
 
 import smifdb
 from smifdb.spec import parse
@@ -35,15 +34,6 @@ def diamond(name: str) -> dict:
             {"key": "d", "python": NOOP, "after": ["b", "c"]},
         ],
     }
-
-
-def cli(dsn: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [PY, "-m", "smifdb.cli", "--dsn", dsn, *args],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
 
 
 def run_all(runners: Runners) -> None:

@@ -4,14 +4,13 @@ smifdb_admin can and cannot do, and migrating without CREATEROLE or with other d
 from __future__ import annotations
 
 import logging
-import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from processes import PY, Runners
+from processes import Runners, cli
 from psycopg import conninfo, sql
 
 import smifdb
@@ -52,12 +51,6 @@ def login(pg_server: str) -> Iterator[Login]:
     yield make
     for name in made:
         _drop_login(pg_server, name)
-
-
-def cli(dsn: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [PY, "-m", "smifdb.cli", "--dsn", dsn, *args], capture_output=True, text=True, timeout=60
-    )
 
 
 def denied(dsn: str, statement: str) -> bool:

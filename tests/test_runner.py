@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import psycopg
-from processes import PY, Runners, wait_for
+from processes import PY, Runners, cli, wait_for
 
 import smifdb
 from smifdb import migrate
@@ -370,46 +370,41 @@ def test_runner_survives_postgres_restart(tmp_path) -> None:
 
 
 def test_cli_run_wait_cancel_and_status(dsn, conn, tmp_path) -> None:
-    def cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:
-        return subprocess.run(
-            [PY, "-m", "smifdb.cli", "--dsn", dsn, *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-
     good = tmp_path / "good.yaml"
     good.write_text(
         "name: good\njobs:\n  - {key: a, command: 'echo A'}\n  - {key: b, command: 'echo B', after: [a]}\n"
     )
     out = cli(
-        "run", str(good), "--slots", "2", "--log-dir", str(tmp_path / "logs"), "--poll", "0.2"
+        dsn, "run", str(good), "--slots", "2", "--log-dir", str(tmp_path / "logs"), "--poll", "0.2"
     )
     assert out.returncode == 0, out.stderr
     assert "SUCCEEDED" in out.stdout and "2 succeeded" in out.stdout
     wf_good = int(out.stderr.split("submitted workflow ")[1].split()[0])
-    assert cli("wait", str(wf_good)).returncode == 0
+    assert cli(dsn, "wait", str(wf_good)).returncode == 0
 
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\njobs:\n  - {key: a, command: 'echo broken; exit 4'}\n")
-    out = cli("run", str(bad), "--slots", "1", "--log-dir", str(tmp_path / "logs"))
+    out = cli(dsn, "run", str(bad), "--slots", "1", "--log-dir", str(tmp_path / "logs"))
     assert out.returncode == 1
     assert "FAILED" in out.stdout and "exit status 4" in out.stdout and "broken" in out.stdout
     wf_bad = int(out.stderr.split("submitted workflow ")[1].split()[0])
-    assert cli("wait", str(wf_bad)).returncode == 1
+    assert cli(dsn, "wait", str(wf_bad)).returncode == 1
 
-    assert cli("wait", "99999").returncode == 2
-    assert cli("cancel", "99999").returncode == 2
-    assert cli("cancel", str(wf_good)).returncode == 1  # already finished
+    assert cli(dsn, "wait", "99999").returncode == 2
+    assert cli(dsn, "cancel", "99999").returncode == 2
+    assert cli(dsn, "cancel", str(wf_good)).returncode == 1  # already finished
     pending = smifdb.submit(conn, {"jobs": [{"key": "x", "command": "true"}]})
-    out = cli("wait", str(pending), "--timeout", "0.5")
+    out = cli(dsn, "wait", str(pending), "--timeout", "0.5")
     assert out.returncode == 124
-    assert cli("cancel", str(pending), "--job", "nope").returncode == 2
-    assert cli("cancel", str(pending)).returncode == 0
-    assert cli("wait", str(pending)).returncode == 1  # cancelled
+    assert cli(dsn, "cancel", str(pending), "--job", "nope").returncode == 2
+    assert cli(dsn, "cancel", str(pending)).returncode == 0
+    assert cli(dsn, "wait", str(pending)).returncode == 1  # cancelled
 
-    assert cli("runner", "register", "node-1", "--slots", "8", "--host", "10.0.0.5").returncode == 0
-    status = json.loads(cli("runner", "status", "--json").stdout)
+    assert (
+        cli(dsn, "runner", "register", "node-1", "--slots", "8", "--host", "10.0.0.5").returncode
+        == 0
+    )
+    status = json.loads(cli(dsn, "runner", "status", "--json").stdout)
     node = next(r for r in status if r["name"] == "node-1")
     assert (node["slots"], node["host"], node["state"], node["busy"]) == (
         8,
@@ -419,7 +414,7 @@ def test_cli_run_wait_cancel_and_status(dsn, conn, tmp_path) -> None:
     )
     ran = [r for r in status if r["name"].startswith("run-")]
     assert sum(r["jobs_succeeded"] for r in ran) == 2 and sum(r["jobs_failed"] for r in ran) == 1
-    assert "node-1" in cli("runner", "status").stdout
+    assert "node-1" in cli(dsn, "runner", "status").stdout
 
 
 def test_runner_name_in_use_is_refused(conn, runners) -> None:

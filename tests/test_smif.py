@@ -17,7 +17,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from processes import PY, Runners, wait_for
+from processes import PY, Runners, cli, wait_for
 
 from smifdb.store import modelruns
 
@@ -52,13 +52,7 @@ def project(sample: Path, tmp_path: Path, name: str) -> Path:
 
 
 def smifdb(dsn: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [PY, "-m", "smifdb.cli", "--dsn", dsn, *args],
-        capture_output=True,
-        text=True,
-        env=ENV,
-        timeout=300,
-    )
+    return cli(dsn, *args, env=ENV, timeout=300)
 
 
 def serial(folder: Path, run: str) -> float:

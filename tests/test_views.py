@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import json
 import signal
-import subprocess
 import textwrap
 
 import psycopg
 import pytest
-from processes import PY, wait_for
+from processes import PY, cli, wait_for
 from psycopg.rows import dict_row
 
 import smifdb
-
-
-def cli(dsn: str, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [PY, "-m", "smifdb.cli", "--dsn", dsn, *args], capture_output=True, text=True, timeout=60
-    )
 
 
 def rows(conn: psycopg.Connection, query: str, params: object = None) -> list[dict]:
