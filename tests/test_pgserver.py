@@ -15,7 +15,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from smifdb.pgserver import Cluster
+from smifdb import pgserver
+from smifdb.pgserver import Cluster, ServerError
 
 
 def wait_gone(pid: int, timeout: float = 30) -> bool:
@@ -134,9 +135,56 @@ def test_no_orphaned_postmaster_after_parent_sigkill() -> None:
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the copy is root's last resort")
 def test_root_copy_of_unreachable_install_runs() -> None:
-    from smifdb import pgserver
-
     installs = pgserver.candidate_bindirs()
     assert installs, "no PostgreSQL install found at all"
     copied = pgserver._reachable_copy(installs[0].parent)
     assert pgserver._can_run(copied, pgserver._server_account())
+
+
+def installs_by_major() -> dict[str, Path]:
+    """The first install of each PostgreSQL major version on this machine."""
+    majors: dict[str, Path] = {}
+    for bindir in pgserver.candidate_bindirs():
+        version = pgserver._version(pgserver.Binaries(bindir), None)
+        if version:
+            majors.setdefault(version.split(".")[0], bindir)
+    return majors
+
+
+def test_cluster_is_started_by_the_major_version_that_made_it(cluster, monkeypatch) -> None:
+    """A later preference for another install never leaves a cluster unable to start."""
+    account = pgserver._server_account()
+    preferred = pgserver._version(pgserver.find_binaries(account), account).split(".")[0]
+    others = {m: p for m, p in installs_by_major().items() if m != preferred}
+    if not others:
+        pytest.skip("one PostgreSQL major version on this machine")
+    major, bindir = next(iter(others.items()))
+    monkeypatch.setenv("SMIFDB_PG_BIN", str(bindir))
+    cluster.start()
+    cluster.stop()
+    monkeypatch.delenv("SMIFDB_PG_BIN")
+    with psycopg.connect(cluster.start()) as conn:
+        assert conn.info.server_version // 10000 == int(major)
+    with pytest.raises(ServerError, match="needs PostgreSQL 99"):
+        pgserver.find_binaries(account, "99")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root's server account can be shut out")
+def test_root_copies_an_unreachable_install_rather_than_take_the_next(monkeypatch) -> None:
+    """Which PostgreSQL serves must not depend on the permissions of the venv's folder."""
+    account = pgserver._server_account()
+    majors = installs_by_major()
+    if len(majors) < 2:
+        pytest.skip("one PostgreSQL major version on this machine")
+    major = min(majors, key=int)  # not the wheel's: the next candidate is another version
+    hidden = Path(tempfile.mkdtemp(prefix="smifdb-hidden-"))  # mode 0700
+    try:
+        for part in ("bin", "lib"):
+            shutil.copytree(majors[major].parent / part, hidden / "pg" / part, symlinks=True)
+        monkeypatch.setenv("SMIFDB_PG_BIN", str(hidden / "pg" / "bin"))
+        assert not pgserver._can_run(pgserver.Binaries(hidden / "pg" / "bin"), account)
+        binaries = pgserver.find_binaries(account)
+        assert hidden not in binaries.bindir.parents
+        assert pgserver._version(binaries, account).split(".")[0] == major
+    finally:
+        shutil.rmtree(hidden, ignore_errors=True)

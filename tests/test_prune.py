@@ -444,6 +444,7 @@ def test_deletes_are_index_driven_on_big_tables(conn) -> None:
     """Every prune statement reads indexes, never whole tables (EXPLAIN ANALYZE, rolled back)."""
     fake_history(conn, 4000, 25, "60 days")  # 100,000 jobs, 300,000 events
     fake_history(conn, 2000, 25, "1 day")
+    fake_history(conn, 50000, 1, "1 day")  # workflows big enough that probes beat a scan
     # and 1000 model runs of 2 bundles each, made of workflows already there
     runs = [
         r[0]
@@ -473,13 +474,14 @@ def test_deletes_are_index_driven_on_big_tables(conn) -> None:
         ),
         "lock bundles": (
             retention.LOCK_BUNDLES,
-            {"after": 0, "cutoff": cutoff, "limit": 100, "model_runs": queue.array(runs)},
+            # prune passes one batch of model runs (MODEL_RUNS' limit) at a time
+            {"after": 0, "cutoff": cutoff, "limit": 100, "model_runs": queue.array(runs[:100])},
         ),
         "model runs": (
             retention.MODEL_RUNS,
             {"after": 0, "cutoff": cutoff, "limit": 100},
         ),
-        "lock model runs": (retention.LOCK_MODEL_RUNS, {"ids": queue.array(runs)}),
+        "lock model runs": (retention.LOCK_MODEL_RUNS, {"ids": queue.array(runs[:100])}),
         "delete events": (retention.DELETE_WORKFLOW_EVENTS, batch),
         "delete edges": (retention.DELETE_WORKFLOW_EDGES, batch),
         "delete jobs": (retention.DELETE_WORKFLOW_JOBS, batch),
@@ -507,7 +509,7 @@ def test_deletes_are_index_driven_on_big_tables(conn) -> None:
         96_000,
         300_000,
     )
-    assert conn.execute("SELECT count(*) FROM workflows").fetchone()[0] == 2000
+    assert conn.execute("SELECT count(*) FROM workflows").fetchone()[0] == 52_000
 
 
 # -- concurrency ------------------------------------------------------------------------
