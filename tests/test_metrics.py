@@ -20,7 +20,7 @@ from starlette.testclient import TestClient
 from smifdb.api import create_app
 from smifdb.spec import parse
 from smifdb.states import JOB_STATUSES, WORKFLOW_STATUSES
-from smifdb.store import control, metrics, read
+from smifdb.store import control, metrics, read, runners
 from smifdb.store.submit import submit_dag
 
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
@@ -283,3 +283,28 @@ def test_metrics_answer_while_the_database_is_unreachable(client, dsn, pg_server
         finally:
             admin.execute(sql.SQL("ALTER DATABASE {} ALLOW_CONNECTIONS true").format(ident))
     wait_for(lambda: value(scrape(client), "smifdb_up") == 1, what="metrics to recover")
+
+
+def test_runner_states_are_those_runner_status_reports(conn) -> None:
+    """Silent past dead_after is lost; runners that ended over an hour ago get no series."""
+    conn.execute(
+        """
+        INSERT INTO runners (name, slots, state, last_heartbeat_at) VALUES
+            ('live', 2, 'active', now()),
+            ('silent', 2, 'active', now() - interval '1 minute'),
+            ('ended', 2, 'stopped', now() - interval '10 minutes'),
+            ('long-gone', 2, 'lost', now() - interval '2 hours'),
+            ('booked', 2, 'registered', NULL)
+        """
+    )
+    snap = metrics.snapshot(conn, dead_after=30)
+    seen = {r.name: (r.state, r.recent) for r in snap.runners}
+    assert seen == {
+        "live": ("active", True),
+        "silent": ("lost", True),
+        "ended": ("stopped", True),
+        "long-gone": ("lost", False),
+        "booked": ("registered", True),
+    }
+    status = {r["name"]: r["state"] for r in runners.status(conn, dead_after=30)}
+    assert status == {name: state for name, (state, _) in seen.items()}

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 import psycopg
 
 from smifdb.states import JOB_STATUSES, WORKFLOW_STATUSES
+from smifdb.store.runners import status as runner_status
 
 WINDOW = 300.0  # seconds of events behind the rates and the duration histogram
 TAIL = 20_000  # most events read for them; past this the window shrinks (busy queues)
@@ -48,26 +49,6 @@ GROUP BY j.status
 # The queue-health view owns the definition: a due ready job is ready since its latest move to
 # ready, or since its retry backoff ran out. One index probe per ready job.
 OLDEST_READY = "SELECT oldest_ready_seconds FROM smifdb_queue_health"
-# Runner state as `smifdb runner status` reports it (silent for dead_after: lost); busy slots
-# from running jobs only (jobs_running_lease_idx).
-RUNNERS = """
-SELECT name, state, slots, busy, heartbeat_age, jobs_succeeded, jobs_failed,
-       state NOT IN ('stopped', 'lost') OR coalesce(heartbeat_age < %(recent)s, false)
-FROM (
-    SELECT r.name,
-           CASE WHEN r.state IN ('active', 'draining')
-                     AND r.last_heartbeat_at < now() - make_interval(secs => %(dead_after)s)
-                THEN 'lost' ELSE r.state::text END AS state,
-           r.slots, coalesce(b.busy, 0)::int AS busy,
-           extract(epoch FROM now() - r.last_heartbeat_at)::float AS heartbeat_age,
-           r.jobs_succeeded, r.jobs_failed
-    FROM runners r
-    LEFT JOIN (
-        SELECT lease_owner, count(*) AS busy FROM jobs WHERE status = 'running' GROUP BY 1
-    ) b ON b.lease_owner = r.name
-) r
-ORDER BY name
-"""
 # Events of the last WINDOW seconds, read newest first along the primary key (ids follow
 # time: `at` is the inserting statement's clock). The scan stops at the first event older
 # than the window, and reads at most TAIL events: past that the rates cover the span those
@@ -165,9 +146,20 @@ def snapshot(
         for status, n in conn.execute(JOBS_NOT_IN_SUCCEEDED):
             jobs[status] += n
         oldest = conn.execute(OLDEST_READY).fetchone()[0]
+        # The states `smifdb runner status` reports (silent for dead_after: lost).
         runners = [
-            Runner(*row)
-            for row in conn.execute(RUNNERS, {"dead_after": dead_after, "recent": RECENT_RUNNER})
+            Runner(
+                r["name"],
+                r["state"],
+                r["slots"],
+                r["busy"],
+                r["heartbeat_age"],
+                r["jobs_succeeded"],
+                r["jobs_failed"],
+                r["state"] not in ("stopped", "lost")
+                or (r["heartbeat_age"] is not None and r["heartbeat_age"] < RECENT_RUNNER),
+            )
+            for r in runner_status(conn, dead_after)
         ]
         negated = [-float(b) for b in reversed(DURATION_BUCKETS)]
         params = {"tail": tail, "window": window, "negated": negated, "n": len(negated)}

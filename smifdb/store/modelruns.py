@@ -273,7 +273,10 @@ def cancel(conn: psycopg.Connection, ref: str | int, *, actor: str) -> tuple[Mod
     """
     model_run = get(conn, ref)
     with conn.transaction():
-        model_run = ModelRun(*conn.execute(_LOCK, [model_run.id]).fetchone())
+        row = conn.execute(_LOCK, [model_run.id]).fetchone()
+        if row is None:  # pruned since get(): it had ended long ago
+            raise NotFound(f"no model run {ref!r}")
+        model_run = ModelRun(*row)
         if model_run.finished:
             return model_run, 0
         fragments = [r[0] for r in conn.execute(_UNFINISHED_FRAGMENTS, [model_run.id])]
