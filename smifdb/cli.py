@@ -366,13 +366,17 @@ def runner_status(ctx: click.Context, as_json: bool, dead_after: float) -> None:
     if not rows:
         click.echo("no runners")
         return
-    header = f"{'name':24} {'host':16} {'state':10} {'busy':>9} {'heartbeat':>10} {'done':>8} {'failed':>7}"
+    header = (
+        f"{'name':24} {'host':16} {'state':10} {'busy':>9} {'heartbeat':>10} {'claimed':>8}"
+        f" {'done':>8} {'failed':>7}"
+    )
     click.echo(header)
     for r in rows:
         age = "never" if r["heartbeat_age"] is None else f"{r['heartbeat_age']:.0f}s ago"
         click.echo(
             f"{r['name'][:24]:24} {(r['host'] or '-')[:16]:16} {r['state']:10} "
-            f"{r['busy']:>4}/{r['slots']:<4} {age:>10} {r['jobs_succeeded']:>8} {r['jobs_failed']:>7}"
+            f"{r['busy']:>4}/{r['slots']:<4} {age:>10} {r['jobs_claimed']:>8}"
+            f" {r['jobs_succeeded']:>8} {r['jobs_failed']:>7}"
         )
 
 

@@ -74,7 +74,7 @@ class Runner:
         self.active: dict[int, Attempt] = {}  # attempts whose outcome is not yet known
         self.pending: list[Outcome] = []  # outcomes not yet recorded
         self.busy = 0  # pool threads in use (a stopped Python attempt keeps its thread)
-        self.counts = {"succeeded": 0, "failed": 0}  # since the last heartbeat
+        self.counts = {"succeeded": 0, "failed": 0, "claimed": 0}  # since the last heartbeat
         self.total = {"succeeded": 0, "failed": 0, "claimed": 0}
         self.wake = threading.Event()  # main loop: work may be ready or an attempt ended
         self.check_now = threading.Event()  # heartbeat: a cancellation arrived
@@ -193,7 +193,9 @@ class Runner:
             t.join(timeout=5)
         with contextlib.suppress(*DB_ERRORS):
             if self.conn is not None:
-                runner_rows.heartbeat(self.conn, self.name, **self._take_counts())
+                with self.lock:
+                    counts = self._take_counts()
+                runner_rows.heartbeat(self.conn, self.name, **counts)
                 runner_rows.set_state(self.conn, self.name, "stopped")
         for _ in self.workers:
             self.todo.put(None)
@@ -337,6 +339,8 @@ class Runner:
                 log.debug("job claimed", extra=self._job_fields(job, "claimed"))
             self.todo.put(attempt)
         self.total["claimed"] += len(jobs)
+        with self.lock:
+            self.counts["claimed"] += len(jobs)
 
     def _job_fields(self, job: queue.ClaimedJob, event: str) -> dict:
         return {
@@ -427,8 +431,8 @@ class Runner:
             self.workflow_done = report.finished_workflows[wf]
 
     def _take_counts(self) -> dict[str, int]:
-        counts = {"succeeded": self.counts["succeeded"], "failed": self.counts["failed"]}
-        self.counts = {"succeeded": 0, "failed": 0}
+        """Caller holds the lock."""
+        counts, self.counts = self.counts, dict.fromkeys(self.counts, 0)
         return counts
 
     # -- connection -----------------------------------------------------------------------
@@ -532,8 +536,8 @@ class Runner:
             runner_rows.heartbeat(conn, self.name, **counts)
         except DB_ERRORS:
             with self.lock:
-                self.counts["succeeded"] += counts["succeeded"]
-                self.counts["failed"] += counts["failed"]
+                for key, n in counts.items():
+                    self.counts[key] += n
             raise
         if self.stopping.is_set():
             runner_rows.set_state(conn, self.name, "draining")

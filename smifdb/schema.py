@@ -202,6 +202,7 @@ runners = Table(
     Column("last_heartbeat_at", TS),
     Column("jobs_succeeded", BigInteger, nullable=False, server_default="0"),
     Column("jobs_failed", BigInteger, nullable=False, server_default="0"),
+    Column("jobs_claimed", BigInteger, nullable=False, server_default="0"),
     CheckConstraint("slots >= 1", name="runners_slots_positive"),
 )
 

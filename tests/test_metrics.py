@@ -93,12 +93,13 @@ def check_against_tables(samples: Samples, conn: psycopg.Connection) -> None:
             assert value(samples, f"{hist}_bucket", status=status, le=le) == expected
         assert value(samples, f"{hist}_gcount", status=status) == len(durations)
         assert value(samples, f"{hist}_gsum", status=status) == pytest.approx(sum(durations))
-    for name, succeeded, failed in conn.execute(
-        "SELECT name, jobs_succeeded, jobs_failed FROM runners"
+    for name, succeeded, failed, claimed in conn.execute(
+        "SELECT name, jobs_succeeded, jobs_failed, jobs_claimed FROM runners"
     ):
         total = "smifdb_runner_attempts_total"
         assert value(samples, total, runner=name, outcome="succeeded") == succeeded
         assert value(samples, total, runner=name, outcome="failed") == failed
+        assert value(samples, "smifdb_runner_claims_total", runner=name) == claimed
 
 
 def test_metrics_match_the_database(client, conn, procs) -> None:

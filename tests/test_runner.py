@@ -414,6 +414,10 @@ def test_cli_run_wait_cancel_and_status(dsn, conn, tmp_path) -> None:
     )
     ran = [r for r in status if r["name"].startswith("run-")]
     assert sum(r["jobs_succeeded"] for r in ran) == 2 and sum(r["jobs_failed"] for r in ran) == 1
+    claims = dict(
+        conn.execute("SELECT actor, count(*) FROM events WHERE reason = 'claimed' GROUP BY actor")
+    )
+    assert {r["name"]: r["jobs_claimed"] for r in ran} == claims
     assert "node-1" in cli(dsn, "runner", "status").stdout
 
 

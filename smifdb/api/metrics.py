@@ -129,6 +129,11 @@ def _per_runner(runners: list[rows.Runner]) -> Iterator[Metric]:
         "attempts a runner recorded as succeeded or failed (written at each heartbeat)",
         labels=["runner", "outcome"],
     )
+    claims = CounterMetricFamily(
+        "smifdb_runner_claims",
+        "jobs a runner claimed (written at each heartbeat)",
+        labels=["runner"],
+    )
     for r in runners:
         if r.state in LIVE:  # capacity: sum(busy) / sum(slots) is the utilisation
             slots.add_metric([r.name], r.slots)
@@ -137,7 +142,8 @@ def _per_runner(runners: list[rows.Runner]) -> Iterator[Metric]:
             age.add_metric([r.name], r.heartbeat_age)
         attempts.add_metric([r.name, "succeeded"], r.jobs_succeeded)
         attempts.add_metric([r.name, "failed"], r.jobs_failed)
-    yield from (slots, busy, age, attempts)
+        claims.add_metric([r.name], r.jobs_claimed)
+    yield from (slots, busy, age, attempts, claims)
 
 
 def read(request: Request) -> tuple[rows.Snapshot | None, float]:

@@ -10,7 +10,8 @@ history that succeeded (docs/performance.md has the figures):
 - rates and durations come from the newest events only (a backward scan of the primary key,
   at most ``TAIL`` rows), so they describe a recent window, not all time;
 - the oldest ready job's age costs one events probe per ready job;
-- completion counters are the runners' own totals (runners.jobs_succeeded/jobs_failed).
+- claim and completion counters are the runners' own totals (runners.jobs_claimed,
+  jobs_succeeded, jobs_failed).
 """
 
 from __future__ import annotations
@@ -102,6 +103,7 @@ class Runner:
     heartbeat_age: float | None
     jobs_succeeded: int
     jobs_failed: int
+    jobs_claimed: int
     recent: bool
 
 
@@ -156,6 +158,7 @@ def snapshot(
                 r["heartbeat_age"],
                 r["jobs_succeeded"],
                 r["jobs_failed"],
+                r["jobs_claimed"],
                 r["state"] not in ("stopped", "lost")
                 or (r["heartbeat_age"] is not None and r["heartbeat_age"] < RECENT_RUNNER),
             )

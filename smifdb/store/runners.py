@@ -38,7 +38,8 @@ UPDATE runners SET
     last_heartbeat_at = now(),
     state = CASE WHEN state = 'lost' THEN 'active' ELSE state END,
     jobs_succeeded = jobs_succeeded + %(succeeded)s,
-    jobs_failed = jobs_failed + %(failed)s
+    jobs_failed = jobs_failed + %(failed)s,
+    jobs_claimed = jobs_claimed + %(claimed)s
 WHERE name = %(name)s
 """
 
@@ -60,7 +61,7 @@ SELECT r.name, r.host, r.pid, r.slots,
          WHERE j.status = 'running' AND j.lease_owner = r.name)::int AS busy,
        r.last_heartbeat_at,
        extract(epoch FROM now() - r.last_heartbeat_at)::float AS heartbeat_age,
-       r.jobs_succeeded, r.jobs_failed, r.registered_at
+       r.jobs_succeeded, r.jobs_failed, r.jobs_claimed, r.registered_at
 FROM runners r
 ORDER BY r.name
 """
@@ -86,8 +87,12 @@ def start(
     return row[0]
 
 
-def heartbeat(conn: psycopg.Connection, name: str, succeeded: int = 0, failed: int = 0) -> None:
-    conn.execute(_HEARTBEAT, {"name": name, "succeeded": succeeded, "failed": failed})
+def heartbeat(
+    conn: psycopg.Connection, name: str, succeeded: int = 0, failed: int = 0, claimed: int = 0
+) -> None:
+    """One row update per runner: liveness, and the counters' growth since the last beat."""
+    params = {"name": name, "succeeded": succeeded, "failed": failed, "claimed": claimed}
+    conn.execute(_HEARTBEAT, params)
 
 
 def set_state(conn: psycopg.Connection, name: str, state: str) -> None:
