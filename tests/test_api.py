@@ -8,7 +8,7 @@ from collections.abc import Iterator
 
 import httpx2
 import pytest
-from processes import cli, wait_for
+from processes import submit_loop_model_run, wait_for
 from starlette.testclient import TestClient
 
 from smifdb.api import create_app
@@ -135,16 +135,7 @@ def test_smif_app_api_starts_watches_and_kills_a_model_run(dsn, tmp_path, procs)
     bad = httpx2.post(f"{base}/api/v1/model_runs/x/start", json={"args": {"warm_start": "yes"}})
     assert bad.status_code == 400 and "warm_start" in bad.json()["error"]["message"]
     # A model run submitted elsewhere is watched and killed through the same endpoints.
-    submitted = cli(
-        dsn,
-        "modelrun",
-        "submit",
-        str(project),
-        "loop",
-        "--decide",
-        "smifdb.examples:converge_decision",
-        check=True,
-    )
+    submitted = submit_loop_model_run(dsn, project)
     assert submitted.stdout.strip()
     status = httpx2.get(f"{base}/api/v1/model_runs/loop/status").json()["data"]
     assert status["status"] == "running" and status["bundles"] == 1

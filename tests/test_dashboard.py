@@ -13,7 +13,7 @@ from typing import Any
 import httpx2
 import psycopg
 import pytest
-from processes import ApiServer, cli, wait_for
+from processes import ApiServer, submit_loop_model_run, wait_for
 from starlette.testclient import TestClient
 
 from smifdb.api import create_app
@@ -403,16 +403,7 @@ def test_dashboard_big_workflow_table_model_run_kill_and_errors(
     # running after its first bundle: the dashboard kills it.
     project = tmp_path / "project"
     project.mkdir()
-    cli(
-        dsn,
-        "modelrun",
-        "submit",
-        str(project),
-        "loop",
-        "--decide",
-        "smifdb.examples:converge_decision",
-        check=True,
-    )
+    submit_loop_model_run(dsn, project)
     workflow_id = submit(
         server.url,
         {"name": "wide", "jobs": [{"key": f"job-{i}", "command": "true"} for i in range(5)]},

@@ -139,7 +139,7 @@ def test_root_copy_of_unreachable_install_runs() -> None:
     installs = pgserver.candidate_bindirs()
     assert installs, "no PostgreSQL install found at all"
     copied = pgserver._reachable_copy(installs[0].parent)
-    assert pgserver._can_run(copied, pgserver._server_account())
+    assert pgserver._version(copied, pgserver._server_account()) is not None
 
 
 def installs_by_major() -> dict[str, Path]:
@@ -183,7 +183,7 @@ def test_root_copies_an_unreachable_install_rather_than_take_the_next(monkeypatc
         for part in ("bin", "lib"):
             shutil.copytree(majors[major].parent / part, hidden / "pg" / part, symlinks=True)
         monkeypatch.setenv("SMIFDB_PG_BIN", str(hidden / "pg" / "bin"))
-        assert not pgserver._can_run(pgserver.Binaries(hidden / "pg" / "bin"), account)
+        assert pgserver._version(pgserver.Binaries(hidden / "pg" / "bin"), account) is None
         binaries = pgserver.find_binaries(account)
         assert hidden not in binaries.bindir.parents
         assert pgserver._version(binaries, account).split(".")[0] == major

@@ -130,6 +130,19 @@ def end_model_run(conn: psycopg.Connection, model_run_id: int) -> None:
         assert modelruns.finish(conn, model_run_id, "succeeded", actor="t", reason="done")
 
 
+def expired_history(conn: psycopg.Connection, runners, prefix: str, keep: str):
+    """Five finished workflows and an ended model run of two bundles, all past the cutoff,
+    and one recent workflow: (old workflows, kept workflow, model run, its bundles)."""
+    old = [smifdb.submit(conn, diamond(f"{prefix}{i}")) for i in range(5)]
+    recent = smifdb.submit(conn, diamond(keep))
+    run_all(runners)
+    mr, mr_wfs = model_run(conn, "ended", 2)
+    end_model_run(conn, mr)
+    backdate(conn, [*old, *mr_wfs])
+    backdate_model_run(conn, mr)
+    return old, recent, mr, mr_wfs
+
+
 def model_run_rows(conn: psycopg.Connection, model_run_id: int) -> tuple[int, int]:
     return conn.execute(
         "SELECT (SELECT count(*) FROM model_runs WHERE id = %(m)s),"
@@ -205,13 +218,7 @@ def test_model_runs_go_whole_and_only_once_ended(conn) -> None:
 
 
 def test_dry_run_writes_nothing_and_counts_what_prune_deletes(dsn, conn, runners) -> None:
-    old = [smifdb.submit(conn, diamond(f"old{i}")) for i in range(5)]
-    recent = smifdb.submit(conn, diamond("recent"))
-    run_all(runners)
-    mr, mr_wfs = model_run(conn, "ended", 2)
-    end_model_run(conn, mr)
-    backdate(conn, [*old, *mr_wfs])
-    backdate_model_run(conn, mr)
+    old, recent, mr, mr_wfs = expired_history(conn, runners, "old", "recent")
     doomed, kept = Footprint(conn, [*old, *mr_wfs]), Footprint(conn, [recent])
     model_run_only = conn.execute(
         "SELECT count(*) FROM events WHERE model_run_id = %s AND workflow_id IS NULL", [mr]
@@ -267,13 +274,7 @@ def archived(path: Path) -> list[dict]:
 
 def test_archive_holds_every_deleted_event_exactly_once(dsn, conn, runners, tmp_path) -> None:
     archive = tmp_path / "events.jsonl"
-    first = [smifdb.submit(conn, diamond(f"a{i}")) for i in range(5)]
-    keep = smifdb.submit(conn, diamond("keep"))
-    run_all(runners)
-    mr, mr_wfs = model_run(conn, "ended", 2)
-    end_model_run(conn, mr)
-    backdate(conn, [*first, *mr_wfs])
-    backdate_model_run(conn, mr)
+    first, keep, mr, mr_wfs = expired_history(conn, runners, "a", "keep")
     expected = event_rows(conn, [*first, *mr_wfs], [mr])
     kept = event_rows(conn, [keep], [])
 

@@ -96,13 +96,20 @@ END
 $roles$
 """
 
+
+def _owned_by(owner: str, indent: str) -> str:
+    """ALTER … OWNER TO statements for every object of this revision, one per line."""
+    objects = [("TABLE", TABLES), ("VIEW", VIEWS), ("TYPE", TYPES)]
+    return "\n".join(
+        f"{indent}ALTER {kind} {name} OWNER TO {owner};"
+        for kind, names in objects
+        for name in names
+    )
+
+
 # DDL needs ownership: smifdb's objects become smifdb_admin's, and the migrating user joins
 # smifdb_admin so that later migrations (and downgrades) still own them.
-_ALTER_OWNERS = "\n".join(
-    [f"        ALTER TABLE {t} OWNER TO {ADMIN};" for t in TABLES]
-    + [f"        ALTER VIEW {v} OWNER TO {ADMIN};" for v in VIEWS]
-    + [f"        ALTER TYPE {t} OWNER TO {ADMIN};" for t in TYPES]
-)
+_ALTER_OWNERS = _owned_by(ADMIN, " " * 8)
 GIVE_TO_ADMIN = f"""
 DO $owner$
 BEGIN
@@ -125,11 +132,7 @@ END
 $owner$
 """
 
-_TAKE_BACK = "\n".join(
-    [f"    ALTER TABLE {t} OWNER TO CURRENT_USER;" for t in TABLES]
-    + [f"    ALTER VIEW {v} OWNER TO CURRENT_USER;" for v in VIEWS]
-    + [f"    ALTER TYPE {t} OWNER TO CURRENT_USER;" for t in TYPES]
-)
+_TAKE_BACK = _owned_by("CURRENT_USER", " " * 4)
 TAKE_BACK = f"""
 DO $owner$
 BEGIN
