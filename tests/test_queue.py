@@ -264,6 +264,24 @@ def test_retry_of_a_cancelled_job_is_cancelled_not_requeued(conn) -> None:
     assert report.finished_workflows == {wf: "cancelled"}
 
 
+def test_cancelling_a_failed_workflow_stops_its_running_jobs_and_their_retries(conn) -> None:
+    """A failed workflow stays failed when cancelled, so its running jobs carry the request."""
+    wf = smifdb.submit(conn, {"jobs": [job("f"), job("long", max_attempts=3), job("k", ["long"])]})
+    claimed = {c.key: c for c in queue.claim(conn, "r1", 2, lease=60)}
+    queue.finish(conn, "r1", done([claimed["f"]], status="failed"))
+    assert read.get_workflow(conn, wf)["status"] == "failed"
+    long = claimed["long"]
+    assert queue.cancel_requested(conn, "r1", [long.id]) == []
+    report = control.cancel(conn, wf, actor="test")
+    assert (report.cancelled, report.terminating) == (1, 1)
+    assert report.workflow_status == "failed"
+    assert queue.cancel_requested(conn, "r1", [long.id]) == [long.id]
+    # The runner stops it; a failure it reports instead is not retried.
+    report = queue.finish(conn, "r1", done([long], status="failed"))
+    assert statuses(conn, wf) == {"f": "failed", "long": "cancelled", "k": "cancelled"}
+    assert report.finished_workflows == {wf: "failed"}
+
+
 def test_claim_uses_the_partial_index(conn) -> None:
     spec = {"jobs": [job(f"j{i}") for i in range(3000)]}
     for _ in range(3):

@@ -5,7 +5,8 @@ Waiting and ready jobs end at once. Running jobs are ended by their runners, tol
 a running job is cancelled when its workflow is, or when it carries cancel_requested_at.
 
 Locking: the waiting and ready jobs are locked in id order; a cancelled workflow's running jobs
-are not locked at all, and a single cancelled running job is locked last. A runner recording
+are not locked at all; the running jobs flagged one by one (a job cancelled by key, or every
+running job of a workflow that had already failed) are locked last, in id order. A runner recording
 outcomes locks children before its own running jobs, so no cycle of waits can form.
 """
 
@@ -60,11 +61,19 @@ WITH updated AS (
 SELECT count(*) FROM updated
 """
 
+# Running jobs whose cancellation their workflow's status does not carry: one job cancelled by
+# key, or every running job of a workflow that had already failed (it stays failed, so its
+# runners would otherwise let the attempts finish and retry them). Locked in id order, after
+# the idle jobs: a runner locks a job's children before the job itself.
 _FLAG_RUNNING = """
-WITH flagged AS (
-    UPDATE jobs SET cancel_requested_at = now()
-    WHERE id = %(id)s AND status = 'running' AND cancel_requested_at IS NULL
-    RETURNING id, workflow_id, attempts
+WITH locked AS (
+    SELECT id FROM jobs
+    WHERE id = ANY(%(ids)s) AND status = 'running' AND cancel_requested_at IS NULL
+    ORDER BY id FOR NO KEY UPDATE
+), flagged AS (
+    UPDATE jobs j SET cancel_requested_at = now()
+    FROM locked WHERE j.id = locked.id
+    RETURNING j.id, j.workflow_id, j.attempts
 ), logged AS (
     INSERT INTO events (workflow_id, job_id, from_status, to_status, attempt, actor, reason)
     SELECT workflow_id, id, 'running', 'running', attempts, %(actor)s,
@@ -115,10 +124,12 @@ def cancel(
         report = CancelReport(old_status)
         args = {"ids": idle, "actor": actor, "reason": reason}
         report.cancelled = conn.execute(_CANCEL_IDLE, args).fetchone()[0] if idle else 0
-        if job_key is None:
+        if job_key is None and old_status in ("pending", "running"):
             report.terminating = conn.execute(_RUNNING, [targets]).fetchone()[0]
-        else:  # the one job named may be running; its descendants cannot be
-            flag = {"id": targets[0], "actor": actor, "reason": reason}
+        else:  # the one job named may be running (its descendants cannot be), or any job of
+            # a failed workflow
+            running = [targets[0]] if job_key is not None else sorted(targets)
+            flag = {"ids": running, "actor": actor, "reason": reason}
             report.terminating = conn.execute(_FLAG_RUNNING, flag).fetchone()[0]
         if job_key is None:
             conn.execute(
