@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from smifdb.store.queue import ClaimedJob, Outcome
+from smifdb.store.queue import ClaimedJob, Outcome, unstorable
 
 LOG_TAIL_BYTES = 4000
 KILL_GRACE = 5.0
@@ -197,6 +197,9 @@ def _run_command(attempt: Attempt) -> Outcome:
         except (OSError, ValueError) as exc:
             error = f"$SMIFDB_RESULT_FILE does not hold JSON: {exc}"
             return attempt.outcome("failed", error=error, reason="bad result file", **common)
+        if why := unstorable(result):
+            error = f"$SMIFDB_RESULT_FILE holds JSON that cannot be stored: {why}"
+            return attempt.outcome("failed", error=error, reason="bad result file", **common)
     return attempt.outcome("succeeded", result=result, reason="exit status 0", **common)
 
 
@@ -218,8 +221,8 @@ def _run_python(attempt: Attempt) -> Outcome:
     payload = attempt.job.payload
     try:
         value = resolve(payload["function"])(**payload.get("args", {}))
-        if value is not None:
-            json.dumps(value)
+        if value is not None and (why := unstorable(value)):
+            raise ValueError(f"the returned value cannot be stored as JSON: {why}")
     except Exception as exc:
         tail = traceback.format_exc()[-LOG_TAIL_BYTES:]
         if attempt.stop_reason is not None:

@@ -263,14 +263,17 @@ class Runner:
         with self.lock:
             batch, self.pending = self.pending, []
         try:
-            report = queue.finish(
-                self.conn,
-                self.name,
-                batch,
-                claim_n=max(free, 0),
-                lease=self.config.lease,
-                scope=self.config.scope,
-            )
+            try:
+                report = queue.finish(
+                    self.conn,
+                    self.name,
+                    batch,
+                    claim_n=max(free, 0),
+                    lease=self.config.lease,
+                    scope=self.config.scope,
+                )
+            except psycopg.DataError:
+                report, batch = self._record_apart(batch)
         except DB_ERRORS:
             with self.lock:
                 self.pending = batch + self.pending
@@ -429,6 +432,27 @@ class Runner:
         wf = self.config.workflow_id
         if wf is not None and wf in report.finished_workflows:
             self.workflow_done = report.finished_workflows[wf]
+
+    def _record_apart(self, batch: list[Outcome]) -> tuple[queue.FinishReport, list[Outcome]]:
+        """PostgreSQL refused the batch as data: record each outcome alone, and one it refuses
+        again without its result and log, so that it fails alone and the runner lives on.
+        (Results are checked when attempts end; this is for whatever that check misses.)"""
+        assert self.conn is not None
+        total, written = queue.FinishReport(), []
+        for outcome in batch:
+            try:
+                report = queue.finish(self.conn, self.name, [outcome])
+            except psycopg.DataError as exc:
+                why = f"the outcome could not be stored: {exc.diag.message_primary or exc}"
+                log.error(
+                    "job %d: %s", outcome.job_id, why, extra=logs.job_fields(outcome, "unstorable")
+                )
+                outcome = outcome.without_data(why)
+                report = queue.finish(self.conn, self.name, [outcome])
+            written.append(outcome)
+            total.recorded += report.recorded
+            total.finished_workflows.update(report.finished_workflows)
+        return total, written
 
     def _take_counts(self) -> dict[str, int]:
         """Caller holds the lock."""

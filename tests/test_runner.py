@@ -16,7 +16,8 @@ from processes import PY, Runners, cli, wait_for
 import smifdb
 from smifdb import migrate
 from smifdb.pgserver import ThrowawayCluster
-from smifdb.store import read
+from smifdb.runner import Runner, RunnerConfig
+from smifdb.store import queue, read
 
 
 def finished(conn: psycopg.Connection, wf: int) -> str | None:
@@ -204,6 +205,65 @@ def test_timeout_kills_the_process_group(conn, runners, tmp_path) -> None:
     assert row["status"] == "failed" and "timed out after 1 s" in row["error"]
     child = int(pidfile.read_text())
     wait_for(lambda: not Path(f"/proc/{child}").exists(), 10, "the grandchild to die")
+
+
+def test_outcomes_postgresql_would_refuse_fail_alone(conn, runners) -> None:
+    """A NUL in a job's output, NaN in its result: PostgreSQL refuses both as text or jsonb.
+
+    The log keeps a replacement character; an unstorable result fails its attempt with the
+    reason; the runner and the other outcomes of its batch are unharmed.
+    """
+    nan_file = 'printf \'{"x": NaN}\' > "$SMIFDB_RESULT_FILE"'
+    wf = smifdb.submit(
+        conn,
+        {
+            "jobs": [
+                {"key": "binary", "command": "printf 'bin\\000ary'", "max_attempts": 3},
+                {"key": "nan-file", "command": nan_file},
+                {"key": "nan-value", "python": "json:loads", "args": {"s": "NaN"}},
+                {"key": "nul-value", "python": "json:loads", "args": {"s": '"a\\u0000b"'}},
+                {"key": "innocent", "command": "true"},
+                {"key": "child", "command": "true", "after": ["binary"]},
+            ]
+        },
+    )
+    proc = runners.start("--slots", "6", "--exit-when-idle")
+    assert proc.wait(timeout=60) == 0, runners.output("r0")
+    rows = job_rows(conn, wf)
+    assert {k: r["status"] for k, r in rows.items()} == {
+        "binary": "succeeded",
+        "nan-file": "failed",
+        "nan-value": "failed",
+        "nul-value": "failed",
+        "innocent": "succeeded",
+        "child": "succeeded",
+    }
+    assert rows["binary"]["log_tail"] == "bin\ufffdary" and rows["binary"]["attempts"] == 1
+    assert "cannot be stored: Out of range float values" in rows["nan-file"]["error"]
+    assert "cannot be stored as JSON: Out of range float" in rows["nan-value"]["error"]
+    assert "a string holds a NUL character" in rows["nul-value"]["error"]
+
+
+def test_a_batch_postgresql_refuses_is_recorded_outcome_by_outcome(conn, dsn, tmp_path) -> None:
+    """The runner's last line of defence, for an outcome the attempt's own check missed."""
+    wf = smifdb.submit(conn, {"jobs": [{"key": k, "command": "true"} for k in ("bad", "good")]})
+    runner = Runner(dsn, RunnerConfig(slots=2, name="r1", log_dir=tmp_path))
+    runner._connect_main()
+    claimed = queue.claim(conn, "r1", 2, lease=60)
+    for job in claimed:
+        result = float("nan") if job.key == "bad" else {"ok": True}
+        runner.pending.append(
+            queue.Outcome(job.id, wf, job.attempt, "r1", "succeeded", result=result, key=job.key)
+        )
+    try:
+        assert runner._cycle(0) == 0
+    finally:
+        runner.conn.close()
+    rows = job_rows(conn, wf)
+    assert (rows["good"]["status"], rows["good"]["result"]) == ("succeeded", {"ok": True})
+    assert rows["bad"]["status"] == "failed" and rows["bad"]["result"] is None
+    assert rows["bad"]["error"].startswith("the outcome could not be stored: invalid input")
+    assert runner.pending == [] and runner.total == {"succeeded": 1, "failed": 1, "claimed": 0}
 
 
 def test_cancel_stops_running_jobs(conn, runners, dsn, tmp_path) -> None:
