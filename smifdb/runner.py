@@ -284,17 +284,27 @@ class Runner:
         return len(report.claimed)
 
     def _finished(self) -> bool:
+        """Done once every attempt is recorded (or, past a stop deadline, handed to shutdown).
+
+        A stopped Python attempt is recorded at once but keeps its thread until the call
+        returns; its slot thread is a daemon and does not hold the exit.
+        """
         with self.lock:
-            idle = self.busy == 0 and not self.pending
-        if self.stopping.is_set() and idle:
-            return True
+            idle = not self.active and not self.pending
+            unrecorded = not self.active and bool(self.pending)
+        if self.stopping.is_set():
+            past_deadline = (
+                self.stop_deadline is not None and time.monotonic() >= self.stop_deadline
+            )
+            # Outcomes the database cannot take now: _shutdown tries for a bounded time.
+            return idle or (unrecorded and past_deadline and self.conn is None)
         return self.workflow_done is not None and idle
 
     def _idle_exit(self) -> bool:
         """Exit once idle if asked to, or once our workflow ended (even by a cancel elsewhere)."""
         wf, mr = self.config.workflow_id, self.config.model_run_id
         wanted = self.config.exit_when_idle or wf is not None or mr is not None
-        if not wanted or self.busy or self.pending or self.conn is None:
+        if not wanted or self.active or self.pending or self.conn is None:
             return False
         try:
             if wf is not None:

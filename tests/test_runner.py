@@ -323,6 +323,36 @@ def test_sigterm_drains_then_releases(conn, runners, tmp_path) -> None:
     assert state == "stopped"
 
 
+def test_python_jobs_that_will_not_return_do_not_hold_the_runner(conn, dsn, runners, tmp_path):
+    """A thread cannot be killed: its attempt is recorded and the runner exits without it.
+
+    sys.exit() in a job fails the attempt (it once ended the slot thread, and the runner waited
+    for that slot for ever); SIGTERM releases a long call at the end of the grace and exits;
+    `smifdb run` exits once a call past its timeout is recorded failed.
+    """
+    sleeper = {"python": "smifdb.examples:sleep", "args": {"seconds": 120}}
+    wf = smifdb.submit(
+        conn, {"jobs": [{"key": "exit", "python": "_thread:exit"}, {"key": "long", **sleeper}]}
+    )
+    proc = runners.start("--slots", "2", "--grace", "1")
+    wait_for(lambda: job_rows(conn, wf)["exit"]["status"] == "failed", what="sys.exit() recorded")
+    assert "SystemExit" in job_rows(conn, wf)["exit"]["error"]
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, runners.output("r0")
+    assert time.monotonic() - t0 < 8
+    long = job_rows(conn, wf)["long"]
+    assert (long["status"], long["attempts"]) == ("ready", 0)
+
+    spec = tmp_path / "hang.json"
+    spec.write_text(json.dumps({"jobs": [{"key": "hang", "timeout": 1, **sleeper}]}))
+    t0 = time.monotonic()
+    out = cli(dsn, "run", str(spec), "--slots", "1", "--log-dir", str(tmp_path / "logs"))
+    assert out.returncode == 1, out.stderr
+    assert time.monotonic() - t0 < 20
+    assert "timed out after 1 s" in out.stdout
+
+
 def test_command_environment_result_and_log(conn, runners) -> None:
     code = (
         "import json,os; print('hello from the job');"
