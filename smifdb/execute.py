@@ -110,8 +110,14 @@ def _signal_group(process: subprocess.Popen, sig: int) -> None:
         os.killpg(process.pid, sig)
 
 
-def _safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name)[:120]
+def file_stem(job: ClaimedJob) -> str:
+    """``KEY.ATTEMPT``, or ``SAFE-KEY+ID.ATTEMPT`` for a key that is not a safe file name.
+
+    The job id keeps two keys that make the same safe name ('a b', 'a_b') from sharing a log
+    and a result file; no safe key contains '+'.
+    """
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", job.key)[:100]
+    return f"{job.key if safe == job.key else f'{safe}+{job.id}'}.{job.attempt}"
 
 
 def _tail(path: Path) -> str | None:
@@ -142,7 +148,7 @@ def _run_command(attempt: Attempt) -> Outcome:
     job, payload = attempt.job, attempt.job.payload
     folder = attempt.log_dir / f"workflow-{job.workflow_id}"
     folder.mkdir(parents=True, exist_ok=True)
-    stem = f"{_safe(job.key)}.{job.attempt}"
+    stem = file_stem(job)
     log_path = folder / f"{stem}.log"
     result_path = folder / f"{stem}.result.json"
     result_path.unlink(missing_ok=True)

@@ -353,6 +353,23 @@ def test_python_jobs_that_will_not_return_do_not_hold_the_runner(conn, dsn, runn
     assert "timed out after 1 s" in out.stdout
 
 
+def test_keys_with_one_safe_file_name_keep_their_own_log_and_result(conn, runners, tmp_path):
+    code = (
+        "import json,os; k=os.environ['SMIFDB_JOB_KEY']; print('I am', k);"
+        " json.dump({'who': k}, open(os.environ['SMIFDB_RESULT_FILE'],'w'))"
+    )
+    keys = ["a b", "a_b", "ключ", "ёжик", "x" * 130, "x" * 131]
+    wf = smifdb.submit(conn, {"jobs": [{"key": k, "command": py(code)} for k in keys]})
+    proc = runners.start("--slots", "6", "--exit-when-idle")
+    assert proc.wait(timeout=60) == 0
+    rows = job_rows(conn, wf)
+    for key in keys:
+        assert rows[key]["result"] == {"who": key}
+        assert rows[key]["log_tail"] == f"I am {key}\n"
+    logs = sorted(p.name for p in (tmp_path / "logs" / f"workflow-{wf}").glob("*.log"))
+    assert len(logs) == 6 and "a_b.1.log" in logs
+
+
 def test_command_environment_result_and_log(conn, runners) -> None:
     code = (
         "import json,os; print('hello from the job');"
