@@ -24,7 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from smifdb.store.queue import ClaimedJob, Outcome, unstorable
+from smifdb.pgtext import unstorable
+from smifdb.store.queue import ClaimedJob, Outcome
 
 LOG_TAIL_BYTES = 4000
 KILL_GRACE = 5.0

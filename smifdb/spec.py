@@ -7,6 +7,7 @@ Validation collects every problem it finds so that one run of ``smifdb submit`` 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -15,6 +16,8 @@ from typing import Any
 
 import networkx as nx
 import yaml
+
+from smifdb.pgtext import text_problems
 
 MAX_REPORTED = 20
 PYTHON_TARGET = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
@@ -84,19 +87,59 @@ def load_file(path: str | Path) -> Any:
     return load_text(text, str(path), json_only=path.suffix.lower() == ".json")
 
 
+class _DuplicateKey(ValueError):
+    pass
+
+
+def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(f"duplicate key {key!r} in one object")
+        seen[key] = value
+    return seen
+
+
+class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
+    """libyaml's safe loader (when available), refusing a mapping that repeats a key: YAML
+    and JSON parsers keep the last value, so `after: [x]` then `after: [y]` lost x."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                repeated = key in seen
+                seen.add(key)
+            except TypeError:  # an unhashable key: the base class reports it
+                continue
+            if repeated:
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping",
+                    node.start_mark,
+                    f"found duplicate key {key!r}",
+                    key_node.start_mark,
+                )
+        return super().construct_mapping(node, deep)
+
+
 def load_text(text: str, source: str, *, json_only: bool = False) -> Any:
-    """Parse YAML (a superset of JSON) or strict JSON; libyaml's loader when available."""
+    """Parse YAML (a superset of JSON) or strict JSON; a key repeated in a mapping is an error."""
     try:
         if json_only:
-            return json.loads(text)
-        loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-        return yaml.load(text, Loader=loader)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            return json.loads(text, object_pairs_hook=_unique_pairs)
+        return yaml.load(text, Loader=_UniqueKeyLoader)
+    except (json.JSONDecodeError, _DuplicateKey, yaml.YAMLError) as exc:
         raise SpecError([f"cannot parse {source}: {exc}"]) from exc
 
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_int32(value: Any) -> bool:
+    """An integer a PostgreSQL integer column holds."""
+    return _is_int(value) and -(2**31) <= value < 2**31
 
 
 def _is_number(value: Any) -> bool:
@@ -147,9 +190,9 @@ def _check_job(index: int, raw: Any, problems: list[str]) -> Job | None:
             args = {}
         else:
             try:
-                json.dumps(args)
+                json.dumps(args, allow_nan=False)
             except (TypeError, ValueError):
-                problems.append(f"{where}: 'args' must be JSON-serialisable")
+                problems.append(f"{where}: 'args' must be JSON (no NaN or Infinity)")
         payload = {"function": target, "args": dict(args)}
 
     if "cwd" in raw:
@@ -160,12 +203,12 @@ def _check_job(index: int, raw: Any, problems: list[str]) -> Job | None:
     if "env" in raw:
         env = raw["env"]
         if isinstance(env, Mapping) and all(
-            isinstance(k, str) and k and (isinstance(v, str) or _is_number(v))
+            isinstance(k, str) and k and "=" not in k and (isinstance(v, str) or _is_number(v))
             for k, v in env.items()
         ):
             payload["env"] = {k: str(v) for k, v in env.items()}
         else:
-            problems.append(f"{where}: 'env' must map names to strings or numbers")
+            problems.append(f"{where}: 'env' must map names (without '=') to strings or numbers")
 
     after = raw.get("after", [])
     if isinstance(after, str):
@@ -174,13 +217,15 @@ def _check_job(index: int, raw: Any, problems: list[str]) -> Job | None:
         problems.append(f"{where}: 'after' must be a list of job keys")
         after = []
     priority = raw.get("priority", 0)
-    if not _is_int(priority) or not -(2**31) <= priority < 2**31:
+    if not _is_int32(priority):
         problems.append(f"{where}: 'priority' must be an integer")
     max_attempts = raw.get("max_attempts", 1)
     if not _is_int(max_attempts) or not 1 <= max_attempts <= 1000:
         problems.append(f"{where}: 'max_attempts' must be an integer from 1 to 1000")
     timeout = raw.get("timeout")
-    if timeout is not None and (not _is_number(timeout) or timeout <= 0):
+    if timeout is not None and (
+        not _is_number(timeout) or not math.isfinite(timeout) or timeout <= 0
+    ):
         problems.append(f"{where}: 'timeout' must be a positive number of seconds")
     retry_backoff = raw.get("retry_backoff", 1.0)
     if not _is_number(retry_backoff) or not 0 <= retry_backoff <= 86400:
@@ -189,8 +234,8 @@ def _check_job(index: int, raw: Any, problems: list[str]) -> Job | None:
     for name, check, wanted in (
         ("model", lambda v: isinstance(v, str), "a string"),
         ("operation", lambda v: isinstance(v, str), "a string"),
-        ("timestep", _is_int, "an integer"),
-        ("decision", _is_int, "an integer"),
+        ("timestep", _is_int32, "an integer"),
+        ("decision", _is_int32, "an integer"),
     ):
         value = raw.get(name)
         if value is not None and not check(value):
@@ -226,6 +271,8 @@ def parse(raw: Any, name: str | None = None) -> Dag:
     if not isinstance(raw_jobs, list) or not raw_jobs:
         problems.append("'jobs' must be a non-empty list")
         raise SpecError(problems)
+    for where, problem in text_problems(raw):
+        problems.append(f"{where}: the string {problem}, which PostgreSQL cannot store")
 
     jobs: list[Job] = []
     seen: set[str] = set()

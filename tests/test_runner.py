@@ -241,7 +241,7 @@ def test_outcomes_postgresql_would_refuse_fail_alone(conn, runners) -> None:
     assert rows["binary"]["log_tail"] == "bin\ufffdary" and rows["binary"]["attempts"] == 1
     assert "cannot be stored: Out of range float values" in rows["nan-file"]["error"]
     assert "cannot be stored as JSON: Out of range float" in rows["nan-value"]["error"]
-    assert "a string holds a NUL character" in rows["nul-value"]["error"]
+    assert "a string in the value holds a NUL character" in rows["nul-value"]["error"]
 
 
 def test_a_batch_postgresql_refuses_is_recorded_outcome_by_outcome(conn, dsn, tmp_path) -> None:

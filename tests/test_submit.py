@@ -188,6 +188,28 @@ BAD_SPECS = {
         "depends on itself",
     ),
     "not a mapping": ([1, 2, 3], "must be a mapping"),
+    # Each of these was accepted by validation and then refused by PostgreSQL with a traceback.
+    "timestep beyond an integer column": (
+        {"jobs": [{"key": "a", "command": "true", "timestep": 10**20}]},
+        "'timestep' must be an integer",
+    ),
+    "NUL in a command": (
+        {"jobs": [{"key": "a", "command": "printf a\x00b"}]},
+        "jobs[1].command: the string holds a NUL character",
+    ),
+    "NaN in args": (
+        {"jobs": [{"key": "a", "python": "m:f", "args": {"x": float("nan")}}]},
+        "'args' must be JSON (no NaN or Infinity)",
+    ),
+    # Accepted before, and wrong at run time: no timeout at all; a failed start.
+    "infinite timeout": (
+        {"jobs": [{"key": "a", "command": "true", "timeout": float("inf")}]},
+        "'timeout' must be a positive number",
+    ),
+    "env name with =": (
+        {"jobs": [{"key": "a", "command": "true", "env": {"A=B": "1"}}]},
+        "'env' must map names (without '=')",
+    ),
 }
 
 
@@ -228,7 +250,13 @@ def test_every_problem_reported_at_once(tmp_path: Path, dsn: str) -> None:
 
 @pytest.mark.parametrize(
     "content, message",
-    [("jobs: [unclosed", "cannot parse"), ("{not json", "cannot parse")],
+    [
+        ("jobs: [unclosed", "cannot parse"),
+        ("{not json", "cannot parse"),
+        # Parsers keep a repeated key's last value: the first `after` would be lost.
+        ("jobs:\n  - {key: z, command: x, after: [x], after: [y]}", "found duplicate key 'after'"),
+        ('{"jobs": [{"key": "a", "command": "x", "command": "y"}]}', "duplicate key 'command'"),
+    ],
 )
 def test_unparsable_file(content: str, message: str, tmp_path: Path, dsn: str, conn) -> None:
     spec = tmp_path / ("bad.yaml" if content.startswith("jobs") else "bad.json")

@@ -17,6 +17,7 @@ from typing import Any, NamedTuple
 
 import psycopg
 
+from smifdb.pgtext import clean_text
 from smifdb.store import FINISHED_CHANNEL, READY_CHANNEL, notify
 
 MAX_BACKOFF = 3600.0
@@ -359,47 +360,6 @@ def array(values: Iterable[int]) -> str:
     return "{" + ",".join(map(str, values)) + "}"
 
 
-def unstorable(value: Any) -> str | None:
-    """Why jsonb would refuse a result, or None: PostgreSQL is stricter than Python's json.
-
-    NaN and Infinity are not JSON; a NUL character cannot be text; an unpaired surrogate is not
-    Unicode. One such result would otherwise fail its runner's whole batch.
-    """
-    try:
-        json.dumps(value, allow_nan=False)
-    except (TypeError, ValueError) as exc:
-        return str(exc)
-    todo = [value]
-    while todo:
-        item = todo.pop()
-        if isinstance(item, dict):
-            todo += item.keys()
-            todo += item.values()
-        elif isinstance(item, list | tuple):
-            todo += item
-        elif isinstance(item, str) and (problem := _text_problem(item)):
-            return f"a string {problem}"
-    return None
-
-
-def _text_problem(text: str) -> str | None:
-    if "\x00" in text:
-        return "holds a NUL character"
-    if not text.isascii():
-        try:
-            text.encode()
-        except UnicodeEncodeError:
-            return "holds an unpaired surrogate"
-    return None
-
-
-def _text(text: str | None) -> str | None:
-    """A text column's value as PostgreSQL accepts it: NULs and lone surrogates replaced."""
-    if text is None or _text_problem(text) is None:
-        return text
-    return text.replace("\x00", "\ufffd").encode(errors="replace").decode()
-
-
 def _outcomes_json(outcomes: list[Outcome], now: datetime) -> str:
     """The whole batch as one JSON parameter (jsonb_to_recordset), not ten arrays."""
     rows = []
@@ -414,14 +374,14 @@ def _outcomes_json(outcomes: list[Outcome], now: datetime) -> str:
                 "outcome": kind,
                 "result": o.result,
                 "exit_code": o.exit_code,
-                "error": _text(o.error),
-                "log_tail": _text(o.log_tail),
+                "error": clean_text(o.error),
+                "log_tail": clean_text(o.log_tail),
                 "not_before": (
                     (now + timedelta(seconds=backoff_delay(o.attempt, o.retry_backoff))).isoformat()
                     if retry
                     else None
                 ),
-                "reason": _text(o.reason) or kind,
+                "reason": clean_text(o.reason) or kind,
             }
         )
     return json.dumps(rows)

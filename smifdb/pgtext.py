@@ -1,0 +1,73 @@
+"""What PostgreSQL refuses as text or jsonb that Python accepts.
+
+A NUL character cannot be text; an unpaired surrogate is not Unicode; NaN and Infinity are not
+JSON. Caught early, each is a clear message about one spec or one job; caught by PostgreSQL, it
+fails a whole statement: a submission, or every outcome in a runner's batch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from typing import Any
+
+
+def text_problem(text: str) -> str | None:
+    if "\x00" in text:
+        return "holds a NUL character"
+    if not text.isascii():
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            return "holds an unpaired surrogate"
+    return None
+
+
+def clean_text(text: str | None) -> str | None:
+    """NULs and unpaired surrogates replaced, for logs and messages (not for data)."""
+    if text is None or text_problem(text) is None:
+        return text
+    return text.replace("\x00", "\ufffd").encode(errors="replace").decode()
+
+
+def strings(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    """Every string in plain data (keys too), with where it is: ``jobs[3].args.name``."""
+    todo = [(path, value)]
+    while todo:
+        where, item = todo.pop()
+        if isinstance(item, str):
+            yield where, item
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                if isinstance(key, str):
+                    yield f"{where} (a key)", key
+                todo.append((f"{where}.{key}" if where else str(key), child))
+        elif isinstance(item, list | tuple):
+            todo += ((f"{where}[{i}]", child) for i, child in enumerate(item))
+
+
+def text_problems(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    """(where, problem) for every string in plain data that PostgreSQL would refuse.
+
+    One C-speed pass answers the common case (none) for a big spec; only then the walk.
+    """
+    try:
+        text = json.dumps(value, ensure_ascii=False, default=repr)
+        if "\\u0000" not in text and text_problem(text) is None:
+            return
+    except (ValueError, RecursionError):
+        pass
+    for where, item in strings(value, path):
+        if problem := text_problem(item):
+            yield where, problem
+
+
+def unstorable(value: Any) -> str | None:
+    """Why jsonb would refuse a value, or None if it can be stored."""
+    try:
+        json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError, RecursionError) as exc:
+        return str(exc)
+    for where, problem in text_problems(value, "the value"):
+        return f"a string in {where} {problem}"
+    return None
