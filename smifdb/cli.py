@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import sys
@@ -27,6 +28,19 @@ from smifdb.store import views as view_rows
 from smifdb.store.runners import RunnerNameInUse
 from smifdb.store.submit import submit_dag
 from smifdb.tables import Column, seconds, table, timestamp
+
+
+class Seconds(click.FloatRange):
+    """A finite number of seconds in a range: click's FloatRange lets nan and inf through."""
+
+    def __init__(self, low: float, high: float = 30 * 86400) -> None:
+        super().__init__(low, high)
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        seconds = super().convert(value, param, ctx)
+        if not math.isfinite(seconds):
+            self.fail(f"{value!r} is not a finite number of seconds", param, ctx)
+        return seconds
 
 
 class BadInput(click.ClickException):
@@ -75,6 +89,11 @@ def _print_json(data: object) -> None:
 
 
 def _dsn(ctx: click.Context, *, migrate_embedded: bool = True) -> str:
+    if ctx.obj["dsn"]:
+        try:
+            psycopg.conninfo.conninfo_to_dict(ctx.obj["dsn"])
+        except psycopg.ProgrammingError as exc:
+            raise BadInput(f"--dsn (or SMIFDB_DSN) is not a connection string: {exc}") from exc
     return db.resolve_dsn(ctx.obj["dsn"], migrate_embedded=migrate_embedded)
 
 
@@ -192,7 +211,16 @@ def submit_cmd(ctx: click.Context, file: str, name: str | None) -> None:
 
 
 def _log_dir(value: str | None) -> Path:
-    return Path(value).resolve() if value else default_home() / "logs"
+    """The job log folder, created now: a folder that cannot be made is the user's to fix,
+    and must be found before anything is submitted."""
+    path = Path(value).resolve() if value else default_home() / "logs"
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"cannot create the log folder {path}: {exc.strerror or exc}") from exc
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise BadInput(f"cannot write to the log folder {path}")
+    return path
 
 
 def _setup_logging(level: str, fmt: str = "text") -> None:
@@ -247,35 +275,35 @@ def _runner_options(f):
         ),
         click.option(
             "--grace",
-            type=click.FloatRange(0),
+            type=Seconds(0),
             default=30.0,
             show_default=True,
             help="Seconds running jobs get to finish after SIGTERM/SIGINT.",
         ),
         click.option(
             "--poll",
-            type=click.FloatRange(0.01),
+            type=Seconds(0.01),
             default=2.0,
             show_default=True,
             help="Seconds between polls when no notification arrives.",
         ),
         click.option(
             "--heartbeat",
-            type=click.FloatRange(0.05),
+            type=Seconds(0.05),
             default=2.0,
             show_default=True,
             help="Seconds between heartbeats.",
         ),
         click.option(
             "--dead-after",
-            type=click.FloatRange(0.1),
+            type=Seconds(0.1),
             default=30.0,
             show_default=True,
             help="A runner silent this long is dead and its jobs are rescued.",
         ),
         click.option(
             "--lease",
-            type=click.FloatRange(1),
+            type=Seconds(1),
             default=300.0,
             show_default=True,
             help="Seconds a claim holds a job before the runner must renew it.",
@@ -320,6 +348,11 @@ def runner_group() -> None:
 @click.pass_context
 def runner_run(ctx: click.Context, name: str | None, log_level: str, log_format: str, **kw) -> None:
     """Claim ready jobs and run them, until stopped (SIGTERM/SIGINT drain gracefully)."""
+    if name is not None:
+        try:
+            runner_rows.check_name(name)
+        except ValueError as exc:
+            raise BadInput(str(exc)) from exc
     _setup_logging(log_level, log_format)
     dsn = _dsn(ctx)
     with db.connect(dsn) as conn:
@@ -351,13 +384,16 @@ def runner_register(ctx: click.Context, name: str, slots: int, host: str | None)
     """Record a runner ahead of time (it becomes active when `runner run --name NAME` starts)."""
     with db.connect(_dsn(ctx)) as conn:
         store.check_schema(conn)
-        runner_rows.register(conn, name, slots, host)
+        try:
+            runner_rows.register(conn, name, slots, host)
+        except (ValueError, RunnerNameInUse) as exc:
+            raise BadInput(str(exc)) from exc
     click.echo(f"registered runner {name!r} with {slots} slot(s)")
 
 
 @runner_group.command("status")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--dead-after", type=click.FloatRange(0.1), default=30.0, show_default=True)
+@click.option("--dead-after", type=Seconds(0.1), default=30.0, show_default=True)
 @click.pass_context
 def runner_status(ctx: click.Context, as_json: bool, dead_after: float) -> None:
     """List runners: slots, busy slots, last heartbeat, jobs done and failed."""
@@ -388,7 +424,7 @@ def runner_status(ctx: click.Context, as_json: bool, dead_after: float) -> None:
 @click.argument("name")
 @click.option(
     "--max-age",
-    type=click.FloatRange(0.1),
+    type=Seconds(0.1),
     default=30.0,
     show_default=True,
     help="Most seconds since the runner's last heartbeat.",
@@ -420,9 +456,7 @@ def _workflow_arg(conn, workflow_id: int) -> None:
 
 @main.command("wait")
 @click.argument("workflow_id", type=int)
-@click.option(
-    "--timeout", type=click.FloatRange(0), help="Give up after this many seconds (exit 124)."
-)
+@click.option("--timeout", type=Seconds(0), help="Give up after this many seconds (exit 124).")
 @click.pass_context
 def wait_cmd(ctx: click.Context, workflow_id: int, timeout: float | None) -> None:
     """Block until WORKFLOW_ID ends: exit 0 if it succeeded, 1 if it failed or was cancelled."""
@@ -489,6 +523,7 @@ def run_cmd(ctx: click.Context, file: str, workflow_name: str | None, **kw) -> N
     _setup_logging("warning")
     dag = _read_dag(file, workflow_name)
     dsn = _dsn(ctx)
+    _log_dir(kw["log_dir"])  # before submitting: nothing would run a workflow left behind
     with db.connect(dsn) as conn:
         store.check_schema(conn)
         workflow_id = submit_dag(conn, dag, actor=store.actor_name("cli"))
@@ -586,7 +621,7 @@ _EVENT_COLUMNS: list[Column] = [
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option(
     "--dead-after",
-    type=click.FloatRange(0.1),
+    type=Seconds(0.1),
     default=30.0,
     show_default=True,
     help="A runner silent this long shows as lost.",
@@ -841,10 +876,10 @@ def manager_group() -> None:
 
 
 @manager_group.command("run")
-@click.option("--poll", type=click.FloatRange(0.05), default=2.0, show_default=True)
+@click.option("--poll", type=Seconds(0.05), default=2.0, show_default=True)
 @click.option(
     "--dead-after",
-    type=click.FloatRange(0.1),
+    type=Seconds(0.1),
     default=30.0,
     show_default=True,
     help="A runner silent this long is dead and its jobs are rescued.",

@@ -182,10 +182,16 @@ def _run_command(attempt: Attempt) -> Outcome:
                     preexec_fn=_PREEXEC,  # one prctl call: safe after fork
                 )
         except OSError as exc:
-            error = f"cannot start {argv!r}: {exc.strerror or exc}"
+            cwd = payload.get("cwd")
+            if cwd and not os.path.isdir(cwd):  # Popen names the program, not the folder
+                error = f"cannot start {argv!r}: no working folder {cwd}"
+            else:
+                error = f"cannot start {argv!r}: {exc.strerror or exc}"
             log.write(error.encode() + b"\n")
             log.flush()
-            return attempt.outcome("failed", error=error, reason="could not start")
+            return attempt.outcome(
+                "failed", error=error, reason="could not start", log_tail=error + "\n"
+            )
         process = attempt.process
         try:
             returncode = process.wait(timeout=job.timeout)

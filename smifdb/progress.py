@@ -54,6 +54,7 @@ class ProgressPrinter:
         self.latest: Progress | None = None
 
     def tick(self, force: bool = False) -> Progress | None:
+        """Read progress if the interval has passed (or ``force``); show it if it changed."""
         now = time.monotonic()
         if not force and now - self.last_time < self.interval:
             return self.latest
@@ -65,7 +66,7 @@ class ProgressPrinter:
         if self.tty:
             self.stream.write("\r" + line.ljust(len(self.last_line)))
             self.stream.flush()
-        elif line.split("  ")[:2] != self.last_line.split("  ")[:2] or force:
+        elif line.split("  ")[:2] != self.last_line.split("  ")[:2]:
             self.stream.write(line + "\n")
         self.last_line = line
         return self.latest

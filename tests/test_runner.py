@@ -223,11 +223,12 @@ def test_outcomes_postgresql_would_refuse_fail_alone(conn, runners) -> None:
                 {"key": "nan-value", "python": "json:loads", "args": {"s": "NaN"}},
                 {"key": "nul-value", "python": "json:loads", "args": {"s": '"a\\u0000b"'}},
                 {"key": "innocent", "command": "true"},
+                {"key": "no-folder", "command": "true", "cwd": "/nonexistent/folder"},
                 {"key": "child", "command": "true", "after": ["binary"]},
             ]
         },
     )
-    proc = runners.start("--slots", "6", "--exit-when-idle")
+    proc = runners.start("--slots", "7", "--exit-when-idle")
     assert proc.wait(timeout=60) == 0, runners.output("r0")
     rows = job_rows(conn, wf)
     assert {k: r["status"] for k, r in rows.items()} == {
@@ -236,8 +237,13 @@ def test_outcomes_postgresql_would_refuse_fail_alone(conn, runners) -> None:
         "nan-value": "failed",
         "nul-value": "failed",
         "innocent": "succeeded",
+        "no-folder": "failed",
         "child": "succeeded",
     }
+    assert (
+        rows["no-folder"]["error"] == "cannot start 'true': no working folder /nonexistent/folder"
+    )
+    assert rows["no-folder"]["log_tail"] == rows["no-folder"]["error"] + "\n"
     assert rows["binary"]["log_tail"] == "bin\ufffdary" and rows["binary"]["attempts"] == 1
     assert "cannot be stored: Out of range float values" in rows["nan-file"]["error"]
     assert "cannot be stored as JSON: Out of range float" in rows["nan-value"]["error"]

@@ -308,3 +308,65 @@ def test_concurrent_submissions_do_not_interleave(dsn: str, conn) -> None:
         t.join()
     assert not errors and partial == 0
     assert counts(conn)["jobs"] == 8000
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["runner", "run", "--slots", "1", "--poll", "nan"], "'nan' is not a finite number"),
+        (["runner", "run", "--slots", "1", "--lease", "1e300"], "is not in the range 1<=x"),
+        (["wait", "1", "--timeout", "inf"], "inf is not in the range 0<=x"),
+        (["runner", "register", "", "--slots", "1"], "must be 1 to 200 printable characters"),
+        (["runner", "register", "a\nb", "--slots", "1"], "must be 1 to 200 printable"),
+        (["runner", "run", "--slots", "1", "--name", " "], "must be 1 to 200 printable"),
+    ],
+)
+def test_bad_cli_arguments_exit_2(args: list[str], message: str, dsn: str, conn) -> None:
+    result = run_cli(dsn, *args)
+    assert result.exit_code == 2, result.output
+    assert message in result.output and "Traceback" not in result.output
+    assert conn.execute("SELECT count(*) FROM runners").fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("dsn_arg", ["not a dsn", "foo=bar", "postgresql://[::1"])
+def test_a_malformed_dsn_is_named(dsn_arg: str) -> None:
+    result = CliRunner().invoke(main, ["--dsn", dsn_arg, "runner", "status"])
+    assert result.exit_code == 2, result.output
+    assert "is not a connection string" in result.output
+
+
+def test_run_checks_its_log_folder_before_submitting(tmp_path: Path, dsn: str, conn) -> None:
+    spec = tmp_path / "dag.yaml"
+    spec.write_text(EXAMPLE)
+    (tmp_path / "file").write_text("")
+    result = run_cli(dsn, "run", str(spec), "--slots", "1", "--log-dir", str(tmp_path / "file/x"))
+    assert result.exit_code == 2, result.output
+    assert "cannot create the log folder" in result.output
+    assert counts(conn)["workflows"] == 0
+
+
+def test_register_refuses_the_name_of_a_running_runner(dsn: str, conn) -> None:
+    assert run_cli(dsn, "runner", "register", "node-1", "--slots", "2").exit_code == 0
+    assert run_cli(dsn, "runner", "register", "node-1", "--slots", "4").exit_code == 0  # renewed
+    conn.execute("UPDATE runners SET state = 'active', pid = 42, host = 'h' WHERE name = 'node-1'")
+    result = run_cli(dsn, "runner", "register", "node-1", "--slots", "50", "--host", "elsewhere")
+    assert result.exit_code == 2 and "runner 'node-1' is running (host h, pid 42)" in result.output
+    row = conn.execute("SELECT slots, host FROM runners WHERE name = 'node-1'").fetchone()
+    assert row == (4, "h")
+
+
+def test_progress_off_a_terminal_prints_only_changes(conn) -> None:
+    """`smifdb wait` reads every second; in a log file that was one line a second."""
+    import io
+
+    from smifdb.progress import ProgressPrinter
+
+    wf = smifdb.submit(conn, {"jobs": [{"key": "a", "command": "true"}]})
+    out = io.StringIO()
+    printer = ProgressPrinter(conn, wf, stream=out)
+    for _ in range(5):
+        printer.tick(force=True)
+    assert len(out.getvalue().splitlines()) == 1
+    conn.execute("UPDATE jobs SET status = 'running' WHERE workflow_id = %s", [wf])
+    printer.tick(force=True)
+    assert len(out.getvalue().splitlines()) == 2

@@ -10,10 +10,12 @@ class RunnerNameInUse(RuntimeError):
     """Another live runner already has this name."""
 
 
+# A registration may be renewed, but never under a runner that is running (or thought to be).
 _REGISTER = """
 INSERT INTO runners (name, host, slots, state)
 VALUES (%(name)s, %(host)s, %(slots)s, 'registered')
 ON CONFLICT (name) DO UPDATE SET host = EXCLUDED.host, slots = EXCLUDED.slots
+WHERE runners.state NOT IN ('active', 'draining')
 RETURNING id
 """
 
@@ -67,13 +69,28 @@ ORDER BY r.name
 """
 
 
+def check_name(name: str) -> None:
+    """A runner name is a lease owner and a line of `runner status`: printable, one line."""
+    if not name.strip() or len(name) > 200 or not name.isprintable():
+        raise ValueError(f"runner name {name!r} must be 1 to 200 printable characters")
+
+
 def register(conn: psycopg.Connection, name: str, slots: int, host: str | None) -> int:
-    return conn.execute(_REGISTER, {"name": name, "slots": slots, "host": host}).fetchone()[0]
+    check_name(name)
+    row = conn.execute(_REGISTER, {"name": name, "slots": slots, "host": host}).fetchone()
+    if row is None:
+        holder = conn.execute(_HOLDER, [name]).fetchone()
+        raise RunnerNameInUse(
+            f"runner {name!r} is running (host {holder[0]}, pid {holder[1]}); "
+            "register it again once it has stopped"
+        )
+    return row[0]
 
 
 def start(
     conn: psycopg.Connection, name: str, *, host: str, pid: int, slots: int, dead_after: float
 ) -> int:
+    check_name(name)
     row = conn.execute(
         _START,
         {"name": name, "host": host, "pid": pid, "slots": slots, "dead_after": dead_after},
