@@ -26,6 +26,7 @@ from typing import Any
 
 from smifdb.pgtext import unstorable
 from smifdb.store.queue import ClaimedJob, Outcome
+from smifdb.watchdog import Watchdog
 
 LOG_TAIL_BYTES = 4000
 KILL_GRACE = 5.0
@@ -36,6 +37,8 @@ def _die_with_runner() -> Callable[[], None] | None:
     """A preexec hook so a job's process is killed if its runner dies (Linux only).
 
     Otherwise a SIGKILLed runner leaves its jobs running while another runner reruns them.
+    This covers the job's own process from its first instruction; the runner's watchdog
+    (smifdb/watchdog.py) covers the rest of its process group once it is registered.
     """
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
@@ -48,7 +51,7 @@ def _die_with_runner() -> Callable[[], None] | None:
     return hook
 
 
-_PREEXEC = _die_with_runner() if sys.platform.startswith("linux") else None
+_PREEXEC = _die_with_runner() if sys.platform.startswith("linux") else None  # see watchdog.py
 # Commands also find programs installed beside the runner (its venv's bin, e.g. `smif`), after
 # everything on PATH: a runner started as .venv/bin/smifdb works without activating the venv.
 _PATH = os.pathsep.join(
@@ -66,6 +69,7 @@ class Attempt:
     started: float = field(default_factory=time.monotonic)
     stop_reason: str | None = None  # 'timeout' | 'cancelled' | 'released'
     process: subprocess.Popen | None = None
+    watchdog: Watchdog | None = None  # kills the process group if the runner dies
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -193,11 +197,19 @@ def _run_command(attempt: Attempt) -> Outcome:
                 "failed", error=error, reason="could not start", log_tail=error + "\n"
             )
         process = attempt.process
+        if attempt.watchdog is not None:
+            attempt.watchdog.guard(process.pid)
         try:
             returncode = process.wait(timeout=job.timeout)
         except subprocess.TimeoutExpired:
             attempt.stop("timeout")
             returncode = process.wait()
+        if attempt.stop_reason is None:
+            # The job is its process group: what it left running in the background goes too,
+            # or it would run on beside the next attempt or the jobs after it.
+            _signal_group(process, signal.SIGKILL)
+        if attempt.watchdog is not None:
+            attempt.watchdog.release(process.pid)
     tail = _tail(log_path)
     common = {"exit_code": returncode, "log_tail": tail}
     if attempt.stop_reason is not None:

@@ -36,6 +36,7 @@ from smifdb.execute import Attempt, run_attempt
 from smifdb.store import CANCEL_CHANNEL, FINISHED_CHANNEL, READY_CHANNEL, queue, read
 from smifdb.store import runners as runner_rows
 from smifdb.store.queue import Outcome
+from smifdb.watchdog import Watchdog
 
 log = logging.getLogger("smifdb.runner")
 LINGER = 0.002  # seconds an outcome may wait for others to share its transaction
@@ -88,6 +89,7 @@ class Runner:
             for i in range(config.slots)
         ]
         self.conn: psycopg.Connection | None = None
+        self.watchdog = Watchdog()
         self.backoff = Backoff()
         self.retry_at = 0.0
         self.on_tick: Callable[[], None] | None = None
@@ -199,6 +201,7 @@ class Runner:
                 runner_rows.set_state(self.conn, self.name, "stopped")
         for _ in self.workers:
             self.todo.put(None)
+        self.watchdog.close()
         if self.conn is not None:
             self.conn.close()
         log.info(
@@ -344,7 +347,7 @@ class Runner:
     def _start(self, jobs: list) -> None:
         verbose = log.isEnabledFor(logging.DEBUG)
         for job in jobs:
-            attempt = Attempt(job, self.name, self.config.log_dir)
+            attempt = Attempt(job, self.name, self.config.log_dir, watchdog=self.watchdog)
             with self.lock:
                 self.active[job.id] = attempt
                 self.busy += 1

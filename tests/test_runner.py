@@ -103,6 +103,33 @@ def test_sigkilled_runner_loses_no_job(conn, runners, tmp_path) -> None:
     assert trace.read_text().splitlines() == ["start 1", "start 2", "end 2"]
 
 
+def test_a_sigkilled_runner_takes_its_jobs_grandchildren_with_it(conn, runners, tmp_path):
+    """A shell job's child is not the runner's child: the watchdog kills its process group."""
+    trace, pidfile = tmp_path / "trace", tmp_path / "model.pid"
+    model = f"import time; time.sleep(4); open({str(trace)!r}, 'a').write('model finished')"
+    command = f'{PY} -c "{model}" & echo $! > {pidfile}; wait'
+    smifdb.submit(conn, {"jobs": [{"key": "model", "command": command}]})
+    victim = runners.start("--slots", "1", name="victim")
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what="the model to start")
+    model_pid = int(pidfile.read_text())
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    wait_for(lambda: not Path(f"/proc/{model_pid}").exists(), 10, "the model process to die")
+    time.sleep(4.5)
+    assert not trace.exists()  # it never finished beside the attempt that will replace it
+
+
+def test_a_job_is_its_process_group_what_it_leaves_running_is_killed(conn, runners, tmp_path):
+    pidfile = tmp_path / "daemon.pid"
+    wf = smifdb.submit(
+        conn, {"jobs": [{"key": "leaky", "command": f"sleep 1000 & echo $! > {pidfile}"}]}
+    )
+    proc = runners.start("--slots", "1", "--exit-when-idle")
+    assert proc.wait(timeout=60) == 0
+    assert finished(conn, wf) == "succeeded"
+    wait_for(lambda: not Path(f"/proc/{int(pidfile.read_text())}").exists(), 5, "the leftover")
+
+
 def test_runners_hammering_one_queue_run_each_job_once(conn, runners, tmp_path) -> None:
     ledger = tmp_path / "ledger"
     n = 3000

@@ -1,0 +1,98 @@
+"""A runner's watchdog: kills its jobs' process groups when the runner dies, however it dies.
+
+PR_SET_PDEATHSIG reaches only a job's own process; a shell script's children, or anything a
+model forks, would outlive a SIGKILLed runner and run on while another runner reruns the job.
+The watchdog is a process of its own (its own session, deaf to the signals meant for the
+runner) that reads ``+PGID`` and ``-PGID`` lines from the runner on a pipe. The kernel closes
+that pipe when the runner dies, SIGKILL included: at end of input, every group still listed
+gets SIGTERM, then SIGKILL after a grace.
+
+Run by the runner as ``python -m smifdb.watchdog``; not a user command.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import BinaryIO
+
+GRACE = 5.0
+
+
+def _alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def kill_groups(groups: set[int], grace: float = GRACE) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pgid in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, sig)
+        deadline = time.monotonic() + grace
+        while (groups := {g for g in groups if _alive(g)}) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if not groups:
+            return
+
+
+def watch(lines: BinaryIO) -> None:
+    groups: set[int] = set()
+    for line in lines:
+        with contextlib.suppress(ValueError):
+            pgid = int(line[1:])
+            if line.startswith(b"+"):
+                groups.add(pgid)
+            elif line.startswith(b"-"):
+                groups.discard(pgid)
+    kill_groups(groups)
+
+
+class Watchdog:
+    """The runner's end of the pipe; the process starts with the first job it guards."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._process: subprocess.Popen | None = None
+
+    def guard(self, pgid: int) -> None:
+        self._send(f"+{pgid}\n")
+
+    def release(self, pgid: int) -> None:
+        self._send(f"-{pgid}\n")
+
+    def close(self) -> None:
+        """End of input: the watchdog kills whatever is still listed, then exits."""
+        with self._lock:
+            if self._process is not None and self._process.stdin is not None:
+                with contextlib.suppress(OSError):
+                    self._process.stdin.close()
+
+    def _send(self, line: str) -> None:
+        with self._lock:
+            if self._process is None or self._process.poll() is not None:
+                self._process = subprocess.Popen(
+                    [sys.executable, "-m", "smifdb.watchdog"],
+                    stdin=subprocess.PIPE,
+                    start_new_session=True,
+                )
+            assert self._process.stdin is not None
+            with contextlib.suppress(OSError):  # it died: the next line starts another
+                self._process.stdin.write(line.encode())
+                self._process.stdin.flush()
+
+
+if __name__ == "__main__":
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    watch(sys.stdin.buffer)
