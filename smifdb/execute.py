@@ -86,6 +86,7 @@ class Attempt:
             max_attempts=self.job.max_attempts,
             retry_backoff=self.job.retry_backoff,
             key=self.job.key,
+            claimed_at=self.job.claimed_at,
             **kwargs,
         )
 

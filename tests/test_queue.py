@@ -35,6 +35,7 @@ def done(claimed, status: str = "succeeded", owner: str = "r1", **kw) -> list[Ou
             status=status,
             max_attempts=c.max_attempts,
             retry_backoff=c.retry_backoff,
+            claimed_at=c.claimed_at,
             **kw,
         )
         for c in claimed
@@ -222,6 +223,23 @@ def test_release_unknown_after_lost_claim(conn) -> None:
     report = queue.release_unknown(conn, "r1", known=[a.id])
     assert report.recorded == [b.id]
     assert statuses(conn, a.workflow_id) == {"a": "running", "b": "ready"}
+
+
+def test_an_attempt_number_reused_after_a_release_does_not_open_the_fence(conn) -> None:
+    """A release does not count its attempt, so the next claim has the same number; the claim
+    time tells the two apart. (Two live processes sharing one runner name once got a result
+    recorded from an execution that no longer held the lease this way.)"""
+    wf = smifdb.submit(conn, {"jobs": [job("a")]})
+    (first,) = queue.claim(conn, "twin", 1, lease=60)
+    released = queue.release_unknown(conn, "twin", known=[])  # the other twin's reconnect
+    assert released.recorded == [first.id]
+    (second,) = queue.claim(conn, "twin", 1, lease=60)
+    assert (first.attempt, second.attempt) == (1, 1)
+    assert first.claimed_at < second.claimed_at
+    assert queue.finish(conn, "twin", done([first], owner="twin")).recorded == []  # stale
+    assert statuses(conn, wf) == {"a": "running"}
+    assert queue.finish(conn, "twin", done([second], owner="twin")).recorded == [second.id]
+    assert statuses(conn, wf) == {"a": "succeeded"}
 
 
 def test_cancel_workflow(conn) -> None:

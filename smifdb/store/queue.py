@@ -1,8 +1,10 @@
 """The queue's hot path: claim ready jobs, record how they ended, rescue abandoned ones.
 
-Every write of a job's end is fenced by (status = 'running', lease_owner, attempts): a late or
-duplicate write — a runner that lost its lease, a retried completion after a dropped COMMIT, a
-rescue racing a completion — matches no row and changes nothing.
+Every write of a job's end is fenced by (status = 'running', lease_owner, attempts, started_at):
+a late or duplicate write — a runner that lost its lease, a retried completion after a dropped
+COMMIT, a rescue racing a completion — matches no row and changes nothing. started_at is the
+claiming transaction's now(), so it tells two claims apart even where the attempt number does
+not: a released attempt is not counted, and the next claim reuses its number.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ class ClaimedJob(NamedTuple):
     timeout: float | None
     retry_backoff: float
     priority: int = 0
+    claimed_at: datetime | None = None  # jobs.started_at as claimed: part of the fence
 
 
 @dataclass(slots=True)
@@ -59,6 +62,7 @@ class Outcome:
     log_tail: str | None = None
     reason: str | None = None
     key: str | None = None  # the job's key, for log lines only
+    claimed_at: datetime | None = None  # the claim this outcome ends (None: any claim)
 
     @property
     def retries(self) -> bool:
@@ -112,7 +116,8 @@ WITH picked AS MATERIALIZED ({picked}
     FROM picked
     WHERE j.id = picked.id
     RETURNING j.id, j.workflow_id, j.key, j.kind::text, j.payload, j.attempts,
-              j.max_attempts, j.timeout_seconds, j.retry_backoff_seconds, j.priority
+              j.max_attempts, j.timeout_seconds, j.retry_backoff_seconds, j.priority,
+              j.started_at
 ), logged AS (
     INSERT INTO events (workflow_id, job_id, from_status, to_status, attempt, actor, reason)
     SELECT workflow_id, id, 'ready', 'running', attempts, %(owner)s, 'claimed' FROM claimed
@@ -231,7 +236,7 @@ _RECORD_TEMPLATE = """
 WITH o AS (
     SELECT * FROM jsonb_to_recordset(%(outcomes)s::jsonb) AS o(
         id bigint, attempt int, owner text, outcome text, result jsonb, exit_code int,
-        error text, log_tail text, not_before timestamptz, reason text)
+        error text, log_tail text, not_before timestamptz, reason text, claimed_at timestamptz)
 ), updated AS (
     UPDATE jobs j SET
         status = (CASE
@@ -255,7 +260,7 @@ WITH o AS (
     -- status::text, not status: the planner must not use the running-jobs partial index here,
     -- whose dead entries (every job ever claimed since the last vacuum) it cannot count.
     WHERE j.id = o.id AND j.status::text = 'running' AND j.lease_owner = o.owner
-      AND j.attempts = o.attempt
+      AND j.attempts = o.attempt AND j.started_at IS NOT DISTINCT FROM coalesce(o.claimed_at, j.started_at)
     RETURNING j.id, j.workflow_id, j.status::text AS status, o.outcome, o.attempt, o.reason
 ), logged AS (
     INSERT INTO events (workflow_id, job_id, from_status, to_status, attempt, actor, reason)
@@ -382,6 +387,7 @@ def _outcomes_json(outcomes: list[Outcome], now: datetime) -> str:
                     else None
                 ),
                 "reason": clean_text(o.reason) or kind,
+                "claimed_at": o.claimed_at.isoformat() if o.claimed_at else None,
             }
         )
     return json.dumps(rows)
@@ -513,7 +519,7 @@ WHERE j.id = ANY(%(ids)s) AND j.status = 'running' AND j.lease_owner = %(owner)s
 """
 
 _LOST_LEASES = """
-SELECT j.id, j.workflow_id, j.key, j.attempts, j.max_attempts, j.lease_owner,
+SELECT j.id, j.workflow_id, j.key, j.attempts, j.max_attempts, j.lease_owner, j.started_at,
        CASE WHEN %(force)s THEN 'runner ' || j.lease_owner || ' restarted'
             WHEN j.lease_expires_at < now() THEN 'lease expired'
             WHEN r.id IS NULL THEN 'runner unknown'
@@ -535,7 +541,7 @@ FOR NO KEY UPDATE OF j SKIP LOCKED
 """
 
 _MINE = """
-SELECT id, workflow_id, key, attempts, max_attempts, lease_owner,
+SELECT id, workflow_id, key, attempts, max_attempts, lease_owner, started_at,
        'claimed but never started by this runner'
 FROM jobs WHERE status = 'running' AND lease_owner = %(owner)s AND NOT (id = ANY(%(known)s))
 ORDER BY id
@@ -589,7 +595,8 @@ def _finish_taken(conn: psycopg.Connection, actor: str, outcomes: list[Outcome])
 
 def _taken_back(rows: list[tuple], status: str) -> list[Outcome]:
     """Outcomes for jobs taken from their lease holder: rows of (id, workflow, key, attempts,
-    max_attempts, owner, why). A failure counts the attempt and retries without backoff."""
+    max_attempts, owner, started_at, why). A failure counts the attempt and retries without
+    backoff."""
     return [
         Outcome(
             job_id=job_id,
@@ -602,8 +609,9 @@ def _taken_back(rows: list[tuple], status: str) -> list[Outcome]:
             error=f"attempt {attempts} abandoned: {why}" if status == "failed" else None,
             reason=f"{'rescued' if status == 'failed' else 'released'}: {why}",
             key=key,
+            claimed_at=claimed_at,
         )
-        for job_id, workflow_id, key, attempts, max_attempts, owner, why in rows
+        for job_id, workflow_id, key, attempts, max_attempts, owner, claimed_at, why in rows
     ]
 
 
