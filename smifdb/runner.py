@@ -89,6 +89,8 @@ class Runner:
             for i in range(config.slots)
         ]
         self.conn: psycopg.Connection | None = None
+        self.host, self.pid = socket.gethostname(), os.getpid()  # who holds the name
+        self.name_taken = False  # another process started under our name while we were silent
         self.watchdog = Watchdog()
         self.backoff = Backoff()
         self.retry_at = 0.0
@@ -107,8 +109,8 @@ class Runner:
         runner_rows.start(
             self.conn,
             self.name,
-            host=socket.gethostname(),
-            pid=os.getpid(),
+            host=self.host,
+            pid=self.pid,
             slots=self.config.slots,
             dead_after=self.config.dead_after,
         )
@@ -144,7 +146,7 @@ class Runner:
             raise
         finally:
             self._shutdown(threads)
-        return 0
+        return 1 if self.name_taken else 0
 
     def request_stop(self, immediate: bool = False) -> None:
         """Stop claiming; running attempts get the grace period (none if ``immediate``)."""
@@ -197,8 +199,8 @@ class Runner:
             if self.conn is not None:
                 with self.lock:
                     counts = self._take_counts()
-                runner_rows.heartbeat(self.conn, self.name, **counts)
-                runner_rows.set_state(self.conn, self.name, "stopped")
+                runner_rows.heartbeat(self.conn, self.name, self.host, self.pid, **counts)
+                runner_rows.set_state(self.conn, self.name, self.host, self.pid, "stopped")
         for _ in self.workers:
             self.todo.put(None)
         self.watchdog.close()
@@ -570,14 +572,17 @@ class Runner:
             counts = self._take_counts()
             attempts = dict(self.active)
         try:
-            runner_rows.heartbeat(conn, self.name, **counts)
+            ours = runner_rows.heartbeat(conn, self.name, self.host, self.pid, **counts)
         except DB_ERRORS:
             with self.lock:
                 for key, n in counts.items():
                     self.counts[key] += n
             raise
+        if not ours:
+            self._name_taken()
+            return
         if self.stopping.is_set():
-            runner_rows.set_state(conn, self.name, "draining")
+            runner_rows.set_state(conn, self.name, self.host, self.pid, "draining")
         ids = sorted(attempts)
         queue.renew_leases(conn, self.name, ids, self.config.lease)
         for job_id in queue.cancel_requested(conn, self.name, ids):
@@ -589,6 +594,19 @@ class Runner:
                     extra=self._job_fields(attempt.job, "cancelling"),
                 )
                 self._stop_attempt(attempt, "cancelled")
+
+    def _name_taken(self) -> None:
+        """Another process runs under our name: it has taken back the jobs we held when it
+        started, so stop now. Releasing what we claimed since is still fenced per claim."""
+        if not self.name_taken:
+            log.error(
+                "runner name %s was taken over by another process while this one was silent;"
+                " stopping",
+                self.name,
+                extra={"runner": self.name},
+            )
+        self.name_taken = True
+        self.request_stop(immediate=True)
 
     def _rescue(self, conn: psycopg.Connection) -> None:
         lost = runner_rows.mark_lost(conn, self.config.dead_after)

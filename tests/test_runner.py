@@ -572,3 +572,30 @@ def test_runner_name_in_use_is_refused(conn, runners) -> None:
     assert second.wait(timeout=30) == 2
     assert "in use by a live runner" in runners.output("twin")
     assert first.poll() is None
+
+
+def test_a_runner_whose_name_was_taken_while_it_was_paused_stops(conn, runners, tmp_path):
+    """SIGSTOP past dead_after, a new process takes the name, SIGCONT: the old one must not
+    carry on beside it under the same name (its heartbeat once kept both alive)."""
+    jobs = [{"key": f"j{i}", "command": "sleep 30", "max_attempts": 3} for i in range(2)]
+    smifdb.submit(conn, {"jobs": jobs})
+    fast = ("--dead-after", "1", "--heartbeat", "0.3")
+    old = runners.start("--slots", "1", *fast, name="dup")
+    wait_for(
+        lambda: conn.execute("SELECT count(*) FROM jobs WHERE status = 'running'").fetchone()[0]
+    )
+    old.send_signal(signal.SIGSTOP)
+    time.sleep(2)
+    new = runners.start("--slots", "2", *fast, name="dup")
+    wait_for(
+        lambda: (
+            conn.execute("SELECT count(*) FROM jobs WHERE status = 'running'").fetchone()[0] == 2
+        )
+    )
+    old.send_signal(signal.SIGCONT)
+    assert old.wait(timeout=20) == 1
+    assert "was taken over by another process" in runners.output("dup")
+    row = conn.execute("SELECT pid, state::text FROM runners WHERE name = 'dup'").fetchone()
+    assert row == (new.pid, "active")
+    running = conn.execute("SELECT count(*) FROM jobs WHERE status = 'running'").fetchone()[0]
+    assert running == 2 and new.poll() is None

@@ -42,10 +42,13 @@ UPDATE runners SET
     jobs_succeeded = jobs_succeeded + %(succeeded)s,
     jobs_failed = jobs_failed + %(failed)s,
     jobs_claimed = jobs_claimed + %(claimed)s
-WHERE name = %(name)s
+WHERE name = %(name)s AND host IS NOT DISTINCT FROM %(host)s AND pid IS NOT DISTINCT FROM %(pid)s
 """
 
-_SET_STATE = "UPDATE runners SET state = %(state)s WHERE name = %(name)s"
+_SET_STATE = """
+UPDATE runners SET state = %(state)s
+WHERE name = %(name)s AND host IS NOT DISTINCT FROM %(host)s AND pid IS NOT DISTINCT FROM %(pid)s
+"""
 
 _MARK_LOST = """
 UPDATE runners SET state = 'lost'
@@ -105,15 +108,27 @@ def start(
 
 
 def heartbeat(
-    conn: psycopg.Connection, name: str, succeeded: int = 0, failed: int = 0, claimed: int = 0
-) -> None:
-    """One row update per runner: liveness, and the counters' growth since the last beat."""
-    params = {"name": name, "succeeded": succeeded, "failed": failed, "claimed": claimed}
-    conn.execute(_HEARTBEAT, params)
+    conn: psycopg.Connection,
+    name: str,
+    host: str,
+    pid: int,
+    succeeded: int = 0,
+    failed: int = 0,
+    claimed: int = 0,
+) -> bool:
+    """One row update per runner: liveness, and the counters' growth since the last beat.
+
+    False if the name is no longer this process's: a runner silent past dead_after (paused,
+    cut off) may find another process started under its name meanwhile.
+    """
+    params = {"name": name, "host": host, "pid": pid}
+    params |= {"succeeded": succeeded, "failed": failed, "claimed": claimed}
+    return conn.execute(_HEARTBEAT, params).rowcount == 1
 
 
-def set_state(conn: psycopg.Connection, name: str, state: str) -> None:
-    conn.execute(_SET_STATE, {"name": name, "state": state})
+def set_state(conn: psycopg.Connection, name: str, host: str, pid: int, state: str) -> None:
+    """Only while the name is this process's (see heartbeat)."""
+    conn.execute(_SET_STATE, {"name": name, "host": host, "pid": pid, "state": state})
 
 
 def mark_lost(conn: psycopg.Connection, dead_after: float) -> list[str]:
