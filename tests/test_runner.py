@@ -509,6 +509,42 @@ def test_runner_survives_postgres_restart(tmp_path) -> None:
         server.stop()
 
 
+def test_sigterm_while_the_database_is_down_exits_after_a_bounded_wait(tmp_path) -> None:
+    """Outcomes the database cannot take are kept only so long: the job is rescued later."""
+    server = ThrowawayCluster()
+    dsn = server.start()
+    try:
+        migrate.upgrade(dsn)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            wf = smifdb.submit(conn, {"jobs": [{"key": "j", "command": py("")}]})
+        runners = Runners(dsn, tmp_path)
+        try:
+            proc = runners.start("--slots", "1", "--grace", "1", "--dead-after", "3")
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                wait_for(lambda: finished(conn, wf), what="the first job")
+                smifdb.submit(
+                    conn, {"jobs": [{"key": "j", "command": py("import time; time.sleep(1)")}]}
+                )
+                wait_for(
+                    lambda: conn.execute(
+                        "SELECT count(*) FROM jobs WHERE status = 'running'"
+                    ).fetchone()[0],
+                    what="the second job to start",
+                )
+            server.cluster.stop(mode="fast")
+            time.sleep(2)  # the job ends; its outcome waits in memory
+            t0 = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=30) == 0, runners.output("r0")
+            assert time.monotonic() - t0 < 15  # 10 s of trying to record, then gone
+        finally:
+            runners.close()
+    finally:
+        server.stop()
+
+
 def test_cli_run_wait_cancel_and_status(dsn, conn, tmp_path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text(
