@@ -538,7 +538,7 @@ def test_sigterm_while_the_database_is_down_exits_after_a_bounded_wait(tmp_path)
             time.sleep(0.5)
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(timeout=30) == 0, runners.output("r0")
-            assert time.monotonic() - t0 < 15  # 10 s of trying to record, then gone
+            assert time.monotonic() - t0 < 25  # 10 s of trying to record, then gone
         finally:
             runners.close()
     finally:
