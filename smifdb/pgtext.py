@@ -33,11 +33,16 @@ def clean_text(text: str | None) -> str | None:
 def strings(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
     """Every string in plain data (keys too), with where it is: ``jobs[3].args.name``."""
     todo = [(path, value)]
+    seen: set[int] = set()  # YAML anchors can make a structure that contains itself
     while todo:
         where, item = todo.pop()
         if isinstance(item, str):
             yield where, item
-        elif isinstance(item, dict):
+            continue
+        if id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, dict):
             for key, child in item.items():
                 if isinstance(key, str):
                     yield f"{where} (a key)", key
@@ -55,7 +60,7 @@ def text_problems(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
         text = json.dumps(value, ensure_ascii=False, default=repr)
         if "\\u0000" not in text and text_problem(text) is None:
             return
-    except (ValueError, RecursionError):
+    except (TypeError, ValueError, RecursionError):  # not JSON (a date, a cycle): walk it
         pass
     for where, item in strings(value, path):
         if problem := text_problem(item):

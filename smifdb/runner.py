@@ -277,7 +277,7 @@ class Runner:
                     lease=self.config.lease,
                     scope=self.config.scope,
                 )
-            except psycopg.DataError:
+            except (psycopg.DataError, psycopg.errors.ProgramLimitExceeded):
                 report, batch = self._record_apart(batch)
         except DB_ERRORS:
             with self.lock:
@@ -457,7 +457,7 @@ class Runner:
         for outcome in batch:
             try:
                 report = queue.finish(self.conn, self.name, [outcome])
-            except psycopg.DataError as exc:
+            except (psycopg.DataError, psycopg.errors.ProgramLimitExceeded) as exc:
                 why = f"the outcome could not be stored: {exc.diag.message_primary or exc}"
                 log.error(
                     "job %d: %s", outcome.job_id, why, extra=logs.job_fields(outcome, "unstorable")
@@ -487,6 +487,11 @@ class Runner:
             return False
         try:
             self.conn = db.connect(self.dsn, connect_timeout=5)
+            if not runner_rows.heartbeat(self.conn, self.name, self.host, self.pid):
+                # Cut off past dead_after, and another process took the name: the jobs leased
+                # to it now are that process's, not ours to hand back.
+                self._name_taken()
+                return True
             known = self._known_job_ids()
             released = queue.release_unknown(self.conn, self.name, known)
         except DB_ERRORS as exc:

@@ -13,6 +13,7 @@ Run by the runner as ``python -m smifdb.watchdog``; not a user command.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import signal
 import subprocess
@@ -22,6 +23,7 @@ import time
 from typing import BinaryIO
 
 GRACE = 5.0
+log = logging.getLogger("smifdb.runner")
 
 
 def _alive(pgid: int) -> bool:
@@ -59,17 +61,28 @@ def watch(lines: BinaryIO) -> None:
 
 
 class Watchdog:
-    """The runner's end of the pipe; the process starts with the first job it guards."""
+    """The runner's end of the pipe; the process starts with the first job it guards.
+
+    It keeps the groups it has been told of, so that a watchdog started again (the first one
+    died) is told them all. A process forked without exec (multiprocessing in a Python job)
+    closes its copy of the pipe, or the pipe would outlive the runner.
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
+        self._groups: set[int] = set()
+        os.register_at_fork(after_in_child=self._forget)
 
     def guard(self, pgid: int) -> None:
-        self._send(f"+{pgid}\n")
+        with self._lock:
+            self._groups.add(pgid)
+            self._send(f"+{pgid}\n")
 
     def release(self, pgid: int) -> None:
-        self._send(f"-{pgid}\n")
+        with self._lock:
+            self._groups.discard(pgid)
+            self._send(f"-{pgid}\n")
 
     def close(self) -> None:
         """End of input: the watchdog kills whatever is still listed, then exits."""
@@ -78,18 +91,29 @@ class Watchdog:
                 with contextlib.suppress(OSError):
                     self._process.stdin.close()
 
+    def _forget(self) -> None:
+        if self._process is not None and self._process.stdin is not None:
+            with contextlib.suppress(OSError):
+                os.close(self._process.stdin.fileno())
+            self._process = None
+
     def _send(self, line: str) -> None:
-        with self._lock:
+        """Caller holds the lock. Never raises: a job must not fail for want of a guard."""
+        try:
             if self._process is None or self._process.poll() is not None:
+                if self._process is not None:
+                    log.warning("the runner's watchdog exited; starting another")
                 self._process = subprocess.Popen(
                     [sys.executable, "-m", "smifdb.watchdog"],
                     stdin=subprocess.PIPE,
                     start_new_session=True,
                 )
+                line = "".join(f"+{g}\n" for g in self._groups) + line
             assert self._process.stdin is not None
-            with contextlib.suppress(OSError):  # it died: the next line starts another
-                self._process.stdin.write(line.encode())
-                self._process.stdin.flush()
+            self._process.stdin.write(line.encode())
+            self._process.stdin.flush()
+        except OSError as exc:
+            log.error("cannot reach the runner's watchdog: %s", exc)
 
 
 if __name__ == "__main__":

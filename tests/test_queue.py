@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 from datetime import UTC, datetime
 
 import psycopg
@@ -298,6 +299,35 @@ def test_cancelling_a_failed_workflow_stops_its_running_jobs_and_their_retries(c
     report = queue.finish(conn, "r1", done([long], status="failed"))
     assert statuses(conn, wf) == {"f": "failed", "long": "cancelled", "k": "cancelled"}
     assert report.finished_workflows == {wf: "failed"}
+
+
+def test_a_cancel_that_waits_while_the_workflow_fails_still_stops_its_running_jobs(
+    conn, dsn
+) -> None:
+    """Cancel reads the workflow's status, then waits for its idle jobs' locks; a runner that
+    holds them may fail the workflow and commit meanwhile."""
+    wf = smifdb.submit(conn, {"jobs": [job("f"), job("long", max_attempts=3), job("c", ["f"])]})
+    claimed = {c.key: c for c in queue.claim(conn, "r1", 2, lease=60)}
+    runner = psycopg.connect(dsn)  # a transaction of its own, like a runner's finish
+    c_id = conn.execute("SELECT id FROM jobs WHERE key = 'c'").fetchone()[0]
+    runner.execute("SELECT id FROM jobs WHERE id = %s FOR NO KEY UPDATE", [c_id])
+    result: list = []
+    worker = threading.Thread(target=lambda: result.append(control.cancel(conn, wf, actor="t")))
+    worker.start()
+    waiting = "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'"
+    with psycopg.connect(dsn, autocommit=True) as watcher:
+        for _ in range(200):
+            if watcher.execute(waiting).fetchone()[0]:
+                break
+            time.sleep(0.02)
+    runner.execute("UPDATE workflows SET status = 'failed' WHERE id = %s", [wf])
+    runner.commit()
+    runner.close()
+    worker.join(10)
+    (report,) = result
+    assert (report.workflow_status, report.cancelled, report.terminating) == ("failed", 1, 2)
+    ids = sorted(c.id for c in claimed.values())
+    assert queue.cancel_requested(conn, "r1", ids) == ids
 
 
 def test_claim_uses_the_partial_index(conn) -> None:

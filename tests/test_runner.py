@@ -635,3 +635,19 @@ def test_a_runner_whose_name_was_taken_while_it_was_paused_stops(conn, runners, 
     assert row == (new.pid, "active")
     running = conn.execute("SELECT count(*) FROM jobs WHERE status = 'running'").fetchone()[0]
     assert running == 2 and new.poll() is None
+
+
+def test_a_reconnecting_runner_whose_name_was_taken_hands_back_nothing(conn, dsn, tmp_path):
+    """Cut off past dead_after while another process took the name: after reconnecting, the
+    jobs leased to the name are the new holder's, not the old process's to release."""
+    smifdb.submit(conn, {"jobs": [{"key": "j", "command": "true"}]})
+    conn.execute(
+        "INSERT INTO runners (name, host, pid, slots, state, last_heartbeat_at)"
+        " VALUES ('dup', 'elsewhere', 1, 1, 'active', now())"
+    )
+    (job,) = queue.claim(conn, "dup", 1, lease=60)  # the new holder's job
+    runner = Runner(dsn, RunnerConfig(slots=1, name="dup", log_dir=tmp_path))
+    assert runner._db_ready()
+    runner.conn.close()
+    assert runner.name_taken and runner.stopping.is_set()
+    assert job_rows(conn, job.workflow_id)["j"]["status"] == "running"

@@ -370,3 +370,27 @@ def test_progress_off_a_terminal_prints_only_changes(conn) -> None:
     conn.execute("UPDATE jobs SET status = 'running' WHERE workflow_id = %s", [wf])
     printer.tick(force=True)
     assert len(out.getvalue().splitlines()) == 2
+
+
+def test_yaml_anchors_merge_keys_and_odd_structures(tmp_path: Path, dsn: str, conn) -> None:
+    spec = tmp_path / "anchors.yaml"
+    spec.write_text(
+        "base: &base {command: 'true', max_attempts: 2}\n"
+        "jobs:\n  - {<<: *base, key: a}\n  - {<<: *base, key: b, max_attempts: 3}\n"
+    )
+    assert run_cli(dsn, "submit", str(spec)).exit_code == 2  # 'base' is not a field...
+    spec.write_text(
+        "jobs:\n  - &a {key: a, command: 'true', max_attempts: 2}\n"
+        "  - {<<: *a, key: b, max_attempts: 3}\n"
+    )
+    result = run_cli(dsn, "submit", str(spec))
+    assert result.exit_code == 0, result.output  # ...but merge keys work, explicit keys win
+    rows = conn.execute("SELECT key, max_attempts FROM jobs ORDER BY key").fetchall()
+    assert rows == [("a", 2), ("b", 3)]
+    for text, message in [
+        ("jobs:\n  - {key: a, command: x, env: {2020-01-01: x}}\n", "'env' must map names"),
+        ("jobs: &j\n  - {key: a, python: 'm:f', args: {x: *j}}\n", "'args' must be JSON"),
+    ]:
+        spec.write_text(text)
+        result = run_cli(dsn, "submit", str(spec))
+        assert result.exit_code == 2 and message in result.output, result.output

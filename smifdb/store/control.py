@@ -132,10 +132,12 @@ def cancel(
             flag = {"ids": running, "actor": actor, "reason": reason}
             report.terminating = conn.execute(_FLAG_RUNNING, flag).fetchone()[0]
         if job_key is None:
-            conn.execute(
-                _CANCEL_WORKFLOW,
-                {"id": workflow_id, "old": old_status, "actor": actor, "reason": reason},
-            )
+            args = {"id": workflow_id, "old": old_status, "actor": actor, "reason": reason}
+            cancelled = conn.execute(_CANCEL_WORKFLOW, args).fetchone()[0]
+            if not cancelled and old_status in ("pending", "running") and report.terminating:
+                # It failed while we waited for its jobs' locks: its status carries no cancel.
+                flag = {"ids": sorted(targets), "actor": actor, "reason": reason}
+                report.terminating = conn.execute(_FLAG_RUNNING, flag).fetchone()[0]
         if report.cancelled:
             report.ended = settle_workflows(conn, actor, Counter({workflow_id: report.cancelled}))
         if report.terminating:
