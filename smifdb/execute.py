@@ -146,8 +146,6 @@ def run_attempt(attempt: Attempt) -> Outcome:
         return _run_python(attempt)
     except Exception as exc:  # a bug or an environment problem: the attempt fails, runner lives
         return attempt.outcome("failed", error=f"runner error: {exc!r}", reason="runner error")
-    except BaseException as exc:  # sys.exit() in a Python job must not end its slot thread
-        return attempt.outcome("failed", error=f"the job raised {exc!r}", reason="exception")
 
 
 def _run_command(attempt: Attempt) -> Outcome:
@@ -251,7 +249,7 @@ def _run_python(attempt: Attempt) -> Outcome:
         value = resolve(payload["function"])(**payload.get("args", {}))
         if value is not None and (why := unstorable(value)):
             raise ValueError(f"the returned value cannot be stored as JSON: {why}")
-    except (Exception, SystemExit) as exc:  # sys.exit() in a job fails it; the slot lives on
+    except BaseException as exc:  # whatever a job raises, sys.exit() too, fails it; slot lives
         tail = traceback.format_exc()[-LOG_TAIL_BYTES:]
         if attempt.stop_reason is not None:
             return attempt.stopped_outcome(log_tail=tail)

@@ -51,16 +51,20 @@ def strings(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
             todo += ((f"{where}[{i}]", child) for i, child in enumerate(item))
 
 
-def text_problems(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
-    """(where, problem) for every string in plain data that PostgreSQL would refuse.
+def _clean_json(text: str) -> bool:
+    """No string in this JSON (dumped with ensure_ascii=False) holds a NUL or a surrogate.
 
-    One C-speed pass answers the common case (none) for a big spec; only then the walk.
-    """
+    One C-speed pass answers the common case for a big spec or result; a literal backslash
+    before 'u0000' is a false alarm that only costs the walk."""
+    return "\\u0000" not in text and text_problem(text) is None
+
+
+def text_problems(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    """(where, problem) for every string in plain data that PostgreSQL would refuse."""
     try:
-        text = json.dumps(value, ensure_ascii=False, default=repr)
-        if "\\u0000" not in text and text_problem(text) is None:
+        if _clean_json(json.dumps(value, ensure_ascii=False, default=repr)):
             return
-    except (TypeError, ValueError, RecursionError):  # not JSON (a date, a cycle): walk it
+    except (TypeError, ValueError, RecursionError):  # not JSON (a date key, a cycle): walk it
         pass
     for where, item in strings(value, path):
         if problem := text_problem(item):
@@ -70,7 +74,8 @@ def text_problems(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
 def unstorable(value: Any) -> str | None:
     """Why jsonb would refuse a value, or None if it can be stored."""
     try:
-        json.dumps(value, allow_nan=False)
+        if _clean_json(json.dumps(value, allow_nan=False, ensure_ascii=False)):
+            return None
     except (TypeError, ValueError, RecursionError) as exc:
         return str(exc)
     for where, problem in text_problems(value, "the value"):

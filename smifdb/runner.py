@@ -295,15 +295,16 @@ class Runner:
         returns; its slot thread is a daemon and does not hold the exit.
         """
         with self.lock:
-            idle = not self.active and not self.pending
-            unrecorded = not self.active and bool(self.pending)
+            if self.active:
+                return False
+            recorded = not self.pending
         if self.stopping.is_set():
-            past_deadline = (
-                self.stop_deadline is not None and time.monotonic() >= self.stop_deadline
-            )
+            if recorded:
+                return True
             # Outcomes the database cannot take now: _shutdown tries for a bounded time.
-            return idle or (unrecorded and past_deadline and self.conn is None)
-        return self.workflow_done is not None and idle
+            deadline = self.stop_deadline
+            return self.conn is None and deadline is not None and time.monotonic() >= deadline
+        return self.workflow_done is not None and recorded
 
     def _idle_exit(self) -> bool:
         """Exit once idle if asked to, or once our workflow ended (even by a cancel elsewhere)."""

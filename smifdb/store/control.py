@@ -4,10 +4,11 @@ Waiting and ready jobs end at once. Running jobs are ended by their runners, tol
 (and their heartbeat) to terminate them and record them cancelled, fenced like any completion:
 a running job is cancelled when its workflow is, or when it carries cancel_requested_at.
 
-Locking: the waiting and ready jobs are locked in id order; a cancelled workflow's running jobs
-are not locked at all; the running jobs flagged one by one (a job cancelled by key, or every
-running job of a workflow that had already failed) are locked last, in id order. A runner recording
-outcomes locks children before its own running jobs, so no cycle of waits can form.
+Locking: the waiting and ready jobs are locked in id order. Then either the workflow is
+cancelled (its row locked last; its running jobs are not locked at all), or, for one job
+cancelled by key or a workflow that has failed, the running jobs are flagged, locked in id
+order, and the workflow row is not locked. A runner recording outcomes locks children before
+its own running jobs and workflows last, so no cycle of waits can form.
 """
 
 from __future__ import annotations
@@ -62,9 +63,8 @@ SELECT count(*) FROM updated
 """
 
 # Running jobs whose cancellation their workflow's status does not carry: one job cancelled by
-# key, or every running job of a workflow that had already failed (it stays failed, so its
-# runners would otherwise let the attempts finish and retry them). Locked in id order, after
-# the idle jobs: a runner locks a job's children before the job itself.
+# key, or every running job of a workflow that has failed (it stays failed, so its runners
+# would otherwise let the attempts finish and retry them).
 _FLAG_RUNNING = """
 WITH locked AS (
     SELECT id FROM jobs
@@ -124,20 +124,18 @@ def cancel(
         report = CancelReport(old_status)
         args = {"ids": idle, "actor": actor, "reason": reason}
         report.cancelled = conn.execute(_CANCEL_IDLE, args).fetchone()[0] if idle else 0
-        if job_key is None and old_status in ("pending", "running"):
-            report.terminating = conn.execute(_RUNNING, [targets]).fetchone()[0]
-        else:  # the one job named may be running (its descendants cannot be), or any job of
-            # a failed workflow
-            running = [targets[0]] if job_key is not None else sorted(targets)
-            flag = {"ids": running, "actor": actor, "reason": reason}
-            report.terminating = conn.execute(_FLAG_RUNNING, flag).fetchone()[0]
+        carried = False  # does the workflow's cancelled status carry the request?
         if job_key is None:
             args = {"id": workflow_id, "old": old_status, "actor": actor, "reason": reason}
-            cancelled = conn.execute(_CANCEL_WORKFLOW, args).fetchone()[0]
-            if not cancelled and old_status in ("pending", "running") and report.terminating:
-                # It failed while we waited for its jobs' locks: its status carries no cancel.
-                flag = {"ids": sorted(targets), "actor": actor, "reason": reason}
-                report.terminating = conn.execute(_FLAG_RUNNING, flag).fetchone()[0]
+            carried = bool(conn.execute(_CANCEL_WORKFLOW, args).fetchone()[0])
+            carried = carried or old_status == "cancelled"
+        if carried:  # its runners see the status; nothing more to write
+            report.terminating = conn.execute(_RUNNING, [targets]).fetchone()[0]
+        else:  # the one job named (its descendants cannot be running), or a failed workflow's
+            # jobs, whether it failed before this cancel or while it waited for their locks
+            running = sorted(targets) if job_key is None else [targets[0]]
+            flag = {"ids": running, "actor": actor, "reason": reason}
+            report.terminating = conn.execute(_FLAG_RUNNING, flag).fetchone()[0]
         if report.cancelled:
             report.ended = settle_workflows(conn, actor, Counter({workflow_id: report.cancelled}))
         if report.terminating:

@@ -260,7 +260,7 @@ WITH o AS (
     -- status::text, not status: the planner must not use the running-jobs partial index here,
     -- whose dead entries (every job ever claimed since the last vacuum) it cannot count.
     WHERE j.id = o.id AND j.status::text = 'running' AND j.lease_owner = o.owner
-      AND j.attempts = o.attempt AND j.started_at IS NOT DISTINCT FROM coalesce(o.claimed_at, j.started_at)
+      AND j.attempts = o.attempt AND (o.claimed_at IS NULL OR j.started_at = o.claimed_at)
     RETURNING j.id, j.workflow_id, j.status::text AS status, o.outcome, o.attempt, o.reason
 ), logged AS (
     INSERT INTO events (workflow_id, job_id, from_status, to_status, attempt, actor, reason)
