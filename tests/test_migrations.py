@@ -103,3 +103,29 @@ def test_code_expects_the_newest_migration() -> None:
     from smifdb import store
 
     assert migrate.head() == store.SCHEMA_REVISION
+
+
+def test_runner_load_gains_claims_and_keeps_its_privileges_both_ways(dsn: str) -> None:
+    """0008 adds a column to a view in place; its downgrade must drop and recreate the view,
+    which would lose the grants of 0005 unless it gives them back."""
+
+    def view() -> tuple[list[str], str, str]:
+        with psycopg.connect(dsn) as conn:
+            columns = conn.execute(
+                "SELECT attname FROM pg_attribute WHERE attrelid = 'smifdb_runner_load'::regclass"
+                " AND attnum > 0 ORDER BY attnum"
+            )
+            owner_acl = conn.execute(
+                "SELECT relowner::regrole::text, coalesce(relacl::text, '') FROM pg_class"
+                " WHERE oid = 'smifdb_runner_load'::regclass"
+            )
+            return [c for (c,) in columns], *owner_acl.fetchone()
+
+    columns, owner, acl = view()
+    assert columns[-2:] == ["last_heartbeat_at", "jobs_claimed"]
+    assert "smifdb_readonly=r/" in acl
+
+    migrate.downgrade(dsn, "0007")
+    assert view() == (columns[:-1], owner, acl)
+    migrate.upgrade(dsn)
+    assert view() == (columns, owner, acl)

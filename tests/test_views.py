@@ -102,11 +102,12 @@ def test_views_after_a_run_with_failures_and_a_retry(dsn, conn, runners) -> None
     )
     assert {s["key"] for s in slowest} == {"a", "flaky", "slow", "bad", "bad2"}  # not after_bad
 
-    # Outcomes in the last hour, from events, agree with the runner's own counters.
+    # Outcomes in the last hour, from events, agree with the runner's own counters; each
+    # of its six attempts was a claim.
     load = one(conn, "SELECT * FROM smifdb_runner_load WHERE runner = 'r0'")
     assert (load["state"], load["busy"], load["slots"]) == ("stopped", 0, 4)
     assert (load["succeeded_last_hour"], load["failed_last_hour"]) == (3, 3)  # flaky's 1st too
-    assert (load["jobs_succeeded"], load["jobs_failed"]) == (3, 3)
+    assert (load["jobs_succeeded"], load["jobs_failed"], load["jobs_claimed"]) == (3, 3, 6)
 
     health = one(conn, "SELECT * FROM smifdb_queue_health")
     assert health == {
