@@ -3,8 +3,10 @@ graceful drain, and PostgreSQL restarting underneath."""
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
+import os
 import signal
 import subprocess
 import time
@@ -128,6 +130,91 @@ def test_a_job_is_its_process_group_what_it_leaves_running_is_killed(conn, runne
     assert proc.wait(timeout=60) == 0
     assert finished(conn, wf) == "succeeded"
     wait_for(lambda: not Path(f"/proc/{int(pidfile.read_text())}").exists(), 5, "the leftover")
+
+
+def _watchdogs(runner: subprocess.Popen) -> set[int]:
+    """The runner's live watchdog processes (its children running smifdb.watchdog)."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == runner.pid and fields[0] != "Z" and b"smifdb.watchdog" in cmdline:
+            found.add(int(stat.parent.name))
+    return found
+
+
+def _model_job(tmp_path: Path, key: str) -> tuple[dict, Path]:
+    """A shell job whose real work is its child (not the runner's): its pid goes to a file."""
+    pidfile = tmp_path / f"{key}.pid"
+    command = f'{PY} -c "import time; time.sleep(60)" & echo $! > {pidfile}; wait'
+    return {"key": key, "command": command}, pidfile
+
+
+def _started(pidfile: Path) -> int:
+    wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), what=pidfile.name)
+    return int(pidfile.read_text())
+
+
+def _dies(pid: int, what: str) -> None:
+    try:
+        wait_for(lambda: not Path(f"/proc/{pid}").exists(), 15, what)
+    finally:  # not left behind when the test fails
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_watchdog_started_again_guards_the_groups_the_first_one_knew(conn, runners, tmp_path):
+    first, first_pid = _model_job(tmp_path, "first")
+    smifdb.submit(conn, {"jobs": [first]})
+    victim = runners.start("--slots", "2", name="victim")
+    model = _started(first_pid)
+    (watchdog,) = wait_for(lambda: _watchdogs(victim), what="the watchdog")
+    os.kill(watchdog, signal.SIGKILL)
+
+    second, second_pid = _model_job(tmp_path, "second")
+    smifdb.submit(conn, {"jobs": [second]})  # its start needs a watchdog: a new one
+    second_model = _started(second_pid)
+    wait_for(lambda: _watchdogs(victim) - {watchdog}, what="a second watchdog")
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    try:
+        _dies(second_model, "the second job's model")
+    finally:
+        _dies(model, "the first job's model, which only the first watchdog had been told of")
+
+
+def test_a_python_job_forking_without_exec_does_not_keep_the_watchdog_waiting(
+    conn, runners, tmp_path, monkeypatch
+):
+    """A forked copy of the runner (multiprocessing's default on Linux) must not hold the
+    watchdog's pipe open: the watchdog acts when the last writer closes it."""
+    forker_pid = tmp_path / "forked.pid"
+    (tmp_path / "forker.py").write_text(
+        "import os, time\n"
+        "def fork_and_linger(pidfile):\n"
+        "    pid = os.fork()\n"
+        "    if pid == 0:\n"
+        "        time.sleep(60)\n"
+        "        os._exit(0)\n"
+        "    open(pidfile, 'w').write(str(pid))\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    model_job, model_pid = _model_job(tmp_path, "model")
+    smifdb.submit(conn, {"jobs": [model_job]})
+    victim = runners.start("--slots", "2", name="victim")
+    model = _started(model_pid)
+    fork = {"python": "forker:fork_and_linger", "args": {"pidfile": str(forker_pid)}}
+    smifdb.submit(conn, {"jobs": [{"key": "fork", **fork}]})  # after the watchdog started
+    forked = _started(forker_pid)
+    try:
+        victim.send_signal(signal.SIGKILL)
+        victim.wait()
+        _dies(model, "the model, while a forked copy of its runner lives on")
+    finally:
+        os.kill(forked, signal.SIGKILL)
 
 
 def test_runners_hammering_one_queue_run_each_job_once(conn, runners, tmp_path) -> None:
