@@ -549,6 +549,7 @@ class Runner:
         up_since = 0.0
         next_rescue = time.monotonic() + self.config.heartbeat * random.uniform(1, 3)
         while not self.closed.is_set():
+            self.watchdog.revive()  # whether or not the database answers
             try:
                 if conn is None or conn.closed:
                     conn = db.connect(self.dsn, connect_timeout=5)

@@ -64,14 +64,16 @@ class Watchdog:
     """The runner's end of the pipe; the process starts with the first job it guards.
 
     It keeps the groups it has been told of, so that a watchdog started again (the first one
-    died) is told them all. A process forked without exec (multiprocessing in a Python job)
-    closes its copy of the pipe, or the pipe would outlive the runner.
+    died: the runner's heartbeat checks) is told them all. A process forked without exec
+    (multiprocessing in a Python job) closes its copy of the pipe, or the pipe would outlive
+    the runner.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
         self._groups: set[int] = set()
+        self._closed = False
         os.register_at_fork(after_in_child=self._forget)
 
     def guard(self, pgid: int) -> None:
@@ -84,9 +86,18 @@ class Watchdog:
             self._groups.discard(pgid)
             self._send(f"-{pgid}\n")
 
+    def revive(self) -> None:
+        """Start the watchdog again if it died while groups depend on it."""
+        with self._lock:
+            if self._closed or not self._groups or self._process is None:
+                return
+            if self._process.poll() is not None:
+                self._send("")  # a new watchdog, told every group
+
     def close(self) -> None:
         """End of input: the watchdog kills whatever is still listed, then exits."""
         with self._lock:
+            self._closed = True
             if self._process is not None and self._process.stdin is not None:
                 with contextlib.suppress(OSError):
                     self._process.stdin.close()

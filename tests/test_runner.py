@@ -166,24 +166,27 @@ def _dies(pid: int, what: str) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
-def test_a_watchdog_started_again_guards_the_groups_the_first_one_knew(conn, runners, tmp_path):
+def test_a_killed_watchdog_is_replaced_and_the_new_one_guards_every_group(conn, runners, tmp_path):
+    """The heartbeat starts a new watchdog, told of the groups the first knew; a job started
+    later is guarded by the same one."""
     first, first_pid = _model_job(tmp_path, "first")
     smifdb.submit(conn, {"jobs": [first]})
     victim = runners.start("--slots", "2", name="victim")
     model = _started(first_pid)
     (watchdog,) = wait_for(lambda: _watchdogs(victim), what="the watchdog")
     os.kill(watchdog, signal.SIGKILL)
+    (revived,) = wait_for(lambda: _watchdogs(victim) - {watchdog}, 10, "a new watchdog")
 
     second, second_pid = _model_job(tmp_path, "second")
-    smifdb.submit(conn, {"jobs": [second]})  # its start needs a watchdog: a new one
+    smifdb.submit(conn, {"jobs": [second]})
     second_model = _started(second_pid)
-    wait_for(lambda: _watchdogs(victim) - {watchdog}, what="a second watchdog")
+    assert _watchdogs(victim) == {revived}
     victim.send_signal(signal.SIGKILL)
     victim.wait()
     try:
         _dies(second_model, "the second job's model")
     finally:
-        _dies(model, "the first job's model, which only the first watchdog had been told of")
+        _dies(model, "the first job's model, started before the first watchdog was killed")
 
 
 def test_a_python_job_forking_without_exec_does_not_keep_the_watchdog_waiting(
