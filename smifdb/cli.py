@@ -312,6 +312,22 @@ def _runner_options(f):
     return _stack(f, options)
 
 
+_wait_for_database = click.option(
+    "--wait-for-database",
+    type=Seconds(0),
+    default=60.0,
+    show_default=True,
+    help="At start, seconds to wait for a database that is down or starting up (0: fail at "
+    "once). A database that refuses the connection fails at once.",
+)
+
+
+def _check_database(dsn: str, wait: float) -> None:
+    """The first connection of a long-lived process: reachable (within ``wait``) and migrated."""
+    with db.connect_patiently(dsn, wait) as conn:
+        store.check_schema(conn)
+
+
 def _runner_config(name: str | None, **kw) -> RunnerConfig:
     config = RunnerConfig(
         slots=kw["slots"],
@@ -344,6 +360,7 @@ def runner_group() -> None:
     is_flag=True,
     help="Exit 0 once nothing is waiting, ready or running anywhere.",
 )
+@_wait_for_database
 @_log_options
 @click.pass_context
 def runner_run(ctx: click.Context, name: str | None, log_level: str, log_format: str, **kw) -> None:
@@ -355,8 +372,7 @@ def runner_run(ctx: click.Context, name: str | None, log_level: str, log_format:
             raise BadInput(str(exc)) from exc
     _setup_logging(log_level, log_format)
     dsn = _dsn(ctx)
-    with db.connect(dsn) as conn:
-        store.check_schema(conn)
+    _check_database(dsn, kw["wait_for_database"])
     runner = Runner(dsn, _runner_config(name, **kw))
     runner.install_signal_handlers()
     try:
@@ -884,16 +900,21 @@ def manager_group() -> None:
     show_default=True,
     help="A runner silent this long is dead and its jobs are rescued.",
 )
+@_wait_for_database
 @_log_options
 @click.pass_context
 def manager_run(
-    ctx: click.Context, poll: float, dead_after: float, log_level: str, log_format: str
+    ctx: click.Context,
+    poll: float,
+    dead_after: float,
+    wait_for_database: float,
+    log_level: str,
+    log_format: str,
 ) -> None:
     """Run until stopped. Stateless: run several, kill and restart any at any moment."""
     _setup_logging(log_level, log_format)
     dsn = _dsn(ctx)
-    with db.connect(dsn) as conn:
-        store.check_schema(conn)
+    _check_database(dsn, wait_for_database)
     manager = Manager(dsn, ManagerConfig(poll=poll, dead_after=dead_after))
     manager.install_signal_handlers()
     sys.exit(manager.run())

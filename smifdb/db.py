@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import random
+import time
 
 import psycopg
 
@@ -11,6 +13,18 @@ from smifdb.pgserver import Cluster
 
 # What a lost connection or a restarting server raises: reconnect with Backoff and carry on.
 DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
+
+# A server that answers with one of these means "not now", not "never".
+_NOT_NOW = (
+    "starting up",
+    "shutting down",
+    "in recovery",
+    "not yet accepting connections",
+    "too many clients",
+    "remaining connection slots",
+)
+
+log = logging.getLogger("smifdb")
 
 
 def resolve_dsn(dsn: str | None = None, *, migrate_embedded: bool = True) -> str:
@@ -45,3 +59,28 @@ class Backoff:
 
     def reset(self) -> None:
         self.current = self.first
+
+
+def worth_waiting_for(exc: psycopg.OperationalError) -> bool:
+    """No server answered (refused, no socket, timed out, no such host yet), or it said "not
+    now". A server that refused us (unknown database or role, password, pg_hba) will go on
+    refusing: waiting would only hide the mistake."""
+    text = str(exc)
+    return "FATAL:" not in text or any(reason in text for reason in _NOT_NOW)
+
+
+def connect_patiently(dsn: str, wait: float) -> psycopg.Connection:
+    """A first connection for a long-lived process, waiting up to ``wait`` seconds for a
+    database that is down or starting (a runner started with its database, or during an
+    outage, on a batch system whose allocation would otherwise be lost)."""
+    deadline = time.monotonic() + wait
+    backoff = Backoff(first=0.5, cap=5.0)
+    while True:
+        try:
+            return connect(dsn, connect_timeout=10)
+        except psycopg.OperationalError as exc:
+            left = deadline - time.monotonic()
+            if not worth_waiting_for(exc) or left <= 0:
+                raise
+            log.warning("waiting for the database (%.0f s left): %s", left, str(exc).strip())
+            time.sleep(min(backoff.next(), left))

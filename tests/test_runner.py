@@ -635,6 +635,40 @@ def test_sigterm_while_the_database_is_down_exits_after_a_bounded_wait(tmp_path)
         server.stop()
 
 
+def test_a_runner_started_while_the_database_is_down_waits_for_it(tmp_path) -> None:
+    server = ThrowawayCluster()
+    dsn = server.start()
+    try:
+        migrate.upgrade(dsn)
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            wf = smifdb.submit(conn, {"jobs": [{"key": "j", "command": py("")}]})
+        server.cluster.stop(mode="fast")
+
+        # Told not to wait, it exits at once; a database that refuses is not waited for.
+        out = cli(dsn, "runner", "run", "--slots", "1", "--wait-for-database", "0")
+        assert out.returncode == 1 and "cannot reach the database" in out.stderr, out.stderr
+        runners = Runners(dsn, tmp_path)
+        try:
+            proc = runners.start("--slots", "1", "--exit-when-idle", "--wait-for-database", "30")
+            wait_for(lambda: "waiting for the database" in runners.output("r0"), 10, "a wait")
+            assert proc.poll() is None
+            server.cluster.start()
+            assert proc.wait(timeout=60) == 0, runners.output("r0")
+            with psycopg.connect(dsn) as conn:
+                assert finished(conn, wf) == "succeeded"
+        finally:
+            runners.close()
+        t0 = time.monotonic()
+        refused = cli(
+            psycopg.conninfo.make_conninfo(dsn, dbname="nope"), "runner", "run", "--slots", "1"
+        )
+        assert refused.returncode == 1 and 'database "nope" does not exist' in refused.stderr
+        assert time.monotonic() - t0 < 10
+        assert "waiting for the database" not in refused.stderr
+    finally:
+        server.stop()
+
+
 def test_cli_run_wait_cancel_and_status(dsn, conn, tmp_path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text(
