@@ -209,6 +209,53 @@ def test_rescue_racing_completion_never_overwrites(dsn, conn) -> None:
     assert len(results["finish"]) + len(results["rescue"]) == rounds
 
 
+def test_runners_recording_and_claiming_crosswise_do_not_deadlock(dsn, conn, monkeypatch):
+    """r1 records a job of workflow A and claims B's first job; r2 records B's and claims A's.
+    A claim that locked its pending workflow's row would hold what the other's settle waits
+    for, while waiting in its own settle for the row the other's claim holds."""
+    spec = {"jobs": [job("x"), job("y")]}
+    wa, wb = smifdb.submit(conn, spec), smifdb.submit(conn, spec)
+    with conn.transaction():  # x of each is claimed while its workflow row is held: still pending
+        conn.execute("SELECT 1 FROM workflows WHERE id IN (%s, %s) FOR NO KEY UPDATE", [wa, wb])
+        with psycopg.connect(dsn, autocommit=True) as c:
+            (xa,) = queue.claim(c, "r1", 1, lease=60, scope=queue.Scope(workflow_id=wa))
+            (xb,) = queue.claim(c, "r2", 1, lease=60, scope=queue.Scope(workflow_id=wb))
+    settle = queue._settle_cursor
+    barrier = threading.Barrier(2)
+
+    def settle_together(*args):  # both claims are made before either settles
+        barrier.wait(timeout=10)
+        return settle(*args)
+
+    monkeypatch.setattr(queue, "_settle_cursor", settle_together)
+    errors: list[BaseException] = []
+
+    def record(owner: str, claimed: queue.ClaimedJob, other: int) -> None:
+        try:
+            with psycopg.connect(dsn, autocommit=True) as c:
+                scope = queue.Scope(workflow_id=other)
+                report = queue.finish(
+                    c, owner, done([claimed], owner=owner), claim_n=1, scope=scope
+                )
+                assert len(report.claimed) == 1
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [
+        threading.Thread(target=record, args=("r1", xa, wb)),
+        threading.Thread(target=record, args=("r2", xb, wa)),
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    statuses_now = conn.execute(
+        "SELECT status::text FROM workflows WHERE id IN (%s, %s)", [wa, wb]
+    ).fetchall()
+    assert statuses_now == [("running",), ("running",)]
+
+
 def test_release_hands_back_without_counting_the_attempt(conn) -> None:
     smifdb.submit(conn, {"jobs": [job("a")]})
     (a,) = queue.claim(conn, "r1", 1, lease=60)

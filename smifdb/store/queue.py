@@ -39,6 +39,7 @@ class ClaimedJob(NamedTuple):
     retry_backoff: float
     priority: int = 0
     claimed_at: datetime | None = None  # jobs.started_at as claimed: part of the fence
+    workflow_pending: bool = False  # its workflow's first claim: start_workflows marks it running
 
 
 @dataclass(slots=True)
@@ -121,21 +122,29 @@ WITH picked AS MATERIALIZED ({picked}
 ), logged AS (
     INSERT INTO events (workflow_id, job_id, from_status, to_status, attempt, actor, reason)
     SELECT workflow_id, id, 'ready', 'running', attempts, %(owner)s, 'claimed' FROM claimed
-), started AS (
-    -- Never wait for a workflow row: whoever holds it is recording outcomes of its jobs and
-    -- marks a pending workflow running itself (settle_workflows).
+), pending AS (
+    SELECT id FROM workflows
+    WHERE id IN (SELECT workflow_id FROM claimed) AND status = 'pending'
+)
+SELECT c.*, c.workflow_id IN (SELECT id FROM pending) FROM claimed c ORDER BY priority DESC, id
+"""
+# A workflow's first claim marks it running: a statement of its own, run after any workflow
+# rows the transaction must wait for are locked (finish settles them first). Locking them in
+# the claim would hold rows another runner's settle waits for while this transaction waits
+# for that runner's: a deadlock. It never waits itself: whoever holds a pending workflow's row
+# is recording outcomes of its jobs and marks it running (_SETTLE_WORKFLOWS), or cancelling it.
+_START_WORKFLOWS = """
+WITH started AS (
     UPDATE workflows w SET status = 'running', started_at = now()
     WHERE w.id IN (
         SELECT id FROM workflows
-        WHERE id IN (SELECT workflow_id FROM claimed) AND status = 'pending'
+        WHERE id = ANY(%(ids)s::bigint[]) AND status = 'pending'
         FOR NO KEY UPDATE SKIP LOCKED
     )
     RETURNING w.id
-), started_logged AS (
-    INSERT INTO events (workflow_id, from_status, to_status, actor, reason)
-    SELECT id, 'pending', 'running', %(owner)s, 'first job claimed' FROM started
 )
-SELECT * FROM claimed ORDER BY priority DESC, id
+INSERT INTO events (workflow_id, from_status, to_status, actor, reason)
+SELECT id, 'pending', 'running', %(owner)s, 'first job claimed' FROM started
 """
 CLAIM_ANY = _CLAIM.format(picked=_PICK.format(scope=""))
 CLAIM_WORKFLOW = _CLAIM.format(picked=_PICK.format(scope="AND workflow_id = %(workflow_id)s"))
@@ -189,7 +198,16 @@ def claim(
     if n <= 0:
         return []
     with conn.transaction():
-        return [ClaimedJob._make(row) for row in _claim_cursor(conn, owner, n, lease, scope)]
+        claimed = [ClaimedJob._make(row) for row in _claim_cursor(conn, owner, n, lease, scope)]
+        start_workflows(conn, owner, claimed)
+    return claimed
+
+
+def start_workflows(conn: psycopg.Connection, owner: str, claimed: list[ClaimedJob]) -> None:
+    """Within the claiming transaction, after every lock it waits for: see _START_WORKFLOWS."""
+    pending = {job.workflow_id for job in claimed if job.workflow_pending}
+    if pending:
+        conn.execute(_START_WORKFLOWS, {"ids": array(sorted(pending)), "owner": owner})
 
 
 def _claim_cursor(
@@ -410,7 +428,8 @@ def finish(
 
     With ``claim_n``, the same transaction then claims up to that many ready jobs for
     ``actor`` (one commit per runner cycle instead of two). The claim never waits for a lock,
-    and the workflow rows are locked last, so the hot workflow row is held only briefly.
+    and the workflow rows are locked last, so the hot workflow row is held only briefly; a
+    claimed job's pending workflow is marked running after them (_START_WORKFLOWS).
     """
     report = FinishReport()
     if not outcomes:
@@ -452,6 +471,7 @@ def finish(
         settling = None
         if finished or failed_workflows:
             settling = _settle_cursor(conn, actor, finished, failed_workflows)
+        start_workflows(conn, actor, report.claimed)
         # Wake other runners only if work may be left after our own claim took its share.
         if report.became_ready and len(report.claimed) >= claim_n:
             notify(conn, READY_CHANNEL, outcomes[0].workflow_id)
