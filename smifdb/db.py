@@ -14,13 +14,28 @@ from smifdb.pgserver import Cluster
 # What a lost connection or a restarting server raises: reconnect with Backoff and carry on.
 DB_ERRORS = (psycopg.OperationalError, psycopg.InterfaceError)
 
-# A server that answers with one of these means "not now", not "never".
+# Worth waiting for at start: no server answered, or it answered "not now". Anything else (a
+# refusal: unknown database or role, password, pg_hba.conf, SSL) will not change by waiting.
+_NO_ANSWER = (
+    "Connection refused",
+    "No such file or directory",  # no socket: the server is not running
+    "timeout expired",
+    "failed to resolve host",
+    "could not translate host name",
+    "Temporary failure in name resolution",
+    "server closed the connection unexpectedly",
+    "Connection reset by peer",
+    "No route to host",
+    "Network is unreachable",
+)
 _NOT_NOW = (
     "starting up",
     "shutting down",
     "in recovery",
+    "not accepting connections",
     "not yet accepting connections",
     "too many clients",
+    "too many connections",  # a role's or database's connection limit (SQLSTATE 53300 too)
     "remaining connection slots",
 )
 
@@ -62,25 +77,34 @@ class Backoff:
 
 
 def worth_waiting_for(exc: psycopg.OperationalError) -> bool:
-    """No server answered (refused, no socket, timed out, no such host yet), or it said "not
-    now". A server that refused us (unknown database or role, password, pg_hba) will go on
-    refusing: waiting would only hide the mistake."""
+    """No server answered, or it said "not now". Waiting for a refusal would hide a mistake."""
     text = str(exc)
-    return "FATAL:" not in text or any(reason in text for reason in _NOT_NOW)
+    return any(reason in text for reason in _NO_ANSWER + _NOT_NOW)
+
+
+class StandbyError(psycopg.OperationalError):
+    """Connected, but to a read-only standby: runners and managers write."""
 
 
 def connect_patiently(dsn: str, wait: float) -> psycopg.Connection:
-    """A first connection for a long-lived process, waiting up to ``wait`` seconds for a
-    database that is down or starting (a runner started with its database, or during an
-    outage, on a batch system whose allocation would otherwise be lost)."""
+    """A first connection for a long-lived process that writes, waiting up to ``wait`` seconds
+    for a database that is down, starting or still a standby (a runner started with its
+    database, or during an outage or a failover, on a batch system whose allocation would
+    otherwise be lost)."""
     deadline = time.monotonic() + wait
     backoff = Backoff(first=0.5, cap=5.0)
     while True:
         try:
-            return connect(dsn, connect_timeout=10)
+            conn = connect(dsn, connect_timeout=10)
+            if not conn.execute("SELECT pg_is_in_recovery()").fetchone()[0]:
+                return conn
+            conn.close()
+            raise StandbyError(
+                "the server is in recovery (a read-only standby): connect to the primary"
+            )
         except psycopg.OperationalError as exc:
             left = deadline - time.monotonic()
-            if not worth_waiting_for(exc) or left <= 0:
+            if not (isinstance(exc, StandbyError) or worth_waiting_for(exc)) or left <= 0:
                 raise
             log.warning("waiting for the database (%.0f s left): %s", left, str(exc).strip())
             time.sleep(min(backoff.next(), left))

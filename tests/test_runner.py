@@ -16,7 +16,7 @@ import psycopg
 from processes import PY, Runners, cli, wait_for
 
 import smifdb
-from smifdb import migrate
+from smifdb import db, migrate
 from smifdb.pgserver import ThrowawayCluster
 from smifdb.runner import Runner, RunnerConfig
 from smifdb.store import queue, read
@@ -667,6 +667,27 @@ def test_a_runner_started_while_the_database_is_down_waits_for_it(tmp_path) -> N
         assert "waiting for the database" not in refused.stderr
     finally:
         server.stop()
+
+
+def test_which_connection_errors_are_worth_waiting_for(dsn, conn) -> None:
+    """Real errors of a real server: "not now" is waited for, a refusal is not."""
+
+    def error(**kw) -> psycopg.OperationalError:
+        try:
+            psycopg.connect(psycopg.conninfo.make_conninfo(dsn, **kw), connect_timeout=5).close()
+        except psycopg.OperationalError as exc:
+            return exc
+        raise AssertionError(f"connected with {kw}")
+
+    role = f"limited_{conn.info.backend_pid}"
+    conn.execute(f"CREATE ROLE {role} LOGIN CONNECTION LIMIT 0")
+    try:
+        assert db.worth_waiting_for(error(user=role))  # too many connections for role
+    finally:
+        conn.execute(f"DROP ROLE {role}")
+    assert not db.worth_waiting_for(error(dbname="no_such_database"))
+    assert not db.worth_waiting_for(error(user="no_such_role"))
+    assert db.worth_waiting_for(error(host="/nonexistent-socket-folder"))
 
 
 def test_cli_run_wait_cancel_and_status(dsn, conn, tmp_path) -> None:
