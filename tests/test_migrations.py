@@ -105,27 +105,48 @@ def test_code_expects_the_newest_migration() -> None:
     assert migrate.head() == store.SCHEMA_REVISION
 
 
-def test_runner_load_gains_claims_and_keeps_its_privileges_both_ways(dsn: str) -> None:
-    """0008 adds a column to a view in place; its downgrade must drop and recreate the view,
-    which would lose the grants of 0005 unless it gives them back."""
+def test_runner_load_gains_claims_and_keeps_everything_else_both_ways(dsn: str) -> None:
+    """0008 changes a view in place both ways: its grants (with grant options), column grants,
+    options and the views built on it survive, and 0007's own downgrade still works."""
 
-    def view() -> tuple[list[str], str, str]:
+    def view() -> tuple:
         with psycopg.connect(dsn) as conn:
             columns = conn.execute(
-                "SELECT attname FROM pg_attribute WHERE attrelid = 'smifdb_runner_load'::regclass"
-                " AND attnum > 0 ORDER BY attnum"
+                "SELECT attname, coalesce(attacl::text, '') FROM pg_attribute"
+                " WHERE attrelid = 'smifdb_runner_load'::regclass AND attnum > 0 ORDER BY attnum"
             )
-            owner_acl = conn.execute(
-                "SELECT relowner::regrole::text, coalesce(relacl::text, '') FROM pg_class"
-                " WHERE oid = 'smifdb_runner_load'::regclass"
+            rest = conn.execute(
+                "SELECT relowner::regrole::text, coalesce(relacl::text, ''), reloptions"
+                " FROM pg_class WHERE oid = 'smifdb_runner_load'::regclass"
             )
-            return [c for (c,) in columns], *owner_acl.fetchone()
+            return columns.fetchall(), *rest.fetchone()
 
-    columns, owner, acl = view()
-    assert columns[-2:] == ["last_heartbeat_at", "jobs_claimed"]
-    assert "smifdb_readonly=r/" in acl
+    def claims() -> list:
+        with psycopg.connect(dsn) as conn:
+            return conn.execute("SELECT jobs_claimed FROM smifdb_runner_load").fetchall()
 
-    migrate.downgrade(dsn, "0007")
-    assert view() == (columns[:-1], owner, acl)
-    migrate.upgrade(dsn)
-    assert view() == (columns, owner, acl)
+    role = f"reader_{abs(hash(dsn)) % 10**8}"
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO runners (name, slots, jobs_claimed) VALUES ('r', 1, 7)")
+        conn.execute(f"CREATE ROLE {role}")
+        conn.execute(f"GRANT SELECT ON smifdb_runner_load TO {role} WITH GRANT OPTION")
+        conn.execute(f"GRANT SELECT (runner, state) ON smifdb_runner_load TO {role}")
+        conn.execute("ALTER VIEW smifdb_runner_load SET (security_invoker = true)")
+        conn.execute("CREATE VIEW busy_runners AS SELECT runner FROM smifdb_runner_load")
+    try:
+        before = view()
+        assert [c for c, _ in before[0]][-2:] == ["last_heartbeat_at", "jobs_claimed"]
+        assert "smifdb_readonly=r/" in before[2] and f"{role}=r*/" in before[2]
+        assert claims() == [(7,)]
+
+        migrate.downgrade(dsn, "0007")
+        assert view() == before and claims() == [(None,)]
+        migrate.upgrade(dsn)
+        assert view() == before and claims() == [(7,)]
+
+        migrate.downgrade(dsn, "0006")  # 0007 drops runners.jobs_claimed: nothing depends on it
+    finally:
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("DROP VIEW IF EXISTS busy_runners")
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")

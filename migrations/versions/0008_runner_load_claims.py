@@ -1,9 +1,10 @@
 """`smifdb_runner_load` shows each runner's claims total, `jobs_claimed` (added to `runners` by
 0007), beside its succeeded and failed totals.
 
-A view can gain a column at its end in place (CREATE OR REPLACE keeps its owner and grants),
-so the upgrade is instant and needs nothing of the roles of 0005. It cannot lose one: the
-downgrade drops and recreates the view, then gives it back its owner and privileges.
+A view can gain a column at its end in place: CREATE OR REPLACE keeps its owner, grants and
+the views built on it (its options, such as security_invoker, are restated), so the upgrade is
+instant and needs nothing of the roles of 0005. It cannot lose one in place: the downgrade
+leaves the column, always NULL (see OLD).
 
 The definition is written out whole here, as 0004 wrote it: a migration is history and must
 not change when a later one does.
@@ -67,36 +68,25 @@ LEFT JOIN (
 ) h ON h.actor = r.name
 """
 NEW = _SELECT.format(extra=",\n       r.jobs_claimed")
-OLD = _SELECT.format(extra="")
+# A view cannot lose a column without being dropped, which would take with it its grants
+# (with their grant options and grantors), column grants and the views built on it. So the
+# downgrade keeps the column, always NULL: 0007's code reads the view by name, and 0007's own
+# downgrade can then drop runners.jobs_claimed.
+OLD = _SELECT.format(extra=",\n       NULL::bigint AS jobs_claimed")
 
-# Owner and privileges are read before the drop and given back after it, whoever they are
-# (smifdb_admin and the roles of 0005, or a database migrated without them).
-_RECREATE = f"""
-DO $recreate$
-DECLARE
-    owner text := (SELECT relowner::regrole::text FROM pg_class WHERE oid = '{VIEW}'::regclass);
-    grants text[] := ARRAY(
-        SELECT format('GRANT %s ON {VIEW} TO %s', a.privilege_type,
-                      CASE WHEN a.grantee = 0 THEN 'PUBLIC' ELSE a.grantee::regrole::text END)
-        FROM pg_class c, aclexplode(c.relacl) a
-        WHERE c.oid = '{VIEW}'::regclass AND a.grantee <> c.relowner);
-    statement text;
-BEGIN
-    DROP VIEW {VIEW};
-    EXECUTE $view$CREATE VIEW {VIEW} AS {OLD}$view$;
-    COMMENT ON VIEW {VIEW} IS 'smifdb: see docs/sql.md';
-    EXECUTE format('ALTER VIEW {VIEW} OWNER TO %s', owner);
-    FOREACH statement IN ARRAY grants LOOP
-        EXECUTE statement;
-    END LOOP;
-END
-$recreate$
-"""
+_OPTIONS = f"SELECT reloptions FROM pg_class WHERE oid = '{VIEW}'::regclass"
+
+
+def _replace(query: str) -> None:
+    """CREATE OR REPLACE keeps owner, grants and dependants; its options must be restated."""
+    options = op.get_bind().exec_driver_sql(_OPTIONS).scalar()
+    with_options = f" WITH ({', '.join(options)})" if options else ""
+    op.execute(f"CREATE OR REPLACE VIEW {VIEW}{with_options} AS {query}")
 
 
 def upgrade() -> None:
-    op.execute(f"CREATE OR REPLACE VIEW {VIEW} AS {NEW}")
+    _replace(NEW)
 
 
 def downgrade() -> None:
-    op.execute(_RECREATE)
+    _replace(OLD)
