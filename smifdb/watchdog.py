@@ -23,6 +23,7 @@ import time
 from typing import BinaryIO
 
 GRACE = 5.0
+QUICK_DEATH = 2.0  # seconds: a watchdog dying sooner after its start probably cannot run
 log = logging.getLogger("smifdb.runner")
 
 
@@ -74,6 +75,11 @@ class Watchdog:
         self._process: subprocess.Popen | None = None
         self._groups: set[int] = set()
         self._closed = False
+        # As the runner started: a Python job may change os.environ (PYTHONHOME, PATH).
+        self._env = dict(os.environ)
+        self._started_at = 0.0
+        self._quick_deaths = 0  # in a row: a watchdog that cannot run is retried with backoff
+        self._retry_at = 0.0
         os.register_at_fork(after_in_child=self._forget)
 
     def guard(self, pgid: int) -> None:
@@ -89,9 +95,9 @@ class Watchdog:
     def revive(self) -> None:
         """Start the watchdog again if it died while groups depend on it."""
         with self._lock:
-            if self._closed or not self._groups or self._process is None:
+            if self._closed or not self._groups or self._alive():
                 return
-            if self._process.poll() is not None:
+            if time.monotonic() >= self._retry_at:
                 self._send("")  # a new watchdog, told every group
 
     def close(self) -> None:
@@ -108,17 +114,42 @@ class Watchdog:
                 os.close(self._process.stdin.fileno())
             self._process = None
 
+    def _alive(self) -> bool:
+        """Caller holds the lock. Notes a death once; one soon after starting backs off."""
+        if self._process is None:
+            return False
+        if self._process.poll() is None:
+            return True
+        lived = time.monotonic() - self._started_at
+        self._quick_deaths = self._quick_deaths + 1 if lived < QUICK_DEATH else 0
+        if self._quick_deaths:
+            delay = min(2.0**self._quick_deaths, 60.0)
+            self._retry_at = time.monotonic() + delay
+            log.error(
+                "the runner's watchdog exited %.1f s after starting (status %s): job process "
+                "groups are unguarded until one runs; next try in %.0f s",
+                lived,
+                self._process.returncode,
+                delay,
+            )
+        else:
+            log.warning("the runner's watchdog exited; starting another")
+        self._process = None
+        return False
+
     def _send(self, line: str) -> None:
         """Caller holds the lock. Never raises: a job must not fail for want of a guard."""
         try:
-            if self._process is None or self._process.poll() is not None:
-                if self._process is not None:
-                    log.warning("the runner's watchdog exited; starting another")
+            if not self._alive():
+                if time.monotonic() < self._retry_at:
+                    return  # the groups are kept: a watchdog that starts is told them all
                 self._process = subprocess.Popen(
                     [sys.executable, "-m", "smifdb.watchdog"],
                     stdin=subprocess.PIPE,
                     start_new_session=True,
+                    env=self._env,
                 )
+                self._started_at = time.monotonic()
                 line = "".join(f"+{g}\n" for g in self._groups) + line
             assert self._process.stdin is not None
             self._process.stdin.write(line.encode())

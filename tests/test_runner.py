@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -20,6 +21,7 @@ from smifdb import db, migrate
 from smifdb.pgserver import ThrowawayCluster
 from smifdb.runner import Runner, RunnerConfig
 from smifdb.store import queue, read
+from smifdb.watchdog import Watchdog
 
 
 def finished(conn: psycopg.Connection, wf: int) -> str | None:
@@ -187,6 +189,33 @@ def test_a_killed_watchdog_is_replaced_and_the_new_one_guards_every_group(conn, 
         _dies(second_model, "the second job's model")
     finally:
         _dies(model, "the first job's model, started before the first watchdog was killed")
+
+
+def test_a_watchdog_that_cannot_run_is_retried_with_backoff(tmp_path, monkeypatch, caplog):
+    """It starts with the environment the runner started with (a job may spoil os.environ);
+    one that dies at once anyway is retried after 2 s, 4 s, … rather than at every beat."""
+    spoiled = Watchdog()
+    monkeypatch.setenv("PYTHONHOME", "/nonexistent")  # what a Python job might do
+    broken = Watchdog()  # started in a spoiled environment: its watchdog cannot run
+    groups = [subprocess.Popen(["sleep", "30"], start_new_session=True) for _ in range(2)]
+    try:
+        with caplog.at_level(logging.WARNING, logger="smifdb.runner"):
+            spoiled.guard(groups[0].pid)
+            broken.guard(groups[1].pid)
+            deadline = time.monotonic() + 3
+            while time.monotonic() < deadline:  # heartbeats every 50 ms
+                spoiled.revive()
+                broken.revive()
+                time.sleep(0.05)
+        assert caplog.text.count("exited") == 2, caplog.text  # at 0 s and 2 s, not 60 times
+        assert "next try in 4 s" in caplog.text
+        spoiled.close()  # its watchdog ran all along: it kills the group it was told of
+        wait_for(lambda: groups[0].poll() is not None, 10, "the guarded group to be killed")
+    finally:
+        broken.close()
+        for g in groups:
+            g.kill()
+            g.wait()
 
 
 def test_a_python_job_forking_without_exec_does_not_keep_the_watchdog_waiting(
