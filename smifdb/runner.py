@@ -74,6 +74,9 @@ class Runner:
         self.lock = threading.Lock()
         self.active: dict[int, Attempt] = {}  # attempts whose outcome is not yet known
         self.pending: list[Outcome] = []  # outcomes not yet recorded
+        # Python calls released while still running: recorded as the process's last write,
+        # since their threads run on until it exits and the job must not run twice at once.
+        self.release_at_exit: list[Outcome] = []
         self.busy = 0  # pool threads in use (a stopped Python attempt keeps its thread)
         self.counts = {"succeeded": 0, "failed": 0, "claimed": 0}  # since the last heartbeat
         self.total = {"succeeded": 0, "failed": 0, "claimed": 0}
@@ -200,6 +203,9 @@ class Runner:
                 with self.lock:
                     counts = self._take_counts()
                 runner_rows.heartbeat(self.conn, self.name, self.host, self.pid, **counts)
+                if self.release_at_exit:  # before `stopped`, which would let peers rescue them
+                    batch = self.release_at_exit
+                    self._recorded(batch, queue.finish(self.conn, self.name, batch))
                 runner_rows.set_state(self.conn, self.name, self.host, self.pid, "stopped")
         for _ in self.workers:
             self.todo.put(None)
@@ -291,8 +297,8 @@ class Runner:
     def _finished(self) -> bool:
         """Done once every attempt is recorded (or, past a stop deadline, handed to shutdown).
 
-        A stopped Python attempt is recorded at once but keeps its thread until the call
-        returns; its slot thread is a daemon and does not hold the exit.
+        A stopped Python attempt is recorded at once (released ones at exit) but keeps its
+        thread until the call returns; its slot thread is a daemon and does not hold the exit.
         """
         with self.lock:
             if self.active:
@@ -389,11 +395,16 @@ class Runner:
         self.wake.set()
 
     def _report_now(self, attempt: Attempt) -> None:
-        """Record a stopped Python attempt without waiting for its thread (it cannot be killed)."""
+        """Record a stopped Python attempt without waiting for its thread (it cannot be killed):
+        a timeout or cancel at once, a release when the runner exits."""
         with self.lock:
             if self.active.get(attempt.job.id) is attempt:
                 del self.active[attempt.job.id]
-                self._add_pending(attempt.stopped_outcome())
+                outcome = attempt.stopped_outcome()
+                if outcome.status == "released":
+                    self.release_at_exit.append(outcome)
+                else:
+                    self._add_pending(outcome)
         self.wake.set()
 
     def _add_pending(self, outcome: Outcome) -> None:

@@ -475,6 +475,38 @@ def test_sigterm_drains_then_releases(conn, runners, tmp_path) -> None:
     assert state == "stopped"
 
 
+def test_a_released_python_call_never_runs_beside_its_rerun(conn, runners, tmp_path, monkeypatch):
+    """A thread cannot be stopped: its release is the runner's last write before it exits, so
+    the call has stopped ticking before any peer can claim the job again."""
+    ticks = tmp_path / "ticks"
+    (tmp_path / "ticker.py").write_text(
+        "import os, time\n"
+        "def tick(path, seconds):\n"
+        "    end = time.time() + seconds\n"
+        "    while time.time() < end:\n"
+        "        with open(path, 'a') as f:\n"
+        "            f.write(f\"{os.environ.get('SMIFDB_RUNNER', os.getpid())} {time.time()}\\n\")\n"
+        "        time.sleep(0.005)\n"
+    )
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
+    call = {"python": "ticker:tick", "args": {"path": str(ticks), "seconds": 3}}
+    wf = smifdb.submit(conn, {"jobs": [{"key": "t", **call}]})
+    first = runners.start("--slots", "1", "--grace", "0.2", name="first")
+    wait_for(lambda: ticks.exists(), what="the first attempt")
+    peer = runners.start("--slots", "1", "--exit-when-idle", name="peer")
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(timeout=30) == 0, runners.output("first")
+    assert peer.wait(timeout=60) == 0, runners.output("peer")
+    assert finished(conn, wf) == "succeeded"
+    by_pid: dict[str, list[float]] = {}
+    for line in ticks.read_text().splitlines():
+        pid, at = line.split()
+        by_pid.setdefault(pid, []).append(float(at))
+    assert len(by_pid) == 2  # the first attempt, released, and the rerun
+    (a, b) = sorted(by_pid.values(), key=min)
+    assert max(a) < min(b)  # never both at once
+
+
 def test_python_jobs_that_will_not_return_do_not_hold_the_runner(conn, dsn, runners, tmp_path):
     """A thread cannot be killed: its attempt is recorded and the runner exits without it.
 
