@@ -68,6 +68,7 @@ class Attempt:
     log_dir: Path
     started: float = field(default_factory=time.monotonic)
     stop_reason: str | None = None  # 'timeout' | 'cancelled' | 'released'
+    kill_at: float | None = None  # when a stopped attempt's process group gets SIGKILL
     process: subprocess.Popen | None = None
     watchdog: Watchdog | None = None  # kills the process group if the runner dies
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -91,14 +92,22 @@ class Attempt:
         )
 
     def stop(self, reason: str) -> None:
-        """Ask the attempt to end: terminate its process group, then kill it after a grace."""
+        """Ask the attempt to end: terminate its process group, then kill it after a grace.
+
+        The slot thread ends the group (_end_group) before the outcome is recorded; the timer
+        only unblocks a slot waiting for a leader that ignores SIGTERM. (If the runner exits
+        first, its watchdog still guards the group.)
+        """
         with self._lock:
             if self.stop_reason is None:
                 self.stop_reason = reason
+                self.kill_at = time.monotonic() + KILL_GRACE
             process = self.process
         if process is not None and process.poll() is None:
             _signal_group(process, signal.SIGTERM)
-            threading.Timer(KILL_GRACE, _signal_group, (process, signal.SIGKILL)).start()
+            timer = threading.Timer(KILL_GRACE, _signal_group, (process, signal.SIGKILL))
+            timer.daemon = True
+            timer.start()
 
     def stopped_outcome(self, **kwargs: Any) -> Outcome:
         """The outcome of an attempt that was stopped from outside."""
@@ -114,6 +123,28 @@ class Attempt:
 def _signal_group(process: subprocess.Popen, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(process.pid, sig)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _end_group(process: subprocess.Popen, kill_at: float) -> None:
+    """A stopped attempt is over only when its whole group is: what ignores SIGTERM gets
+    SIGKILL at ``kill_at``. Until then the group stays with the watchdog and the outcome
+    unrecorded, so a retry or a rescue never runs beside it."""
+    while _group_alive(process.pid) and time.monotonic() < kill_at:
+        time.sleep(0.05)
+    _signal_group(process, signal.SIGKILL)
+    deadline = time.monotonic() + KILL_GRACE
+    while _group_alive(process.pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def file_stem(job: ClaimedJob) -> str:
@@ -207,6 +238,8 @@ def _run_command(attempt: Attempt) -> Outcome:
             # The job is its process group: what it left running in the background goes too,
             # or it would run on beside the next attempt or the jobs after it.
             _signal_group(process, signal.SIGKILL)
+        else:
+            _end_group(process, attempt.kill_at or time.monotonic())
         if attempt.watchdog is not None:
             attempt.watchdog.release(process.pid)
     tail = _tail(log_path)

@@ -333,6 +333,43 @@ def test_final_failure_marks_descendants_upstream_failed(conn, runners) -> None:
     assert finished(conn, wf) == "failed"
 
 
+def test_a_timed_out_job_is_recorded_only_once_its_whole_group_is_gone(conn, runners, tmp_path):
+    """A child that ignores SIGTERM lives until the group's SIGKILL: the retry must not start
+    before that, and a runner killed meanwhile leaves the group to its watchdog."""
+    ticks, pids = tmp_path / "ticks", tmp_path / "pids"
+    stubborn = tmp_path / "stubborn.py"
+    stubborn.write_text(
+        "import os, signal, sys, time\n"
+        "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+        f"open({str(pids)!r}, 'a').write(f'{{os.getpid()}}\\n')\n"
+        "while True:\n"
+        f"    open({str(ticks)!r}, 'a').write(f\"{{os.environ['SMIFDB_ATTEMPT']}} {{time.time()}}\\n\")\n"
+        "    time.sleep(0.05)\n"
+    )
+    job = {
+        "key": "stubborn",
+        "command": f"{PY} {stubborn} & wait",
+        "timeout": 1,
+        "max_attempts": 2,
+        "retry_backoff": 0,
+    }
+    smifdb.submit(conn, {"jobs": [job]})
+    proc = runners.start("--slots", "1", name="r0")
+    wait_for(lambda: len(pids.read_text().split()) == 2 if pids.exists() else False, 30, "2 tries")
+    first, second = (int(p) for p in pids.read_text().split())
+    _dies(first, "the first attempt's child, by SIGKILL at the end of the grace")
+    by_attempt: dict[str, list[float]] = {}
+    for line in ticks.read_text().splitlines():
+        attempt, at = line.split()
+        by_attempt.setdefault(attempt, []).append(float(at))
+    assert max(by_attempt["1"]) < min(by_attempt["2"])  # never both at once
+    # The second attempt times out too; the runner is killed while its child still lives.
+    time.sleep(1.5)  # past the second timeout: the SIGTERM is ignored, SIGKILL not yet sent
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    _dies(second, "the second attempt's child, by the watchdog, its runner gone")
+
+
 def test_timeout_kills_the_process_group(conn, runners, tmp_path) -> None:
     pidfile = tmp_path / "child.pid"
     wf = smifdb.submit(
