@@ -321,6 +321,17 @@ def test_cancel_one_job_and_its_descendants(conn) -> None:
         control.cancel(conn, 999999, actor="test")
 
 
+def test_cancelling_a_finished_job_stops_its_running_descendants(conn) -> None:
+    wf = smifdb.submit(conn, {"jobs": [job("a"), job("b", ["a"]), job("c", ["b"])]})
+    queue.finish(conn, "r1", done(queue.claim(conn, "r1", 1, lease=60)))
+    (b,) = queue.claim(conn, "r1", 1, lease=60)
+    report = control.cancel(conn, wf, actor="test", job_key="a")
+    assert (report.cancelled, report.terminating) == (1, 1)  # c at once, b by its runner
+    assert list(queue.cancel_requested(conn, "r1", [b.id])) == [b.id]
+    report = queue.finish(conn, "r1", done([b], status="cancelled"))
+    assert report.finished_workflows == {wf: "cancelled"}
+
+
 def test_retry_of_a_cancelled_job_is_cancelled_not_requeued(conn) -> None:
     wf = smifdb.submit(conn, {"jobs": [job("a", max_attempts=3)]})
     (a,) = queue.claim(conn, "r1", 1, lease=60)

@@ -6,8 +6,9 @@ a running job is cancelled when its workflow is, or when it carries cancel_reque
 
 Locking: the waiting and ready jobs are locked in id order. Then either the workflow is
 cancelled (its row locked last; its running jobs are not locked at all), or, for one job
-cancelled by key or a workflow that has failed, the running jobs are flagged, locked in id
-order, and the workflow row is not locked. A runner recording outcomes locks children before
+cancelled by key (with its descendants, which run if it had already finished) or a workflow
+that has failed, the running jobs are flagged, locked in id order, and the workflow row is not
+locked. A runner recording outcomes locks children before
 its own running jobs and workflows last, so no cycle of waits can form.
 """
 
@@ -131,10 +132,9 @@ def cancel(
             carried = carried or old_status == "cancelled"
         if carried:  # its runners see the status; nothing more to write
             report.terminating = conn.execute(_RUNNING, [targets]).fetchone()[0]
-        else:  # the one job named (its descendants cannot be running), or a failed workflow's
-            # jobs, whether it failed before this cancel or while it waited for their locks
-            running = sorted(targets) if job_key is None else [targets[0]]
-            flag = {"ids": running, "actor": actor, "reason": reason}
+        else:  # the job named and its descendants (running if it had already finished), or a
+            # failed workflow's jobs, whether it failed before this cancel or while it waited
+            flag = {"ids": sorted(set(targets)), "actor": actor, "reason": reason}
             report.terminating = conn.execute(_FLAG_RUNNING, flag).fetchone()[0]
         if report.cancelled:
             report.ended = settle_workflows(conn, actor, Counter({workflow_id: report.cancelled}))
