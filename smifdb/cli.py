@@ -328,7 +328,22 @@ def _check_database(dsn: str, wait: float) -> None:
         store.check_schema(conn)
 
 
+def _check_timing(kw: dict) -> None:
+    """Options that are each valid but together would let live jobs be rescued and run twice."""
+    heartbeat = kw["heartbeat"]
+    for option, value, why in (
+        ("--lease", kw["lease"], "leases are renewed only at heartbeats"),
+        ("--dead-after", kw["dead_after"], "a live runner must not look dead between beats"),
+    ):
+        if value <= 2 * heartbeat:
+            raise BadInput(
+                f"{option} ({value:g} s) must be more than twice --heartbeat ({heartbeat:g} s): "
+                f"{why}"
+            )
+
+
 def _runner_config(name: str | None, **kw) -> RunnerConfig:
+    _check_timing(kw)
     config = RunnerConfig(
         slots=kw["slots"],
         log_dir=_log_dir(kw["log_dir"]),
@@ -371,9 +386,10 @@ def runner_run(ctx: click.Context, name: str | None, log_level: str, log_format:
         except ValueError as exc:
             raise BadInput(str(exc)) from exc
     _setup_logging(log_level, log_format)
+    config = _runner_config(name, **kw)
     dsn = _dsn(ctx)
     _check_database(dsn, kw["wait_for_database"])
-    runner = Runner(dsn, _runner_config(name, **kw))
+    runner = Runner(dsn, config)
     runner.install_signal_handlers()
     try:
         code = runner.run()
@@ -537,6 +553,7 @@ def run_cmd(ctx: click.Context, file: str, workflow_name: str | None, **kw) -> N
     Exit 0 only if every job succeeded.
     """
     _setup_logging("warning")
+    _check_timing(kw)
     dag = _read_dag(file, workflow_name)
     dsn = _dsn(ctx)
     _log_dir(kw["log_dir"])  # before submitting: nothing would run a workflow left behind
@@ -848,6 +865,7 @@ def modelrun_run(ctx: click.Context, **kw) -> None:
     The smifdb equivalent of `smif run`. Exit 0 only if the model run succeeded.
     """
     _setup_logging("warning")
+    _check_timing(kw)
     dsn = _dsn(ctx)
     with db.connect(dsn) as conn:
         store.check_schema(conn)

@@ -466,7 +466,8 @@ def test_cancel_stops_running_jobs(conn, runners, dsn, tmp_path) -> None:
             ]
         },
     )
-    runners.start("--slots", "1", "--heartbeat", "5")  # the NOTIFY, not the heartbeat, reacts
+    # The NOTIFY, not the heartbeat, reacts.
+    runners.start("--slots", "1", "--heartbeat", "5", "--dead-after", "30")
     wait_for(pidfile.exists, what="the job to start")
     pid = int(pidfile.read_text())
     t0 = time.monotonic()

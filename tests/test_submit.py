@@ -315,6 +315,8 @@ def test_concurrent_submissions_do_not_interleave(dsn: str, conn) -> None:
     [
         (["runner", "run", "--slots", "1", "--poll", "nan"], "'nan' is not a finite number"),
         (["runner", "run", "--slots", "1", "--lease", "1e300"], "is not in the range 1<=x"),
+        (["runner", "run", "--slots", "1", "--lease", "3"], "--lease (3 s) must be more than"),
+        (["runner", "run", "--slots", "1", "--dead-after", "4"], "--dead-after (4 s) must be"),
         (["wait", "1", "--timeout", "inf"], "inf is not in the range 0<=x"),
         (["runner", "register", "", "--slots", "1"], "must be 1 to 200 printable characters"),
         (["runner", "register", "a\nb", "--slots", "1"], "must be 1 to 200 printable"),
