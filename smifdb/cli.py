@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -563,14 +564,16 @@ def run_cmd(ctx: click.Context, file: str, workflow_name: str | None, **kw) -> N
         click.echo(f"submitted workflow {workflow_id} {dag.name!r}: {len(dag.jobs)} jobs", err=True)
         config = _runner_config(f"run-{default_name()}", workflow_id=workflow_id, **kw)
         runner = Runner(dsn, config)
-        printer = ProgressPrinter(conn, workflow_id)
+        printer = ProgressPrinter(conn, workflow_id, dsn=dsn)
         runner.on_tick = printer.tick
         runner.install_signal_handlers()
         try:
             runner.run()
         finally:
-            printer.tick(force=True)
+            with contextlib.suppress(*db.DB_ERRORS):
+                printer.tick(force=True)
             printer.close()
+    with db.connect_patiently(dsn, 60) as conn:  # the first may have been lost meanwhile
         click.echo(summary(conn, workflow_id))
         click.echo(f"logs: {config.log_dir / f'workflow-{workflow_id}'}")
         status = read.finished_status(conn, workflow_id)

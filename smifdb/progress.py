@@ -8,6 +8,8 @@ from typing import TextIO
 
 import psycopg
 
+from smifdb import db
+from smifdb.db import DB_ERRORS
 from smifdb.store import modelruns, read
 from smifdb.store.read import Progress
 
@@ -45,8 +47,10 @@ class ProgressPrinter:
         workflow_id: int,
         stream: TextIO = sys.stderr,
         interval: float = 0.25,
+        dsn: str | None = None,
     ) -> None:
         self.conn, self.workflow_id, self.stream = conn, workflow_id, stream
+        self.dsn = dsn  # given: a lost connection is opened again, and ticks skip meanwhile
         self.tty = stream.isatty()
         self.interval = interval if self.tty else max(interval, 5.0)
         self.last_time = 0.0
@@ -59,7 +63,12 @@ class ProgressPrinter:
         if not force and now - self.last_time < self.interval:
             return self.latest
         self.last_time = now
-        self.latest = read.progress(self.conn, self.workflow_id)
+        try:
+            self.latest = read.progress(self.connection(), self.workflow_id)
+        except DB_ERRORS:
+            if self.dsn is None:
+                raise
+            return self.latest  # the database is away: the runner carries on without us
         if self.latest is None:
             return None
         line = render(self.latest)
@@ -70,6 +79,12 @@ class ProgressPrinter:
             self.stream.write(line + "\n")
         self.last_line = line
         return self.latest
+
+    def connection(self) -> psycopg.Connection:
+        """The printer's connection, opened again if it was lost (and a dsn was given)."""
+        if self.dsn is not None and (self.conn.closed or self.conn.broken):
+            self.conn = db.connect(self.dsn, connect_timeout=5)
+        return self.conn
 
     def close(self) -> None:
         if self.tty and self.last_line:

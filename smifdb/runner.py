@@ -241,7 +241,10 @@ class Runner:
                 self._sleep_for_reconnect()
                 continue
             if self.on_tick is not None:
-                self.on_tick()
+                try:
+                    self.on_tick()
+                except (*DB_ERRORS, OSError) as exc:  # a display must never stop the jobs
+                    log.debug("progress display failed: %s", exc)
             if free > 0 and claimed == free:
                 continue  # more may be ready: claim again as soon as slots free up
             if self.pending:

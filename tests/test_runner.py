@@ -789,6 +789,47 @@ def test_which_connection_errors_are_worth_waiting_for(dsn, conn) -> None:
     assert db.worth_waiting_for(error(host="/nonexistent-socket-folder"))
 
 
+def test_smifdb_run_keeps_going_when_its_connections_are_cut(dsn, conn, tmp_path) -> None:
+    spec = tmp_path / "dag.yaml"
+    sleep = "import time; time.sleep(3)"
+    spec.write_text(
+        "jobs:\n"
+        + "".join(f"  - {{key: j{i}, command: [{PY!r}, -c, {sleep!r}]}}\n" for i in range(2))
+    )
+    run = subprocess.Popen(
+        [
+            PY,
+            "-m",
+            "smifdb.cli",
+            "--dsn",
+            dsn,
+            "run",
+            str(spec),
+            "--slots",
+            "2",
+            "--log-dir",
+            str(tmp_path / "logs"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    wait_for(
+        lambda: conn.execute("SELECT count(*) = 2 FROM jobs WHERE status = 'running'").fetchone()[
+            0
+        ],
+        what="both jobs running",
+    )
+    conn.execute(
+        "SELECT pg_terminate_backend(pid) FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    out, err = run.communicate(timeout=60)
+    assert run.returncode == 0, err
+    assert "SUCCEEDED" in out and "Traceback" not in err
+    assert conn.execute("SELECT max(attempts) FROM jobs").fetchone()[0] == 1  # not rerun
+
+
 def test_cli_run_wait_cancel_and_status(dsn, conn, tmp_path) -> None:
     good = tmp_path / "good.yaml"
     good.write_text(
