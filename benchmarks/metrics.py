@@ -28,16 +28,17 @@ from starlette.testclient import TestClient
 from smifdb.api import create_app
 from smifdb.store import metrics
 
-RESET = "TRUNCATE workflows, jobs, job_edges, events, runners RESTART IDENTITY CASCADE"
+RESET = (
+    "TRUNCATE workflows, jobs, job_edges, events, runners, ready_jobs, claims, workflow_counts"
+    " RESTART IDENTITY CASCADE"
+)
 
 HISTORY = """
-INSERT INTO workflows (id, name, status, job_count, unfinished_jobs, submitted_at, started_at,
-                       finished_at)
+INSERT INTO workflows (id, name, status, job_count, submitted_at, started_at, finished_at)
 SELECT g, 'w' || g,
        (CASE WHEN g %% 20 = 0 THEN 'failed' WHEN g %% 20 = 1 THEN 'running'
              ELSE 'succeeded' END)::workflow_status,
-       %(per)s, CASE WHEN g %% 20 = 1 THEN %(per)s * 6 / 10 ELSE 0 END,
-       now() - interval '2 hours', now() - interval '2 hours',
+       %(per)s, now() - interval '2 hours', now() - interval '2 hours',
        CASE WHEN g %% 20 <> 1 THEN now() - interval '1 hour' END
 FROM generate_series(1, %(workflows)s) g;
 
@@ -57,8 +58,8 @@ LATERAL (SELECT CASE
 """
 
 LIVE = """
-INSERT INTO workflows (id, name, status, job_count, unfinished_jobs, submitted_at, started_at)
-VALUES (1, 'live', 'running', %(jobs)s, %(jobs)s * 6 / 10, now() - interval '1 minute', now());
+INSERT INTO workflows (id, name, status, job_count, submitted_at, started_at)
+VALUES (1, 'live', 'running', %(jobs)s, now() - interval '1 minute', now());
 
 INSERT INTO jobs (workflow_id, key, kind, payload, status, created_at, started_at, finished_at)
 SELECT 1, 'j' || k, 'python', '{"function": "smifdb.examples:noop"}', s::job_status, t,
@@ -94,8 +95,17 @@ SELECT 'r' || g, 'host', g, 64, (CASE WHEN g <= 50 THEN 'active' ELSE 'stopped' 
        CASE WHEN g <= 50 THEN now() ELSE now() - interval '2 days' END, g * 1000, g
 FROM generate_series(1, 550) g;
 
-UPDATE jobs SET lease_owner = 'r' || (id %% 50 + 1), lease_expires_at = now() + interval '5 min'
-WHERE status = 'running';
+UPDATE jobs SET lease_owner = 'r' || (id %% 50 + 1) WHERE status = 'running';
+
+-- What the queue keeps beside the jobs (migration 0009): ready rows, leases, finished counts.
+INSERT INTO ready_jobs (job_id, workflow_id, priority)
+SELECT id, workflow_id, priority FROM jobs WHERE status = 'ready';
+INSERT INTO claims (workflow_id, owner, claimed_at, expires_at, job_ids)
+SELECT workflow_id, lease_owner, started_at, now() + interval '5 min', array_agg(id)
+FROM jobs WHERE status = 'running' GROUP BY workflow_id, lease_owner, started_at;
+INSERT INTO workflow_counts (workflow_id, shard, finished)
+SELECT workflow_id, 0, count(*) FROM jobs
+WHERE status NOT IN ('waiting', 'ready', 'running') GROUP BY workflow_id;
 """
 
 

@@ -85,14 +85,18 @@ def spawn_runners(dsn: str, runners: int, slots: int, batch: int, logs: str) -> 
 
 def vacuum(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("VACUUM ANALYZE jobs, job_edges, workflows, events")
+        conn.execute(
+            "VACUUM ANALYZE jobs, job_edges, workflows, events, ready_jobs, claims, workflow_counts"
+        )
 
 
 def run_smifdb(dsn: str, spec: dict, runners: int, slots: int, batch: int, logs: str) -> dict:
     vacuum(dsn)
     with psycopg.connect(dsn, autocommit=True) as conn:
         wf = smifdb.submit(conn, spec)
-        conn.execute("ANALYZE jobs")  # as pgqueuer's queue: both start with current statistics
+        conn.execute(
+            "ANALYZE jobs, ready_jobs"
+        )  # as pgqueuer's queue: both start with current statistics
     t0 = time.perf_counter()
     procs = spawn_runners(dsn, runners, slots, batch, logs)
     for p in procs:

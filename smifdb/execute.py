@@ -66,11 +66,11 @@ class Attempt:
     job: ClaimedJob
     owner: str
     log_dir: Path
+    watchdog: Watchdog | None = None  # kills the process group if the runner dies
     started: float = field(default_factory=time.monotonic)
     stop_reason: str | None = None  # 'timeout' | 'cancelled' | 'released'
     kill_at: float | None = None  # when a stopped attempt's process group gets SIGKILL
     process: subprocess.Popen | None = None
-    watchdog: Watchdog | None = None  # kills the process group if the runner dies
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
@@ -88,6 +88,7 @@ class Attempt:
             retry_backoff=self.job.retry_backoff,
             key=self.job.key,
             claimed_at=self.job.claimed_at,
+            claim_id=self.job.claim_id,
             **kwargs,
         )
 

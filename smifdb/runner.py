@@ -101,6 +101,13 @@ class Runner:
         self.pending_since = 0.0
         self.next_retry_check = 0.0  # when to ask the database for the next retry time
         self.next_retry_due = float("inf")
+        # Claims (leases) with attempts not yet recorded, and those to close: all recorded.
+        self.claim_left: dict[int, int] = {}
+        self.closing: list[int] = []
+        # Workflows whose counts our last commit raised without seeing them complete: checked
+        # by the next cycle, or before waiting (queue.FinishReport.unsettled).
+        self.unsettled: set[int] = set()
+        self.next_deadline = float("inf")  # no attempt times out before this (monotonic)
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -206,6 +213,8 @@ class Runner:
                 if self.release_at_exit:  # before `stopped`, which would let peers rescue them
                     batch = self.release_at_exit
                     self._recorded(batch, queue.finish(self.conn, self.name, batch))
+                self._settle()
+            if self.conn is not None:
                 runner_rows.set_state(self.conn, self.name, self.host, self.pid, "stopped")
         for _ in self.workers:
             self.todo.put(None)
@@ -249,6 +258,7 @@ class Runner:
                 continue  # more may be ready: claim again as soon as slots free up
             if self.pending:
                 continue
+            self._settle()
             if self._idle_exit():
                 return
             self.wake.wait(self._wait_time())
@@ -276,6 +286,7 @@ class Runner:
             return None
         with self.lock:
             batch, self.pending = self.pending, []
+        closing, recheck = self.closing, self.unsettled  # cleared once the commit succeeds
         try:
             try:
                 report = queue.finish(
@@ -285,9 +296,14 @@ class Runner:
                     claim_n=max(free, 0),
                     lease=self.config.lease,
                     scope=self.config.scope,
+                    close=closing,
+                    recheck=recheck,
+                    defer_settle=True,
                 )
+                self.closing, self.unsettled = [], report.unsettled
             except (psycopg.DataError, psycopg.errors.ProgramLimitExceeded):
                 report, batch = self._record_apart(batch)
+                self.unsettled |= report.unsettled
         except DB_ERRORS:
             with self.lock:
                 self.pending = batch + self.pending
@@ -296,6 +312,25 @@ class Runner:
         self._recorded(batch, report)
         self._start(report.claimed)
         return len(report.claimed)
+
+    def _settle(self) -> None:
+        """Before waiting: check the workflows our last commit left unsettled, close claims."""
+        if not (self.unsettled or self.closing) or self.conn is None:
+            return
+        try:
+            report = queue.finish(
+                self.conn,
+                self.name,
+                [],
+                close=self.closing,
+                recheck=self.unsettled,
+                defer_settle=True,
+            )
+        except DB_ERRORS:
+            self._lost_connection()
+            return
+        self.closing, self.unsettled = [], report.unsettled
+        self._ended(report)
 
     def _finished(self) -> bool:
         """Done once every attempt is recorded (or, past a stop deadline, handed to shutdown).
@@ -336,10 +371,7 @@ class Runner:
     def _wait_time(self) -> float:
         wait = self.config.poll * random.uniform(0.8, 1.2)
         now = time.monotonic()
-        with self.lock:
-            for attempt in self.active.values():
-                if attempt.deadline is not None:
-                    wait = min(wait, max(attempt.deadline - now, 0) + 0.01)
+        wait = min(wait, max(self.next_deadline - now, 0) + 0.01)
         if self.stop_deadline is not None:
             wait = min(wait, max(self.stop_deadline - now, 0) + 0.01)
         if self.conn is not None and not self.stopping.is_set():
@@ -357,18 +389,25 @@ class Runner:
     # -- claiming and running -------------------------------------------------------------
 
     def _start(self, jobs: list) -> None:
+        if not jobs:
+            return
+        attempts = [Attempt(job, self.name, self.config.log_dir, self.watchdog) for job in jobs]
+        for attempt in attempts:
+            job = attempt.job
+            self.claim_left[job.claim_id] = self.claim_left.get(job.claim_id, 0) + 1
+            if attempt.deadline is not None:
+                self.next_deadline = min(self.next_deadline, attempt.deadline)
+        with self.lock:  # one hand-over for the batch: slots may finish before the last starts
+            for attempt in attempts:
+                self.active[attempt.job.id] = attempt
+            self.busy += len(attempts)
+            self.counts["claimed"] += len(attempts)
+        self.total["claimed"] += len(attempts)
         verbose = log.isEnabledFor(logging.DEBUG)
-        for job in jobs:
-            attempt = Attempt(job, self.name, self.config.log_dir, watchdog=self.watchdog)
-            with self.lock:
-                self.active[job.id] = attempt
-                self.busy += 1
+        for attempt in attempts:
             if verbose:
-                log.debug("job claimed", extra=self._job_fields(job, "claimed"))
+                log.debug("job claimed", extra=self._job_fields(attempt.job, "claimed"))
             self.todo.put(attempt)
-        self.total["claimed"] += len(jobs)
-        with self.lock:
-            self.counts["claimed"] += len(jobs)
 
     def _job_fields(self, job: queue.ClaimedJob, event: str) -> dict:
         return {
@@ -392,10 +431,15 @@ class Runner:
         outcome = run_attempt(attempt)
         with self.lock:
             self.busy -= 1
+            # The main loop needs waking for the first outcome (it then lingers for more) and
+            # once nothing runs; the outcomes in between are picked up when the linger ends.
+            # (Waking it for each of 256 quick attempts cost more than the attempts.)
+            wake = not self.pending or not self.busy
             if self.active.get(attempt.job.id) is attempt:
                 del self.active[attempt.job.id]
                 self._add_pending(outcome)
-        self.wake.set()
+        if wake:
+            self.wake.set()
 
     def _report_now(self, attempt: Attempt) -> None:
         """Record a stopped Python attempt without waiting for its thread (it cannot be killed):
@@ -422,13 +466,28 @@ class Runner:
             self._report_now(attempt)
 
     def _enforce_deadlines(self) -> None:
+        """Stop attempts past their timeout, and all of them past the stop deadline.
+
+        Scans the attempts only once the earliest deadline has come (every wake of the main
+        loop would otherwise cost a pass over all running attempts).
+        """
         now = time.monotonic()
+        stop_due = self.stop_deadline is not None and now >= self.stop_deadline
+        if now < self.next_deadline and not stop_due:
+            return
         with self.lock:
             attempts = list(self.active.values())
+        next_deadline = float("inf")
         for attempt in attempts:
-            if attempt.deadline is not None and now >= attempt.deadline and not attempt.stop_reason:
+            deadline = attempt.deadline
+            if deadline is None or attempt.stop_reason:
+                continue
+            if now >= deadline:
                 self._stop_attempt(attempt, "timeout")
-        if self.stop_deadline is not None and now >= self.stop_deadline:
+            else:
+                next_deadline = min(next_deadline, deadline)
+        self.next_deadline = next_deadline
+        if stop_due:
             for attempt in attempts:
                 if not attempt.stop_reason:
                     self._stop_attempt(attempt, "released")
@@ -440,9 +499,16 @@ class Runner:
         return self._cycle(0) is not None
 
     def _recorded(self, batch: list[Outcome], report: queue.FinishReport) -> None:
+        """After the commit: every outcome of ``batch`` is written or was fenced out, so none
+        of its jobs runs under its claim any more (a claim with all its outcomes here closes)."""
         recorded = set(report.recorded)
         verbose = log.isEnabledFor(logging.INFO)
         for outcome in batch:
+            left = self.claim_left.get(outcome.claim_id, 0) - 1
+            if left > 0:
+                self.claim_left[outcome.claim_id] = left
+            elif self.claim_left.pop(outcome.claim_id, None) is not None:
+                self.closing.append(outcome.claim_id)
             if outcome.job_id not in recorded:
                 log.warning(
                     "outcome of job %d attempt %d was not recorded: the lease had moved on",
@@ -459,6 +525,9 @@ class Runner:
                 logs.job_event(log, outcome, "retried" if outcome.retries else outcome.status)
         if any(o.retries for o in batch):
             self.next_retry_check = 0.0  # a retry of ours is due soon: look it up next wait
+        self._ended(report)
+
+    def _ended(self, report: queue.FinishReport) -> None:
         wf = self.config.workflow_id
         if wf is not None and wf in report.finished_workflows:
             self.workflow_done = report.finished_workflows[wf]
@@ -482,6 +551,7 @@ class Runner:
             written.append(outcome)
             total.recorded += report.recorded
             total.finished_workflows.update(report.finished_workflows)
+            total.unsettled |= report.unsettled
         return total, written
 
     def _take_counts(self) -> dict[str, int]:

@@ -26,7 +26,7 @@ from sqlalchemy import (
     func,
     text,
 )
-from sqlalchemy.dialects.postgresql import JSONB, UUID
+from sqlalchemy.dialects.postgresql import ARRAY, JSONB, UUID
 
 from smifdb.states import (
     JOB_KINDS,
@@ -87,7 +87,6 @@ workflows = Table(
     Column("model_run", Text),
     Column("bundle", Integer),
     Column("job_count", Integer, nullable=False),
-    Column("unfinished_jobs", Integer, nullable=False),
     Column("submitted_at", TS, nullable=False, server_default=func.now()),
     Column("started_at", TS),
     Column("finished_at", TS),
@@ -95,10 +94,6 @@ workflows = Table(
     CheckConstraint("job_count > 0", name="workflows_job_count_positive"),
     # A bundle is submitted once, whatever managers race: enforced here, not by timing.
     UniqueConstraint("model_run_id", "bundle", name="workflows_model_run_bundle_key"),
-    CheckConstraint(
-        "unfinished_jobs >= 0 AND unfinished_jobs <= job_count",
-        name="workflows_unfinished_jobs_range",
-    ),
 )
 Index("workflows_status_idx", workflows.c.status)
 # Is anything left to do anywhere? (`runner run --exit-when-idle`, `wait`)
@@ -135,7 +130,6 @@ jobs = Table(
     Column("retry_backoff_seconds", Double, nullable=False, server_default="1"),
     Column("cancel_requested_at", TS),
     Column("lease_owner", Text),
-    Column("lease_expires_at", TS),
     Column("created_at", TS, nullable=False, server_default=func.now()),
     Column("started_at", TS),
     Column("finished_at", TS),
@@ -149,35 +143,61 @@ jobs = Table(
     CheckConstraint("attempts >= 0", name="jobs_attempts_nonnegative"),
     CheckConstraint("timeout_seconds IS NULL OR timeout_seconds > 0", name="jobs_timeout_positive"),
 )
-# The claim query's index: only ready rows, in claim order (priority desc, then age).
-Index(
-    "jobs_claim_idx",
-    jobs.c.priority.desc(),
-    jobs.c.id,
-    postgresql_where=text("status = 'ready'"),
+# Per-workflow reads use jobs_workflow_key_key (workflow_id leads it). No index names a column
+# that a claim or a completion changes (status, lease, not_before), so those updates are HOT:
+# the queue's orders live in ready_jobs, its leases in claims (migration 0009).
+
+# One row per ready job, in claim order (priority desc, then age): inserted when a job becomes
+# ready, deleted by the claim that takes it. Narrow, and never updated.
+ready_jobs = Table(
+    "ready_jobs",
+    metadata,
+    Column("job_id", BigInteger, nullable=False),
+    Column("workflow_id", BigInteger, nullable=False),
+    Column("priority", Integer, nullable=False),
+    Column("not_before", TS),
 )
+Index("ready_jobs_claim_idx", ready_jobs.c.priority.desc(), ready_jobs.c.job_id)
 # Claims scoped to one workflow (smifdb run) or a model run's bundles: an ordered range scan.
 Index(
-    "jobs_claim_workflow_idx",
-    jobs.c.workflow_id,
-    jobs.c.priority.desc(),
-    jobs.c.id,
-    postgresql_where=text("status = 'ready'"),
-)
-# Lease rescue scans only running jobs.
-Index(
-    "jobs_running_lease_idx",
-    jobs.c.lease_expires_at,
-    postgresql_where=text("status = 'running'"),
+    "ready_jobs_workflow_idx",
+    ready_jobs.c.workflow_id,
+    ready_jobs.c.priority.desc(),
+    ready_jobs.c.job_id,
 )
 # When is the next retry due? (runners sleep until then)
 Index(
-    "jobs_retry_idx",
-    jobs.c.not_before,
-    postgresql_where=text("status = 'ready' AND not_before IS NOT NULL"),
+    "ready_jobs_retry_idx",
+    ready_jobs.c.not_before,
+    postgresql_where=text("not_before IS NOT NULL"),
 )
-# Per-workflow reads use jobs_workflow_key_key (workflow_id leads it): no extra index, because
-# every status change of a job is a non-HOT update that writes to every index.
+
+# One row per claim batch and workflow: the lease on its jobs. Open until every job of it is
+# recorded; rescue reads only open claims, renewal extends a claim, not each job.
+claims = Table(
+    "claims",
+    metadata,
+    Column("id", BigInteger, Identity(always=False), primary_key=True),
+    Column("workflow_id", BigInteger, nullable=False),
+    Column("owner", Text, nullable=False),
+    Column("claimed_at", TS, nullable=False),  # the jobs' started_at: part of the fence
+    Column("expires_at", TS, nullable=False),
+    Column("closed_at", TS),
+    Column("job_ids", ARRAY(BigInteger), nullable=False),
+)
+Index("claims_open_idx", claims.c.owner, postgresql_where=text("closed_at IS NULL"))
+Index("claims_workflow_idx", claims.c.workflow_id)
+
+# Finished jobs per workflow, one row per recording session (shard: its backend pid), so that
+# runners recording into one workflow never wait for each other's row. Progress is the sum.
+workflow_counts = Table(
+    "workflow_counts",
+    metadata,
+    Column("workflow_id", BigInteger, nullable=False),
+    Column("shard", Integer, nullable=False),
+    Column("finished", Integer, nullable=False),
+    PrimaryKeyConstraint("workflow_id", "shard", name="workflow_counts_pkey"),
+)
 
 job_edges = Table(
     "job_edges",

@@ -128,8 +128,8 @@ def test_a_bundle_cannot_be_submitted_twice(dsn, conn, tmp_path) -> None:
     model_run = modelruns.get(conn, "x")
     with pytest.raises(psycopg.errors.UniqueViolation):
         conn.execute(
-            "INSERT INTO workflows (name, model_run_id, bundle, job_count, unfinished_jobs)"
-            " VALUES ('again', %s, 0, 1, 1)",
+            "INSERT INTO workflows (name, model_run_id, bundle, job_count)"
+            " VALUES ('again', %s, 0, 1)",
             [model_run.id],
         )
 

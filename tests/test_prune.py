@@ -408,9 +408,9 @@ def fake_history(conn: psycopg.Connection, workflows: int, jobs: int, age: str) 
     conn.execute(
         """
         WITH w AS (
-            INSERT INTO workflows (name, status, job_count, unfinished_jobs, submitted_at,
-                                   started_at, finished_at)
-            SELECT 'fake', 'succeeded', %(jobs)s, 0, now() - %(age)s::interval,
+            INSERT INTO workflows (name, status, job_count, submitted_at, started_at,
+                                   finished_at)
+            SELECT 'fake', 'succeeded', %(jobs)s, now() - %(age)s::interval,
                    now() - %(age)s::interval, now() - %(age)s::interval
             FROM generate_series(1, %(workflows)s)
             RETURNING id

@@ -62,7 +62,8 @@ def test_claim_order_priority_then_age_and_batch(conn) -> None:
 def test_claim_skips_rows_locked_by_another_claim(conn, dsn) -> None:
     smifdb.submit(conn, {"jobs": [job(f"j{i}") for i in range(4)]})
     other = psycopg.connect(dsn)
-    other.execute("SELECT id FROM jobs ORDER BY id LIMIT 2 FOR NO KEY UPDATE")  # held open
+    # Another claim in flight: it holds the first two queue rows.
+    other.execute("SELECT job_id FROM ready_jobs ORDER BY job_id LIMIT 2 FOR UPDATE")
     try:
         got = queue.claim(conn, "r1", 10, lease=60)
         assert [c.key for c in got] == ["j2", "j3"]
@@ -126,7 +127,9 @@ def test_failure_retries_with_backoff_then_fails_and_propagates(conn) -> None:
     assert 14 <= row[2].total_seconds() <= 46  # 30 s nominal, jittered to [15, 45)
     assert queue.claim(conn, "r1", 10, lease=60) == []  # not claimable before not_before
     assert 14 <= queue.seconds_until_next_retry(conn) <= 46
-    conn.execute("UPDATE jobs SET not_before = now() WHERE key = 'a'")
+    conn.execute(  # the backoff is over
+        "UPDATE ready_jobs SET not_before = now() WHERE job_id = (SELECT id FROM jobs WHERE key = 'a')"
+    )
     (a2,) = queue.claim(conn, "r1", 10, lease=60)
     assert a2.attempt == 2
     queue.finish(conn, "r1", done([a2], status="failed", error="boom again"))
@@ -165,7 +168,7 @@ def test_expired_lease_is_rescued_even_with_live_runner(conn) -> None:
     runner_rows.start(conn, "r1", host="h", pid=1, slots=1, dead_after=30)
     (a,) = queue.claim(conn, "r1", 1, lease=60)
     assert queue.rescue(conn, "x", dead_after=30).recorded == []
-    conn.execute("UPDATE jobs SET lease_expires_at = now() - interval '1 second'")
+    conn.execute("UPDATE claims SET expires_at = now() - interval '1 second'")
     assert queue.rescue(conn, "x", dead_after=30).recorded == [a.id]
     reason = conn.execute("SELECT reason FROM events ORDER BY id DESC LIMIT 1").fetchone()[0]
     assert "lease expired" in reason
@@ -220,14 +223,14 @@ def test_runners_recording_and_claiming_crosswise_do_not_deadlock(dsn, conn, mon
         with psycopg.connect(dsn, autocommit=True) as c:
             (xa,) = queue.claim(c, "r1", 1, lease=60, scope=queue.Scope(workflow_id=wa))
             (xb,) = queue.claim(c, "r2", 1, lease=60, scope=queue.Scope(workflow_id=wb))
-    settle = queue._settle_cursor
+    settle = queue._settle
     barrier = threading.Barrier(2)
 
     def settle_together(*args):  # both claims are made before either settles
         barrier.wait(timeout=10)
         return settle(*args)
 
-    monkeypatch.setattr(queue, "_settle_cursor", settle_together)
+    monkeypatch.setattr(queue, "_settle", settle_together)
     errors: list[BaseException] = []
 
     def record(owner: str, claimed: queue.ClaimedJob, other: int) -> None:
@@ -388,12 +391,15 @@ def test_a_cancel_that_waits_while_the_workflow_fails_still_stops_its_running_jo
     assert queue.cancel_requested(conn, "r1", ids) == ids
 
 
-def test_claim_uses_the_partial_index(conn) -> None:
+def test_claim_reads_only_ready_rows_through_the_claim_index(conn) -> None:
+    """The claim predicate's rows (ready jobs) are their own table, read in claim order through
+    its index; the picked rows are deleted by ctid and their jobs found by primary key."""
     spec = {"jobs": [job(f"j{i}") for i in range(3000)]}
     for _ in range(3):
         smifdb.submit(conn, spec)
     conn.execute("UPDATE jobs SET status = 'succeeded' WHERE id % 100 <> 0")
-    conn.execute("ANALYZE jobs")
+    conn.execute("DELETE FROM ready_jobs WHERE job_id % 100 <> 0")
+    conn.execute("ANALYZE jobs, ready_jobs")
     plan = "\n".join(
         r[0]
         for r in conn.execute(
@@ -401,8 +407,13 @@ def test_claim_uses_the_partial_index(conn) -> None:
             {"n": 10, "owner": "r1", "lease": 60, "workflow_id": None},
         )
     )
-    assert "jobs_claim_idx" in plan, plan
-    assert "Seq Scan on jobs" not in plan, plan
+    picked = plan[plan.index("CTE picked") : plan.index("CTE dequeued")]
+    assert "Index Scan using ready_jobs_claim_idx on ready_jobs" in picked, plan
+    dequeued = plan[plan.index("CTE dequeued") : plan.index("CTE claimed")]
+    assert "Tid Scan on ready_jobs" in dequeued, plan
+    claimed = plan[plan.index("CTE claimed") : plan.index("CTE leased")]
+    assert "jobs_pkey" in claimed, plan
+    assert "Seq Scan" not in plan, plan
 
 
 def _explain(conn: psycopg.Connection, sql: str, params: dict) -> str:
@@ -415,13 +426,12 @@ def _explain(conn: psycopg.Connection, sql: str, params: dict) -> str:
 def test_claim_and_record_plans_survive_stale_statistics(conn) -> None:
     """Statistics lag a queue: VACUUM ANALYZE last saw no jobs at all, then a big DAG came.
 
-    Each claim must still be an ordered partial-index scan that stops at n, not a bitmap scan
-    and sort of every ready job (any scope) nor a read of every job of the workflow through its
-    key index (workflow and model-run scopes). Recording must find each job by id, not through
-    the running-jobs index, whose dead entries grow with every job claimed since the last
-    vacuum. (Both mistakes were made here before: claims cost O(ready), records O(history).)
+    Each claim must still be an ordered index scan of ready_jobs that stops at n, not a bitmap
+    scan and sort of every ready job (any scope), nor a scan of every ready row, filtered by
+    workflow (workflow and model-run scopes). Recording must find each job by id. (Both
+    mistakes were made here before: claims cost O(ready), records O(history).)
     """
-    conn.execute("VACUUM ANALYZE jobs")  # while empty
+    conn.execute("VACUUM ANALYZE jobs, ready_jobs")  # while empty
     wf = smifdb.submit(conn, {"jobs": [job(f"j{i}") for i in range(20000)]})
     run = conn.execute(
         "INSERT INTO model_runs (name, kind, project_dir, decide)"
@@ -430,14 +440,14 @@ def test_claim_and_record_plans_survive_stale_statistics(conn) -> None:
     conn.execute("UPDATE workflows SET model_run_id = %s, bundle = 0 WHERE id = %s", [run, wf])
     params = {"n": 64, "owner": "r1", "lease": 60, "workflow_id": wf, "model_run_id": run}
     scopes = {
-        "any": (queue.CLAIM_ANY, "jobs_claim_idx"),
-        "workflow": (queue.CLAIM_WORKFLOW, "jobs_claim_workflow_idx"),
-        "model run": (queue.CLAIM_MODEL_RUN, "jobs_claim_workflow_idx"),
+        "any": (queue.CLAIM_ANY, "ready_jobs_claim_idx"),
+        "workflow": (queue.CLAIM_WORKFLOW, "ready_jobs_workflow_idx"),
+        "model run": (queue.CLAIM_MODEL_RUN, "ready_jobs_workflow_idx"),
     }
     for name, (sql, index) in scopes.items():
         plan = _explain(conn, sql, params)
-        picked = plan[plan.index("CTE picked") : plan.index("CTE claimed")]
-        assert f"Index Scan using {index} on jobs" in picked, (name, plan)
+        picked = plan[plan.index("CTE picked") : plan.index("CTE dequeued")]
+        assert f"Index Scan using {index} on ready_jobs" in picked, (name, plan)
         assert "Bitmap" not in picked, (name, plan)
         if name != "model run":  # which merges its bundles' first n rows: a top-n sort
             assert "Sort" not in picked, (name, plan)
@@ -447,7 +457,6 @@ def test_claim_and_record_plans_survive_stale_statistics(conn) -> None:
     plan = _explain(conn, queue._RECORD_AND_PROMOTE, {"outcomes": outcomes, "actor": "r1"})
     updated = plan[plan.index("CTE updated") : plan.index("CTE logged")]
     assert "Index Scan using jobs_pkey on jobs j" in updated, plan
-    assert "jobs_running_lease_idx" not in plan, plan
 
 
 def test_exactly_once_under_concurrent_claims(dsn, conn) -> None:

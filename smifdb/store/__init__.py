@@ -29,7 +29,13 @@ MODEL_RUN_CHANNEL = "smifdb_model_run"  # payload: model run id, when one ends
 
 # The migration this code expects: alembic's head, written down so that starting a runner or a
 # CLI command need not import alembic (0.2 s) to find it. tests/test_migrations.py checks it.
-SCHEMA_REVISION = "0008"
+SCHEMA_REVISION = "0009"
+
+
+# A workflow `w`'s finished jobs: the sum of its sessions' counts (migration 0009).
+FINISHED_JOBS = (
+    "(SELECT coalesce(sum(n.finished), 0)::int FROM workflow_counts n WHERE n.workflow_id = w.id)"
+)
 
 
 class SchemaError(RuntimeError):

@@ -4,7 +4,9 @@ Waiting and ready jobs end at once. Running jobs are ended by their runners, tol
 (and their heartbeat) to terminate them and record them cancelled, fenced like any completion:
 a running job is cancelled when its workflow is, or when it carries cancel_requested_at.
 
-Locking: the waiting and ready jobs are locked in id order. Then either the workflow is
+Locking: the ready jobs' queue rows are deleted first (a claim holding one makes its job
+running, and the cancel then finds it running), then the waiting and ready jobs are locked in
+id order. Then either the workflow is
 cancelled (its row locked last; its running jobs are not locked at all), or, for one job
 cancelled by key (with its descendants, which run if it had already finished) or a workflow
 that has failed, the running jobs are flagged, locked in id order, and the workflow row is not
@@ -20,7 +22,7 @@ from dataclasses import dataclass, field
 import psycopg
 
 from smifdb.store import CANCEL_CHANNEL, notify, queue
-from smifdb.store.queue import settle_workflows
+from smifdb.store.queue import settle, settle_workflows
 
 
 class NotFound(LookupError):
@@ -42,6 +44,11 @@ _WORKFLOW_JOBS = (
     "SELECT id FROM jobs WHERE workflow_id = %s AND status IN ('waiting', 'ready', 'running')"
 )
 
+# Out of the queue before their rows are locked: ready_jobs rows come first in every lock order.
+# (Waits for a claim holding one, which never waits for this transaction.)
+_DEQUEUE = """
+DELETE FROM ready_jobs WHERE workflow_id = %(workflow)s AND job_id = ANY(%(ids)s::bigint[])
+"""
 # Lock the jobs first (ascending id), then the workflow: the order every writer uses.
 _LOCK_IDLE = """
 SELECT id FROM jobs WHERE id = ANY(%s) AND status IN ('waiting', 'ready')
@@ -121,7 +128,9 @@ def cancel(
             targets = [job[0], *(r[0] for r in below)]
         if finished:
             return CancelReport(old_status, already_finished=True)
-        idle = [r[0] for r in conn.execute(_LOCK_IDLE, [sorted(set(targets))]).fetchall()]
+        targets = sorted(set(targets))
+        conn.execute(_DEQUEUE, {"workflow": workflow_id, "ids": queue.array(targets)})
+        idle = [r[0] for r in conn.execute(_LOCK_IDLE, [targets]).fetchall()]
         report = CancelReport(old_status)
         args = {"ids": idle, "actor": actor, "reason": reason}
         report.cancelled = conn.execute(_CANCEL_IDLE, args).fetchone()[0] if idle else 0
@@ -134,11 +143,14 @@ def cancel(
             report.terminating = conn.execute(_RUNNING, [targets]).fetchone()[0]
         else:  # the job named and its descendants (running if it had already finished), or a
             # failed workflow's jobs, whether it failed before this cancel or while it waited
-            flag = {"ids": sorted(set(targets)), "actor": actor, "reason": reason}
+            flag = {"ids": targets, "actor": actor, "reason": reason}
             report.terminating = conn.execute(_FLAG_RUNNING, flag).fetchone()[0]
+        unsettled: set[int] = set()
         if report.cancelled:
-            report.ended = settle_workflows(conn, actor, Counter({workflow_id: report.cancelled}))
+            counted = Counter({workflow_id: report.cancelled})
+            report.ended, unsettled = settle_workflows(conn, actor, counted)
         if report.terminating:
             notify(conn, CANCEL_CHANNEL, workflow_id)
-        report.workflow_status = conn.execute(_WORKFLOW_STATUS, [workflow_id]).fetchone()[0]
+    report.ended |= settle(conn, actor, unsettled)
+    report.workflow_status = conn.execute(_WORKFLOW_STATUS, [workflow_id]).fetchone()[0]
     return report

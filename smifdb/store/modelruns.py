@@ -16,7 +16,7 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
 from smifdb.spec import Dag
-from smifdb.store import MODEL_RUN_CHANNEL, control, notify
+from smifdb.store import FINISHED_JOBS, MODEL_RUN_CHANNEL, control, notify
 from smifdb.store.submit import submit_dag
 
 
@@ -90,12 +90,12 @@ _LOCK = f"SELECT {_COLUMNS} FROM model_runs m WHERE m.id = %s FOR NO KEY UPDATE"
 _UNFINISHED_FRAGMENTS = """
 SELECT id FROM workflows WHERE model_run_id = %s AND finished_at IS NULL ORDER BY id
 """
-_LIST = """
+_LIST = f"""
 SELECT m.id, m.name, m.kind::text AS kind, m.project_dir, m.status::text AS status, m.bundles,
        m.error, m.submitted_at, m.finished_at,
        extract(epoch FROM coalesce(m.finished_at, now()) - m.submitted_at)::float AS elapsed,
        coalesce(sum(w.job_count), 0)::int AS jobs,
-       coalesce(sum(w.job_count - w.unfinished_jobs), 0)::int AS jobs_finished,
+       coalesce(sum({FINISHED_JOBS}), 0)::int AS jobs_finished,
        (array_agg(w.id ORDER BY w.bundle DESC))[1] AS current_workflow
 FROM model_runs m LEFT JOIN workflows w ON w.model_run_id = m.id
 WHERE (%(id)s::bigint IS NULL OR m.id = %(id)s)
@@ -105,10 +105,10 @@ GROUP BY m.id
 ORDER BY m.id DESC
 LIMIT %(limit)s
 """
-_BUNDLES = """
-SELECT bundle, id AS workflow_id, name, status::text AS status, job_count, unfinished_jobs,
-       submitted_at, finished_at
-FROM workflows WHERE model_run_id = %s ORDER BY bundle
+_BUNDLES = f"""
+SELECT w.bundle, w.id AS workflow_id, w.name, w.status::text AS status, w.job_count,
+       w.job_count - {FINISHED_JOBS} AS unfinished_jobs, w.submitted_at, w.finished_at
+FROM workflows w WHERE w.model_run_id = %s ORDER BY w.bundle
 """
 _WORK = """
 SELECT coalesce(sum(extract(epoch FROM j.finished_at - j.started_at)), 0)::float,

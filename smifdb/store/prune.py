@@ -3,8 +3,8 @@
 A workflow can go once it finished before the cutoff, unless it is a bundle of a model run: a
 bundle goes only with its whole model run, once that run finished before the cutoff and every
 one of its bundles did too (a running model run's history is its decision input). Unfinished
-workflows are never touched. Events have no foreign keys, so they are deleted explicitly by
-workflow_id (which covers job events) and by model_run_id.
+workflows are never touched. Events, claims and workflow counts have no foreign keys, so they
+are deleted explicitly by workflow_id (which covers job events) and by model_run_id.
 
 Work is done in short transactions of at most ``batch_size`` workflows and ``max_jobs`` jobs (a
 bigger workflow loses its jobs over several transactions, its row last). Each transaction locks
@@ -128,6 +128,9 @@ DELETE FROM job_edges WHERE parent_id = ANY(ARRAY(
 """
 DELETE_WORKFLOW_JOBS = "DELETE FROM jobs WHERE workflow_id = ANY(%(ids)s::bigint[])"
 DELETE_WORKFLOWS = "DELETE FROM workflows WHERE id = ANY(%(ids)s::bigint[])"
+# A finished workflow's leases (all closed) and finished counts go with its row.
+DELETE_WORKFLOW_CLAIMS = "DELETE FROM claims WHERE workflow_id = ANY(%(ids)s::bigint[])"
+DELETE_WORKFLOW_COUNTS = "DELETE FROM workflow_counts WHERE workflow_id = ANY(%(ids)s::bigint[])"
 
 # Part of one big workflow: some of its jobs, with their events and edges in both directions.
 SOME_JOBS = "SELECT id FROM jobs WHERE workflow_id = %(id)s LIMIT %(limit)s"
@@ -366,6 +369,8 @@ class _Pruner:
                     events = self._delete_events(DELETE_WORKFLOW_EVENTS, ids)
                     report.edges += conn.execute(DELETE_WORKFLOW_EDGES, ids).rowcount
                     report.jobs += conn.execute(DELETE_WORKFLOW_JOBS, ids).rowcount
+                    conn.execute(DELETE_WORKFLOW_CLAIMS, ids)
+                    conn.execute(DELETE_WORKFLOW_COUNTS, ids)
                     report.workflows += conn.execute(DELETE_WORKFLOWS, ids).rowcount
                     self._archive(events)
             report.transactions += 1

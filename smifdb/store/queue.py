@@ -5,6 +5,18 @@ a late or duplicate write — a runner that lost its lease, a retried completion
 COMMIT, a rescue racing a completion — matches no row and changes nothing. started_at is the
 claiming transaction's now(), so it tells two claims apart even where the attempt number does
 not: a released attempt is not counted, and the next claim reuses its number.
+
+Where things live (migration 0009): a ready job has a row in ``ready_jobs`` (the claim orders);
+a claimed job's lease is its ``claims`` row (one per claim batch and workflow, open until its
+jobs are recorded); a workflow's finished jobs are summed over its ``workflow_counts`` rows (one
+per recording session). No index of ``jobs`` names a column these paths change, so claiming and
+recording are HOT updates, and runners recording into one workflow never queue for its row.
+
+Lock order, which every writer follows: ready_jobs rows (only the claim waits for none, with
+SKIP LOCKED), then jobs rows in ascending id, then one's own workflow_counts rows, then workflow
+rows in ascending id. A claim's own job rows are never waited for: whoever else takes a ready
+job out of the queue deletes its ready_jobs row first (cancel) or holds its row from before it
+was ready (promotion), so a claim never finds a job it picked locked.
 """
 
 from __future__ import annotations
@@ -40,6 +52,7 @@ class ClaimedJob(NamedTuple):
     priority: int = 0
     claimed_at: datetime | None = None  # jobs.started_at as claimed: part of the fence
     workflow_pending: bool = False  # its workflow's first claim: start_workflows marks it running
+    claim_id: int | None = None  # its claims row: the lease, closed once all its jobs are recorded
 
 
 @dataclass(slots=True)
@@ -64,6 +77,7 @@ class Outcome:
     reason: str | None = None
     key: str | None = None  # the job's key, for log lines only
     claimed_at: datetime | None = None  # the claim this outcome ends (None: any claim)
+    claim_id: int | None = None  # the claims row it belongs to (runner bookkeeping only)
 
     @property
     def retries(self) -> bool:
@@ -86,6 +100,10 @@ class FinishReport:
     claimed: list[ClaimedJob] = field(default_factory=list)
     finished_workflows: dict[int, str] = field(default_factory=dict)  # id -> final status
     taken: list[Outcome] = field(default_factory=list)  # rescue/release: the outcomes written
+    # Workflows whose finished count this transaction raised but which it did not see complete:
+    # another session may have finished their last jobs meanwhile, unseen. A check after the
+    # commit (settle, or the next finish's recheck) sees both.
+    unsettled: set[int] = field(default_factory=set)
 
 
 def backoff_delay(attempt: int, base: float, rng: random.Random | None = None) -> float:
@@ -96,29 +114,40 @@ def backoff_delay(attempt: int, base: float, rng: random.Random | None = None) -
 
 # -- claim ------------------------------------------------------------------------------
 
-# Ready jobs in claim order (priority, then age) through a partial index, locked as they are
-# read: SKIP LOCKED passes over rows another claim holds, and LIMIT stops the scan at n.
+# Ready jobs in claim order (priority, then age) through a ready_jobs index, locked as they are
+# read: SKIP LOCKED passes over rows another claim holds, and LIMIT stops the scan at n. FOR
+# UPDATE, not NO KEY UPDATE: the rows are deleted, and no foreign key points at them.
 _PICK = """
-    SELECT id, priority FROM jobs
-    WHERE status = 'ready'
-      AND (not_before IS NULL OR not_before <= now())
+    SELECT ctid, job_id, priority FROM ready_jobs
+    WHERE (not_before IS NULL OR not_before <= now())
       {scope}
-    ORDER BY priority DESC, id
+    ORDER BY priority DESC, job_id
     LIMIT %(n)s
-    FOR NO KEY UPDATE SKIP LOCKED
+    FOR UPDATE SKIP LOCKED
 """
+# The picked rows leave the queue (by ctid: no index is read or written) and their jobs become
+# running (a HOT update: no index names what changes). A picked row whose job is no longer ready
+# (none should be) is deleted and not claimed. One claims row per workflow holds the lease.
 _CLAIM = """
 WITH picked AS MATERIALIZED ({picked}
+), dequeued AS (
+    DELETE FROM ready_jobs r WHERE r.ctid = ANY(ARRAY(SELECT ctid FROM picked))
+    RETURNING r.job_id
 ), claimed AS (
     UPDATE jobs j
     SET status = 'running', attempts = j.attempts + 1, lease_owner = %(owner)s,
-        lease_expires_at = now() + make_interval(secs => %(lease)s),
         started_at = now(), not_before = NULL
-    FROM picked
-    WHERE j.id = picked.id
-    RETURNING j.id, j.workflow_id, j.key, j.kind::text, j.payload, j.attempts,
+    FROM dequeued d
+    WHERE j.id = d.job_id AND j.status = 'ready'
+    RETURNING j.id, j.workflow_id, j.key, j.kind::text AS kind, j.payload, j.attempts,
               j.max_attempts, j.timeout_seconds, j.retry_backoff_seconds, j.priority,
               j.started_at
+), leased AS (
+    INSERT INTO claims (workflow_id, owner, claimed_at, expires_at, job_ids)
+    SELECT workflow_id, %(owner)s, now(), now() + make_interval(secs => %(lease)s),
+           array_agg(id ORDER BY id)
+    FROM claimed GROUP BY workflow_id
+    RETURNING id, workflow_id
 ), logged AS (
     INSERT INTO events (workflow_id, job_id, from_status, to_status, attempt, actor, reason)
     SELECT workflow_id, id, 'ready', 'running', attempts, %(owner)s, 'claimed' FROM claimed
@@ -126,13 +155,17 @@ WITH picked AS MATERIALIZED ({picked}
     SELECT id FROM workflows
     WHERE id IN (SELECT workflow_id FROM claimed) AND status = 'pending'
 )
-SELECT c.*, c.workflow_id IN (SELECT id FROM pending) FROM claimed c ORDER BY priority DESC, id
+SELECT c.id, c.workflow_id, c.key, c.kind, c.payload, c.attempts, c.max_attempts,
+       c.timeout_seconds, c.retry_backoff_seconds, c.priority, c.started_at,
+       c.workflow_id IN (SELECT id FROM pending), l.id
+FROM claimed c JOIN leased l ON l.workflow_id = c.workflow_id
+ORDER BY c.priority DESC, c.id
 """
 # A workflow's first claim marks it running: a statement of its own, run after any workflow
 # rows the transaction must wait for are locked (finish settles them first). Locking them in
 # the claim would hold rows another runner's settle waits for while this transaction waits
 # for that runner's: a deadlock. It never waits itself: whoever holds a pending workflow's row
-# is recording outcomes of its jobs and marks it running (_SETTLE_WORKFLOWS), or cancelling it.
+# is recording outcomes of its jobs and settling it, or cancelling it.
 _START_WORKFLOWS = """
 WITH started AS (
     UPDATE workflows w SET status = 'running', started_at = now()
@@ -148,15 +181,15 @@ SELECT id, 'pending', 'running', %(owner)s, 'first job claimed' FROM started
 """
 CLAIM_ANY = _CLAIM.format(picked=_PICK.format(scope=""))
 CLAIM_WORKFLOW = _CLAIM.format(picked=_PICK.format(scope="AND workflow_id = %(workflow_id)s"))
-# A model run's unfinished bundles, each read in claim order through jobs_claim_workflow_idx,
+# A model run's unfinished bundles, each read in claim order through ready_jobs_workflow_idx,
 # merged, and the first n kept. (Rows locked past the n are released at commit.) One scan of
 # the whole ready set, filtered by workflow, would read every other model run's jobs first.
 CLAIM_MODEL_RUN = _CLAIM.format(
     picked="""
-    SELECT c.id FROM workflows w
+    SELECT c.ctid, c.job_id FROM workflows w
     CROSS JOIN LATERAL ({pick}) c
     WHERE w.model_run_id = %(model_run_id)s AND w.finished_at IS NULL
-    ORDER BY c.priority DESC, c.id
+    ORDER BY c.priority DESC, c.job_id
     LIMIT %(n)s""".format(pick=_PICK.format(scope="AND workflow_id = w.id"))
 )
 
@@ -164,9 +197,9 @@ CLAIM_MODEL_RUN = _CLAIM.format(
 # A queue's ready set changes faster than ANALYZE runs, so the planner's estimate of ready jobs
 # is nearly always stale. Under-estimated (a big DAG just submitted, a wide fan-out just
 # released), it picks a bitmap scan of every ready job plus a sort: 3-5x the cost of the claim
-# at 40,000 ready jobs. Without bitmap scans it keeps the ordered partial-index scan, which
-# stops after n rows. Local to the claiming transaction, whose other statements are all
-# index lookups of known ids.
+# at 40,000 ready jobs. Without bitmap scans it keeps the ordered index scan, which stops after
+# n rows. Local to the claiming transaction, whose other statements are all index lookups of
+# known ids.
 PLAN_CLAIM = "SET LOCAL enable_bitmapscan = off"
 
 
@@ -250,6 +283,14 @@ WHERE id = ANY(ARRAY(
 ORDER BY id FOR NO KEY UPDATE
 """
 
+# Claims whose jobs are all recorded (or were taken from their holder): closed, so that rescue
+# and renewal no longer read them. SKIP LOCKED: one a rescuer holds is closed by the sweep.
+_CLOSE_CLAIMS = """
+UPDATE claims SET closed_at = now()
+WHERE id IN (SELECT id FROM claims WHERE id = ANY(%s::bigint[]) AND closed_at IS NULL
+             FOR NO KEY UPDATE SKIP LOCKED)
+"""
+
 _RECORD_TEMPLATE = """
 WITH o AS (
     SELECT * FROM jsonb_to_recordset(%(outcomes)s::jsonb) AS o(
@@ -264,8 +305,6 @@ WITH o AS (
         END)::job_status,
         attempts = j.attempts - (o.outcome = 'released')::int,
         not_before = o.not_before,
-        lease_owner = NULL,
-        lease_expires_at = NULL,
         finished_at = CASE
             WHEN o.outcome NOT IN ('retry', 'released') THEN now()
             WHEN {cancelled} THEN now()
@@ -275,14 +314,16 @@ WITH o AS (
         error = o.error,
         log_tail = o.log_tail
     FROM o
-    -- status::text, not status: the planner must not use the running-jobs partial index here,
-    -- whose dead entries (every job ever claimed since the last vacuum) it cannot count.
-    WHERE j.id = o.id AND j.status::text = 'running' AND j.lease_owner = o.owner
+    WHERE j.id = o.id AND j.status = 'running' AND j.lease_owner = o.owner
       AND j.attempts = o.attempt AND (o.claimed_at IS NULL OR j.started_at = o.claimed_at)
-    RETURNING j.id, j.workflow_id, j.status::text AS status, o.outcome, o.attempt, o.reason
+    RETURNING j.id, j.workflow_id, j.status::text AS status, j.priority, j.not_before, o.outcome,
+              o.attempt, o.reason
 ), logged AS (
     INSERT INTO events (workflow_id, job_id, from_status, to_status, attempt, actor, reason)
     SELECT workflow_id, id, 'running', status, attempt, %(actor)s, reason FROM updated
+), requeued AS (
+    INSERT INTO ready_jobs (job_id, workflow_id, priority, not_before)
+    SELECT id, workflow_id, priority, not_before FROM updated WHERE status = 'ready'
 )
 {promote}SELECT workflow_id,
        array_agg(id) AS recorded,
@@ -291,8 +332,8 @@ WITH o AS (
        {became_ready} AS became_ready
 FROM updated GROUP BY workflow_id
 """
-# Children of the jobs that succeeded count down; at zero they become ready. The children
-# were locked by _LOCK_JOBS, and are never the rows `updated` touches.
+# Children of the jobs that succeeded count down; at zero they become ready and join the queue.
+# The children were locked by _LOCK_JOBS, and are never the rows `updated` touches.
 _PROMOTE = """, done AS (
     SELECT e.child_id, count(*)::int AS n FROM job_edges e
     WHERE e.parent_id = ANY(ARRAY(SELECT id FROM updated WHERE status = 'succeeded'))
@@ -304,7 +345,11 @@ _PROMOTE = """, done AS (
                        THEN 'ready' ELSE j.status::text END)::job_status
     FROM done
     WHERE j.id = done.child_id
-    RETURNING j.id, j.workflow_id, j.status::text AS status, j.unfinished_parents
+    RETURNING j.id, j.workflow_id, j.priority, j.status::text AS status, j.unfinished_parents
+), promoted_queued AS (
+    INSERT INTO ready_jobs (job_id, workflow_id, priority)
+    SELECT id, workflow_id, priority FROM promoted
+    WHERE status = 'ready' AND unfinished_parents = 0
 ), promoted_logged AS (
     INSERT INTO events (workflow_id, job_id, from_status, to_status, actor, reason)
     SELECT workflow_id, id, 'waiting', 'ready', %(actor)s, 'all parents succeeded'
@@ -321,7 +366,15 @@ _RECORD_AND_PROMOTE = _RECORD_TEMPLATE.format(
     became_ready="(SELECT count(*) FROM promoted WHERE status = 'ready' AND unfinished_parents = 0)",
 )
 
-
+# Ready rows of jobs leaving the queue other than by a claim: SKIP LOCKED, since this runs with
+# job rows locked (a claim holding a row finds the job no longer ready and drops it). Found
+# through ready_jobs_workflow_idx (the job's workflow, then its id).
+DEQUEUE = """
+DELETE FROM ready_jobs WHERE ctid = ANY(ARRAY(
+    SELECT ctid FROM ready_jobs
+    WHERE workflow_id = ANY(%(workflows)s::bigint[]) AND job_id = ANY(%(ids)s::bigint[])
+    FOR UPDATE SKIP LOCKED))
+"""
 _FAIL_DESCENDANTS = """
 WITH victims AS (
     SELECT j.id, j.status::text AS old FROM jobs j
@@ -336,45 +389,73 @@ WITH victims AS (
     SELECT workflow_id, id, old, 'upstream_failed', %(actor)s, 'an upstream job failed'
     FROM updated
 )
-SELECT workflow_id, count(*) FROM updated GROUP BY workflow_id
+SELECT workflow_id, count(*), array_agg(id) FILTER (WHERE old = 'ready') FROM updated
+GROUP BY workflow_id
 """
 
+# Finished jobs are counted in this session's own row of each workflow (shard: the backend's
+# pid, unique among live sessions): no other session ever waits for it.
+_COUNT_FINISHED = """
+INSERT INTO workflow_counts AS n (workflow_id, shard, finished)
+SELECT id, pg_backend_pid(), k FROM unnest(%(ids)s::bigint[], %(finished)s::int[]) AS d(id, k)
+ON CONFLICT (workflow_id, shard) DO UPDATE SET finished = n.finished + EXCLUDED.finished
+"""
 _LOCK_WORKFLOWS = (
     "SELECT id FROM workflows WHERE id = ANY(%s::bigint[]) ORDER BY id FOR NO KEY UPDATE"
 )
-
-# Subtract newly finished jobs from each workflow; a final failure fails the workflow at once
-# (other branches may still finish); the last job to finish decides the end status.
-_SETTLE_WORKFLOWS = """
-WITH d AS (
-    SELECT * FROM unnest(%(ids)s::bigint[], %(finished)s::int[], %(failed)s::bool[])
-        AS d(id, finished, failed)
-), before AS (
-    SELECT w.id, w.status AS old, w.unfinished_jobs - d.finished AS left_over, d.failed
-    FROM workflows w JOIN d ON d.id = w.id
-), updated AS (
+# A final failure fails its workflow at once (other branches may still finish).
+_FAIL_WORKFLOWS = """
+WITH updated AS (
+    UPDATE workflows w SET status = 'failed', started_at = coalesce(w.started_at, now())
+    FROM (SELECT id, status::text AS old FROM workflows WHERE id = ANY(%(ids)s::bigint[])) o
+    WHERE w.id = o.id AND w.status IN ('pending', 'running')
+    RETURNING w.id, o.old
+)
+INSERT INTO events (workflow_id, from_status, to_status, actor, reason)
+SELECT id, old, 'failed', %(actor)s, 'job outcomes recorded' FROM updated
+"""
+# Which of these unfinished workflows have every job finished, as far as this statement sees.
+_COMPLETE = """
+SELECT w.id FROM workflows w
+WHERE w.id = ANY(%s::bigint[]) AND w.finished_at IS NULL
+  AND w.job_count <= (SELECT coalesce(sum(n.finished), 0) FROM workflow_counts n
+                      WHERE n.workflow_id = w.id)
+ORDER BY w.id
+"""
+# Unfinished workflows with every job finished, wherever they are: the sweep after a session
+# died between its commit and its check (workflows_unfinished_idx; few are unfinished).
+_COMPLETE_ANYWHERE = """
+SELECT w.id FROM workflows w
+WHERE w.finished_at IS NULL
+  AND w.job_count <= (SELECT coalesce(sum(n.finished), 0) FROM workflow_counts n
+                      WHERE n.workflow_id = w.id)
+ORDER BY w.id
+"""
+# The end of a complete workflow, its row locked first: failed if any job failed, cancelled if
+# any was cancelled, else succeeded (a failed or cancelled workflow keeps its status).
+_FINALIZE = """
+WITH updated AS (
     UPDATE workflows w SET
-        unfinished_jobs = b.left_over,
-        finished_at = CASE WHEN b.left_over = 0 THEN now() END,
+        finished_at = now(),
         started_at = coalesce(w.started_at, now()),
         status = CASE
             WHEN w.status NOT IN ('pending', 'running') THEN w.status
-            WHEN b.failed THEN 'failed'
-            WHEN b.left_over > 0 THEN 'running'
             WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.workflow_id = w.id
                          AND j.status IN ('failed', 'upstream_failed')) THEN 'failed'
             WHEN EXISTS (SELECT 1 FROM jobs j WHERE j.workflow_id = w.id
                          AND j.status = 'cancelled') THEN 'cancelled'
             ELSE 'succeeded'
         END::workflow_status
-    FROM before b WHERE w.id = b.id
-    RETURNING w.id, b.old::text AS old, w.status::text AS status,
-              w.finished_at IS NOT NULL AS finished
+    FROM (SELECT id, status::text AS old FROM workflows WHERE id = ANY(%(ids)s::bigint[])) o
+    WHERE w.id = o.id AND w.finished_at IS NULL
+      AND w.job_count <= (SELECT coalesce(sum(n.finished), 0) FROM workflow_counts n
+                          WHERE n.workflow_id = w.id)
+    RETURNING w.id, o.old, w.status::text AS status
 ), logged AS (
     INSERT INTO events (workflow_id, from_status, to_status, actor, reason)
     SELECT id, old, status, %(actor)s, 'job outcomes recorded' FROM updated WHERE old <> status
 )
-SELECT id, status, finished FROM updated
+SELECT id, status FROM updated
 """
 
 
@@ -384,30 +465,40 @@ def array(values: Iterable[int]) -> str:
 
 
 def _outcomes_json(outcomes: list[Outcome], now: datetime) -> str:
-    """The whole batch as one JSON parameter (jsonb_to_recordset), not ten arrays."""
+    """The whole batch as one JSON parameter (jsonb_to_recordset), not ten arrays.
+
+    Keys whose value would be null are left out (the record reads them as null): a batch of
+    plain successes is a third of the text to write and for PostgreSQL to parse. The claim
+    time is shared by a claim's jobs, so it is formatted once per claim.
+    """
     rows = []
+    stamps: dict[datetime, str] = {}
     for o in outcomes:
         retry = o.retries
         kind = "retry" if retry else o.status
-        rows.append(
-            {
-                "id": o.job_id,
-                "attempt": o.attempt,
-                "owner": o.owner,
-                "outcome": kind,
-                "result": o.result,
-                "exit_code": o.exit_code,
-                "error": clean_text(o.error),
-                "log_tail": clean_text(o.log_tail),
-                "not_before": (
-                    (now + timedelta(seconds=backoff_delay(o.attempt, o.retry_backoff))).isoformat()
-                    if retry
-                    else None
-                ),
-                "reason": clean_text(o.reason) or kind,
-                "claimed_at": o.claimed_at.isoformat() if o.claimed_at else None,
-            }
-        )
+        row: dict[str, Any] = {
+            "id": o.job_id,
+            "attempt": o.attempt,
+            "owner": o.owner,
+            "outcome": kind,
+            "reason": clean_text(o.reason) or kind,
+        }
+        if o.claimed_at is not None:
+            if (stamp := stamps.get(o.claimed_at)) is None:
+                stamp = stamps[o.claimed_at] = o.claimed_at.isoformat()
+            row["claimed_at"] = stamp
+        if o.result is not None:
+            row["result"] = o.result
+        if o.exit_code is not None:
+            row["exit_code"] = o.exit_code
+        if o.error is not None:
+            row["error"] = clean_text(o.error)
+        if o.log_tail is not None:
+            row["log_tail"] = clean_text(o.log_tail)
+        if retry:
+            delay = timedelta(seconds=backoff_delay(o.attempt, o.retry_backoff))
+            row["not_before"] = (now + delay).isoformat()
+        rows.append(row)
     return json.dumps(rows)
 
 
@@ -419,20 +510,28 @@ def finish(
     claim_n: int = 0,
     lease: float = 300.0,
     scope: Scope = ANYWHERE,
+    close: Iterable[int] = (),
+    recheck: Iterable[int] = (),
+    defer_settle: bool = False,
 ) -> FinishReport:
     """Record a batch of attempt outcomes, and everything that follows, in one transaction.
 
     Follows: children of succeeded jobs count down their unfinished parents and become ready
     at zero; descendants of jobs that failed for good become upstream_failed; workflows count
-    down their unfinished jobs and end when none are left.
+    their finished jobs and end when all are.
 
     With ``claim_n``, the same transaction then claims up to that many ready jobs for
-    ``actor`` (one commit per runner cycle instead of two). The claim never waits for a lock,
-    and the workflow rows are locked last, so the hot workflow row is held only briefly; a
-    claimed job's pending workflow is marked running after them (_START_WORKFLOWS).
+    ``actor`` (one commit per runner cycle instead of two). ``close`` names claims whose jobs
+    the caller has all seen recorded.
+
+    Workflows this transaction counted but did not see complete are checked again after the
+    commit (``settle``: a short transaction of its own), unless ``defer_settle``: then they are
+    left in FinishReport.unsettled for the caller to pass as the next call's ``recheck`` (a
+    runner's next cycle checks them at no extra round trip) or to ``settle``.
     """
     report = FinishReport()
-    if not outcomes:
+    close, recheck = sorted(close), set(recheck)
+    if not outcomes and not close and not recheck:
         if claim_n:
             report.claimed = claim(conn, actor, claim_n, lease=lease, scope=scope)
         return report
@@ -445,16 +544,20 @@ def finish(
         doomed = [r[0] for r in conn.execute(DESCENDANTS, [array(failing)])] if failing else []
         if succeeding or doomed:
             conn.execute(_LOCK_JOBS, {"succeeding": array(succeeding), "doomed": array(doomed)})
-        params = {"outcomes": _outcomes_json(outcomes, datetime.now(UTC)), "actor": actor}
-        record = conn.execute(_RECORD_AND_PROMOTE if succeeding else _RECORD, params)
+        record = None
+        if outcomes:
+            params = {"outcomes": _outcomes_json(outcomes, datetime.now(UTC)), "actor": actor}
+            record = conn.execute(_RECORD_AND_PROMOTE if succeeding else _RECORD, params)
+        if close:
+            conn.execute(_CLOSE_CLAIMS, [array(close)])
         claiming = _claim_cursor(conn, actor, claim_n, lease, scope) if claim_n else None
         finished: Counter[int] = Counter()
         failed_workflows: set[int] = set()
         failed_for_good: list[int] = []
         # One row per workflow: the ids recorded, how many finished, which failed for good.
-        for wf_id, recorded, n_finished, failed, became_ready in record.fetchall():
+        for wf_id, recorded, n_finished, failed, became_ready in record or []:
             report.recorded += recorded
-            report.became_ready = became_ready
+            report.became_ready = became_ready  # the same total on every row
             if n_finished:
                 finished[wf_id] += n_finished
             if failed:
@@ -463,21 +566,75 @@ def finish(
         if failed_for_good:
             # Descendants of outcomes that were fenced out stay as they are.
             doomed = [r[0] for r in conn.execute(DESCENDANTS, [array(failed_for_good)])]
-            failing_args = {"doomed": array(doomed), "actor": actor}
-            for wf_id, n in conn.execute(_FAIL_DESCENDANTS, failing_args):
-                finished[wf_id] += n
+            _fail_descendants(conn, actor, doomed, failed_workflows, finished)
         if claiming is not None:
             report.claimed = [ClaimedJob._make(row) for row in claiming.fetchall()]
-        settling = None
-        if finished or failed_workflows:
-            settling = _settle_cursor(conn, actor, finished, failed_workflows)
+        ended, report.unsettled = _settle(conn, actor, finished, failed_workflows, recheck)
         start_workflows(conn, actor, report.claimed)
         # Wake other runners only if work may be left after our own claim took its share.
         if report.became_ready and len(report.claimed) >= claim_n:
             notify(conn, READY_CHANNEL, outcomes[0].workflow_id)
-    if settling is not None:
-        report.finished_workflows = _ended(conn, settling)
+    report.finished_workflows = ended
+    if report.unsettled and not defer_settle:
+        report.finished_workflows |= settle(conn, actor, report.unsettled)
+        report.unsettled = set()
     return report
+
+
+def _fail_descendants(
+    conn: psycopg.Connection,
+    actor: str,
+    doomed: list[int],
+    workflows: set[int],
+    finished: Counter[int],
+) -> None:
+    """Within the caller's transaction, with ``doomed`` locked: they end upstream_failed."""
+    failing_args = {"doomed": array(doomed), "actor": actor}
+    dequeue: list[int] = []
+    for wf_id, n, were_ready in conn.execute(_FAIL_DESCENDANTS, failing_args).fetchall():
+        finished[wf_id] += n
+        dequeue += were_ready or []
+    if dequeue:  # none in a DAG (a descendant of an unfinished job waits), but keep the queue true
+        conn.execute(DEQUEUE, {"workflows": array(sorted(workflows)), "ids": array(dequeue)})
+
+
+def _settle(
+    conn: psycopg.Connection,
+    actor: str,
+    finished: Counter[int],
+    failed: set[int],
+    recheck: set[int] = frozenset(),  # type: ignore[assignment]
+) -> tuple[dict[int, str], set[int]]:
+    """Within the caller's transaction, last (workflow rows are locked after all else): count
+    finished jobs, fail workflows with a final failure, and end those now seen complete.
+
+    Returns the workflows that ended (id -> status; one NOTIFY if any) and those whose count
+    grew but that are not seen complete: the caller checks them again after the commit.
+    """
+    if finished:
+        ids = sorted(finished)
+        conn.execute(
+            _COUNT_FINISHED,
+            {"ids": array(ids), "finished": array(finished[i] for i in ids)},
+        )
+    if failed:
+        conn.execute(_LOCK_WORKFLOWS, [array(sorted(failed))])
+        conn.execute(_FAIL_WORKFLOWS, {"ids": array(sorted(failed)), "actor": actor})
+    touched = set(finished) | recheck
+    if not touched:
+        return {}, set()
+    complete = [r[0] for r in conn.execute(_COMPLETE, [array(sorted(touched))]).fetchall()]
+    ended = _finalize(conn, actor, complete) if complete else {}
+    return ended, set(finished) - set(complete)
+
+
+def _finalize(conn: psycopg.Connection, actor: str, workflow_ids: list[int]) -> dict[int, str]:
+    ids = array(sorted(workflow_ids))
+    conn.execute(_LOCK_WORKFLOWS, [ids])
+    ended = dict(conn.execute(_FINALIZE, {"ids": ids, "actor": actor}).fetchall())
+    if ended:
+        notify(conn, FINISHED_CHANNEL, ",".join(map(str, sorted(ended))))
+    return ended
 
 
 def settle_workflows(
@@ -485,49 +642,46 @@ def settle_workflows(
     actor: str,
     finished: Counter[int],
     failed: set[int] = frozenset(),  # type: ignore[assignment]
-) -> dict[int, str]:
-    """Within the caller's transaction: count finished jobs off their workflows.
+) -> tuple[dict[int, str], set[int]]:
+    """Within the caller's transaction: count finished jobs off their workflows (see _settle).
 
-    Returns the workflows that ended, with their final status, and notifies once if any did.
+    The caller passes the second value to ``settle`` once its transaction has committed.
     """
-    return _ended(conn, _settle_cursor(conn, actor, finished, failed))
+    return _settle(conn, actor, finished, failed)
 
 
-def _settle_cursor(
-    conn: psycopg.Connection, actor: str, finished: Counter[int], failed: set[int]
-) -> psycopg.Cursor:
-    workflow_ids = sorted(set(finished) | set(failed))
-    # Required even for one row: _SETTLE_WORKFLOWS computes new counts in a CTE from its
-    # snapshot, which is only current if the rows are locked before the statement starts.
-    conn.execute(_LOCK_WORKFLOWS, [array(workflow_ids)])
-    return conn.execute(
-        _SETTLE_WORKFLOWS,
-        {
-            "ids": array(workflow_ids),
-            "finished": array(finished.get(i, 0) for i in workflow_ids),
-            "failed": "{" + ",".join("t" if i in failed else "f" for i in workflow_ids) + "}",
-            "actor": actor,
-        },
-    )
+def settle(conn: psycopg.Connection, actor: str, workflow_ids: Iterable[int]) -> dict[int, str]:
+    """After a commit that counted finished jobs: end those workflows now complete.
+
+    Two sessions finishing a workflow's last jobs at once may each not see the other's count;
+    whichever checks after both commits sees it complete. Its own short transaction.
+    """
+    ids = sorted(set(workflow_ids))
+    if not ids:
+        return {}
+    with conn.transaction():
+        complete = [r[0] for r in conn.execute(_COMPLETE, [array(ids)]).fetchall()]
+        return _finalize(conn, actor, complete) if complete else {}
 
 
-def _ended(conn: psycopg.Connection, settling: psycopg.Cursor) -> dict[int, str]:
-    ended = {wid: status for wid, status, is_finished in settling.fetchall() if is_finished}
-    if ended:
-        notify(conn, FINISHED_CHANNEL, ",".join(map(str, sorted(ended))))
-    return ended
+def settle_stragglers(conn: psycopg.Connection, actor: str) -> dict[int, str]:
+    """End every complete workflow left unfinished by a session that died before its check."""
+    with conn.transaction():
+        complete = [r[0] for r in conn.execute(_COMPLETE_ANYWHERE).fetchall()]
+        return _finalize(conn, actor, complete) if complete else {}
 
 
 # -- leases -----------------------------------------------------------------------------
 
-# SKIP LOCKED: never wait for a row (one being recorded right now needs no renewal), so the
-# heartbeat can never deadlock with its own runner's recording transaction.
+# A claim's lease is renewed, for the claims holding an attempt its runner is still running,
+# once half of it has passed (short jobs' claims never are). SKIP LOCKED: never wait for a row
+# (one being closed or rescued right now needs no renewal).
 _RENEW = """
-UPDATE jobs SET lease_expires_at = now() + make_interval(secs => %(lease)s)
+UPDATE claims SET expires_at = now() + make_interval(secs => %(lease)s)
 WHERE id IN (
-    SELECT id FROM jobs
-    WHERE id = ANY(%(ids)s) AND status = 'running' AND lease_owner = %(owner)s
-      AND lease_expires_at < now() + make_interval(secs => %(lease)s / 2)
+    SELECT id FROM claims
+    WHERE owner = %(owner)s AND closed_at IS NULL AND job_ids && %(ids)s::bigint[]
+      AND expires_at < now() + make_interval(secs => %(lease)s / 2)
     FOR NO KEY UPDATE SKIP LOCKED
 )
 """
@@ -538,41 +692,63 @@ WHERE j.id = ANY(%(ids)s) AND j.status = 'running' AND j.lease_owner = %(owner)s
   AND (j.cancel_requested_at IS NOT NULL OR w.status = 'cancelled')
 """
 
-_LOST_LEASES = """
-SELECT j.id, j.workflow_id, j.key, j.attempts, j.max_attempts, j.lease_owner, j.started_at,
-       CASE WHEN %(force)s THEN 'runner ' || j.lease_owner || ' restarted'
-            WHEN j.lease_expires_at < now() THEN 'lease expired'
+# Jobs running under open claims (claims_open_idx), each job fenced to its claim.
+_UNDER_OPEN_CLAIMS = """
+FROM claims c
+CROSS JOIN LATERAL unnest(c.job_ids) AS u(job_id)
+JOIN jobs j ON j.id = u.job_id
+  AND j.status = 'running' AND j.lease_owner = c.owner AND j.started_at = c.claimed_at
+"""
+_LOST_LEASES = f"""
+SELECT j.id, j.workflow_id, j.key, j.attempts, j.max_attempts, c.owner, c.claimed_at,
+       CASE WHEN %(force)s THEN 'runner ' || c.owner || ' restarted'
+            WHEN c.expires_at < now() THEN 'lease expired'
             WHEN r.id IS NULL THEN 'runner unknown'
             ELSE 'runner ' || r.state::text || ' (no heartbeat since '
                  || coalesce(to_char(r.last_heartbeat_at, 'YYYY-MM-DD HH24:MI:SS'), 'never')
                  || ')'
        END
-FROM jobs j LEFT JOIN runners r ON r.name = j.lease_owner
-WHERE j.status = 'running'
+{_UNDER_OPEN_CLAIMS}
+LEFT JOIN runners r ON r.name = c.owner
+WHERE c.closed_at IS NULL
   AND (%(force)s
-       OR j.lease_expires_at < now()
+       OR c.expires_at < now()
        OR r.id IS NULL
        OR r.state IN ('stopped', 'lost')
        OR r.last_heartbeat_at < now() - make_interval(secs => %(dead_after)s))
-  AND (%(owner)s::text IS NULL OR j.lease_owner = %(owner)s)
+  AND (%(owner)s::text IS NULL OR c.owner = %(owner)s)
 ORDER BY j.id
 LIMIT %(limit)s
 FOR NO KEY UPDATE OF j SKIP LOCKED
 """
 
-_MINE = """
-SELECT id, workflow_id, key, attempts, max_attempts, lease_owner, started_at,
+_MINE = f"""
+SELECT j.id, j.workflow_id, j.key, j.attempts, j.max_attempts, c.owner, c.claimed_at,
        'claimed but never started by this runner'
-FROM jobs WHERE status = 'running' AND lease_owner = %(owner)s AND NOT (id = ANY(%(known)s))
-ORDER BY id
+{_UNDER_OPEN_CLAIMS}
+WHERE c.closed_at IS NULL AND c.owner = %(owner)s AND NOT (j.id = ANY(%(known)s))
+ORDER BY j.id
+"""
+
+# Open claims with no job running under them: recorded by a runner that died before closing
+# them, or rescued. One statement; a claim someone holds is left for the next sweep.
+_CLOSE_EMPTY_CLAIMS = """
+UPDATE claims SET closed_at = now()
+WHERE id IN (
+    SELECT c.id FROM claims c
+    WHERE c.closed_at IS NULL AND NOT EXISTS (
+        SELECT 1 FROM unnest(c.job_ids) AS u(job_id) JOIN jobs j ON j.id = u.job_id
+        WHERE j.status = 'running' AND j.lease_owner = c.owner AND j.started_at = c.claimed_at)
+    FOR NO KEY UPDATE SKIP LOCKED
+)
 """
 
 
 def renew_leases(conn: psycopg.Connection, owner: str, job_ids: list[int], lease: float) -> int:
-    """Extend the leases of long-running jobs nearing expiry (short jobs need no write)."""
+    """Extend the leases of claims holding long-running jobs (short jobs' claims need no write)."""
     if not job_ids:
         return 0
-    cur = conn.execute(_RENEW, {"ids": job_ids, "owner": owner, "lease": lease})
+    cur = conn.execute(_RENEW, {"ids": array(job_ids), "owner": owner, "lease": lease})
     return cur.rowcount
 
 
@@ -597,13 +773,18 @@ def rescue(
     Each goes back to ready (the lost attempt counted; no backoff), or fails if it has no
     attempts left. Safe to run from any number of runners and managers at once.
     ``force`` takes back every running job of ``owner`` (a restarted runner of that name).
+    Then sweeps: closes claims with nothing left running under them, and ends workflows a
+    dead session finished but did not check.
     """
     with conn.transaction():
         rows = conn.execute(
             _LOST_LEASES,
             {"dead_after": dead_after, "owner": owner, "force": force, "limit": limit},
         ).fetchall()
-    return _finish_taken(conn, actor, _taken_back(rows, "failed"))
+    report = _finish_taken(conn, actor, _taken_back(rows, "failed"))
+    conn.execute(_CLOSE_EMPTY_CLAIMS)
+    report.finished_workflows |= settle_stragglers(conn, actor)
+    return report
 
 
 def _finish_taken(conn: psycopg.Connection, actor: str, outcomes: list[Outcome]) -> FinishReport:
@@ -646,8 +827,8 @@ def release_unknown(conn: psycopg.Connection, owner: str, known: list[int]) -> F
 
 
 _NEXT_DUE = """
-SELECT extract(epoch FROM min(not_before) - now()) FROM jobs
-WHERE status = 'ready' AND not_before IS NOT NULL AND not_before > now()
+SELECT extract(epoch FROM min(not_before) - now()) FROM ready_jobs
+WHERE not_before IS NOT NULL AND not_before > now()
 """
 _ANYTHING_LEFT = "SELECT EXISTS (SELECT 1 FROM workflows WHERE finished_at IS NULL)"
 

@@ -8,6 +8,7 @@ import psycopg
 from psycopg.rows import dict_row
 
 from smifdb.states import JOB_STATUSES
+from smifdb.store import FINISHED_JOBS
 
 
 @dataclass(frozen=True)
@@ -25,9 +26,10 @@ class Progress:
         return self.job_count - sum(self.counts.get(s, 0) for s in ("waiting", "ready", "running"))
 
 
-_WORKFLOW = """
+_WORKFLOW = f"""
 SELECT w.id, w.name, w.status::text AS status, w.model_run, w.bundle, w.job_count,
-       w.unfinished_jobs, w.submitted_at, w.started_at, w.finished_at
+       w.job_count - {FINISHED_JOBS} AS unfinished_jobs, w.submitted_at, w.started_at,
+       w.finished_at
 FROM workflows w WHERE w.id = %s
 """
 _JOB_COUNTS = "SELECT status::text, count(*)::int FROM jobs WHERE workflow_id = %s GROUP BY 1"
@@ -92,9 +94,9 @@ def model_run_finished_status(conn: psycopg.Connection, model_run_id: int) -> st
     return row[0] if row else None
 
 
-_WORKFLOWS = """
+_WORKFLOWS = f"""
 SELECT w.id, w.name, w.status::text AS status, w.model_run_id, w.bundle, w.job_count,
-       w.job_count - w.unfinished_jobs AS jobs_finished, w.submitted_at, w.started_at,
+       {FINISHED_JOBS} AS jobs_finished, w.submitted_at, w.started_at,
        w.finished_at
 FROM workflows w
 WHERE (%(status)s::text IS NULL OR w.status::text = %(status)s)
@@ -103,9 +105,7 @@ LIMIT %(limit)s
 """
 _JOBS = """
 SELECT j.id, j.key, j.kind::text AS kind, j.status::text AS status, j.attempts, j.max_attempts,
-       coalesce(j.lease_owner, (SELECT e.actor FROM events e WHERE e.workflow_id = j.workflow_id
-                                 AND e.job_id = j.id AND e.reason = 'claimed'
-                                 ORDER BY e.id DESC LIMIT 1)) AS runner, j.model, j.operation, j.timestep, j.decision, j.exit_code,
+       j.lease_owner AS runner, j.model, j.operation, j.timestep, j.decision, j.exit_code,
        j.error, j.started_at, j.finished_at,
        coalesce((SELECT array_agg(e.parent_id ORDER BY e.parent_id) FROM job_edges e
                  WHERE e.child_id = j.id), '{}') AS parents
@@ -114,9 +114,10 @@ FROM jobs j WHERE j.workflow_id = %s ORDER BY j.id
 _JOB = """
 SELECT j.id, j.workflow_id, j.key, j.kind::text AS kind, j.payload, j.status::text AS status,
        j.priority, j.attempts, j.max_attempts, j.not_before, j.timeout_seconds,
-       coalesce(j.lease_owner, (SELECT e.actor FROM events e WHERE e.workflow_id = j.workflow_id
-                                 AND e.job_id = j.id AND e.reason = 'claimed'
-                                 ORDER BY e.id DESC LIMIT 1)) AS runner, j.lease_expires_at, j.model, j.operation, j.timestep,
+       j.lease_owner AS runner,
+       (SELECT c.expires_at FROM claims c
+        WHERE j.status = 'running' AND c.workflow_id = j.workflow_id AND c.owner = j.lease_owner AND c.claimed_at = j.started_at AND c.closed_at IS NULL
+          AND j.id = ANY(c.job_ids) ORDER BY c.id DESC LIMIT 1) AS lease_expires_at, j.model, j.operation, j.timestep,
        j.decision, j.exit_code, j.error, j.result, j.log_tail, j.created_at, j.started_at,
        j.finished_at
 FROM jobs j WHERE j.id = %s

@@ -10,8 +10,8 @@ from smifdb.spec import Dag
 from smifdb.store import READY_CHANNEL, notify
 
 _INSERT_WORKFLOW = """
-INSERT INTO workflows (name, model_run, bundle, model_run_id, job_count, unfinished_jobs)
-VALUES (%(name)s, %(model_run)s, %(bundle)s, %(model_run_id)s, %(job_count)s, %(job_count)s)
+INSERT INTO workflows (name, model_run, bundle, model_run_id, job_count)
+VALUES (%(name)s, %(model_run)s, %(bundle)s, %(model_run_id)s, %(job_count)s)
 RETURNING id
 """
 _ALLOCATE_JOB_IDS = """
@@ -24,6 +24,7 @@ COPY jobs (id, workflow_id, key, kind, payload, model, operation, timestep, deci
 FROM STDIN
 """
 _COPY_EDGES = "COPY job_edges (parent_id, child_id) FROM STDIN"
+_COPY_READY = "COPY ready_jobs (job_id, workflow_id, priority) FROM STDIN"
 _COPY_EVENTS = "COPY events (workflow_id, job_id, to_status, actor, reason) FROM STDIN"
 _INSERT_EVENT = """
 INSERT INTO events (workflow_id, job_id, from_status, to_status, attempt, actor, reason)
@@ -83,6 +84,10 @@ def submit_dag(
             with cur.copy(_COPY_EDGES) as copy:
                 for parent, child in dag.edges:
                     copy.write_row((key_to_id[parent], key_to_id[child]))
+            with cur.copy(_COPY_READY) as copy:
+                for job, status in zip(dag.jobs, statuses, strict=True):
+                    if status == "ready":
+                        copy.write_row((key_to_id[job.key], workflow_id, job.priority))
             with cur.copy(_COPY_EVENTS) as copy:
                 for job, status in zip(dag.jobs, statuses, strict=True):
                     copy.write_row((workflow_id, key_to_id[job.key], status, actor, "submitted"))
