@@ -83,15 +83,25 @@ def spawn_runners(dsn: str, runners: int, slots: int, batch: int, logs: str) -> 
     ]
 
 
-def vacuum(dsn: str) -> None:
+SMIFDB_TABLES = "workflows, jobs, job_edges, events, ready_jobs, claims, workflow_counts, runners"
+
+
+def start_clean(dsn: str, tables: str, truncate: bool) -> None:
+    """Each run of either system starts from empty tables (pgqueuer's log is emptied too) and
+    a fresh checkpoint, so that no run inherits the other's history or pays for a checkpoint's
+    full-page writes that happened to fall into it. Without ``truncate`` (someone's database,
+    --dsn without --truncate) smifdb's tables are only vacuumed."""
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(
-            "VACUUM ANALYZE jobs, job_edges, workflows, events, ready_jobs, claims, workflow_counts"
-        )
+        if truncate:
+            conn.execute(f"TRUNCATE {tables} CASCADE")
+        conn.execute(f"VACUUM ANALYZE {tables}")
+        conn.execute("CHECKPOINT")
 
 
-def run_smifdb(dsn: str, spec: dict, runners: int, slots: int, batch: int, logs: str) -> dict:
-    vacuum(dsn)
+def run_smifdb(
+    dsn: str, spec: dict, runners: int, slots: int, batch: int, logs: str, truncate: bool
+) -> dict:
+    start_clean(dsn, SMIFDB_TABLES, truncate)
     with psycopg.connect(dsn, autocommit=True) as conn:
         wf = smifdb.submit(conn, spec)
         conn.execute(
@@ -114,9 +124,7 @@ def run_smifdb(dsn: str, spec: dict, runners: int, slots: int, batch: int, logs:
 def run_pgqueuer(dsn: str, total: int, workers: int, batch: int) -> dict:
     worker = str(HERE / "pgqueuer_worker.py")
     subprocess.run([sys.executable, worker, "install", dsn], check=True)
-    with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute("TRUNCATE pgqueuer, pgqueuer_log")
-        conn.execute("VACUUM ANALYZE pgqueuer, pgqueuer_log")
+    start_clean(dsn, "pgqueuer, pgqueuer_log", truncate=True)
     subprocess.run([sys.executable, worker, "enqueue", dsn, str(total)], check=True)
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute("ANALYZE pgqueuer")
@@ -174,7 +182,13 @@ def fan(n: int) -> dict:
 
 
 def side_by_side(
-    dsn: str, n: int, pairs: list[tuple[int, int]], repeat: int, compare: bool, logs: str
+    dsn: str,
+    n: int,
+    pairs: list[tuple[int, int]],
+    repeat: int,
+    compare: bool,
+    logs: str,
+    truncate: bool,
 ) -> None:
     print(f"\nmedian of {repeat} runs of {n} jobs each")
     print(f"{'system':10} {'procs':>5} {'batch':>5} {'jobs/s (steady)':>16} {'wall s':>7}")
@@ -184,7 +198,7 @@ def side_by_side(
         # minutes, and back-to-back blocks of runs would hand the drift to one side.
         ours, theirs = [], []
         for _ in range(repeat):
-            ours.append(run_smifdb(dsn, independent(n), procs, batch, batch, logs))
+            ours.append(run_smifdb(dsn, independent(n), procs, batch, batch, logs, truncate))
             if compare:
                 theirs.append(run_pgqueuer(dsn, n, procs, batch))
         rate = statistics.median(r["rate"] for r in ours)
@@ -215,8 +229,14 @@ def main() -> None:
     p.add_argument("--repeat", type=int, default=3, help="runs per configuration (median kept)")
     p.add_argument("--configs", help="PROCSxBATCH list for the side-by-side runs, e.g. 2x256,4x64")
     p.add_argument("--no-dags", action="store_true", help="skip DAG shapes and latency")
+    p.add_argument(
+        "--truncate",
+        action="store_true",
+        help="with --dsn: empty smifdb's tables before each run (a new cluster always is)",
+    )
     args = p.parse_args()
     n = args.jobs
+    truncate = args.dsn is None or args.truncate
     logs = tempfile.mkdtemp(prefix="smifdb-bench-logs-")
     with database(args.dsn) as dsn:
         print(machine(dsn))
@@ -228,7 +248,7 @@ def main() -> None:
             pairs = [tuple(map(int, c.split("x"))) for c in args.configs.split(",")]
         sizes = [int(x) for x in args.sizes.split(",")] if args.sizes else [n]
         for size in sizes:
-            side_by_side(dsn, size, pairs, args.repeat, not args.skip_pgqueuer, logs)
+            side_by_side(dsn, size, pairs, args.repeat, not args.skip_pgqueuer, logs, truncate)
 
         if args.no_dags:
             return
@@ -237,7 +257,7 @@ def main() -> None:
         if not args.quick:
             shapes.append(("layered random", layered_dag(100_000, 200_000) | {"name": "layered"}))
         for label, spec in shapes:
-            r = run_smifdb(dsn, spec, 2, 64, 64, logs)
+            r = run_smifdb(dsn, spec, 2, 64, 64, logs, truncate)
             print(
                 f"{label:16} {len(spec['jobs']):>7} jobs  {r['rate']:>10,.0f} jobs/s  wall {r['wall']:.2f} s"
             )
@@ -247,7 +267,7 @@ def main() -> None:
         print("\n## Dispatch latency: parent succeeded -> child running (chain of 2000)")
         p50, p99, count = dispatch_latency(dsn, chain_wf)
         print(f"2 runners: p50 {p50:.2f} ms  p99 {p99:.2f} ms  ({count} edges)")
-        r = run_smifdb(dsn, chain(2000), 1, 4, 4, logs)
+        r = run_smifdb(dsn, chain(2000), 1, 4, 4, logs, truncate)
         p50, p99, count = dispatch_latency(dsn, r["workflow"])
         print(f"1 runner:  p50 {p50:.2f} ms  p99 {p99:.2f} ms  ({count} edges)")
     print(f"\n(job logs in {logs}; pid {os.getpid()})")

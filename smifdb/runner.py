@@ -40,6 +40,7 @@ from smifdb.watchdog import Watchdog
 
 log = logging.getLogger("smifdb.runner")
 LINGER = 0.002  # seconds an outcome may wait for others to share its transaction
+SETTLE_AFTER = 1.0  # most seconds a recheck or a claim to close waits for the next cycle
 
 
 def default_name() -> str:
@@ -107,6 +108,7 @@ class Runner:
         # Workflows whose counts our last commit raised without seeing them complete: checked
         # by the next cycle, or before waiting (queue.FinishReport.unsettled).
         self.unsettled: set[int] = set()
+        self.cycled_at = 0.0  # when the last cycle committed (monotonic)
         self.next_deadline = float("inf")  # no attempt times out before this (monotonic)
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -213,7 +215,7 @@ class Runner:
                 if self.release_at_exit:  # before `stopped`, which would let peers rescue them
                     batch = self.release_at_exit
                     self._recorded(batch, queue.finish(self.conn, self.name, batch))
-                self._settle()
+                self._settle(now=True)
             if self.conn is not None:
                 runner_rows.set_state(self.conn, self.name, self.host, self.pid, "stopped")
         for _ in self.workers:
@@ -301,6 +303,7 @@ class Runner:
                     defer_settle=True,
                 )
                 self.closing, self.unsettled = [], report.unsettled
+                self.cycled_at = time.monotonic()
             except (psycopg.DataError, psycopg.errors.ProgramLimitExceeded):
                 report, batch = self._record_apart(batch)
                 self.unsettled |= report.unsettled
@@ -313,9 +316,14 @@ class Runner:
         self._start(report.claimed)
         return len(report.claimed)
 
-    def _settle(self) -> None:
-        """Before waiting: check the workflows our last commit left unsettled, close claims."""
+    def _settle(self, now: bool = False) -> None:
+        """Check the workflows our last commit left unsettled and close recorded claims, in a
+        transaction of their own, when no cycle would soon carry them: nothing runs, or the
+        last cycle was SETTLE_AFTER ago (long attempts hold the next one back). A runner busy
+        with short jobs never pays this extra commit."""
         if not (self.unsettled or self.closing) or self.conn is None:
+            return
+        if self.active and not now and time.monotonic() - self.cycled_at < SETTLE_AFTER:
             return
         try:
             report = queue.finish(
@@ -372,6 +380,8 @@ class Runner:
         wait = self.config.poll * random.uniform(0.8, 1.2)
         now = time.monotonic()
         wait = min(wait, max(self.next_deadline - now, 0) + 0.01)
+        if self.unsettled or self.closing:
+            wait = min(wait, max(self.cycled_at + SETTLE_AFTER - now, 0) + 0.01)
         if self.stop_deadline is not None:
             wait = min(wait, max(self.stop_deadline - now, 0) + 0.01)
         if self.conn is not None and not self.stopping.is_set():

@@ -53,7 +53,9 @@ STORAGE = {
     "ready_jobs": "autovacuum_vacuum_scale_factor = 0.0, autovacuum_vacuum_threshold = 1000, "
     "autovacuum_vacuum_insert_scale_factor = 0.05, autovacuum_analyze_scale_factor = 0.05, "
     "autovacuum_vacuum_cost_delay = 0",
-    "claims": "fillfactor = 80, autovacuum_vacuum_scale_factor = 0.02, "
+    # toast_tuple_target: a claim of a few hundred job ids (2 KB and more) stays inline and
+    # uncompressed, not run through pglz at every claim.
+    "claims": "fillfactor = 80, toast_tuple_target = 8160, autovacuum_vacuum_scale_factor = 0.02, "
     "autovacuum_vacuum_insert_scale_factor = 0.05, autovacuum_vacuum_cost_delay = 0",
     "workflow_counts": "fillfactor = 50, autovacuum_vacuum_scale_factor = 0.0, "
     "autovacuum_vacuum_threshold = 200, autovacuum_vacuum_cost_delay = 0",
