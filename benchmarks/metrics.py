@@ -72,20 +72,19 @@ LATERAL (SELECT CASE WHEN k < %(jobs)s * 4 / 10 THEN 'succeeded'
                 now() - interval '1 minute' + k * %(step)s * interval '1 s' AS t) x;
 """
 
-# Three events a job (submitted; claimed; ended), in time order, so ids follow time.
+# Two events a job (submitted; ended, carrying its claim), in time order, so ids follow time.
 EVENTS = """
-INSERT INTO events (at, workflow_id, job_id, from_status, to_status, attempt, actor, reason)
-SELECT at, workflow_id, id, from_status, to_status, attempt, 'bench', reason FROM (
+INSERT INTO events (at, workflow_id, job_id, from_status, to_status, attempt, actor, reason,
+                    claimed_at, claimed_by)
+SELECT at, workflow_id, id, from_status, to_status, attempt, 'bench', reason, claimed_at,
+       CASE WHEN claimed_at IS NOT NULL THEN 'bench' END FROM (
     SELECT created_at AS at, workflow_id, id, NULL AS from_status,
            CASE WHEN status = 'waiting' THEN 'waiting' ELSE 'ready' END AS to_status,
-           NULL::int AS attempt, 'submitted' AS reason
+           NULL::int AS attempt, 'submitted' AS reason, NULL::timestamptz AS claimed_at
     FROM jobs
     UNION ALL
-    SELECT started_at, workflow_id, id, 'ready', 'running', 1, 'claimed'
-    FROM jobs WHERE started_at IS NOT NULL
-    UNION ALL
     SELECT finished_at, workflow_id, id, CASE WHEN started_at IS NULL THEN 'waiting'
-           ELSE 'running' END, status::text, 1, 'ended'
+           ELSE 'running' END, status::text, 1, 'ended', started_at
     FROM jobs WHERE finished_at IS NOT NULL
 ) e ORDER BY at;
 
@@ -100,9 +99,11 @@ UPDATE jobs SET lease_owner = 'r' || (id %% 50 + 1) WHERE status = 'running';
 -- What the queue keeps beside the jobs (migration 0009): ready rows, leases, finished counts.
 INSERT INTO ready_jobs (job_id, workflow_id, priority)
 SELECT id, workflow_id, priority FROM jobs WHERE status = 'ready';
-INSERT INTO claims (workflow_id, owner, claimed_at, expires_at, job_ids)
-SELECT workflow_id, lease_owner, started_at, now() + interval '5 min', array_agg(id)
-FROM jobs WHERE status = 'running' GROUP BY workflow_id, lease_owner, started_at;
+-- One claim a job, in claim order (the metrics read the newest claims): closed once ended.
+INSERT INTO claims (workflow_id, owner, claimed_at, expires_at, closed_at, job_ids)
+SELECT workflow_id, coalesce(lease_owner, 'bench'), started_at, now() + interval '5 min',
+       finished_at, ARRAY[id]
+FROM jobs WHERE started_at IS NOT NULL ORDER BY started_at;
 INSERT INTO workflow_counts (workflow_id, shard, finished)
 SELECT workflow_id, 0, count(*) FROM jobs
 WHERE status NOT IN ('waiting', 'ready', 'running') GROUP BY workflow_id;

@@ -142,14 +142,19 @@ def run_pgqueuer(dsn: str, total: int, workers: int, batch: int) -> dict:
 
 
 def dispatch_latency(dsn: str, workflow_id: int) -> tuple[float, float, int]:
+    """Parent's success event (clock_timestamp at its insert) to the child's claim (its
+    claiming transaction's start, recorded with the attempt's end): a child claimed in the
+    transaction that records its parent counts as 0."""
     with psycopg.connect(dsn) as conn:
         rows = conn.execute(
             """
-            SELECT extract(epoch FROM c.at - p.at) * 1000
+            SELECT greatest(extract(epoch FROM c.claimed_at - p.at), 0) * 1000
             FROM job_edges e
             JOIN jobs cj ON cj.id = e.child_id AND cj.workflow_id = %(wf)s
-            JOIN events p ON p.job_id = e.parent_id AND p.to_status = 'succeeded'
-            JOIN events c ON c.job_id = e.child_id AND c.to_status = 'running'
+            JOIN events p ON p.workflow_id = %(wf)s AND p.job_id = e.parent_id
+                         AND p.to_status = 'succeeded'
+            JOIN events c ON c.workflow_id = %(wf)s AND c.job_id = e.child_id
+                         AND c.claimed_at IS NOT NULL
             """,
             {"wf": workflow_id},
         ).fetchall()

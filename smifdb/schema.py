@@ -239,6 +239,10 @@ events = Table(
     Column("actor", Text, nullable=False),
     Column("reason", Text),
     Column("model_run_id", BigInteger),
+    # On the event that ends an attempt: when and by whom the attempt was claimed (a claim is
+    # recorded with its end, not as an event of its own; see smifdb_job_history).
+    Column("claimed_at", TS),
+    Column("claimed_by", Text),
 )
 # One index serves a workflow's history and a job's history (WHERE workflow_id = … AND job_id = …).
 Index("events_workflow_job_idx", events.c.workflow_id, events.c.job_id, events.c.id)

@@ -63,10 +63,7 @@ def check_against_tables(samples: Samples, conn: psycopg.Connection) -> None:
         assert value(samples, "smifdb_workflows", status=status) == flows.get(status, 0), status
     window = value(samples, "smifdb_events_window_seconds")
     assert window == metrics.WINDOW
-    claims = conn.execute(
-        "SELECT count(*) FROM events WHERE from_status = 'ready' AND to_status = 'running'"
-        " AND job_id IS NOT NULL"
-    ).fetchone()[0]
+    claims = conn.execute("SELECT sum(cardinality(job_ids)) FROM claims").fetchone()[0]
     assert value(samples, "smifdb_job_claims_per_second") * window == pytest.approx(claims)
     ended = dict(
         conn.execute(
@@ -233,12 +230,18 @@ def _write_finished_jobs(conn: psycopg.Connection, seconds: list[float]) -> int:
                 " finished_at = %s WHERE workflow_id = %s AND key = %s RETURNING id",
                 [start, now, workflow_id, f"j{i}"],
             ).fetchone()
-            for frm, to in (("ready", "running"), ("running", "succeeded")):
-                conn.execute(
-                    "INSERT INTO events (workflow_id, job_id, from_status, to_status, actor)"
-                    " VALUES (%s, %s, %s, %s, 'test')",
-                    [workflow_id, job_id, frm, to],
-                )
+            # The claim (its lease row, closed) and the event that ends the attempt.
+            conn.execute(
+                "INSERT INTO claims (workflow_id, owner, claimed_at, expires_at, closed_at,"
+                " job_ids) VALUES (%s, 'test', %s, %s, %s, ARRAY[%s::bigint])",
+                [workflow_id, start, now, now, job_id],
+            )
+            conn.execute(
+                "INSERT INTO events (workflow_id, job_id, from_status, to_status, actor,"
+                " claimed_at, claimed_by) VALUES (%s, %s, 'running', 'succeeded', 'test', %s,"
+                " 'test')",
+                [workflow_id, job_id, start],
+            )
     return workflow_id
 
 
@@ -250,17 +253,20 @@ def test_buckets_count_up_to_and_including_their_bound(conn) -> None:
     assert bucket[0.1] == 1 and bucket[1] == 1 and bucket[5] == 1
     assert bucket[86400] == 1 and bucket["+Inf"] == 1 and sum(counts) == 5
     assert snap.durations["succeeded"].total == pytest.approx(0.1 + 1 + 1.5 + 86_400 + 90_000)
-    assert snap.claims == 5 and snap.attempts_ended == {"succeeded": 5}
+    # Claims count at their own time: the two day-long attempts were claimed outside the window.
+    assert snap.claims == 3 and snap.attempts_ended == {"succeeded": 5}
     assert snap.window == metrics.WINDOW
 
 
 def test_a_busy_tail_narrows_the_window_instead_of_reading_more(conn) -> None:
-    _write_finished_jobs(conn, [1.0] * 10)  # 10 submission, 10 claim, 10 end events
+    _write_finished_jobs(conn, [0.0] * 10)  # 10 submission and 10 end events, 10 claims
     snap = metrics.snapshot(conn, dead_after=30, tail=6)
     assert 0 < snap.window < 60  # the span of the newest 6 events, not the whole window
-    assert snap.claims + sum(snap.attempts_ended.values()) == 6
+    assert snap.attempts_ended == {"succeeded": 6}
+    assert snap.claims <= 6  # of the newest 6 claims, those inside that span
     # Events older than the window are not counted, and do not cut the window short.
     conn.execute("UPDATE events SET at = at - interval '1 hour'")
+    conn.execute("UPDATE claims SET claimed_at = claimed_at - interval '1 hour'")
     snap = metrics.snapshot(conn, dead_after=30, tail=6)
     assert snap.window == metrics.WINDOW and snap.claims == 0 and snap.attempts_ended == {}
 

@@ -120,10 +120,11 @@ def test_runner_login_runs_jobs_but_cannot_change_the_schema(dsn, conn, login, t
         "flaky": "failed",
         "after_flaky": "upstream_failed",
     }
-    actors = {r[0] for r in conn.execute("SELECT actor FROM events WHERE reason = 'claimed'")}
+    claimed = "FROM smifdb_job_history WHERE reason = 'claimed'"
+    actors = {r[0] for r in conn.execute(f"SELECT actor {claimed}")}
     assert actors == {"rr"}
     assert conn.execute("SELECT jobs_succeeded, jobs_failed FROM runners").fetchone() == (2, 2)
-    claims = conn.execute("SELECT count(*) FROM events WHERE reason = 'claimed'").fetchone()[0]
+    claims = conn.execute(f"SELECT count(*) {claimed}").fetchone()[0]
     assert conn.execute("SELECT jobs_claimed FROM runners").fetchone()[0] == claims
 
     assert denied(runner_dsn, "DROP TABLE jobs")

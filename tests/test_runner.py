@@ -271,7 +271,7 @@ def test_runners_hammering_one_queue_run_each_job_once(conn, runners, tmp_path) 
         "SELECT count(*) FILTER (WHERE to_status = 'running'),"
         "       count(*) FILTER (WHERE to_status = 'succeeded'),"
         "       count(DISTINCT actor) FILTER (WHERE to_status = 'running')"
-        " FROM events WHERE workflow_id = %s AND job_id IS NOT NULL",
+        " FROM smifdb_job_history WHERE workflow_id = %s AND job_id IS NOT NULL",
         [wf],
     ).fetchone()
     assert per_job == (n, n, 3)  # each job claimed and recorded once; all runners took part
@@ -290,7 +290,8 @@ def test_retries_with_backoff(conn, runners) -> None:
     claims = [
         r[0]
         for r in conn.execute(
-            "SELECT at FROM events WHERE to_status = 'running' AND job_id IS NOT NULL ORDER BY id"
+            "SELECT at FROM smifdb_job_history WHERE reason = 'claimed' AND job_id IS NOT NULL"
+            " ORDER BY at"
         )
     ]
     gaps = [(b - a).total_seconds() for a, b in itertools.pairwise(claims)]
@@ -876,7 +877,9 @@ def test_cli_run_wait_cancel_and_status(dsn, conn, tmp_path) -> None:
     ran = [r for r in status if r["name"].startswith("run-")]
     assert sum(r["jobs_succeeded"] for r in ran) == 2 and sum(r["jobs_failed"] for r in ran) == 1
     claims = dict(
-        conn.execute("SELECT actor, count(*) FROM events WHERE reason = 'claimed' GROUP BY actor")
+        conn.execute(
+            "SELECT actor, count(*) FROM smifdb_job_history WHERE reason = 'claimed' GROUP BY actor"
+        )
     )
     assert {r["name"]: r["jobs_claimed"] for r in ran} == claims
     assert "node-1" in cli(dsn, "runner", "status").stdout

@@ -66,7 +66,7 @@ def test_views_after_a_run_with_failures_and_a_retry(dsn, conn, runners) -> None
     # The retried job's whole life, in order, with who did what and why.
     history = rows(
         conn,
-        "SELECT * FROM smifdb_job_history WHERE job_id = %s ORDER BY event_id",
+        "SELECT * FROM smifdb_job_history WHERE job_id = %s ORDER BY event_id NULLS LAST, at",
         [job_id(conn, wf, "flaky")],
     )
     steps = [(e["from_status"], e["to_status"], e["attempt"], e["reason"]) for e in history]
@@ -83,7 +83,9 @@ def test_views_after_a_run_with_failures_and_a_retry(dsn, conn, runners) -> None
 
     # The workflow's history holds every job's events and its own (job_id null), in order.
     whole = rows(
-        conn, "SELECT * FROM smifdb_job_history WHERE workflow_id = %s ORDER BY event_id", [wf]
+        conn,
+        "SELECT * FROM smifdb_job_history WHERE workflow_id = %s ORDER BY event_id NULLS LAST, at",
+        [wf],
     )
     assert [e["event_id"] for e in whole] == sorted(e["event_id"] for e in whole)
     own = [(e["from_status"], e["to_status"]) for e in whole if e["job_id"] is None]
@@ -193,7 +195,7 @@ def test_queue_health_with_a_killed_runner_retries_and_a_cancel(dsn, conn, runne
     )
     hang_history = rows(
         conn,
-        "SELECT * FROM smifdb_job_history WHERE job_id = %s ORDER BY event_id",
+        "SELECT * FROM smifdb_job_history WHERE job_id = %s ORDER BY event_id NULLS LAST, at",
         [job_id(conn, w2, "hang")],
     )
     assert [(e["to_status"], e["actor"], e["reason"]) for e in hang_history[1:]] == [

@@ -19,6 +19,10 @@ commits. Now:
   (shard = backend pid): sessions never wait for each other; the sum is the progress.
   `workflows.unfinished_jobs` goes; views compute it.
 - `jobs` gets fillfactor 50, so that a claim and a completion find room on the row's own page.
+- A claim is no longer an `events` row of its own: the event that ends an attempt carries when
+  and by whom it was claimed (`claimed_at`, `claimed_by`), and `smifdb_job_history` shows the
+  claim from there (or, while the attempt runs, from the job). Half the audit rows per job; the
+  claims of attempts running at the upgrade move likewise.
 
 The views that read what moved are replaced in place (same columns), and the new tables get the
 grants of 0005's roles. The downgrade restores 0004's and 0008's definitions, the indexes, the
@@ -80,6 +84,33 @@ FINISHED = (
 )
 
 VIEWS = {
+    # Every event of every job, the claim that began each attempt, and the workflows' own
+    # events. A claim is recorded with the end of its attempt (claimed_at, claimed_by), so its
+    # row carries that event's id and the claim's own time; the claim of an attempt still
+    # running comes from the job and has no event id yet. Jobs drive the job branches, so that
+    # WHERE job_id = … is a primary-key lookup and then a range of events_workflow_job_idx.
+    "smifdb_job_history": """
+SELECT e.id AS event_id, e.at, j.workflow_id, j.id AS job_id, j.key AS job_key, e.attempt,
+       e.from_status, e.to_status, e.actor, e.reason
+FROM jobs j
+JOIN events e ON e.workflow_id = j.workflow_id AND e.job_id = j.id
+UNION ALL
+SELECT e.id, e.claimed_at, j.workflow_id, j.id, j.key, e.attempt,
+       'ready', 'running', e.claimed_by, 'claimed'
+FROM jobs j
+JOIN events e ON e.workflow_id = j.workflow_id AND e.job_id = j.id
+WHERE e.claimed_at IS NOT NULL
+UNION ALL
+SELECT NULL::bigint, j.started_at, j.workflow_id, j.id, j.key, j.attempts,
+       'ready', 'running', j.lease_owner, 'claimed'
+FROM jobs j
+WHERE j.status = 'running'
+UNION ALL
+SELECT e.id, e.at, e.workflow_id, NULL::bigint, NULL::text, e.attempt,
+       e.from_status, e.to_status, e.actor, e.reason
+FROM events e
+WHERE e.job_id IS NULL AND e.workflow_id IS NOT NULL
+""",
     "smifdb_workflow_progress": f"""
 SELECT w.id AS workflow_id,
        w.name,
@@ -338,6 +369,17 @@ def upgrade() -> None:
     for table, options in STORAGE.items():
         op.execute(f"ALTER TABLE {table} SET ({options})")
     op.execute(f"ALTER TABLE jobs SET ({JOBS_STORAGE_NEW})")
+    op.add_column("events", sa.Column("claimed_at", TS))
+    op.add_column("events", sa.Column("claimed_by", sa.Text))
+    # Attempts running now: their claim events move to the events that will end them (the
+    # view shows the claim from the job meanwhile), or they would show twice.
+    op.execute(
+        """
+DELETE FROM events e USING jobs j
+WHERE j.status = 'running' AND e.workflow_id = j.workflow_id AND e.job_id = j.id
+  AND e.from_status = 'ready' AND e.to_status = 'running' AND e.attempt = j.attempts
+"""
+    )
 
     op.execute(
         "INSERT INTO ready_jobs (job_id, workflow_id, priority, not_before)"
@@ -394,10 +436,25 @@ WHERE c.closed_at IS NULL AND j.id = u.job_id AND j.status = 'running'
         op.create_index(
             name, "jobs", [sa.text(c) for c in columns], postgresql_where=sa.text(where)
         )
+    # Claims become events rows again (new ids, after every event now; `at` is the claim's).
+    op.execute(
+        """
+INSERT INTO events (at, workflow_id, job_id, from_status, to_status, attempt, actor, reason)
+SELECT at, workflow_id, job_id, 'ready', 'running', attempt, actor, 'claimed' FROM (
+    SELECT e.claimed_at AS at, e.workflow_id, e.job_id, e.attempt, e.claimed_by AS actor
+    FROM events e WHERE e.claimed_at IS NOT NULL
+    UNION ALL
+    SELECT j.started_at, j.workflow_id, j.id, j.attempts, j.lease_owner
+    FROM jobs j WHERE j.status = 'running'
+) claimed ORDER BY at
+"""
+    )
     views = _earlier("0004_views").VIEWS
     for name in VIEWS:
         query = _earlier("0008_runner_load_claims").NEW if name == "smifdb_runner_load" else None
         _replace_view(name, query or views[name])
+    op.drop_column("events", "claimed_by")
+    op.drop_column("events", "claimed_at")
     op.execute(f"ALTER TABLE jobs SET ({JOBS_STORAGE_OLD})")
     for table in reversed(list(STORAGE)):
         op.drop_table(table)

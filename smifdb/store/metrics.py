@@ -8,7 +8,8 @@ history that succeeded (docs/performance.md has the figures):
   workflow succeeded (settle_workflows says 'succeeded' only then), so only jobs of workflows
   that did not succeed are counted row by row;
 - rates and durations come from the newest events only (a backward scan of the primary key,
-  at most ``TAIL`` rows), so they describe a recent window, not all time;
+  at most ``TAIL`` rows), so they describe a recent window, not all time; claims from the
+  newest claims rows (one per claim batch, at most ``TAIL``) in the same window;
 - the oldest ready job's age costs one events probe per ready job;
 - claim and completion counters are the runners' own totals (runners.jobs_claimed,
   jobs_succeeded, jobs_failed).
@@ -83,7 +84,9 @@ WITH newest AS MATERIALIZED (
 )
 SELECT
     (SELECT covered FROM bounds),
-    (SELECT count(*) FROM recent WHERE from_status = 'ready' AND to_status = 'running'),
+    (SELECT coalesce(sum(cardinality(c.job_ids)), 0)::bigint FROM (
+        SELECT job_ids, claimed_at FROM claims ORDER BY id DESC LIMIT %(tail)s) c
+     WHERE c.claimed_at > now() - make_interval(secs => (SELECT covered FROM bounds))),
     (SELECT coalesce(jsonb_object_agg(to_status, n), '{}') FROM (
         SELECT to_status, count(*) AS n FROM recent
         WHERE from_status = 'running' AND to_status <> 'running' GROUP BY 1) o),

@@ -117,7 +117,8 @@ FOR UPDATE OF m SKIP LOCKED
 # -- deleting ---------------------------------------------------------------------------
 
 _EVENT_COLUMNS = (
-    "id, at, workflow_id, model_run_id, job_id, from_status, to_status, attempt, actor, reason"
+    "id, at, workflow_id, model_run_id, job_id, from_status, to_status, attempt, actor, reason,"
+    " claimed_at, claimed_by"
 )
 # Whole workflows: their events (workflow, job and bundle events alike) by workflow_id.
 DELETE_WORKFLOW_EVENTS = "DELETE FROM events WHERE workflow_id = ANY(%(ids)s::bigint[])"
@@ -267,6 +268,8 @@ class EventArchive:
         for row in sorted(rows):
             event = dict(zip(names, row, strict=True))
             event["at"] = event["at"].isoformat()
+            if event["claimed_at"] is not None:
+                event["claimed_at"] = event["claimed_at"].isoformat()
             lines.append(json.dumps(event, separators=(",", ":")) + "\n")
         self._file.write("".join(lines).encode())
         self._file.flush()

@@ -128,6 +128,7 @@ _PICK = """
 # The picked rows leave the queue (by ctid: no index is read or written) and their jobs become
 # running (a HOT update: no index names what changes). A picked row whose job is no longer ready
 # (none should be) is deleted and not claimed. One claims row per workflow holds the lease.
+# No events row: the event that ends the attempt records the claim (claimed_at, claimed_by).
 _CLAIM = """
 WITH picked AS MATERIALIZED ({picked}
 ), dequeued AS (
@@ -148,9 +149,6 @@ WITH picked AS MATERIALIZED ({picked}
            array_agg(id ORDER BY id)
     FROM claimed GROUP BY workflow_id
     RETURNING id, workflow_id
-), logged AS (
-    INSERT INTO events (workflow_id, job_id, from_status, to_status, attempt, actor, reason)
-    SELECT workflow_id, id, 'ready', 'running', attempts, %(owner)s, 'claimed' FROM claimed
 ), pending AS (
     SELECT id FROM workflows
     WHERE id IN (SELECT workflow_id FROM claimed) AND status = 'pending'
@@ -335,10 +333,12 @@ WITH o AS (
     WHERE j.id = o.id AND j.status = 'running' AND j.lease_owner = o.owner
       AND j.attempts = o.attempt AND (o.claimed_at IS NULL OR j.started_at = o.claimed_at)
     RETURNING j.id, j.workflow_id, j.status::text AS status, j.priority, j.not_before, o.outcome,
-              o.attempt, o.reason
+              o.attempt, o.reason, o.owner, j.started_at
 ), logged AS (
-    INSERT INTO events (workflow_id, job_id, from_status, to_status, attempt, actor, reason)
-    SELECT workflow_id, id, 'running', status, attempt, %(actor)s, reason FROM updated
+    INSERT INTO events (workflow_id, job_id, from_status, to_status, attempt, actor, reason,
+                        claimed_at, claimed_by)
+    SELECT workflow_id, id, 'running', status, attempt, %(actor)s, reason, started_at, owner
+    FROM updated
 ), requeued AS (
     INSERT INTO ready_jobs (job_id, workflow_id, priority, not_before)
     SELECT id, workflow_id, priority, not_before FROM updated WHERE status = 'ready'

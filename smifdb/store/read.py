@@ -122,9 +122,10 @@ SELECT j.id, j.workflow_id, j.key, j.kind::text AS kind, j.payload, j.status::te
        j.finished_at
 FROM jobs j WHERE j.id = %s
 """
+# Through the audit view, which shows each attempt's claim beside its events.
 _JOB_EVENTS = """
-SELECT at, from_status, to_status, attempt, actor, reason FROM events
-WHERE workflow_id = %s AND job_id = %s ORDER BY id
+SELECT at, from_status, to_status, attempt, actor, reason FROM smifdb_job_history
+WHERE job_id = %s ORDER BY event_id NULLS LAST, at
 """
 
 
@@ -143,5 +144,5 @@ def job(conn: psycopg.Connection, job_id: int) -> dict | None:
     with conn.cursor(row_factory=dict_row) as cur:
         row = cur.execute(_JOB, [job_id]).fetchone()
         if row is not None:
-            row["events"] = cur.execute(_JOB_EVENTS, [row["workflow_id"], job_id]).fetchall()
+            row["events"] = cur.execute(_JOB_EVENTS, [job_id]).fetchall()
     return row

@@ -34,22 +34,19 @@ ORDER BY status <> 'running', duration_seconds DESC, job_id
 LIMIT %s
 """
 _FAILURES = "SELECT * FROM smifdb_failure_reasons WHERE workflow_id = %s"
-# Newest first with a LIMIT, returned oldest first: the last N events, in order.
-_WORKFLOW_HISTORY = """
-SELECT * FROM smifdb_job_history WHERE workflow_id = %(id)s
-ORDER BY event_id DESC LIMIT %(limit)s
-"""
-_JOB_HISTORY = """
-SELECT * FROM smifdb_job_history WHERE job_id = %(id)s
-ORDER BY event_id DESC LIMIT %(limit)s
-"""
+# Newest first with a LIMIT, returned oldest first: the last N events, in order. A claim shares
+# the id of the event that ended its attempt (and comes first: it is older); the claim of an
+# attempt still running has no id yet and is the newest.
+_NEWEST_FIRST = "ORDER BY event_id DESC NULLS FIRST, at DESC LIMIT %(limit)s"
+_WORKFLOW_HISTORY = f"SELECT * FROM smifdb_job_history WHERE workflow_id = %(id)s {_NEWEST_FIRST}"
+_JOB_HISTORY = f"SELECT * FROM smifdb_job_history WHERE job_id = %(id)s {_NEWEST_FIRST}"
 # The latest events anywhere: find the id of the Nth newest on events_pkey first, then ask the
 # view for ids from there — a known bound the planner turns into two index range scans (an
 # ORDER BY … LIMIT over the view's join would read every event).
 _NTH_NEWEST_EVENT = """
 SELECT id FROM events WHERE workflow_id IS NOT NULL ORDER BY id DESC OFFSET %s LIMIT 1
 """
-_HISTORY_FROM = "SELECT * FROM smifdb_job_history WHERE event_id >= %s ORDER BY event_id"
+_HISTORY_FROM = "SELECT * FROM smifdb_job_history WHERE event_id >= %s ORDER BY event_id, at"
 
 
 def _rows(conn: psycopg.Connection, query: str, params: object = None) -> list[dict]:
@@ -98,6 +95,7 @@ def history(
         rows = _rows(conn, _WORKFLOW_HISTORY, params)
     else:
         bound = conn.execute(_NTH_NEWEST_EVENT, [limit - 1]).fetchone() if limit else None
-        return _rows(conn, _HISTORY_FROM, [bound[0] if bound else -(2**63)])
+        rows = _rows(conn, _HISTORY_FROM, [bound[0] if bound else -(2**63)])
+        return rows[-limit:] if limit else rows  # claims add rows that share their end's id
     rows.reverse()
     return rows
