@@ -153,3 +153,68 @@ def test_runner_load_gains_claims_and_keeps_everything_else_both_ways(dsn: str) 
             conn.execute("DROP VIEW IF EXISTS busy_runners")
             conn.execute(f"DROP OWNED BY {role}")
             conn.execute(f"DROP ROLE {role}")
+
+
+def test_0009_moves_the_queue_out_of_jobs_and_back(empty_dsn: str) -> None:
+    """Ready jobs to ready_jobs, leases to claims, the finished count to workflow_counts, a
+    running attempt's claim event to the job (until its end records it); and back again."""
+    migrate.upgrade(empty_dsn, "0008")
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        wf = conn.execute(
+            "INSERT INTO workflows (name, status, job_count, unfinished_jobs)"
+            " VALUES ('w', 'running', 4, 3) RETURNING id"
+        ).fetchone()[0]
+        ids = {}
+        for key, status in (("a", "succeeded"), ("b", "ready"), ("c", "running"), ("d", "waiting")):
+            ids[key] = conn.execute(
+                "INSERT INTO jobs (workflow_id, key, kind, payload, status, priority)"
+                " VALUES (%s, %s, 'python', '{}', %s, 3) RETURNING id",
+                [wf, key, status],
+            ).fetchone()[0]
+        conn.execute("UPDATE jobs SET not_before = '2030-01-01Z' WHERE id = %s", [ids["b"]])
+        started, expires = "2026-12-01 10:00:00Z", "2026-12-01 10:05:00Z"
+        conn.execute(
+            "UPDATE jobs SET attempts = 1, lease_owner = 'r1', started_at = %s,"
+            " lease_expires_at = %s WHERE id = %s",
+            [started, expires, ids["c"]],
+        )
+        conn.execute(
+            "INSERT INTO events (at, workflow_id, job_id, from_status, to_status, attempt,"
+            " actor, reason) VALUES (%s, %s, %s, 'ready', 'running', 1, 'r1', 'claimed')",
+            [started, wf, ids["c"]],
+        )
+
+    migrate.upgrade(empty_dsn)
+    with psycopg.connect(empty_dsn) as conn:
+        assert conn.execute("SELECT job_id, workflow_id, priority FROM ready_jobs").fetchall() == [
+            (ids["b"], wf, 3)
+        ]
+        claims = conn.execute(
+            "SELECT workflow_id, owner, claimed_at = %s, expires_at = %s, job_ids, closed_at"
+            " FROM claims",
+            [started, expires],
+        ).fetchall()
+        assert claims == [(wf, "r1", True, True, [ids["c"]], None)]
+        assert conn.execute(
+            "SELECT jobs_done FROM smifdb_workflow_progress WHERE workflow_id = %s", [wf]
+        ).fetchone() == (1,)
+        assert conn.execute("SELECT count(*) FROM events WHERE reason = 'claimed'").fetchone() == (
+            0,
+        )
+        claim = conn.execute(
+            "SELECT event_id, actor, attempt FROM smifdb_job_history"
+            " WHERE job_id = %s AND reason = 'claimed'",
+            [ids["c"]],
+        ).fetchall()
+        assert claim == [(None, "r1", 1)]  # from the job, while it runs
+
+    migrate.downgrade(empty_dsn, "0008")
+    with psycopg.connect(empty_dsn) as conn:
+        assert conn.execute("SELECT unfinished_jobs FROM workflows").fetchone() == (3,)
+        assert conn.execute(
+            "SELECT lease_expires_at = %s FROM jobs WHERE id = %s", [expires, ids["c"]]
+        ).fetchone() == (True,)
+        assert conn.execute(
+            "SELECT job_id, attempt, actor, at = %s FROM events WHERE reason = 'claimed'",
+            [started],
+        ).fetchall() == [(ids["c"], 1, "r1", True)]

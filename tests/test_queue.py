@@ -454,9 +454,12 @@ def test_claim_and_record_plans_survive_stale_statistics(conn) -> None:
 
     claimed = queue.claim(conn, "r1", 64, lease=60)
     outcomes = queue._outcomes_json(done(claimed), datetime.now(UTC))
-    plan = _explain(conn, queue._RECORD_AND_PROMOTE, {"outcomes": outcomes, "actor": "r1"})
+    ids = queue.array(c.id for c in claimed)
+    params = {"outcomes": outcomes, "ids": ids, "actor": "r1"}
+    plan = _explain(conn, queue._RECORD_AND_PROMOTE, params)
     updated = plan[plan.index("CTE updated") : plan.index("CTE logged")]
     assert "Index Scan using jobs_pkey on jobs j" in updated, plan
+    assert "Seq Scan" not in updated, plan
 
 
 def test_exactly_once_under_concurrent_claims(dsn, conn) -> None:
@@ -501,7 +504,10 @@ def test_hot_path_statements_never_scan_whole_tables(conn) -> None:
     statements = {
         "claim": (queue.CLAIM_ANY, {"n": 64, "owner": "r1", "lease": 60, "workflow_id": None}),
         "lock": (queue._LOCK_JOBS, {"succeeding": ids, "doomed": ids}),
-        "record+promote": (queue._RECORD_AND_PROMOTE, {"outcomes": outcomes, "actor": "r1"}),
+        "record+promote": (
+            queue._RECORD_AND_PROMOTE,
+            {"outcomes": outcomes, "ids": ids, "actor": "r1"},
+        ),
         "descendants": (queue.DESCENDANTS, [ids]),
         "fail descendants": (queue._FAIL_DESCENDANTS, {"doomed": ids, "actor": "r1"}),
     }
@@ -510,3 +516,139 @@ def test_hot_path_statements_never_scan_whole_tables(conn) -> None:
             plan = "\n".join(r[0] for r in conn.execute("EXPLAIN ANALYZE " + sql, params))
         assert "Seq Scan on jobs" not in plan, f"{name}:\n{plan}"
         assert "Seq Scan on job_edges" not in plan, f"{name}:\n{plan}"
+
+
+def test_no_index_of_jobs_names_what_claims_and_completions_change(conn) -> None:
+    """Claims and completions are HOT updates only while no index of `jobs` (key columns,
+    expressions or partial predicates) names a column they write."""
+    rows = conn.execute(
+        """
+        SELECT i.indexrelid::regclass::text, a.attname
+        FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = ANY(i.indkey)
+        WHERE i.indrelid = 'jobs'::regclass
+        UNION ALL
+        SELECT i.indexrelid::regclass::text, 'predicate or expression'
+        FROM pg_index i
+        WHERE i.indrelid = 'jobs'::regclass AND (i.indpred IS NOT NULL OR i.indexprs IS NOT NULL)
+        """
+    ).fetchall()
+    assert {column for _, column in rows} <= {"id", "workflow_id", "key"}, rows
+
+
+def test_claims_and_completions_are_hot(conn) -> None:
+    smifdb.submit(conn, {"jobs": [job(f"j{i}") for i in range(2000)]})
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    before = conn.execute(
+        "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'jobs'"
+    ).fetchone()
+    while claimed := queue.claim(conn, "r1", 256, lease=60):
+        queue.finish(conn, "r1", done(claimed))
+    conn.execute("SELECT pg_stat_force_next_flush()")
+    conn.execute("SELECT pg_stat_clear_snapshot()")
+    after = conn.execute(
+        "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_user_tables WHERE relname = 'jobs'"
+    ).fetchone()
+    updates, hot = after[0] - before[0], after[1] - before[1]
+    assert updates == 4000  # a claim and a completion each
+    assert hot >= 0.9 * updates, (hot, updates)  # fillfactor 50 leaves room on the page
+
+
+@pytest.mark.parametrize("defer", [False, True], ids=["settled", "deferred"])
+def test_a_workflow_ends_when_two_sessions_finish_its_last_jobs_at_once(
+    dsn, conn, monkeypatch, defer
+):
+    """Neither transaction sees the other's count, so neither sees the workflow complete; the
+    check after each commit does (the later one), and exactly one ends it. Deferred, the
+    workflow waits in FinishReport.unsettled, and the rescue sweep ends it if nobody checks."""
+    wf = smifdb.submit(conn, {"jobs": [job("a"), job("b")]})
+    a, b = queue.claim(conn, "r1", 2, lease=60)
+    settle = queue._settle
+    barrier = threading.Barrier(2)
+
+    def settle_together(*args):  # both record, then count and check, then commit
+        barrier.wait(timeout=10)
+        result = settle(*args)
+        barrier.wait(timeout=10)
+        return result
+
+    monkeypatch.setattr(queue, "_settle", settle_together)
+    reports: list[queue.FinishReport] = []
+
+    def record(claimed) -> None:
+        with psycopg.connect(dsn, autocommit=True) as c:
+            reports.append(queue.finish(c, "r1", done([claimed]), defer_settle=defer))
+
+    threads = [threading.Thread(target=record, args=(x,)) for x in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    monkeypatch.setattr(queue, "_settle", settle)
+    ended = [r.finished_workflows for r in reports if r.finished_workflows]
+    if not defer:
+        assert ended == [{wf: "succeeded"}]
+    else:
+        assert ended == [] and all(r.unsettled == {wf} for r in reports)
+        assert read.finished_status(conn, wf) is None
+        queue.rescue(conn, "sweeper", dead_after=30)
+    assert read.finished_status(conn, wf) == "succeeded"
+    ends = conn.execute(
+        "SELECT count(*) FROM events WHERE workflow_id = %s AND job_id IS NULL"
+        " AND to_status = 'succeeded'",
+        [wf],
+    ).fetchone()[0]
+    assert ends == 1
+
+
+def test_claims_close_once_recorded_and_the_sweep_closes_what_was_left_open(conn) -> None:
+    runner_rows.start(conn, "r1", host="h", pid=1, slots=3, dead_after=30)  # alive
+    smifdb.submit(conn, {"jobs": [job(f"j{i}") for i in range(3)]})
+    claimed = queue.claim(conn, "r1", 3, lease=60)
+    (claim_id,) = {c.claim_id for c in claimed}
+    queue.finish(conn, "r1", done(claimed[:2]))
+    open_claims = "SELECT id FROM claims WHERE closed_at IS NULL ORDER BY id"
+    assert conn.execute(open_claims).fetchall() == [(claim_id,)]
+    queue.rescue(conn, "sweeper", dead_after=30)  # a job still runs under it: stays open
+    assert conn.execute(open_claims).fetchall() == [(claim_id,)]
+    queue.finish(conn, "r1", done(claimed[2:]), close=[claim_id])
+    assert conn.execute(open_claims).fetchall() == []
+
+    smifdb.submit(conn, {"jobs": [job("x")]})
+    claimed = queue.claim(conn, "r1", 1, lease=60)
+    queue.finish(conn, "r1", done(claimed))  # recorded, but its runner never closed it
+    assert len(conn.execute(open_claims).fetchall()) == 1
+    queue.rescue(conn, "sweeper", dead_after=30)
+    assert conn.execute(open_claims).fetchall() == []
+
+
+def test_history_shows_each_claim_with_its_attempt(conn) -> None:
+    """A claim is recorded with the end of its attempt; while the attempt runs it comes from
+    the job. Either way the history shows it once, before the attempt's end."""
+    smifdb.submit(conn, {"jobs": [job("a", max_attempts=2)]})
+    (a1,) = queue.claim(conn, "r1", 1, lease=60)
+    history = (
+        "SELECT to_status, attempt, split_part(actor, '@', 1), reason FROM smifdb_job_history"
+        " WHERE job_id = %s ORDER BY event_id NULLS LAST, at"
+    )
+    assert conn.execute(history, [a1.id]).fetchall() == [
+        ("ready", None, "api", "submitted"),
+        ("running", 1, "r1", "claimed"),
+    ]
+    queue.finish(conn, "r1", done([a1], status="failed", error="boom"))
+    conn.execute("UPDATE ready_jobs SET not_before = NULL")
+    (a2,) = queue.claim(conn, "r2", 1, lease=60)
+    queue.finish(conn, "r2", done([a2], owner="r2"))
+    rows = conn.execute(history, [a1.id]).fetchall()
+    assert rows == [
+        ("ready", None, "api", "submitted"),
+        ("running", 1, "r1", "claimed"),
+        ("ready", 1, "r1", "retry"),
+        ("running", 2, "r2", "claimed"),
+        ("succeeded", 2, "r2", "succeeded"),
+    ]
+    claims = conn.execute(
+        "SELECT claimed_at, claimed_by FROM events WHERE job_id = %s AND claimed_at IS NOT NULL"
+        " ORDER BY id",
+        [a1.id],
+    ).fetchall()
+    assert claims == [(a1.claimed_at, "r1"), (a2.claimed_at, "r2")]

@@ -105,6 +105,14 @@ def test_sigkilled_runner_loses_no_job(conn, runners, tmp_path) -> None:
     assert succeeded == [("rescuer",)]  # recorded exactly once, by the runner that finished it
     # Attempt 1 died with its runner instead of running on unsupervised.
     assert trace.read_text().splitlines() == ["start 1", "start 2", "end 2"]
+    # The dead runner's lease was taken back and its claim closed; both claims are in the log.
+    assert conn.execute("SELECT count(*) FROM claims WHERE closed_at IS NULL").fetchone() == (0,)
+    claims = conn.execute(
+        "SELECT attempt, actor FROM smifdb_job_history WHERE workflow_id = %s"
+        " AND reason = 'claimed' ORDER BY at",
+        [wf],
+    ).fetchall()
+    assert claims == [(1, "victim"), (2, "rescuer")]
 
 
 def test_a_sigkilled_runner_takes_its_jobs_grandchildren_with_it(conn, runners, tmp_path):
@@ -275,6 +283,10 @@ def test_runners_hammering_one_queue_run_each_job_once(conn, runners, tmp_path) 
         [wf],
     ).fetchone()
     assert per_job == (n, n, 3)  # each job claimed and recorded once; all runners took part
+    # Every lease closed by its runner, every finished job counted once.
+    assert conn.execute("SELECT count(*) FROM claims WHERE closed_at IS NULL").fetchone() == (0,)
+    counted = "SELECT sum(finished) FROM workflow_counts WHERE workflow_id = %s"
+    assert conn.execute(counted, [wf]).fetchone() == (n,)
 
 
 def test_retries_with_backoff(conn, runners) -> None:

@@ -308,10 +308,13 @@ WHERE id IN (SELECT id FROM claims WHERE id = ANY(%s::bigint[]) AND closed_at IS
 """
 
 _RECORD_TEMPLATE = """
-WITH o AS (
-    SELECT * FROM jsonb_to_recordset(%(outcomes)s::jsonb) AS o(
-        id bigint, attempt int, owner text, outcome text, result jsonb, exit_code int,
+WITH o AS MATERIALIZED (
+    SELECT u.id, u.attempt, g.owner, g.outcome, g.result, g.exit_code, g.error, g.log_tail,
+           g.not_before, g.reason, g.claimed_at
+    FROM jsonb_to_recordset(%(outcomes)s::jsonb) AS g(
+        ids bigint[], attempts int[], owner text, outcome text, result jsonb, exit_code int,
         error text, log_tail text, not_before timestamptz, reason text, claimed_at timestamptz)
+    CROSS JOIN LATERAL unnest(g.ids, g.attempts) AS u(id, attempt)
 ), updated AS (
     UPDATE jobs j SET
         status = (CASE
@@ -330,7 +333,10 @@ WITH o AS (
         error = o.error,
         log_tail = o.log_tail
     FROM o
-    WHERE j.id = o.id AND j.status = 'running' AND j.lease_owner = o.owner
+    -- The ids again, as a constant array: the jobs are then found through jobs_pkey whatever
+    -- the planner guesses of the unnested JSON (it guessed a hash join over a seq scan).
+    WHERE j.id = ANY(%(ids)s::bigint[]) AND j.id = o.id AND j.status = 'running'
+      AND j.lease_owner = o.owner
       AND j.attempts = o.attempt AND (o.claimed_at IS NULL OR j.started_at = o.claimed_at)
     RETURNING j.id, j.workflow_id, j.status::text AS status, j.priority, j.not_before, o.outcome,
               o.attempt, o.reason, o.owner, j.started_at
@@ -497,37 +503,55 @@ def array(values: Iterable[int]) -> str:
 def _outcomes_json(outcomes: list[Outcome], now: datetime) -> str:
     """The whole batch as one JSON parameter (jsonb_to_recordset), not ten arrays.
 
-    Keys whose value would be null are left out (the record reads them as null): a batch of
-    plain successes is a third of the text to write and for PostgreSQL to parse. The claim
-    time is shared by a claim's jobs, so it is formatted once per claim.
+    Outcomes that differ only in job and attempt travel as one group with lists of both (the
+    plain successes of one claim: same owner, claim time and reason, nothing else to store);
+    the rest as groups of one. Keys whose value would be null are left out (the record reads
+    them as null). A batch of 256 plain successes is one small object, not 256 to write and
+    for PostgreSQL to parse.
     """
-    rows = []
+    groups: dict[tuple, dict[str, Any]] = {}
+    rows: list[dict[str, Any]] = []
     stamps: dict[datetime, str] = {}
     for o in outcomes:
         retry = o.retries
         kind = "retry" if retry else o.status
+        reason = clean_text(o.reason) or kind
+        plain = (
+            not retry
+            and o.result is None
+            and o.exit_code is None
+            and o.error is None
+            and o.log_tail is None
+        )
+        if plain and (group := groups.get((o.owner, kind, reason, o.claimed_at))):
+            group["ids"].append(o.job_id)
+            group["attempts"].append(o.attempt)
+            continue
         row: dict[str, Any] = {
-            "id": o.job_id,
-            "attempt": o.attempt,
+            "ids": [o.job_id],
+            "attempts": [o.attempt],
             "owner": o.owner,
             "outcome": kind,
-            "reason": clean_text(o.reason) or kind,
+            "reason": reason,
         }
         if o.claimed_at is not None:
             if (stamp := stamps.get(o.claimed_at)) is None:
                 stamp = stamps[o.claimed_at] = o.claimed_at.isoformat()
             row["claimed_at"] = stamp
-        if o.result is not None:
-            row["result"] = o.result
-        if o.exit_code is not None:
-            row["exit_code"] = o.exit_code
-        if o.error is not None:
-            row["error"] = clean_text(o.error)
-        if o.log_tail is not None:
-            row["log_tail"] = clean_text(o.log_tail)
-        if retry:
-            delay = timedelta(seconds=backoff_delay(o.attempt, o.retry_backoff))
-            row["not_before"] = (now + delay).isoformat()
+        if plain:
+            groups[(o.owner, kind, reason, o.claimed_at)] = row
+        else:
+            if o.result is not None:
+                row["result"] = o.result
+            if o.exit_code is not None:
+                row["exit_code"] = o.exit_code
+            if o.error is not None:
+                row["error"] = clean_text(o.error)
+            if o.log_tail is not None:
+                row["log_tail"] = clean_text(o.log_tail)
+            if retry:
+                delay = timedelta(seconds=backoff_delay(o.attempt, o.retry_backoff))
+                row["not_before"] = (now + delay).isoformat()
         rows.append(row)
     return json.dumps(rows)
 
@@ -576,7 +600,11 @@ def finish(
             conn.execute(_LOCK_JOBS, {"succeeding": array(succeeding), "doomed": array(doomed)})
         record = None
         if outcomes:
-            params = {"outcomes": _outcomes_json(outcomes, datetime.now(UTC)), "actor": actor}
+            params = {
+                "outcomes": _outcomes_json(outcomes, datetime.now(UTC)),
+                "ids": array(o.job_id for o in outcomes),
+                "actor": actor,
+            }
             record = conn.execute(_RECORD_AND_PROMOTE if succeeding else _RECORD, params)
         if close:
             conn.execute(_CLOSE_CLAIMS, [array(close)])
