@@ -30,7 +30,7 @@ from throughput import spawn_runners, steady_rate
 import smifdb
 from smifdb.store import prune as retention
 
-TABLES = ("jobs", "job_edges", "events", "workflows")
+TABLES = ("jobs", "job_edges", "events", "workflows", "ready_jobs", "claims", "workflow_counts")
 MB = 1024 * 1024
 
 _SIZES = """

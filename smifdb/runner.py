@@ -305,8 +305,7 @@ class Runner:
                 self.closing, self.unsettled = [], report.unsettled
                 self.cycled_at = time.monotonic()
             except (psycopg.DataError, psycopg.errors.ProgramLimitExceeded):
-                report, batch = self._record_apart(batch)
-                self.unsettled |= report.unsettled
+                report, batch = self._record_apart(batch)  # each one settled after its commit
         except DB_ERRORS:
             with self.lock:
                 self.pending = batch + self.pending
@@ -323,7 +322,9 @@ class Runner:
         with short jobs never pays this extra commit."""
         if not (self.unsettled or self.closing) or self.conn is None:
             return
-        if self.active and not now and time.monotonic() - self.cycled_at < SETTLE_AFTER:
+        with self.lock:
+            cycle_coming = bool(self.active or self.pending)
+        if cycle_coming and not now and time.monotonic() - self.cycled_at < SETTLE_AFTER:
             return
         try:
             report = queue.finish(
@@ -561,7 +562,6 @@ class Runner:
             written.append(outcome)
             total.recorded += report.recorded
             total.finished_workflows.update(report.finished_workflows)
-            total.unsettled |= report.unsettled
         return total, written
 
     def _take_counts(self) -> dict[str, int]:
@@ -628,7 +628,7 @@ class Runner:
                     backoff.reset()
                     self.wake.set()  # anything could have happened while we were not listening
                     while not self.closed.is_set():
-                        for note in conn.notifies(timeout=1.0):
+                        for note in conn.notifies(timeout=0.25):  # exits within 0.25 s
                             if note.channel == CANCEL_CHANNEL:
                                 self.check_now.set()
                             self.wake.set()

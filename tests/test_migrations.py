@@ -178,11 +178,18 @@ def test_0009_moves_the_queue_out_of_jobs_and_back(empty_dsn: str) -> None:
             " lease_expires_at = %s WHERE id = %s",
             [started, expires, ids["c"]],
         )
-        conn.execute(
-            "INSERT INTO events (at, workflow_id, job_id, from_status, to_status, attempt,"
-            " actor, reason) VALUES (%s, %s, %s, 'ready', 'running', 1, 'r1', 'claimed')",
-            [started, wf, ids["c"]],
-        )
+        # An earlier attempt 1, released (not counted), then the attempt 1 now running.
+        released = "2026-12-01 09:00:00Z"
+        for at, frm, to, reason in (
+            (released, "ready", "running", "claimed"),
+            (released, "running", "ready", "released: runner shutting down"),
+            (started, "ready", "running", "claimed"),
+        ):
+            conn.execute(
+                "INSERT INTO events (at, workflow_id, job_id, from_status, to_status, attempt,"
+                " actor, reason) VALUES (%s, %s, %s, %s, %s, 1, 'r1', %s)",
+                [at, wf, ids["c"], frm, to, reason],
+            )
 
     migrate.upgrade(empty_dsn)
     with psycopg.connect(empty_dsn) as conn:
@@ -198,15 +205,17 @@ def test_0009_moves_the_queue_out_of_jobs_and_back(empty_dsn: str) -> None:
         assert conn.execute(
             "SELECT jobs_done FROM smifdb_workflow_progress WHERE workflow_id = %s", [wf]
         ).fetchone() == (1,)
-        assert conn.execute("SELECT count(*) FROM events WHERE reason = 'claimed'").fetchone() == (
-            0,
-        )
+        # The running attempt's claim moved to the job; the released attempt's stays.
+        assert conn.execute(
+            "SELECT at = %s FROM events WHERE reason = 'claimed'", [released]
+        ).fetchall() == [(True,)]
         claim = conn.execute(
-            "SELECT event_id, actor, attempt FROM smifdb_job_history"
-            " WHERE job_id = %s AND reason = 'claimed'",
-            [ids["c"]],
+            "SELECT event_id IS NULL, at = %s, actor, attempt FROM smifdb_job_history"
+            " WHERE job_id = %s AND reason = 'claimed' ORDER BY event_id NULLS LAST",
+            [started, ids["c"]],
         ).fetchall()
-        assert claim == [(None, "r1", 1)]  # from the job, while it runs
+        # The released attempt's claim event, then the running one's, from the job.
+        assert claim == [(False, False, "r1", 1), (True, True, "r1", 1)]
 
     migrate.downgrade(empty_dsn, "0008")
     with psycopg.connect(empty_dsn) as conn:
@@ -215,6 +224,7 @@ def test_0009_moves_the_queue_out_of_jobs_and_back(empty_dsn: str) -> None:
             "SELECT lease_expires_at = %s FROM jobs WHERE id = %s", [expires, ids["c"]]
         ).fetchone() == (True,)
         assert conn.execute(
-            "SELECT job_id, attempt, actor, at = %s FROM events WHERE reason = 'claimed'",
+            "SELECT job_id, attempt, actor, at = %s FROM events WHERE reason = 'claimed'"
+            " ORDER BY at",
             [started],
-        ).fetchall() == [(ids["c"], 1, "r1", True)]
+        ).fetchall() == [(ids["c"], 1, "r1", False), (ids["c"], 1, "r1", True)]

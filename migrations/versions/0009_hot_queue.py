@@ -371,13 +371,16 @@ def upgrade() -> None:
     op.execute(f"ALTER TABLE jobs SET ({JOBS_STORAGE_NEW})")
     op.add_column("events", sa.Column("claimed_at", TS))
     op.add_column("events", sa.Column("claimed_by", sa.Text))
-    # Attempts running now: their claim events move to the events that will end them (the
-    # view shows the claim from the job meanwhile), or they would show twice.
+    # Attempts running now: their claim events (each job's newest; an earlier, released attempt
+    # may share its number) move to the events that will end them (the view shows the claim
+    # from the job meanwhile), or they would show twice.
     op.execute(
         """
 DELETE FROM events e USING jobs j
 WHERE j.status = 'running' AND e.workflow_id = j.workflow_id AND e.job_id = j.id
-  AND e.from_status = 'ready' AND e.to_status = 'running' AND e.attempt = j.attempts
+  AND e.id = (SELECT max(c.id) FROM events c
+              WHERE c.workflow_id = j.workflow_id AND c.job_id = j.id
+                AND c.from_status = 'ready' AND c.to_status = 'running')
 """
     )
 

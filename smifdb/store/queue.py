@@ -12,11 +12,12 @@ jobs are recorded); a workflow's finished jobs are summed over its ``workflow_co
 per recording session). No index of ``jobs`` names a column these paths change, so claiming and
 recording are HOT updates, and runners recording into one workflow never queue for its row.
 
-Lock order, which every writer follows: ready_jobs rows (only the claim waits for none, with
-SKIP LOCKED), then jobs rows in ascending id, then one's own workflow_counts rows, then workflow
-rows in ascending id. A claim's own job rows are never waited for: whoever else takes a ready
-job out of the queue deletes its ready_jobs row first (cancel) or holds its row from before it
-was ready (promotion), so a claim never finds a job it picked locked.
+Lock order, which every writer follows: ready_jobs rows (the claim waits for none: SKIP
+LOCKED), then jobs rows in ascending id, then workflow rows in ascending id. (A session's
+workflow_counts rows are its own: nobody else ever waits for them.) A claim's own job rows are
+never waited for: whoever else takes a ready job out of the queue deletes its ready_jobs row
+first (cancel) or holds its row from before it was ready (promotion), so a claim never finds a
+job it picked locked.
 """
 
 from __future__ import annotations

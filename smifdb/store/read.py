@@ -115,9 +115,10 @@ _JOB = """
 SELECT j.id, j.workflow_id, j.key, j.kind::text AS kind, j.payload, j.status::text AS status,
        j.priority, j.attempts, j.max_attempts, j.not_before, j.timeout_seconds,
        j.lease_owner AS runner,
-       (SELECT c.expires_at FROM claims c
-        WHERE j.status = 'running' AND c.workflow_id = j.workflow_id AND c.owner = j.lease_owner AND c.claimed_at = j.started_at AND c.closed_at IS NULL
-          AND j.id = ANY(c.job_ids) ORDER BY c.id DESC LIMIT 1) AS lease_expires_at, j.model, j.operation, j.timestep,
+       (SELECT c.expires_at FROM claims c  -- its open claim (claims_open_idx by owner)
+        WHERE j.status = 'running' AND c.closed_at IS NULL AND c.owner = j.lease_owner
+          AND c.claimed_at = j.started_at AND j.id = ANY(c.job_ids)
+        ORDER BY c.id DESC LIMIT 1) AS lease_expires_at, j.model, j.operation, j.timestep,
        j.decision, j.exit_code, j.error, j.result, j.log_tail, j.created_at, j.started_at,
        j.finished_at
 FROM jobs j WHERE j.id = %s
