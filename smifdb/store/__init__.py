@@ -36,6 +36,14 @@ SCHEMA_REVISION = "0009"
 FINISHED_JOBS = (
     "(SELECT coalesce(sum(n.finished), 0)::int FROM workflow_counts n WHERE n.workflow_id = w.id)"
 )
+# Jobs `j` running under open claims `c` (its leases), each job fenced to its claim; the query
+# adds `WHERE c.closed_at IS NULL` (claims_open_idx) and whatever else it needs.
+UNDER_OPEN_CLAIMS = """
+FROM claims c
+CROSS JOIN LATERAL unnest(c.job_ids) AS u(job_id)
+JOIN jobs j ON j.id = u.job_id
+  AND j.status = 'running' AND j.lease_owner = c.owner AND j.started_at = c.claimed_at
+"""
 
 
 class SchemaError(RuntimeError):

@@ -33,7 +33,13 @@ from typing import Any, NamedTuple
 import psycopg
 
 from smifdb.pgtext import clean_text
-from smifdb.store import FINISHED_CHANNEL, READY_CHANNEL, notify
+from smifdb.store import (
+    FINISHED_CHANNEL,
+    FINISHED_JOBS,
+    READY_CHANNEL,
+    UNDER_OPEN_CLAIMS,
+    notify,
+)
 
 MAX_BACKOFF = 3600.0
 
@@ -391,15 +397,8 @@ _RECORD_AND_PROMOTE = _RECORD_TEMPLATE.format(
     became_ready="(SELECT count(*) FROM promoted WHERE status = 'ready' AND unfinished_parents = 0)",
 )
 
-# Ready rows of jobs leaving the queue other than by a claim: SKIP LOCKED, since this runs with
-# job rows locked (a claim holding a row finds the job no longer ready and drops it). Found
-# through ready_jobs_workflow_idx (the job's workflow, then its id).
-DEQUEUE = """
-DELETE FROM ready_jobs WHERE ctid = ANY(ARRAY(
-    SELECT ctid FROM ready_jobs
-    WHERE workflow_id = ANY(%(workflows)s::bigint[]) AND job_id = ANY(%(ids)s::bigint[])
-    FOR UPDATE SKIP LOCKED))
-"""
+# Descendants of a job that failed for good wait for it, so none is ready and none has a
+# ready_jobs row (were one stale, the claim that reads it finds its job not ready and drops it).
 _FAIL_DESCENDANTS = """
 WITH victims AS (
     SELECT j.id, j.status::text AS old FROM jobs j
@@ -414,8 +413,7 @@ WITH victims AS (
     SELECT workflow_id, id, old, 'upstream_failed', %(actor)s, 'an upstream job failed'
     FROM updated
 )
-SELECT workflow_id, count(*), array_agg(id) FILTER (WHERE old = 'ready') FROM updated
-GROUP BY workflow_id
+SELECT workflow_id, count(*) FROM updated GROUP BY workflow_id
 """
 
 # Finished jobs are counted in this session's own row of each workflow (shard: the backend's
@@ -451,26 +449,21 @@ WITH updated AS (
 INSERT INTO events (workflow_id, from_status, to_status, actor, reason)
 SELECT id, old, 'failed', %(actor)s, 'job outcomes recorded' FROM updated
 """
-# Which of these unfinished workflows have every job finished, as far as this statement sees.
+# Every job of workflow `w` finished, as far as the statement sees.
+_ALL_COUNTED = f"w.job_count <= {FINISHED_JOBS}"
+# Which unfinished workflows have every job finished: those named (by primary key), or any
+# (through workflows_unfinished_idx: the sweep after a session died between its commit and its
+# check). Two statements, so that each keeps its index in a prepared, generic plan.
 _COMPLETE = """
 SELECT w.id FROM workflows w
-WHERE w.id = ANY(%s::bigint[]) AND w.finished_at IS NULL
-  AND w.job_count <= (SELECT coalesce(sum(n.finished), 0) FROM workflow_counts n
-                      WHERE n.workflow_id = w.id)
+WHERE {named} w.finished_at IS NULL AND {all_counted}
 ORDER BY w.id
 """
-# Unfinished workflows with every job finished, wherever they are: the sweep after a session
-# died between its commit and its check (workflows_unfinished_idx; few are unfinished).
-_COMPLETE_ANYWHERE = """
-SELECT w.id FROM workflows w
-WHERE w.finished_at IS NULL
-  AND w.job_count <= (SELECT coalesce(sum(n.finished), 0) FROM workflow_counts n
-                      WHERE n.workflow_id = w.id)
-ORDER BY w.id
-"""
+_COMPLETE_NAMED = _COMPLETE.format(named="w.id = ANY(%s::bigint[]) AND", all_counted=_ALL_COUNTED)
+_COMPLETE_ANYWHERE = _COMPLETE.format(named="", all_counted=_ALL_COUNTED)
 # The end of a complete workflow, its row locked first: failed if any job failed, cancelled if
 # any was cancelled, else succeeded (a failed or cancelled workflow keeps its status).
-_FINALIZE = """
+_FINALIZE = f"""
 WITH updated AS (
     UPDATE workflows w SET
         finished_at = now(),
@@ -484,9 +477,7 @@ WITH updated AS (
             ELSE 'succeeded'
         END::workflow_status
     FROM (SELECT id, status::text AS old FROM workflows WHERE id = ANY(%(ids)s::bigint[])) o
-    WHERE w.id = o.id AND w.finished_at IS NULL
-      AND w.job_count <= (SELECT coalesce(sum(n.finished), 0) FROM workflow_counts n
-                          WHERE n.workflow_id = w.id)
+    WHERE w.id = o.id AND w.finished_at IS NULL AND {_ALL_COUNTED}
     RETURNING w.id, o.old, w.status::text AS status
 ), logged AS (
     INSERT INTO events (workflow_id, from_status, to_status, actor, reason)
@@ -625,7 +616,9 @@ def finish(
         if failed_for_good:
             # Descendants of outcomes that were fenced out stay as they are.
             doomed = [r[0] for r in conn.execute(DESCENDANTS, [array(failed_for_good)])]
-            _fail_descendants(conn, actor, doomed, failed_workflows, finished)
+            failing_args = {"doomed": array(doomed), "actor": actor}
+            for wf_id, n in conn.execute(_FAIL_DESCENDANTS, failing_args):
+                finished[wf_id] += n
         if claiming is not None:
             report.claimed = _claimed(claiming.fetchall())
         ended, report.unsettled = _settle(conn, actor, finished, failed_workflows, recheck)
@@ -638,23 +631,6 @@ def finish(
         report.finished_workflows |= settle(conn, actor, report.unsettled)
         report.unsettled = set()
     return report
-
-
-def _fail_descendants(
-    conn: psycopg.Connection,
-    actor: str,
-    doomed: list[int],
-    workflows: set[int],
-    finished: Counter[int],
-) -> None:
-    """Within the caller's transaction, with ``doomed`` locked: they end upstream_failed."""
-    failing_args = {"doomed": array(doomed), "actor": actor}
-    dequeue: list[int] = []
-    for wf_id, n, were_ready in conn.execute(_FAIL_DESCENDANTS, failing_args).fetchall():
-        finished[wf_id] += n
-        dequeue += were_ready or []
-    if dequeue:  # none in a DAG (a descendant of an unfinished job waits), but keep the queue true
-        conn.execute(DEQUEUE, {"workflows": array(sorted(workflows)), "ids": array(dequeue)})
 
 
 def _settle(
@@ -716,17 +692,20 @@ def settle(conn: psycopg.Connection, actor: str, workflow_ids: Iterable[int]) ->
     whichever checks after both commits sees it complete. Its own short transaction.
     """
     ids = sorted(set(workflow_ids))
-    if not ids:
-        return {}
-    with conn.transaction():
-        complete = [r[0] for r in conn.execute(_COMPLETE, [array(ids)]).fetchall()]
-        return _finalize(conn, actor, complete) if complete else {}
+    return _end_complete(conn, actor, _COMPLETE_NAMED, [array(ids)]) if ids else {}
 
 
 def settle_stragglers(conn: psycopg.Connection, actor: str) -> dict[int, str]:
     """End every complete workflow left unfinished by a session that died before its check."""
+    return _end_complete(conn, actor, _COMPLETE_ANYWHERE, None)
+
+
+def _end_complete(
+    conn: psycopg.Connection, actor: str, query: str, params: list | None
+) -> dict[int, str]:
+    """End the complete workflows ``query`` finds, in a transaction of its own."""
     with conn.transaction():
-        complete = [r[0] for r in conn.execute(_COMPLETE_ANYWHERE).fetchall()]
+        complete = [r[0] for r in conn.execute(query, params).fetchall()]
         return _finalize(conn, actor, complete) if complete else {}
 
 
@@ -751,13 +730,6 @@ WHERE j.id = ANY(%(ids)s) AND j.status = 'running' AND j.lease_owner = %(owner)s
   AND (j.cancel_requested_at IS NOT NULL OR w.status = 'cancelled')
 """
 
-# Jobs running under open claims (claims_open_idx), each job fenced to its claim.
-_UNDER_OPEN_CLAIMS = """
-FROM claims c
-CROSS JOIN LATERAL unnest(c.job_ids) AS u(job_id)
-JOIN jobs j ON j.id = u.job_id
-  AND j.status = 'running' AND j.lease_owner = c.owner AND j.started_at = c.claimed_at
-"""
 _LOST_LEASES = f"""
 SELECT j.id, j.workflow_id, j.key, j.attempts, j.max_attempts, c.owner, c.claimed_at,
        CASE WHEN %(force)s THEN 'runner ' || c.owner || ' restarted'
@@ -767,7 +739,7 @@ SELECT j.id, j.workflow_id, j.key, j.attempts, j.max_attempts, c.owner, c.claime
                  || coalesce(to_char(r.last_heartbeat_at, 'YYYY-MM-DD HH24:MI:SS'), 'never')
                  || ')'
        END
-{_UNDER_OPEN_CLAIMS}
+{UNDER_OPEN_CLAIMS}
 LEFT JOIN runners r ON r.name = c.owner
 WHERE c.closed_at IS NULL
   AND (%(force)s
@@ -784,7 +756,7 @@ FOR NO KEY UPDATE OF j SKIP LOCKED
 _MINE = f"""
 SELECT j.id, j.workflow_id, j.key, j.attempts, j.max_attempts, c.owner, c.claimed_at,
        'claimed but never started by this runner'
-{_UNDER_OPEN_CLAIMS}
+{UNDER_OPEN_CLAIMS}
 WHERE c.closed_at IS NULL AND c.owner = %(owner)s AND NOT (j.id = ANY(%(known)s))
 ORDER BY j.id
 """

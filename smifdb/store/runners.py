@@ -5,6 +5,8 @@ from __future__ import annotations
 import psycopg
 from psycopg.rows import dict_row
 
+from smifdb.store import UNDER_OPEN_CLAIMS
+
 
 class RunnerNameInUse(RuntimeError):
     """Another live runner already has this name."""
@@ -57,16 +59,13 @@ WHERE state IN ('active', 'draining')
 RETURNING name
 """
 
-_STATUS = """
+_STATUS = f"""
 SELECT r.name, r.host, r.pid, r.slots,
        CASE WHEN r.state IN ('active', 'draining')
                  AND r.last_heartbeat_at < now() - make_interval(secs => %(dead_after)s)
             THEN 'lost' ELSE r.state::text END AS state,
-       (SELECT count(*) FROM claims c
-        CROSS JOIN LATERAL unnest(c.job_ids) AS u(job_id)
-        JOIN jobs j ON j.id = u.job_id
-        WHERE c.closed_at IS NULL AND c.owner = r.name AND j.status = 'running'
-          AND j.lease_owner = c.owner AND j.started_at = c.claimed_at)::int AS busy,
+       (SELECT count(*) {UNDER_OPEN_CLAIMS}
+        WHERE c.closed_at IS NULL AND c.owner = r.name)::int AS busy,
        r.last_heartbeat_at,
        extract(epoch FROM now() - r.last_heartbeat_at)::float AS heartbeat_age,
        r.jobs_succeeded, r.jobs_failed, r.jobs_claimed, r.registered_at
