@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import signal
@@ -15,7 +16,7 @@ from pathlib import Path
 import click
 import psycopg
 
-from smifdb import __version__, db, logs, store
+from smifdb import __version__, db, errors, logs, store
 from smifdb.decisions import DecisionError, ModelRunError
 from smifdb.manager import Manager, ManagerConfig, submit_model_run
 from smifdb.pgserver import Cluster, ServerError, default_home
@@ -56,9 +57,7 @@ class SmifdbGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (SpecError, ModelRunError, DecisionError) as exc:
-            raise BadInput(str(exc)) from exc
-        except (modelruns.NotFound, modelruns.ModelRunInUse) as exc:
+        except (errors.Error, SpecError, ModelRunError, DecisionError) as exc:
             raise BadInput(str(exc)) from exc
         except (ServerError, store.SchemaError) as exc:
             raise click.ClickException(str(exc)) from exc
@@ -1015,8 +1014,19 @@ def api_group() -> None:
     """The HTTP API: the smif app's model-run API, workflows, jobs and runners."""
 
 
+def _loopback(host: str) -> bool:
+    import ipaddress
+
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 @api_group.command("serve")
-@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to bind.")
 @click.option("--port", type=click.IntRange(0, 65535), default=8000, show_default=True)
 @click.option("--workers", type=click.IntRange(1, 64), default=1, show_default=True)
 @click.option(
@@ -1030,6 +1040,32 @@ def api_group() -> None:
     help="Where DAFNI workflow instances keep step inputs and outputs; runners must see the "
     "same path. Default: SMIFDB_HOME/dafni.",
 )
+@click.option(
+    "--allowed-host",
+    "allowed_hosts",
+    multiple=True,
+    help="A Host header to answer (repeatable; '.example.org' allows its subdomains). "
+    "Loopback names and the bind address are always allowed; needed to bind elsewhere.",
+)
+@click.option(
+    "--public-url",
+    help="Where clients reach this API (https://smifdb.example.org): the base of the URLs it "
+    "hands out. Default: the address it listens on.",
+)
+@click.option(
+    "--metrics-token",
+    envvar="SMIFDB_METRICS_TOKEN",
+    help="Require 'Authorization: Bearer TOKEN' on /metrics (also SMIFDB_METRICS_TOKEN, which "
+    "keeps it out of ps). Default: /metrics is public.",
+)
+@click.option("--ssl-certfile", type=click.Path(dir_okay=False, exists=True), help="Serve TLS.")
+@click.option("--ssl-keyfile", type=click.Path(dir_okay=False, exists=True))
+@click.option(
+    "--behind-proxy",
+    is_flag=True,
+    help="A TLS-terminating proxy on this host forwards to it: trust its X-Forwarded-For and "
+    "-Proto (from FORWARDED_ALLOW_IPS, default 127.0.0.1).",
+)
 @_log_options
 @click.pass_context
 def api_serve(
@@ -1039,21 +1075,54 @@ def api_serve(
     workers: int,
     project: str | None,
     data_dir: str | None,
+    allowed_hosts: tuple[str, ...],
+    public_url: str | None,
+    metrics_token: str | None,
+    ssl_certfile: str | None,
+    ssl_keyfile: str | None,
+    behind_proxy: bool,
     log_level: str,
     log_format: str,
 ) -> None:
-    """Serve the API with uvicorn (stateless: run as many as you like behind a balancer)."""
+    """Serve the API with uvicorn (stateless: run as many as you like behind a balancer).
+
+    Every route but the login page, /openapi.json and /metrics needs credentials: create a
+    user first (smifdb api user add). See docs/security.md.
+    """
     import uvicorn
 
     from smifdb.api import server
 
+    if bool(ssl_certfile) != bool(ssl_keyfile):
+        raise BadInput("--ssl-certfile and --ssl-keyfile go together")
+    if public_url is not None and not public_url.startswith(("http://", "https://")):
+        raise BadInput(f"--public-url {public_url!r} must start with http:// or https://")
+    if not _loopback(host) and not allowed_hosts:
+        raise BadInput(
+            f"--host {host} serves beyond this machine: name the host names clients use with "
+            "--allowed-host (a DNS-rebinding page could otherwise reach the API)"
+        )
     _setup_logging(log_level, log_format)
+    if not _loopback(host) and not ssl_certfile and not behind_proxy:
+        logging.getLogger("smifdb.api").warning(
+            "serving on %s without TLS: passwords and tokens cross the network in clear; "
+            "use --ssl-certfile/--ssl-keyfile or a TLS proxy (--behind-proxy)",
+            host,
+        )
     dsn = _dsn(ctx)
     with db.connect(dsn) as conn:
         store.check_schema(conn)
     os.environ[server.DSN_VAR] = dsn
     os.environ[server.PROJECT_VAR] = str(Path(project).resolve()) if project else ""
     os.environ[server.DATA_VAR] = str(Path(data_dir).resolve()) if data_dir else ""
+    os.environ[server.SECURITY_VAR] = json.dumps(
+        {
+            "allowed_hosts": list(allowed_hosts),
+            "bind_host": host,
+            "public_url": public_url,
+            "metrics_token": metrics_token,
+        }
+    )
     uvicorn.run(
         "smifdb.api.server:app_from_env",
         factory=True,
@@ -1062,70 +1131,161 @@ def api_serve(
         workers=workers,
         log_level=log_level,
         log_config=logs.uvicorn_config(log_level, log_format),  # also in every worker process
+        ssl_certfile=ssl_certfile,
+        ssl_keyfile=ssl_keyfile,
+        proxy_headers=behind_proxy,  # else a local client could spoof its address
+        server_header=False,
     )
 
 
 @api_group.group("user")
 def api_user() -> None:
-    """Local API users: who may get a bearer token from the DAFNI-shaped token endpoint."""
+    """API users and their roles: viewer, operator, admin, runner (docs/security.md)."""
 
 
-@api_user.command("add")
-@click.argument("name")
-@click.option(
-    "--password-stdin",
-    is_flag=True,
-    help="Read the password from standard input (for scripts) instead of prompting.",
-)
-@click.option("--update", is_flag=True, help="Change the password of an existing user.")
-@click.pass_context
-def api_user_add(ctx: click.Context, name: str, password_stdin: bool, update: bool) -> None:
-    """Add a user (the password is stored as an scrypt hash)."""
-    if not name.strip() or len(name) > 200:
-        raise BadInput("a user name must be 1 to 200 characters")
+def _read_password(password_stdin: bool) -> str:
     if password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
         password = click.prompt("Password", hide_input=True, confirmation_prompt=True)
     if len(password) < 8:
         raise BadInput("a password must be at least 8 characters")
+    return password
+
+
+_ROLE = click.Choice(auth.ROLES)
+
+
+@api_user.command("add")
+@click.argument("name")
+@click.option("--role", type=_ROLE, default="operator", show_default=True)
+@click.option(
+    "--password-stdin",
+    is_flag=True,
+    help="Read the password from standard input (for scripts) instead of prompting.",
+)
+@click.option(
+    "--no-password", is_flag=True, help="No password: the user signs in with api tokens only."
+)
+@click.option("--update", is_flag=True, help="Change the password of an existing user.")
+@click.pass_context
+def api_user_add(
+    ctx: click.Context, name: str, role: str, password_stdin: bool, no_password: bool, update: bool
+) -> None:
+    """Add a user (the password is stored as an scrypt hash)."""
+    auth.check_name(name)
+    if no_password and (password_stdin or update):
+        raise BadInput("--no-password goes with neither --password-stdin nor --update")
+    password = None if no_password else _read_password(password_stdin)
     with db.connect(_dsn(ctx)) as conn:
         store.check_schema(conn)
-        try:
-            if update:
-                auth.set_password(conn, name, password)
-            else:
-                auth.add_user(conn, name, password)
-        except (auth.UserExists, auth.UnknownUser) as exc:
-            raise BadInput(str(exc)) from exc
-    click.echo(f"{'updated' if update else 'added'} user {name}")
+        if update:
+            auth.set_password(conn, name, password)
+        else:
+            auth.add_user(conn, name, password, role=role)
+    click.echo(f"updated user {name}" if update else f"added user {name} ({role})")
+
+
+@api_user.command("set-role")
+@click.argument("name")
+@click.argument("role", type=_ROLE)
+@click.pass_context
+def api_user_set_role(ctx: click.Context, name: str, role: str) -> None:
+    """Change a user's role; their tokens and sessions are revoked."""
+    with db.connect(_dsn(ctx)) as conn:
+        store.check_schema(conn)
+        auth.set_role(conn, name, role)
+    click.echo(f"user {name} is now {role}; their tokens were revoked")
 
 
 @api_user.command("remove")
 @click.argument("name")
 @click.pass_context
 def api_user_remove(ctx: click.Context, name: str) -> None:
-    """Remove a user and revoke their tokens."""
+    """Remove a user and revoke their tokens (what they submitted stays, owned by no one)."""
     with db.connect(_dsn(ctx)) as conn:
         store.check_schema(conn)
-        try:
-            auth.remove_user(conn, name)
-        except auth.UnknownUser as exc:
-            raise BadInput(str(exc)) from exc
+        auth.remove_user(conn, name)
     click.echo(f"removed user {name}")
 
 
 @api_user.command("list")
+@click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def api_user_list(ctx: click.Context) -> None:
-    """List users and when each last signed in."""
+def api_user_list(ctx: click.Context, as_json: bool) -> None:
+    """List users, their roles and when each last signed in."""
     with db.connect(_dsn(ctx)) as conn:
         store.check_schema(conn)
-        for user in auth.users(conn):
-            last = user["last_login_at"]
-            click.echo(
-                f"{user['name']}\tlast login {last:%Y-%m-%d %H:%M:%S}" if last else user["name"]
-            )
+        rows = auth.users(conn)
+    if as_json:
+        _print_json(rows)
+        return
+    columns = [
+        ("user", lambda r: r["name"]),
+        ("role", lambda r: r["role"]),
+        ("api tokens", lambda r: r["api_tokens"]),
+        ("last sign-in", lambda r: timestamp(r["last_login_at"])),
+        ("created", lambda r: timestamp(r["created_at"])),
+    ]
+    click.echo(table(rows, columns))
+
+
+@api_group.group("token")
+def api_token() -> None:
+    """Long-lived API tokens for scripts and runners (Authorization: Bearer)."""
+
+
+@api_token.command("create")
+@click.option("--user", "user", required=True, help="Whose token: it acts with their role.")
+@click.option("--expires", type=_Duration(), help="Lifetime: 90d, 12h, 2w… Default: never.")
+@click.option("--name", "label", help="A label to tell tokens apart in `token list`.")
+@click.pass_context
+def api_token_create(ctx: click.Context, user: str, expires, label: str | None) -> None:
+    """Print a new token once (only its hash is stored)."""
+    seconds = expires.total_seconds() if expires is not None else None
+    with db.connect(_dsn(ctx)) as conn:
+        store.check_schema(conn)
+        token_id, token = auth.create_api_token(conn, user, name=label, seconds=seconds)
+    click.echo(
+        f"token {token_id} for {user} (shown once; revoke with `smifdb api token revoke "
+        f"{token_id}`):",
+        err=True,
+    )
+    click.echo(token)
+
+
+@api_token.command("list")
+@click.option("--user", "user", help="Only this user's tokens.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def api_token_list(ctx: click.Context, user: str | None, as_json: bool) -> None:
+    """List api tokens (never the tokens themselves)."""
+    with db.connect(_dsn(ctx)) as conn:
+        store.check_schema(conn)
+        rows = auth.api_tokens(conn, user)
+    if as_json:
+        _print_json(rows)
+        return
+    columns = [
+        ("id", lambda r: r["id"]),
+        ("user", lambda r: r["user"]),
+        ("role", lambda r: r["role"]),
+        ("name", lambda r: r["name"]),
+        ("created", lambda r: timestamp(r["issued_at"])),
+        ("expires", lambda r: timestamp(r["expires_at"])),
+    ]
+    click.echo(table(rows, columns))
+
+
+@api_token.command("revoke")
+@click.argument("token_id", type=click.IntRange(1, 2**63 - 1))
+@click.pass_context
+def api_token_revoke(ctx: click.Context, token_id: int) -> None:
+    """Revoke an api token at once: the next request with it is refused."""
+    with db.connect(_dsn(ctx)) as conn:
+        store.check_schema(conn)
+        auth.revoke_api_token(conn, token_id)
+    click.echo(f"revoked token {token_id}")
 
 
 if __name__ == "__main__":

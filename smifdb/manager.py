@@ -226,6 +226,7 @@ def submit_model_run(
     priority: int = 0,
     interface: str = "local_csv",
     in_process: bool = False,
+    submitted_by: int | None = None,
 ) -> tuple[int, int]:
     """Record a model run and submit its first bundle, all in one transaction.
 
@@ -253,6 +254,7 @@ def submit_model_run(
             options=options,
             priority=priority,
             actor=actor,
+            submitted_by=submitted_by,
         )
         if kind == "smif":  # only now that no live run of this name can be clobbered
             modelruns.set_options(conn, model_run_id, decider.prepare())

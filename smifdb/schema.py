@@ -61,6 +61,7 @@ model_runs = Table(
     Column("error", Text),
     Column("submitted_at", TS, nullable=False, server_default=func.now()),
     Column("finished_at", TS),
+    Column("submitted_by", BigInteger, ForeignKey("api_users.id", ondelete="SET NULL")),  # 0010
     CheckConstraint(
         "(kind = 'python') = (decide IS NOT NULL)", name="model_runs_decide_iff_python"
     ),
@@ -68,6 +69,11 @@ model_runs = Table(
         "(finished_at IS NULL) = (status IN ('pending', 'running'))",
         name="model_runs_finished_iff_ended",
     ),
+)
+Index(
+    "model_runs_submitted_by_idx",
+    model_runs.c.submitted_by,
+    postgresql_where=text("submitted_by IS NOT NULL"),
 )
 # Two live runs of one model run in one project would write the same results folder.
 Index(
@@ -91,11 +97,17 @@ workflows = Table(
     Column("started_at", TS),
     Column("finished_at", TS),
     Column("model_run_id", BigInteger, ForeignKey("model_runs.id")),
+    Column("submitted_by", BigInteger, ForeignKey("api_users.id", ondelete="SET NULL")),  # 0010
     CheckConstraint("job_count > 0", name="workflows_job_count_positive"),
     # A bundle is submitted once, whatever managers race: enforced here, not by timing.
     UniqueConstraint("model_run_id", "bundle", name="workflows_model_run_bundle_key"),
 )
 Index("workflows_status_idx", workflows.c.status)
+Index(
+    "workflows_submitted_by_idx",
+    workflows.c.submitted_by,
+    postgresql_where=text("submitted_by IS NOT NULL"),
+)
 # Is anything left to do anywhere? (`runner run --exit-when-idle`, `wait`)
 Index(
     "workflows_unfinished_idx",
@@ -265,6 +277,10 @@ api_users = Table(
     Column("name", Text, nullable=False, unique=True),
     Column("password_hash", Text, nullable=False),  # scrypt, see smifdb.store.auth
     Column("created_at", TS, nullable=False, server_default=func.now()),
+    Column("role", Text, nullable=False, server_default="operator"),  # migration 0010
+    CheckConstraint(
+        "role IN ('viewer', 'operator', 'admin', 'runner')", name="api_users_role_check"
+    ),
 )
 
 api_tokens = Table(
@@ -274,10 +290,34 @@ api_tokens = Table(
     Column("user_id", BigInteger, ForeignKey("api_users.id", ondelete="CASCADE"), nullable=False),
     Column("kind", Text, nullable=False),
     Column("issued_at", TS, nullable=False, server_default=func.now()),
-    Column("expires_at", TS, nullable=False),
-    CheckConstraint("kind IN ('access', 'refresh')", name="api_tokens_kind_check"),
+    Column("expires_at", TS),  # NULL: an api token that never expires
+    Column("id", BigInteger, Identity(always=False), nullable=False),
+    Column("name", Text),  # a label, for api tokens
+    Column("session_id", UUID(as_uuid=True)),  # one login's access, refresh and cookie tokens
+    Column("spent_at", TS),  # a used refresh token, kept until it expires to notice reuse
+    CheckConstraint(
+        "kind IN ('access', 'refresh', 'session', 'api')", name="api_tokens_kind_check"
+    ),
+    UniqueConstraint("id", name="api_tokens_id_key"),
 )
 Index("api_tokens_user_idx", api_tokens.c.user_id)
+Index(
+    "api_tokens_session_idx",
+    api_tokens.c.session_id,
+    postgresql_where=text("session_id IS NOT NULL"),
+)
+
+# Failed sign-ins per user name and per client address: every API process throttles alike.
+api_login_failures = Table(
+    "api_login_failures",
+    metadata,
+    Column("scope", Text, primary_key=True),
+    Column("key", Text, primary_key=True),
+    Column("failures", Integer, nullable=False),
+    Column("last_failure_at", TS, nullable=False),
+    Column("blocked_until", TS),
+    CheckConstraint("scope IN ('user', 'address')", name="api_login_failures_scope_check"),
+)
 
 dafni_models = Table(
     "dafni_models",
@@ -286,7 +326,8 @@ dafni_models = Table(
     Column("model_id", UUID_, nullable=False),  # DAFNI's "parent": versions of one model share it
     Column("definition", JSONB, nullable=False),  # metadata and spec, incl. command or smif
     Column("version_message", Text, nullable=False, server_default=""),
-    Column("owner", Text, nullable=False),
+    Column("owner", Text, nullable=False),  # the name, for display
+    Column("owner_id", BigInteger, ForeignKey("api_users.id", ondelete="SET NULL")),  # 0010
     Column("created_at", TS, nullable=False, server_default=func.now()),
 )
 Index("dafni_models_model_idx", dafni_models.c.model_id, dafni_models.c.created_at)
@@ -296,7 +337,8 @@ dafni_model_uploads = Table(
     "dafni_model_uploads",
     metadata,
     Column("id", UUID_, primary_key=True, server_default=NEW_UUID),
-    Column("owner", Text, nullable=False),
+    Column("owner", Text, nullable=False),  # the name, for display
+    Column("owner_id", BigInteger, ForeignKey("api_users.id", ondelete="SET NULL")),  # 0010
     Column("definition", JSONB),
     Column("image_bytes", BigInteger),
     Column("created_at", TS, nullable=False, server_default=func.now()),
@@ -309,7 +351,8 @@ dafni_workflows = Table(
     Column("workflow_id", UUID_, nullable=False),  # DAFNI's "parent"
     Column("definition", JSONB, nullable=False),
     Column("version_message", Text, nullable=False, server_default=""),
-    Column("owner", Text, nullable=False),
+    Column("owner", Text, nullable=False),  # the name, for display
+    Column("owner_id", BigInteger, ForeignKey("api_users.id", ondelete="SET NULL")),  # 0010
     Column("created_at", TS, nullable=False, server_default=func.now()),
 )
 Index("dafni_workflows_workflow_idx", dafni_workflows.c.workflow_id, dafni_workflows.c.created_at)
@@ -325,7 +368,8 @@ dafni_parameter_sets = Table(
         nullable=False,
     ),
     Column("definition", JSONB, nullable=False),
-    Column("owner", Text, nullable=False),
+    Column("owner", Text, nullable=False),  # the name, for display
+    Column("owner_id", BigInteger, ForeignKey("api_users.id", ondelete="SET NULL")),  # 0010
     Column("created_at", TS, nullable=False, server_default=func.now()),
 )
 Index("dafni_parameter_sets_workflow_idx", dafni_parameter_sets.c.workflow_version_id)
@@ -353,11 +397,12 @@ dafni_instances = Table(
         nullable=False,
         unique=True,
     ),
-    Column("owner", Text, nullable=False),
+    Column("owner", Text, nullable=False),  # the name, for display
+    Column("owner_id", BigInteger, ForeignKey("api_users.id", ondelete="SET NULL")),  # 0010
     Column("idempotency_key", Text),
     Column("submitted_at", TS, nullable=False, server_default=func.now()),
     # A retried execute request with the same key gets the same instance, not a second one.
-    UniqueConstraint("owner", "idempotency_key", name="dafni_instances_idempotency_key"),
+    UniqueConstraint("owner_id", "idempotency_key", name="dafni_instances_idempotency_key"),
 )
 Index("dafni_instances_workflow_version_idx", dafni_instances.c.workflow_version_id)
 Index("dafni_instances_parameter_set_idx", dafni_instances.c.parameter_set_id)

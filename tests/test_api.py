@@ -8,7 +8,9 @@ from collections.abc import Iterator
 
 import httpx2
 import pytest
-from processes import submit_loop_model_run, wait_for
+import credentials
+from credentials import bearer, user_token
+from processes import cli, submit_loop_model_run, wait_for
 from starlette.testclient import TestClient
 
 from smifdb.api import create_app
@@ -16,7 +18,7 @@ from smifdb.api import create_app
 
 @pytest.fixture
 def client(dsn: str) -> Iterator[TestClient]:
-    with TestClient(create_app(dsn, max_body=10_000), raise_server_exceptions=False) as c:
+    with credentials.client(create_app(dsn, max_body=10_000), user_token(dsn)) as c:
         yield c
 
 
@@ -118,33 +120,44 @@ def test_smif_app_api_starts_watches_and_kills_a_model_run(dsn, tmp_path, procs)
     server = procs.spawn(
         "api", "serve", "--port", str(port), "--project", str(project), log_name="api"
     )
-    base = f"http://127.0.0.1:{port}"
+    # As a user would: a user and a token from the CLI, then the token on every request.
+    assert cli(dsn, "api", "user", "add", "ops", "--no-password").returncode == 0
+    created = cli(dsn, "api", "token", "create", "--user", "ops", "--name", "test")
+    assert created.returncode == 0, created.stderr
+    http = httpx2.Client(base_url=f"http://127.0.0.1:{port}", headers=bearer(created.stdout.strip()))
 
     def up() -> bool:
         try:
-            return httpx2.get(f"{base}/api/v1/runners/").status_code == 200
+            return http.get("/api/v1/runners/").status_code == 200
         except httpx2.HTTPError:
             return False
 
     wait_for(up, what="the API to listen")
+    assert httpx2.get(f"http://127.0.0.1:{port}/api/v1/runners/").status_code == 401
     # The smif app API starts smif model runs of its project; without smif configuration the
     # model run is unknown: a clear 400/404, nothing started.
-    response = httpx2.post(f"{base}/api/v1/model_runs/energy_central/start", json={"args": {}})
+    response = http.post("/api/v1/model_runs/energy_central/start", json={"args": {}})
     assert response.status_code in (400, 404)
     assert response.json()["error"]["message"]
-    bad = httpx2.post(f"{base}/api/v1/model_runs/x/start", json={"args": {"warm_start": "yes"}})
+    bad = http.post("/api/v1/model_runs/x/start", json={"args": {"warm_start": "yes"}})
     assert bad.status_code == 400 and "warm_start" in bad.json()["error"]["message"]
-    # A model run submitted elsewhere is watched and killed through the same endpoints.
+    # A model run submitted elsewhere is watched and killed through the same endpoints (by
+    # an admin: a model run submitted with database credentials belongs to no API user).
     submitted = submit_loop_model_run(dsn, project)
     assert submitted.stdout.strip()
-    status = httpx2.get(f"{base}/api/v1/model_runs/loop/status").json()["data"]
+    status = http.get("/api/v1/model_runs/loop/status").json()["data"]
     assert status["status"] == "running" and status["bundles"] == 1
-    killed = httpx2.post(f"{base}/api/v1/model_runs/loop/kill").json()["data"]
+    assert http.post("/api/v1/model_runs/loop/kill").status_code == 403
+    assert cli(dsn, "api", "user", "set-role", "ops", "admin").returncode == 0
+    assert http.post("/api/v1/model_runs/loop/kill").status_code == 401  # tokens revoked
+    created = cli(dsn, "api", "token", "create", "--user", "ops")
+    http.headers.update(bearer(created.stdout.strip()))
+    killed = http.post("/api/v1/model_runs/loop/kill").json()["data"]
     assert killed["status"] == "stopped" and killed["bundles_cancelled"] == 1
-    assert httpx2.get(f"{base}/api/v1/model_runs/loop/status").json()["data"]["status"] == "stopped"
-    again = httpx2.post(f"{base}/api/v1/model_runs/loop/kill")
+    assert http.get("/api/v1/model_runs/loop/status").json()["data"]["status"] == "stopped"
+    again = http.post("/api/v1/model_runs/loop/kill")
     assert again.status_code == 409
-    listed = httpx2.get(f"{base}/api/v1/model_runs/?status=stopped").json()["data"]
+    listed = http.get("/api/v1/model_runs/?status=stopped").json()["data"]
     assert [r["name"] for r in listed] == ["loop"]
     server.terminate()
     server.wait(10)

@@ -16,6 +16,7 @@ TABLES = {
     "events",
     "api_users",
     "api_tokens",
+    "api_login_failures",
     "dafni_models",
     "dafni_model_uploads",
     "dafni_workflows",

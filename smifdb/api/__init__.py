@@ -3,18 +3,22 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
+import anyio
 from psycopg_pool import ConnectionPool
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
 
 from smifdb import store
-from smifdb.api import dafni, dashboard, metrics, openapi, v1
+from smifdb.api import dafni, dashboard, metrics, openapi, session, v1
 from smifdb.api.errors import HANDLERS
+from smifdb.api.security import Guard, Settings
 from smifdb.pgserver import default_home
 
 MAX_BODY = 1_000_000  # bytes
+HASHING_THREADS = 2  # scrypt is CPU- and memory-bound: more threads than cores gain nothing
 
 
 def create_app(
@@ -25,12 +29,24 @@ def create_app(
     max_body: int = MAX_BODY,
     pool_size: int = 8,
     dead_after: float = 30.0,
+    allowed_hosts: Iterable[str] = (),
+    bind_host: str | None = None,
+    public_url: str | None = None,
+    metrics_token: str | None = None,
 ) -> Starlette:
     """An app bound to one database (and optionally one smif project for the smif app API).
 
     ``data_dir`` is where DAFNI workflow instances keep each step's inputs and outputs; runners
-    must see it at the same path (a shared filesystem on a cluster).
+    must see it at the same path (a shared filesystem on a cluster). ``allowed_hosts`` (besides
+    loopback names and ``bind_host``) are the Host headers it answers; ``public_url`` is where
+    clients reach it, for the URLs it hands out (docs/security.md).
     """
+    settings = Settings.make(
+        allowed_hosts=allowed_hosts,
+        bind_host=bind_host,
+        public_url=public_url,
+        metrics_token=metrics_token,
+    )
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -45,18 +61,28 @@ def create_app(
         with pool.connection() as conn:
             store.check_schema(conn)
         app.state.pool = pool
+        app.state.hash_limiter = anyio.CapacityLimiter(HASHING_THREADS)
         try:
             yield
         finally:
             pool.close()
 
     app = Starlette(
-        routes=[*v1.ROUTES, *dafni.ROUTES, *openapi.ROUTES, *metrics.ROUTES, *dashboard.ROUTES],
+        routes=[
+            *session.ROUTES,
+            *v1.ROUTES,
+            *dafni.ROUTES,
+            *openapi.ROUTES,
+            *metrics.ROUTES,
+            *dashboard.ROUTES,
+        ],
+        middleware=[Middleware(Guard, settings=settings)],
         exception_handlers=HANDLERS,
         lifespan=lifespan,
     )
     app.state.project_dir = str(Path(project_dir).resolve()) if project_dir else None
     app.state.data_dir = str(Path(data_dir or default_home() / "dafni").resolve())
     app.state.max_body = max_body
+    app.state.security = settings
     app.state.dead_after = dead_after
     return app

@@ -13,14 +13,14 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qs
 
 import psycopg
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from smifdb import dafni, store
+from smifdb import dafni, errors, store
+from smifdb.api import session
 from smifdb.api.errors import ApiError, decode, read_body, read_json
 from smifdb.api.pool import in_db
 from smifdb.spec import SpecError, parse
@@ -53,25 +53,16 @@ def _json(data: Any, status: int = 200) -> JSONResponse:
     return JSONResponse(data, status)
 
 
-async def _user(request: Request) -> str:
-    """The bearer token's user; 401 without a live token (RFC 6750)."""
-    header = request.headers.get("authorization", "")
-    scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(
-            401, "an 'Authorization: Bearer <token>' header is required", headers=_CHALLENGE
-        )
-    user = await _db(request, auth.user_for, token.strip())
-    if user is None:
-        raise ApiError(
-            401,
-            "the token is invalid or has expired: get a new one from the token endpoint",
-            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-        )
-    return user
+def _user(request: Request) -> auth.User:
+    """Who is calling: the guard (smifdb.api.security) let only signed-in users this far."""
+    return request.user
 
 
-_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="smifdb"'}
+def _own_url(request: Request) -> str:
+    """This server's address as it listens (not the Host header, which a client chooses)."""
+    host, port = request.scope.get("server") or ("127.0.0.1", 80)
+    host = f"[{host}]" if ":" in host else host
+    return f"{request.url.scheme}://{host}:{port}"
 
 
 def _uuid(request: Request, name: str, what: str) -> uuid.UUID:
@@ -112,13 +103,13 @@ def _ts(value: datetime | None) -> str | None:
     return value.astimezone(UTC).isoformat().replace("+00:00", "Z") if value else None
 
 
-def _auth(owner: str, user: str, asset_id: Any) -> dict:
-    mine = owner == user
+def _auth(row: Mapping, user: auth.User, asset_id: Any) -> dict:
+    mine = row["owner_id"] == user.id
     return {
         "view": True,
         "read": True,
-        "update": mine,
-        "destroy": mine,
+        "update": mine or user.is_admin,
+        "destroy": mine or user.is_admin,
         "reason": "Owner" if mine else "Local user",
         "name": "Owner" if mine else "Viewer",
         "asset_id": str(asset_id),
@@ -155,7 +146,7 @@ def _versions(version_rows: list[dict], id_key: str) -> tuple[list[dict], Any]:
     return history, version_rows[0][id_key] if version_rows else None
 
 
-def _asset(row: Mapping, id_key: str, parent_key: str, kind: str, user: str, history) -> dict:
+def _asset(row: Mapping, id_key: str, parent_key: str, kind: str, user: auth.User, history) -> dict:
     """The fields every DAFNI asset version shares (the client's parsers require them all)."""
     versions, latest = history
     metadata = _metadata(row["definition"], row["owner"])
@@ -169,7 +160,7 @@ def _asset(row: Mapping, id_key: str, parent_key: str, kind: str, user: str, his
         "version_message": row["version_message"],
         "version_tags": ["latest"] if row[id_key] == latest else [],
         "version_history": versions,
-        "auth": _auth(row["owner"], user, row[id_key]),
+        "auth": _auth(row, user, row[id_key]),
         "metadata": metadata,
         **{k: metadata[k] for k in ("display_name", "name", "summary")},
         **{k: metadata[k] for k in ("contact_point_name", "contact_point_email")},
@@ -191,24 +182,23 @@ def _oauth_error(status: int, error: str, description: str) -> JSONResponse:
     return JSONResponse({"error": error, "error_description": description}, status)
 
 
-async def _form(request: Request) -> dict[str, str]:
-    body = await read_body(request, max_bytes=64 * 1024)
-    try:
-        fields = parse_qs(body.decode(), keep_blank_values=True, strict_parsing=False)
-    except UnicodeDecodeError:
-        return {}
-    return {k: v[0] for k, v in fields.items()}
-
-
 async def token(request: Request) -> JSONResponse:
-    form = await _form(request)
+    form = await session.form(request)
     grant = form.get("grant_type")
     if grant == "password":
         if not form.get("username") or "password" not in form:
             return _oauth_error(400, "invalid_request", "username and password are required")
-        tokens = await _db(request, auth.login, form["username"], form["password"])
-        if tokens is None:
+        try:
+            user = await session.sign_in(request, form["username"], form["password"])
+        except errors.TooManyRequests as exc:
+            response = _oauth_error(429, "slow_down", exc.message)
+            response.headers.update(exc.headers)
+            return response
+        except errors.Unauthorized:
             return _oauth_error(401, "invalid_grant", "Invalid user credentials")
+        except errors.BadInput as exc:
+            return _oauth_error(400, "invalid_request", exc.message)
+        tokens = await _db(request, auth.issue_pair, user)
     elif grant == "refresh_token":
         if not form.get("refresh_token"):
             return _oauth_error(400, "invalid_request", "refresh_token is required")
@@ -232,16 +222,22 @@ async def token(request: Request) -> JSONResponse:
 
 
 async def logout(request: Request) -> Response:
-    form = await _form(request)
-    if form.get("refresh_token"):
-        await _db(request, auth.logout, form["refresh_token"])
+    """Keycloak's logout: ends the session of a refresh token (and only a refresh token)."""
+    form = await session.form(request)
+    if not form.get("refresh_token"):
+        return _oauth_error(400, "invalid_request", "refresh_token is required")
+    ended = await _db(
+        request, lambda conn: auth.end_session(conn, form["refresh_token"], kind="refresh")
+    )
+    if not ended:
+        return _oauth_error(400, "invalid_grant", "Token is not active")
     return Response(status_code=204)
 
 
 # -- models ---------------------------------------------------------------------------------
 
 
-def _model_record(row: dict, versions: list[dict], user: str) -> dict:
+def _model_record(row: dict, versions: list[dict], user: auth.User) -> dict:
     record = _asset(row, "version_id", "model_id", "M", user, _versions(versions, "version_id"))
     definition = row["definition"]
     spec = dict(definition["spec"])
@@ -271,13 +267,13 @@ def _model_record(row: dict, versions: list[dict], user: str) -> dict:
     }
 
 
-def _all_models(conn: psycopg.Connection, user: str) -> list[dict]:
+def _all_models(conn: psycopg.Connection, user: auth.User) -> list[dict]:
     all_rows = rows.models(conn)
     groups = _grouped(all_rows, "model_id")
     return [_model_record(r, groups[r["model_id"]], user) for r in all_rows]
 
 
-def _one_model(conn: psycopg.Connection, version_id: uuid.UUID, user: str) -> dict:
+def _one_model(conn: psycopg.Connection, version_id: uuid.UUID, user: auth.User) -> dict:
     row = rows.model(conn, version_id)
     if row is None:
         raise ApiError(404, f"no model version {version_id}")
@@ -285,12 +281,12 @@ def _one_model(conn: psycopg.Connection, version_id: uuid.UUID, user: str) -> di
 
 
 async def models_list(request: Request) -> JSONResponse:
-    user = await _user(request)
+    user = _user(request)
     return _json(await _db(request, _all_models, user))
 
 
 async def model_get(request: Request) -> JSONResponse:
-    user = await _user(request)
+    user = _user(request)
     version_id = _uuid(request, "version_id", "model version")
     return _json(await _db(request, _one_model, version_id, user))
 
@@ -302,15 +298,15 @@ async def _delete(
     delete: Callable[[psycopg.Connection, uuid.UUID], None],
 ) -> Response:
     """Delete a version its owner names: 404 unknown, 403 not theirs, 409 still in use."""
-    user = await _user(request)
+    user = _user(request)
     version_id = _uuid(request, "version_id", what)
 
     def run(conn: psycopg.Connection) -> None:
         row = find(conn, version_id)
         if row is None:
             raise ApiError(404, f"no {what} {version_id}")
-        if row["owner"] != user:
-            raise ApiError(403, f"only {row['owner']} may delete {what} {version_id}")
+        if row["owner_id"] != user.id and not user.is_admin:
+            raise ApiError(403, f"only {row['owner']} or an admin may delete {what} {version_id}")
         delete(conn, version_id)
 
     await _db(request, run)
@@ -322,7 +318,7 @@ async def model_delete(request: Request) -> Response:
 
 
 async def model_validate(request: Request) -> JSONResponse:
-    await _user(request)
+    _user(request)
     try:
         dafni.validate_model(await _definition(request))
     except dafni.DefinitionError as exc:
@@ -331,15 +327,15 @@ async def model_validate(request: Request) -> JSONResponse:
 
 
 async def model_upload_start(request: Request) -> JSONResponse:
-    user = await _user(request)
+    user = _user(request)
     upload_id = await _db(request, rows.start_model_upload, user)
-    base = str(request.base_url).rstrip("/")
+    base = request.app.state.security.public_url or _own_url(request)
     urls = {part: f"{base}/models/upload/{upload_id}/{part}/" for part in ("definition", "image")}
     return _json({"id": str(upload_id), "urls": urls}, 201)
 
 
 async def model_upload_definition(request: Request) -> Response:
-    user = await _user(request)
+    user = _user(request)
     upload_id = _uuid(request, "upload_id", "upload")
     try:
         definition = dafni.validate_model(await _definition(request))
@@ -351,7 +347,7 @@ async def model_upload_definition(request: Request) -> Response:
 
 async def model_upload_image(request: Request) -> Response:
     """The image is counted and dropped: a local runner runs the model's command instead."""
-    user = await _user(request)
+    user = _user(request)
     upload_id = _uuid(request, "upload_id", "upload")
     size = 0
     async for chunk in request.stream():
@@ -363,7 +359,7 @@ async def model_upload_image(request: Request) -> Response:
 
 
 async def model_ingest(request: Request) -> JSONResponse:
-    user = await _user(request)
+    user = _user(request)
     upload_id = _uuid(request, "upload_id", "upload")
     model_id = _uuid(request, "model_id", "model") if "model_id" in request.path_params else None
     body = await _json_body(request, required=False)
@@ -436,7 +432,7 @@ def _instance_summary(instance: dict, parameter_set: dict, workflow: dict) -> di
 
 
 def _workflow_record(
-    conn: psycopg.Connection, row: dict, versions: list[dict], user: str, *, full: bool
+    conn: psycopg.Connection, row: dict, versions: list[dict], user: auth.User, *, full: bool
 ) -> dict:
     history = _versions(versions, "version_id")
     record = _asset(row, "version_id", "workflow_id", "W", user, history)
@@ -453,7 +449,7 @@ def _workflow_record(
     return record
 
 
-def _all_workflows(conn: psycopg.Connection, user: str) -> list[dict]:
+def _all_workflows(conn: psycopg.Connection, user: auth.User) -> list[dict]:
     all_rows = rows.workflows(conn)
     groups = _grouped(all_rows, "workflow_id")
     return [_workflow_record(conn, r, groups[r["workflow_id"]], user, full=False) for r in all_rows]
@@ -466,19 +462,19 @@ def _workflow_row(conn: psycopg.Connection, version_id: uuid.UUID) -> dict:
     return row
 
 
-def _one_workflow(conn: psycopg.Connection, version_id: uuid.UUID, user: str) -> dict:
+def _one_workflow(conn: psycopg.Connection, version_id: uuid.UUID, user: auth.User) -> dict:
     row = _workflow_row(conn, version_id)
     versions = rows.workflow_versions(conn, row["workflow_id"])
     return _workflow_record(conn, row, versions, user, full=True)
 
 
 async def workflows_list(request: Request) -> JSONResponse:
-    user = await _user(request)
+    user = _user(request)
     return _json(await _db(request, _all_workflows, user))
 
 
 async def workflow_get(request: Request) -> JSONResponse:
-    user = await _user(request)
+    user = _user(request)
     version_id = _uuid(request, "version_id", "workflow version")
     return _json(await _db(request, _one_workflow, version_id, user))
 
@@ -488,7 +484,7 @@ async def workflow_delete(request: Request) -> Response:
 
 
 async def workflow_upload(request: Request) -> JSONResponse:
-    user = await _user(request)
+    user = _user(request)
     parent = _uuid(request, "parent_id", "workflow") if "parent_id" in request.path_params else None
     body = await _json_body(request)
     if not isinstance(body, dict) or "definition" not in body:
@@ -540,14 +536,14 @@ def _checked_parameter_set(conn: psycopg.Connection, definition: Any) -> dict:
 
 
 async def parameter_set_validate(request: Request) -> JSONResponse:
-    await _user(request)
+    _user(request)
     definition = await _definition(request)
     await _db(request, _checked_parameter_set, definition)
     return _json({"valid": True})
 
 
 async def parameter_set_upload(request: Request) -> JSONResponse:
-    user = await _user(request)
+    user = _user(request)
     definition = await _definition(request)
 
     def upload(conn: psycopg.Connection) -> dict:
@@ -563,7 +559,7 @@ async def parameter_set_upload(request: Request) -> JSONResponse:
 # -- instances ------------------------------------------------------------------------------
 
 
-def _instance_record(conn: psycopg.Connection, instance_id: uuid.UUID, user: str) -> dict:
+def _instance_record(conn: psycopg.Connection, instance_id: uuid.UUID, user: auth.User) -> dict:
     instance = rows.instance(conn, instance_id)
     if instance is None:
         raise ApiError(404, f"no workflow instance {instance_id}")
@@ -588,7 +584,7 @@ def _instance_record(conn: psycopg.Connection, instance_id: uuid.UUID, user: str
         and isinstance(job["result"], dict)
     }
     return _instance_summary(instance, parameter_set, workflow) | {
-        "auth": _auth(instance["owner"], user, instance["id"]),
+        "auth": _auth(instance, user, instance["id"]),
         "step_status": {
             key: {
                 "status": STEP_STATUS[jobs[key]["status"]],
@@ -623,7 +619,7 @@ def _instance_record(conn: psycopg.Connection, instance_id: uuid.UUID, user: str
 
 
 async def instance_get(request: Request) -> JSONResponse:
-    user = await _user(request)
+    user = _user(request)
     instance_id = _uuid(request, "instance_id", "workflow instance")
     return _json(await _db(request, _instance_record, instance_id, user))
 
@@ -633,7 +629,7 @@ async def execute(request: Request) -> JSONResponse:
 
     An ``Idempotency-Key`` header makes retries safe: the same key returns the same instance.
     """
-    user = await _user(request)
+    user = _user(request)
     version_id = _uuid(request, "version_id", "workflow version")
     parameter_set_id = _uuid(request, "parameter_set_id", "parameter set")
     key = request.headers.get("idempotency-key")
@@ -670,7 +666,7 @@ async def execute(request: Request) -> JSONResponse:
             owner=user,
             idempotency_key=key,
             build=build,
-            actor=store.actor_name(f"api:{user}"),
+            actor=store.actor_name(f"api:{user.name}"),
         )
         record = _instance_record(conn, instance_id, user)
         if not created and (

@@ -11,10 +11,14 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
+from smifdb import errors
+
 log = logging.getLogger(__name__)
 
 
-class ApiError(Exception):
+class ApiError(errors.Error):
+    """An answer only HTTP has a word for; the store's own errors (smifdb.errors) map alike."""
+
     def __init__(
         self,
         status: int,
@@ -23,9 +27,8 @@ class ApiError(Exception):
         problems: list[str] | None = None,
         headers: dict[str, str] | None = None,
     ) -> None:
-        super().__init__(message)
-        self.status, self.message = status, message
-        self.problems, self.headers = problems, headers
+        super().__init__(message, problems=problems, headers=headers)
+        self.status = status
 
 
 def error_response(
@@ -48,7 +51,8 @@ def error_response(
 
 
 async def api_error(request: Request, exc: Exception) -> JSONResponse:
-    assert isinstance(exc, ApiError)
+    """Every smifdb.errors.Error, mapped once: its status, message, problems and headers."""
+    assert isinstance(exc, errors.Error)
     return error_response(request, exc.status, exc.message, exc.problems, exc.headers)
 
 
@@ -62,7 +66,7 @@ async def unexpected(request: Request, exc: Exception) -> JSONResponse:
     return error_response(request, 500, f"internal error: {type(exc).__name__}")
 
 
-HANDLERS = {ApiError: api_error, HTTPException: http_error, Exception: unexpected}
+HANDLERS = {errors.Error: api_error, HTTPException: http_error, Exception: unexpected}
 
 
 async def read_body(request: Request, *, max_bytes: int) -> bytes:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 
 from starlette.applications import Starlette
@@ -11,6 +12,9 @@ from smifdb.api import create_app
 DSN_VAR = "SMIFDB_API_DSN"
 PROJECT_VAR = "SMIFDB_API_PROJECT"
 DATA_VAR = "SMIFDB_API_DATA_DIR"
+# allowed_hosts, bind_host, public_url, metrics_token (JSON): the environment, not argv, so
+# the metrics token is not shown by ps.
+SECURITY_VAR = "SMIFDB_API_SECURITY"
 
 
 def app_from_env() -> Starlette:
@@ -18,4 +22,5 @@ def app_from_env() -> Starlette:
         os.environ[DSN_VAR],
         project_dir=os.environ.get(PROJECT_VAR) or None,
         data_dir=os.environ.get(DATA_VAR) or None,
+        **json.loads(os.environ.get(SECURITY_VAR) or "{}"),
     )

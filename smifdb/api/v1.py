@@ -36,6 +36,11 @@ SMIF_STATUS = {
 }
 
 
+def actor(request: Request) -> str:
+    """The audit log's name for a change made through the API: the user, host and process."""
+    return store.actor_name(f"api:{request.user.name}")
+
+
 def ok(data: Any, status: int = 200) -> JSONResponse:
     return JSONResponse({"data": _jsonable(data), "error": {}}, status)
 
@@ -145,7 +150,13 @@ async def model_run_start(request: Request) -> JSONResponse:
 
     def start(conn: psycopg.Connection) -> tuple[int, int]:
         return submit_model_run(
-            conn, project, name, actor=store.actor_name("api"), warm=warm, interface=interface
+            conn,
+            project,
+            name,
+            actor=actor(request),
+            warm=warm,
+            interface=interface,
+            submitted_by=request.user.id,
         )
 
     try:
@@ -164,7 +175,7 @@ async def model_run_kill(request: Request) -> JSONResponse:
 
     def kill(conn: psycopg.Connection) -> dict:
         run = _newest(conn, name, request.app.state.project_dir)
-        before, fragments = modelruns.cancel(conn, run["id"], actor=store.actor_name("api"))
+        before, fragments = modelruns.cancel(conn, run["id"], actor=actor(request), by=request.user)
         if before.finished:
             raise ApiError(409, f"model run {name!r} already finished ({before.status})")
         return {"id": before.id, "status": "stopped", "bundles_cancelled": fragments}
@@ -188,7 +199,7 @@ async def workflow_submit(request: Request) -> JSONResponse:
         raise ApiError(400, str(exc)) from exc
 
     def submit(conn: psycopg.Connection) -> int:
-        return submit_dag(conn, dag, actor=store.actor_name("api"))
+        return submit_dag(conn, dag, actor=actor(request), submitted_by=request.user.id)
 
     return ok({"id": await in_db(request, submit)}, 201)
 
@@ -217,15 +228,17 @@ async def workflow_jobs(request: Request) -> JSONResponse:
 async def workflow_cancel(request: Request) -> JSONResponse:
     workflow_id = ident(request, "workflow_id")
 
-    return ok(await in_db(request, _cancel, workflow_id))
+    return ok(await in_db(request, _cancel, request, workflow_id))
 
 
-def _cancel(conn: psycopg.Connection, workflow_id: int, job_key: str | None = None) -> dict:
-    """Cancel a workflow, or one job of it and everything downstream: 404 unknown, 409 ended."""
-    try:
-        report = control.cancel(conn, workflow_id, job_key=job_key, actor=store.actor_name("api"))
-    except control.NotFound as exc:
-        raise ApiError(404, str(exc)) from exc
+def _cancel(
+    conn: psycopg.Connection, request: Request, workflow_id: int, job_key: str | None = None
+) -> dict:
+    """Cancel a workflow, or one job of it and everything downstream: 404 unknown, 403 not
+    theirs, 409 ended."""
+    report = control.cancel(
+        conn, workflow_id, job_key=job_key, actor=actor(request), by=request.user
+    )
     if report.already_finished:
         raise ApiError(409, f"workflow {workflow_id} already finished")
     return {"cancelled": report.cancelled, "terminating": report.terminating}
@@ -257,7 +270,7 @@ async def job_cancel(request: Request) -> JSONResponse:
             raise ApiError(404, f"no job {job_id}")
         if job["status"] not in ("waiting", "ready", "running"):
             raise ApiError(409, f"job {job_id} already finished ({job['status']})")
-        return _cancel(conn, job["workflow_id"], job["key"])
+        return _cancel(conn, request, job["workflow_id"], job["key"])
 
     return ok(await in_db(request, cancel))
 

@@ -21,11 +21,13 @@ from dataclasses import dataclass, field
 
 import psycopg
 
+from smifdb import errors
 from smifdb.store import CANCEL_CHANNEL, notify, queue
+from smifdb.store.auth import User, require_owner
 from smifdb.store.queue import settle, settle_workflows
 
 
-class NotFound(LookupError):
+class NotFound(errors.NotFound):
     """No such workflow or job."""
 
 
@@ -38,7 +40,9 @@ class CancelReport:
     ended: dict[int, str] = field(default_factory=dict)
 
 
-_WORKFLOW_STATUS = "SELECT status::text, finished_at IS NOT NULL FROM workflows WHERE id = %s"
+_WORKFLOW_STATUS = """
+SELECT status::text, finished_at IS NOT NULL, submitted_by FROM workflows WHERE id = %s
+"""
 _JOB_BY_KEY = "SELECT id FROM jobs WHERE workflow_id = %s AND key = %s"
 _WORKFLOW_JOBS = (
     "SELECT id FROM jobs WHERE workflow_id = %s AND status IN ('waiting', 'ready', 'running')"
@@ -111,13 +115,17 @@ def cancel(
     actor: str,
     job_key: str | None = None,
     reason: str = "cancelled by user",
+    by: User | None = None,
 ) -> CancelReport:
-    """Cancel a workflow, or one job and everything downstream of it, in one transaction."""
+    """Cancel a workflow, or one job and everything downstream of it, in one transaction.
+
+    ``by``: the API user asking, who must have submitted the workflow unless an admin."""
     with conn.transaction():
         row = conn.execute(_WORKFLOW_STATUS, [workflow_id]).fetchone()
         if row is None:
             raise NotFound(f"no workflow {workflow_id}")
-        old_status, finished = row
+        old_status, finished, submitted_by = row
+        require_owner(by, submitted_by, f"workflow {workflow_id}")
         if job_key is None:
             targets = [r[0] for r in conn.execute(_WORKFLOW_JOBS, [workflow_id])]
         else:

@@ -14,16 +14,35 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from smifdb import errors
 from smifdb.spec import Dag
+from smifdb.store.auth import User
 from smifdb.store.submit import submit_dag
 
 
-class NotFound(LookupError):
+class NotFound(errors.NotFound):
     pass
 
 
-class InUse(RuntimeError):
+class InUse(errors.Conflict):
     """The row is needed by something still running."""
+
+
+def _owner(user: User) -> dict[str, Any]:
+    return {"owner": user.name, "owner_id": user.id}
+
+
+def _may_add_version(
+    conn: psycopg.Connection, query: str, parent: uuid.UUID, user: User, what: str
+):
+    """A new version of a model or workflow only from whoever made its first (or an admin)."""
+    row = conn.execute(query, [parent]).fetchone()
+    if row is None:
+        raise NotFound(f"no {what} {parent}")
+    if row[0] != user.id and not user.is_admin:
+        raise errors.Forbidden(
+            f"only {row[1]} (its owner) or an admin may add a version of {what} {parent}"
+        )
 
 
 def _rows(conn: psycopg.Connection, query: str, args: Any = None) -> list[dict]:
@@ -39,18 +58,20 @@ def _row(conn: psycopg.Connection, query: str, args: Any = None) -> dict | None:
 # -- model versions -------------------------------------------------------------------------
 
 _ADD_MODEL = """
-INSERT INTO dafni_models (model_id, definition, version_message, owner)
-VALUES (%(model_id)s, %(definition)s, %(message)s, %(owner)s)
+INSERT INTO dafni_models (model_id, definition, version_message, owner, owner_id)
+VALUES (%(model_id)s, %(definition)s, %(message)s, %(owner)s, %(owner_id)s)
 RETURNING version_id
 """
-_MODEL_COLUMNS = "version_id, model_id, definition, version_message, owner, created_at"
+_MODEL_COLUMNS = "version_id, model_id, definition, version_message, owner, owner_id, created_at"
 _MODELS = f"SELECT {_MODEL_COLUMNS} FROM dafni_models ORDER BY created_at DESC, version_id"
 _MODEL = f"SELECT {_MODEL_COLUMNS} FROM dafni_models WHERE version_id = %s"
 _MODELS_BY_ID = f"SELECT {_MODEL_COLUMNS} FROM dafni_models WHERE version_id = ANY(%s)"
 _MODEL_VERSIONS = f"""
 SELECT {_MODEL_COLUMNS} FROM dafni_models WHERE model_id = %s ORDER BY created_at DESC
 """
-_MODEL_PARENT_EXISTS = "SELECT 1 FROM dafni_models WHERE model_id = %s LIMIT 1"
+_MODEL_OWNER = """
+SELECT owner_id, owner FROM dafni_models WHERE model_id = %s ORDER BY created_at LIMIT 1
+"""
 _DELETE_MODEL = "DELETE FROM dafni_models WHERE version_id = %s RETURNING version_id"
 
 
@@ -58,18 +79,18 @@ def add_model(
     conn: psycopg.Connection,
     definition: dict,
     *,
-    owner: str,
+    owner: User,
     message: str,
     model_id: uuid.UUID | None = None,
 ) -> uuid.UUID:
-    """A new model version; with ``model_id``, a new version of that model."""
-    if model_id is not None and conn.execute(_MODEL_PARENT_EXISTS, [model_id]).fetchone() is None:
-        raise NotFound(f"no model {model_id}")
+    """A new model version; with ``model_id``, a new version of that model (its owner's)."""
+    if model_id is not None:
+        _may_add_version(conn, _MODEL_OWNER, model_id, owner, "model")
     args = {
         "model_id": model_id or uuid.uuid4(),
         "definition": Jsonb(definition),
         "message": message,
-        "owner": owner,
+        **_owner(owner),
     }
     return conn.execute(_ADD_MODEL, args).fetchone()[0]
 
@@ -97,35 +118,38 @@ def delete_model(conn: psycopg.Connection, version_id: uuid.UUID) -> None:
 
 
 # dafni-cli uploads a model as: ask for upload URLs, PUT definition, PUT image, ingest.
-_START_UPLOAD = "INSERT INTO dafni_model_uploads (owner) VALUES (%s) RETURNING id"
+_START_UPLOAD = """
+INSERT INTO dafni_model_uploads (owner, owner_id) VALUES (%(owner)s, %(owner_id)s) RETURNING id
+"""
 _PUT_DEFINITION = """
-UPDATE dafni_model_uploads SET definition = %s WHERE id = %s AND owner = %s RETURNING id
+UPDATE dafni_model_uploads SET definition = %s WHERE id = %s AND owner_id = %s RETURNING id
 """
 _PUT_IMAGE = """
-UPDATE dafni_model_uploads SET image_bytes = %s WHERE id = %s AND owner = %s RETURNING id
+UPDATE dafni_model_uploads SET image_bytes = %s WHERE id = %s AND owner_id = %s RETURNING id
 """
 _TAKE_UPLOAD = """
-DELETE FROM dafni_model_uploads WHERE id = %s AND owner = %s RETURNING definition
+DELETE FROM dafni_model_uploads WHERE id = %s AND owner_id = %s RETURNING definition
 """
 # Abandoned uploads older than a day are swept whenever a new one starts.
 _SWEEP_UPLOADS = "DELETE FROM dafni_model_uploads WHERE created_at < now() - interval '1 day'"
 
 
-def start_model_upload(conn: psycopg.Connection, owner: str) -> uuid.UUID:
+def start_model_upload(conn: psycopg.Connection, owner: User) -> uuid.UUID:
     with conn.transaction():
         conn.execute(_SWEEP_UPLOADS)
-        return conn.execute(_START_UPLOAD, [owner]).fetchone()[0]
+        return conn.execute(_START_UPLOAD, _owner(owner)).fetchone()[0]
 
 
 def put_model_definition(
-    conn: psycopg.Connection, upload_id: uuid.UUID, owner: str, definition: dict
+    conn: psycopg.Connection, upload_id: uuid.UUID, owner: User, definition: dict
 ) -> None:
-    if conn.execute(_PUT_DEFINITION, (Jsonb(definition), upload_id, owner)).fetchone() is None:
+    row = conn.execute(_PUT_DEFINITION, (Jsonb(definition), upload_id, owner.id)).fetchone()
+    if row is None:
         raise NotFound(f"no upload {upload_id}")
 
 
-def put_model_image(conn: psycopg.Connection, upload_id: uuid.UUID, owner: str, size: int) -> None:
-    if conn.execute(_PUT_IMAGE, (size, upload_id, owner)).fetchone() is None:
+def put_model_image(conn: psycopg.Connection, upload_id: uuid.UUID, owner: User, size: int) -> None:
+    if conn.execute(_PUT_IMAGE, (size, upload_id, owner.id)).fetchone() is None:
         raise NotFound(f"no upload {upload_id}")
 
 
@@ -133,13 +157,13 @@ def ingest_model(
     conn: psycopg.Connection,
     upload_id: uuid.UUID,
     *,
-    owner: str,
+    owner: User,
     message: str,
     model_id: uuid.UUID | None,
 ) -> uuid.UUID:
     """Turn a finished upload into a model version, in one transaction."""
     with conn.transaction():
-        row = conn.execute(_TAKE_UPLOAD, (upload_id, owner)).fetchone()
+        row = conn.execute(_TAKE_UPLOAD, (upload_id, owner.id)).fetchone()
         if row is None:
             raise NotFound(f"no upload {upload_id}")
         if row[0] is None:
@@ -150,17 +174,21 @@ def ingest_model(
 # -- workflow versions ----------------------------------------------------------------------
 
 _ADD_WORKFLOW = """
-INSERT INTO dafni_workflows (workflow_id, definition, version_message, owner)
-VALUES (%(workflow_id)s, %(definition)s, %(message)s, %(owner)s)
+INSERT INTO dafni_workflows (workflow_id, definition, version_message, owner, owner_id)
+VALUES (%(workflow_id)s, %(definition)s, %(message)s, %(owner)s, %(owner_id)s)
 RETURNING version_id
 """
-_WORKFLOW_COLUMNS = "version_id, workflow_id, definition, version_message, owner, created_at"
+_WORKFLOW_COLUMNS = (
+    "version_id, workflow_id, definition, version_message, owner, owner_id, created_at"
+)
 _WORKFLOWS = f"SELECT {_WORKFLOW_COLUMNS} FROM dafni_workflows ORDER BY created_at DESC"
 _WORKFLOW = f"SELECT {_WORKFLOW_COLUMNS} FROM dafni_workflows WHERE version_id = %s"
 _WORKFLOW_VERSIONS = f"""
 SELECT {_WORKFLOW_COLUMNS} FROM dafni_workflows WHERE workflow_id = %s ORDER BY created_at DESC
 """
-_WORKFLOW_PARENT_EXISTS = "SELECT 1 FROM dafni_workflows WHERE workflow_id = %s LIMIT 1"
+_WORKFLOW_OWNER = """
+SELECT owner_id, owner FROM dafni_workflows WHERE workflow_id = %s ORDER BY created_at LIMIT 1
+"""
 _LOCK_WORKFLOW = "SELECT 1 FROM dafni_workflows WHERE version_id = %s FOR UPDATE"
 _LIVE_INSTANCES = """
 SELECT count(*) FROM dafni_instances i JOIN workflows w ON w.id = i.workflow_id
@@ -173,21 +201,18 @@ def add_workflow(
     conn: psycopg.Connection,
     definition: dict,
     *,
-    owner: str,
+    owner: User,
     message: str,
     workflow_id: uuid.UUID | None = None,
 ) -> uuid.UUID:
     """A new workflow version; with ``workflow_id`` (DAFNI's parent), a new version of it."""
-    if (
-        workflow_id is not None
-        and conn.execute(_WORKFLOW_PARENT_EXISTS, [workflow_id]).fetchone() is None
-    ):
-        raise NotFound(f"no workflow {workflow_id}")
+    if workflow_id is not None:
+        _may_add_version(conn, _WORKFLOW_OWNER, workflow_id, owner, "workflow")
     args = {
         "workflow_id": workflow_id or uuid.uuid4(),
         "definition": Jsonb(definition),
         "message": message,
-        "owner": owner,
+        **_owner(owner),
     }
     return conn.execute(_ADD_WORKFLOW, args).fetchone()[0]
 
@@ -218,12 +243,12 @@ def delete_workflow(conn: psycopg.Connection, version_id: uuid.UUID) -> None:
 # -- parameter sets -------------------------------------------------------------------------
 
 _ADD_PARAMETER_SET = """
-INSERT INTO dafni_parameter_sets (workflow_version_id, definition, owner)
-SELECT version_id, %(definition)s, %(owner)s FROM dafni_workflows
+INSERT INTO dafni_parameter_sets (workflow_version_id, definition, owner, owner_id)
+SELECT version_id, %(definition)s, %(owner)s, %(owner_id)s FROM dafni_workflows
 WHERE version_id = %(workflow)s
 RETURNING id
 """
-_PARAMETER_SET_COLUMNS = "id, workflow_version_id, definition, owner, created_at"
+_PARAMETER_SET_COLUMNS = "id, workflow_version_id, definition, owner, owner_id, created_at"
 _PARAMETER_SETS = f"""
 SELECT {_PARAMETER_SET_COLUMNS} FROM dafni_parameter_sets
 WHERE workflow_version_id = %s ORDER BY created_at
@@ -232,9 +257,9 @@ _PARAMETER_SET = f"SELECT {_PARAMETER_SET_COLUMNS} FROM dafni_parameter_sets WHE
 
 
 def add_parameter_set(
-    conn: psycopg.Connection, workflow_version_id: uuid.UUID, definition: dict, *, owner: str
+    conn: psycopg.Connection, workflow_version_id: uuid.UUID, definition: dict, *, owner: User
 ) -> uuid.UUID:
-    args = {"workflow": workflow_version_id, "definition": Jsonb(definition), "owner": owner}
+    args = {"workflow": workflow_version_id, "definition": Jsonb(definition), **_owner(owner)}
     row = conn.execute(_ADD_PARAMETER_SET, args).fetchone()
     if row is None:  # the version was deleted since the caller validated against it
         raise NotFound(f"no workflow version {workflow_version_id}")
@@ -252,7 +277,8 @@ def parameter_set(conn: psycopg.Connection, parameter_set_id: uuid.UUID) -> dict
 # -- instances ------------------------------------------------------------------------------
 
 _INSTANCE_COLUMNS = """
-i.id, i.workflow_version_id, i.parameter_set_id, i.workflow_id, i.owner, i.submitted_at,
+i.id, i.workflow_version_id, i.parameter_set_id, i.workflow_id, i.owner, i.owner_id,
+i.submitted_at,
 w.status::text AS status, w.started_at, w.finished_at,
 EXISTS (SELECT 1 FROM jobs j WHERE j.workflow_id = i.workflow_id
         AND j.status = 'failed' AND (j.exit_code IS NULL OR j.exit_code < 0))
@@ -266,15 +292,16 @@ _INSTANCE = f"""
 SELECT {_INSTANCE_COLUMNS} FROM dafni_instances i JOIN workflows w ON w.id = i.workflow_id
 WHERE i.id = %s
 """
-_INSTANCE_BY_KEY = "SELECT id FROM dafni_instances WHERE owner = %s AND idempotency_key = %s"
+_INSTANCE_BY_KEY = "SELECT id FROM dafni_instances WHERE owner_id = %s AND idempotency_key = %s"
 _INSTANCE_STEPS = """
 SELECT key, status::text AS status, started_at, finished_at, result, exit_code, error
 FROM jobs WHERE workflow_id = %s ORDER BY id
 """
 _ADD_INSTANCE = """
 INSERT INTO dafni_instances
-    (id, workflow_version_id, parameter_set_id, workflow_id, owner, idempotency_key)
-VALUES (%(id)s, %(version)s, %(parameter_set)s, %(workflow_id)s, %(owner)s, %(key)s)
+    (id, workflow_version_id, parameter_set_id, workflow_id, owner, owner_id, idempotency_key)
+VALUES (%(id)s, %(version)s, %(parameter_set)s, %(workflow_id)s, %(owner)s, %(owner_id)s,
+        %(key)s)
 """
 
 
@@ -294,7 +321,7 @@ def execute(
     *,
     workflow_version_id: uuid.UUID,
     parameter_set_id: uuid.UUID,
-    owner: str,
+    owner: User,
     idempotency_key: str | None,
     build: Callable[[uuid.UUID], Dag],
     actor: str,
@@ -305,14 +332,14 @@ def execute(
     the two race: the loser's whole transaction rolls back on the unique key.
     """
     if idempotency_key is not None:
-        row = conn.execute(_INSTANCE_BY_KEY, (owner, idempotency_key)).fetchone()
+        row = conn.execute(_INSTANCE_BY_KEY, (owner.id, idempotency_key)).fetchone()
         if row is not None:
             return row[0], False
     instance_id = uuid.uuid4()
     dag = build(instance_id)
     try:
         with conn.transaction():
-            workflow_id = submit_dag(conn, dag, actor=actor)
+            workflow_id = submit_dag(conn, dag, actor=actor, submitted_by=owner.id)
             conn.execute(
                 _ADD_INSTANCE,
                 {
@@ -320,12 +347,12 @@ def execute(
                     "version": workflow_version_id,
                     "parameter_set": parameter_set_id,
                     "workflow_id": workflow_id,
-                    "owner": owner,
+                    **_owner(owner),
                     "key": idempotency_key,
                 },
             )
     except psycopg.errors.UniqueViolation:
-        row = conn.execute(_INSTANCE_BY_KEY, (owner, idempotency_key)).fetchone()
+        row = conn.execute(_INSTANCE_BY_KEY, (owner.id, idempotency_key)).fetchone()
         if row is None:
             raise
         return row[0], False

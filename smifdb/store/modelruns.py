@@ -15,16 +15,18 @@ import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
+from smifdb import errors
 from smifdb.spec import Dag
 from smifdb.store import FINISHED_JOBS, MODEL_RUN_CHANNEL, control, notify
+from smifdb.store.auth import User, require_owner
 from smifdb.store.submit import submit_dag
 
 
-class ModelRunInUse(RuntimeError):
+class ModelRunInUse(errors.Conflict):
     """The same model run of the same project is already running."""
 
 
-class NotFound(LookupError):
+class NotFound(errors.NotFound):
     """No such model run."""
 
 
@@ -41,15 +43,17 @@ class ModelRun:
     bundles: int
     error: str | None
     finished: bool
+    submitted_by: int | None = None  # the API user's id; bundles' workflows carry it too
 
 
 _COLUMNS = """
 m.id, m.name, m.kind::text, m.project_dir, m.decide, m.options, m.status::text, m.priority,
-m.bundles, m.error, m.finished_at IS NOT NULL
+m.bundles, m.error, m.finished_at IS NOT NULL, m.submitted_by
 """
 _INSERT = """
-INSERT INTO model_runs (name, kind, project_dir, decide, options, priority)
-VALUES (%(name)s, %(kind)s, %(project_dir)s, %(decide)s, %(options)s, %(priority)s)
+INSERT INTO model_runs (name, kind, project_dir, decide, options, priority, submitted_by)
+VALUES (%(name)s, %(kind)s, %(project_dir)s, %(decide)s, %(options)s, %(priority)s,
+        %(submitted_by)s)
 RETURNING id
 """
 _EVENT = """
@@ -136,6 +140,7 @@ def create(
     options: dict[str, Any],
     priority: int,
     actor: str,
+    submitted_by: int | None = None,
 ) -> int:
     """Within the caller's transaction: record a new running model run."""
     try:
@@ -149,6 +154,7 @@ def create(
                     "decide": decide,
                     "options": Jsonb(options),
                     "priority": priority,
+                    "submitted_by": submitted_by,
                 },
             ).fetchone()[0]
     except psycopg.errors.UniqueViolation as exc:
@@ -167,7 +173,13 @@ def submit_bundle(
     if model_run.priority:
         dag = replace(dag, jobs=[replace(j, priority=model_run.priority) for j in dag.jobs])
     workflow_id = submit_dag(
-        conn, dag, actor=actor, model_run=model_run.name, bundle=bundle, model_run_id=model_run.id
+        conn,
+        dag,
+        actor=actor,
+        model_run=model_run.name,
+        bundle=bundle,
+        model_run_id=model_run.id,
+        submitted_by=model_run.submitted_by,
     )
     conn.execute(_BUNDLE_SUBMITTED, (bundle + 1, model_run.id))
     conn.execute(
@@ -264,8 +276,11 @@ def events(conn: psycopg.Connection, model_run_id: int) -> list[dict]:
         return cur.execute(_EVENTS, [model_run_id]).fetchall()
 
 
-def cancel(conn: psycopg.Connection, ref: str | int, *, actor: str) -> tuple[ModelRun, int]:
-    """Cancel a model run and its unfinished fragments in one transaction.
+def cancel(
+    conn: psycopg.Connection, ref: str | int, *, actor: str, by: User | None = None
+) -> tuple[ModelRun, int]:
+    """Cancel a model run and its unfinished fragments in one transaction (``by``: the API
+    user asking, who must have submitted it unless an admin).
 
     Locks the model run first, so a manager deciding its next bundle finishes (and its new
     fragment is cancelled here) or has not started (and will find the run ended).
@@ -277,6 +292,7 @@ def cancel(conn: psycopg.Connection, ref: str | int, *, actor: str) -> tuple[Mod
         if row is None:  # pruned since get(): it had ended long ago
             raise NotFound(f"no model run {ref!r}")
         model_run = ModelRun(*row)
+        require_owner(by, model_run.submitted_by, f"model run {model_run.name!r}")
         if model_run.finished:
             return model_run, 0
         fragments = [r[0] for r in conn.execute(_UNFINISHED_FRAGMENTS, [model_run.id])]

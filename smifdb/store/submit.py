@@ -10,8 +10,8 @@ from smifdb.spec import Dag
 from smifdb.store import READY_CHANNEL, notify
 
 _INSERT_WORKFLOW = """
-INSERT INTO workflows (name, model_run, bundle, model_run_id, job_count)
-VALUES (%(name)s, %(model_run)s, %(bundle)s, %(model_run_id)s, %(job_count)s)
+INSERT INTO workflows (name, model_run, bundle, model_run_id, job_count, submitted_by)
+VALUES (%(name)s, %(model_run)s, %(bundle)s, %(model_run_id)s, %(job_count)s, %(submitted_by)s)
 RETURNING id
 """
 _ALLOCATE_JOB_IDS = """
@@ -40,8 +40,11 @@ def submit_dag(
     model_run: str | None = None,
     bundle: int | None = None,
     model_run_id: int | None = None,
+    submitted_by: int | None = None,
 ) -> int:
-    """Write a validated DAG as one transaction, bulk-loaded with COPY; return the workflow id."""
+    """Write a validated DAG as one transaction, bulk-loaded with COPY; return the workflow id.
+
+    ``submitted_by`` is the API user's id (None from the CLI, which database roles govern)."""
     parents: dict[str, int] = {}
     for _, child in dag.edges:
         parents[child] = parents.get(child, 0) + 1
@@ -54,6 +57,7 @@ def submit_dag(
                 "bundle": bundle,
                 "model_run_id": model_run_id,
                 "job_count": len(dag.jobs),
+                "submitted_by": submitted_by,
             },
         ).fetchone()[0]
         ids = [r[0] for r in conn.execute(_ALLOCATE_JOB_IDS, [len(dag.jobs)])]
