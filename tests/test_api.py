@@ -6,9 +6,9 @@ from __future__ import annotations
 import socket
 from collections.abc import Iterator
 
+import credentials
 import httpx2
 import pytest
-import credentials
 from credentials import bearer, user_token
 from processes import cli, submit_loop_model_run, wait_for
 from starlette.testclient import TestClient

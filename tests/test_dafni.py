@@ -10,6 +10,7 @@ import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+import credentials
 import httpx2
 import pytest
 import yaml
@@ -313,7 +314,7 @@ def test_dafni_cli_command_line_against_the_shim(dafni, tmp_path, procs) -> None
 def client(dsn: str, tmp_path: Path) -> Iterator[TestClient]:
     assert add_user(dsn).returncode == 0
     app = create_app(dsn, data_dir=tmp_path / "data", max_body=20_000)
-    with TestClient(app, raise_server_exceptions=False) as c:
+    with credentials.client(app) as c:
         yield c
 
 
@@ -371,11 +372,16 @@ def test_tokens_are_hashed_expire_and_refresh_once(client, conn) -> None:
     }
     renewed = client.post(TOKEN, data=form)
     assert renewed.status_code == 200 and renewed.json()["access_token"] != tokens["access_token"]
+    headers = {"Authorization": f"Bearer {renewed.json()['access_token']}"}
+    assert client.get("/workflows/", headers=headers).json() == []
+    # A refresh token works once; presented again it was copied: the whole session ends,
+    # the access token it was swapped for included.
     reused = client.post(TOKEN, data=form)
     assert reused.status_code == 400 and reused.json()["error"] == "invalid_grant"
+    assert client.get("/workflows/", headers=headers).status_code == 401
     assert client.post(TOKEN, data={"grant_type": "magic"}).status_code == 400
 
-    headers = {"Authorization": f"Bearer {renewed.json()['access_token']}"}
+    headers = bearer(client)
     assert client.get("/workflows/", headers=headers).json() == []
     conn.execute("UPDATE api_tokens SET expires_at = now() - interval '1 second'")
     expired = client.get("/workflows/", headers=headers)
@@ -540,16 +546,23 @@ def test_execution_requests_unknown_ids_repeats_and_deletes(client, conn) -> Non
     problem(client.get(f"/workflows/{other}/", headers=headers), 404)
 
 
+def _signs_in(conn, name: str, password: str) -> bool:
+    user, stored = auth.credentials(conn, name)
+    return user is not None and auth.password_matches(password, stored)
+
+
 def test_user_commands(dsn, conn) -> None:
     assert add_user(dsn).returncode == 0
     again = add_user(dsn)
     assert again.returncode == 2 and "already exists" in again.stderr
     short = add_user(dsn, "carol", "short")
     assert short.returncode == 2 and "at least 8" in short.stderr
+    newline = add_user(dsn, "bad\nname")  # argv cannot carry a NUL: the API's test does
+    assert newline.returncode == 2 and "control characters" in newline.stderr
     smifdb = [PY, "-m", "smifdb.cli", "--dsn", dsn, "api", "user"]
-    listed = subprocess.run([*smifdb, "list"], capture_output=True, text=True)
-    assert listed.stdout.split() == ["alice"]
-    assert auth.login(conn, "alice", PASSWORD) is not None
+    listed = subprocess.run([*smifdb, "list", "--json"], capture_output=True, text=True)
+    assert [(u["name"], u["role"]) for u in json.loads(listed.stdout)] == [("alice", "operator")]
+    assert _signs_in(conn, "alice", PASSWORD)
     changed = subprocess.run(
         [*smifdb, "add", "alice", "--update", "--password-stdin"],
         input="a new password\n",
@@ -557,8 +570,8 @@ def test_user_commands(dsn, conn) -> None:
         text=True,
     )
     assert changed.returncode == 0, changed.stderr
-    assert auth.login(conn, "alice", PASSWORD) is None
-    assert auth.login(conn, "alice", "a new password") is not None
+    assert not _signs_in(conn, "alice", PASSWORD)
+    assert _signs_in(conn, "alice", "a new password")
     removed = subprocess.run([*smifdb, "remove", "alice"], capture_output=True, text=True)
     assert removed.returncode == 0
     assert conn.execute("SELECT count(*) FROM api_tokens").fetchone()[0] == 0
