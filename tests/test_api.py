@@ -124,7 +124,9 @@ def test_smif_app_api_starts_watches_and_kills_a_model_run(dsn, tmp_path, procs)
     assert cli(dsn, "api", "user", "add", "ops", "--no-password").returncode == 0
     created = cli(dsn, "api", "token", "create", "--user", "ops", "--name", "test")
     assert created.returncode == 0, created.stderr
-    http = httpx2.Client(base_url=f"http://127.0.0.1:{port}", headers=bearer(created.stdout.strip()))
+    http = httpx2.Client(
+        base_url=f"http://127.0.0.1:{port}", headers=bearer(created.stdout.strip())
+    )
 
     def up() -> bool:
         try:

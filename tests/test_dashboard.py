@@ -10,9 +10,11 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import credentials
 import httpx2
 import psycopg
 import pytest
+from credentials import bearer, user_token
 from processes import ApiServer, submit_loop_model_run, wait_for
 from starlette.testclient import TestClient
 
@@ -29,7 +31,7 @@ POLL_MS = 250  # the page's polling period in these tests (?poll_ms=); the defau
 
 @pytest.fixture
 def client(dsn: str) -> Iterator[TestClient]:
-    with TestClient(create_app(dsn), raise_server_exceptions=False) as c:
+    with credentials.client(create_app(dsn), user_token(dsn)) as c:
         yield c
 
 
@@ -93,8 +95,21 @@ def test_job_cancel_endpoint(client, conn) -> None:
 @pytest.fixture
 def server(dsn: str) -> Iterator[ApiServer]:
     s = ApiServer(create_app(dsn))
+    s.token = user_token(dsn)  # an admin, who signs in to the dashboard as a person would
     yield s
     s.stop()
+
+
+def sign_in(driver: Any, server: ApiServer, next_path: str) -> None:
+    """Through the login page: the dashboard sends a signed-out browser there, and back."""
+    driver.get(f"{server.url}{next_path}")
+    wait_for(lambda: "/login" in driver.current_url, what="the login page")
+    driver.find_element("name", "name").send_keys("admin")
+    driver.find_element("name", "password").send_keys(credentials.PASSWORD)
+    driver.find_element("css selector", "button[type=submit]").click()
+    wait_for(lambda: "/login" not in driver.current_url, what="the dashboard after signing in")
+    cookie = driver.get_cookie("smifdb_session")
+    assert cookie["httpOnly"] and cookie["sameSite"] == "Strict", cookie
 
 
 def _unavailable(reason: str) -> None:
@@ -196,8 +211,10 @@ def severe_console_errors(driver: Any, allowed: tuple[str, ...] = ()) -> list[st
     ]
 
 
-def submit(url: str, spec: dict) -> int:
-    response = httpx2.post(f"{url}/api/v1/workflows/", json=spec, timeout=30)
+def submit(server: ApiServer, spec: dict) -> int:
+    response = httpx2.post(
+        f"{server.url}/api/v1/workflows/", json=spec, headers=bearer(server.token), timeout=30
+    )
     assert response.status_code == 201, response.text
     return response.json()["data"]["id"]
 
@@ -236,8 +253,8 @@ def test_dashboard_follows_a_workflow_live_and_cancels_another(
     dsn, server, procs, browser, tmp_path
 ) -> None:
     driver = browser
-    workflow_id = submit(server.url, DIAMOND)
-    driver.get(f"{server.url}/?poll_ms={POLL_MS}#workflow={workflow_id}")
+    workflow_id = submit(server, DIAMOND)
+    sign_in(driver, server, f"/?poll_ms={POLL_MS}#workflow={workflow_id}")
 
     # The DAG is drawn, one node per job, before any runner exists.
     keys = {j["key"] for j in DIAMOND["jobs"]}
@@ -332,7 +349,7 @@ def test_dashboard_follows_a_workflow_live_and_cancels_another(
     driver.save_screenshot(str(tmp_path / "dashboard-succeeded.png"))
 
     # A second, long workflow: cancel one running job from its panel, then the workflow.
-    long_id = submit(server.url, LONG)
+    long_id = submit(server, LONG)
     click(driver, f"#workflow-item-{long_id}")
     wait_for(
         lambda: (
@@ -405,11 +422,11 @@ def test_dashboard_big_workflow_table_model_run_kill_and_errors(
     project.mkdir()
     submit_loop_model_run(dsn, project)
     workflow_id = submit(
-        server.url,
+        server,
         {"name": "wide", "jobs": [{"key": f"job-{i}", "command": "true"} for i in range(5)]},
     )
     # Drawn as a table past max_nodes (1500 by default; 3 here).
-    driver.get(f"{server.url}/?poll_ms={POLL_MS}&max_nodes=3#workflow={workflow_id}")
+    sign_in(driver, server, f"/?poll_ms={POLL_MS}&max_nodes=3#workflow={workflow_id}")
     rows = (
         "return [...document.querySelectorAll('#jobs-table tbody tr')].map(r => r.dataset.jobKey)"
     )
@@ -454,7 +471,11 @@ def test_dashboard_big_workflow_table_model_run_kill_and_errors(
     wait_for(lambda: js(driver, f"return !!document.querySelector('{cancel}')"), what="button")
     js(driver, "document.getElementById('pause').click()")  # keep the stale button on screen
     wait_for(lambda: js(driver, "return document.body.dataset.polling") == "0", what="idle")
-    httpx2.post(f"{server.url}/api/v1/workflows/{workflow_id}/cancel", timeout=30)
+    httpx2.post(
+        f"{server.url}/api/v1/workflows/{workflow_id}/cancel",
+        headers=bearer(server.token),
+        timeout=30,
+    )
     driver.find_element("css selector", cancel).click()
     wait_for(lambda: "already finished" in banner(driver), what="the 409 in the banner")
     js(driver, "document.getElementById('pause').click()")

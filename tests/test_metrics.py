@@ -8,6 +8,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
+import credentials
 import psycopg
 import pytest
 from conftest import dsn_for
@@ -28,7 +29,7 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 @pytest.fixture
 def client(dsn: str) -> Iterator[TestClient]:
-    with TestClient(create_app(dsn), raise_server_exceptions=False) as c:
+    with credentials.client(create_app(dsn)) as c:  # /metrics is public by default
         yield c
 
 

@@ -227,14 +227,15 @@ def test_bad_smif_input_is_refused_with_nothing_written(sample, tmp_path, dsn, c
 
 def test_smif_app_api_starts_and_watches_a_real_model_run(sample, tmp_path, dsn, procs) -> None:
     """The smif app's endpoints drive a real smif model run from start to done."""
-    from starlette.testclient import TestClient
+    import credentials
 
     from smifdb.api import create_app
 
     folder = project(sample, tmp_path, "api")
     procs.start("--slots", "2", name="r1")
     procs.manager(name="manager")
-    with TestClient(create_app(dsn, project_dir=folder)) as client:
+    token = credentials.user_token(dsn, "modeller", role="operator")
+    with credentials.client(create_app(dsn, project_dir=folder), token) as client:
         assert client.get("/api/v1/model_runs/energy_central/status").json()["data"] == {
             "status": "unstarted"
         }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
 
@@ -18,7 +19,9 @@ from smifdb.api.security import Guard, Settings
 from smifdb.pgserver import default_home
 
 MAX_BODY = 1_000_000  # bytes
-HASHING_THREADS = 2  # scrypt is CPU- and memory-bound: more threads than cores gain nothing
+# scrypt (~70 ms of CPU each) in at most half the cores: a flood of sign-ins leaves the others
+# to every other route.
+HASHING_THREADS = max(1, (os.cpu_count() or 2) // 2)
 
 
 def create_app(

@@ -37,7 +37,7 @@ def _op(
     body_type: str = JSON,
     ok: tuple[int, str] = (200, "OK"),
     errors: tuple[int, ...] = (),
-    auth: bool = False,
+    auth: bool = True,
 ) -> dict:
     op: dict[str, Any] = {
         "summary": summary,
@@ -51,19 +51,24 @@ def _op(
         op["parameters"] = params
     if body is not None:
         op["requestBody"] = {"required": True, "content": {body_type: {"schema": body}}}
-    if auth:
-        op["security"] = [{"bearer": []}]
+    if auth:  # every operation but signing in (smifdb.api.security.PUBLIC)
+        op["security"] = [{"bearer": []}, {"session": []}]
         op["responses"]["401"] = _error(REASONS[401])
+        op["responses"]["403"] = _error(REASONS[403])
+        if body is not None and body_type == JSON:
+            op["responses"]["415"] = _error(REASONS[415])
     return op
 
 
 REASONS = {
     400: "bad input: the message and `errors` say what is wrong",
-    401: "no token, or an invalid or expired one",
-    403: "only the owner may do this",
+    401: "no credentials, or invalid or expired ones",
+    403: "the user's role or ownership does not allow this (or a cross-origin cookie)",
     404: "no such thing",
     409: "conflicts with the current state",
     413: "request body too large",
+    415: "the body must be sent as application/json",
+    429: "too many failed sign-ins: wait Retry-After seconds",
 }
 
 
@@ -218,11 +223,13 @@ PATHS: dict[str, dict[str, dict]] = {
                 params=[REALM],
                 body=TOKEN_FORM,
                 body_type=FORM,
+                auth=False,
             ),
             "responses": {
                 "200": {"description": "tokens"},
                 "400": {"description": "bad grant"},
                 "401": {"description": "bad credentials"},
+                "429": {"description": REASONS[429]},
             },
         }
     },
@@ -234,11 +241,13 @@ PATHS: dict[str, dict[str, dict]] = {
                 params=[REALM],
                 body=TOKEN_FORM,
                 body_type=FORM,
+                auth=False,
             ),
             "responses": {
                 "200": {"description": "tokens"},
                 "400": {"description": "bad grant"},
                 "401": {"description": "bad credentials"},
+                "429": {"description": REASONS[429]},
             },
         }
     },
@@ -250,8 +259,12 @@ PATHS: dict[str, dict[str, dict]] = {
                 params=[REALM],
                 body={"type": "object", "properties": {"refresh_token": {"type": "string"}}},
                 body_type=FORM,
+                auth=False,
             ),
-            "responses": {"204": {"description": "logged out"}},
+            "responses": {
+                "204": {"description": "logged out"},
+                "400": {"description": "no such session"},
+            },
         }
     },
     "/models/": {"get": _op("model versions", tag=DAFNI, auth=True)},
@@ -423,11 +436,53 @@ PATHS: dict[str, dict[str, dict]] = {
     },
     "/": {
         "get": {
-            "summary": "the dashboard",
+            "summary": "the dashboard (a signed-out browser is sent to /login)",
             "tags": ["dashboard"],
-            "responses": {"200": {"description": "HTML page"}},
+            "security": [{"bearer": []}, {"session": []}],
+            "responses": {
+                "200": {"description": "HTML page"},
+                "303": {"description": "to the login page"},
+                "401": _error(REASONS[401]),
+            },
         }
     },
+    "/login": {
+        "get": {
+            "summary": "the login page",
+            "tags": [AUTH],
+            "parameters": [_query("next", {"type": "string"})],
+            "responses": {"200": {"description": "HTML page"}},
+        },
+        "post": {
+            "summary": "sign in: sets the session cookie (HttpOnly, SameSite=Strict)",
+            "tags": [AUTH],
+            "parameters": [_query("next", {"type": "string"})],
+            "requestBody": {
+                "required": True,
+                "content": {
+                    FORM: {
+                        "schema": {
+                            "type": "object",
+                            "properties": {
+                                "name": {"type": "string"},
+                                "password": {"type": "string"},
+                            },
+                        }
+                    }
+                },
+            },
+            "responses": {
+                "303": {"description": "signed in: back to `next`"},
+                "401": {"description": "wrong name or password (the page again)"},
+                "403": {"description": "a sign-in sent from another site"},
+                "429": {"description": REASONS[429]},
+            },
+        },
+    },
+    "/logout": {
+        "post": _op("end this browser session (server-side)", tag=AUTH, ok=(204, "signed out"))
+    },
+    "/api/auth/me": {"get": _op("who is signed in, and their role", tag=AUTH)},
     "/metrics": {
         "get": {
             "summary": "Prometheus metrics read from the database (smifdb_up 0 when it is down)",
@@ -462,7 +517,10 @@ def document() -> dict:
         },
         "paths": PATHS,
         "components": {
-            "securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}},
+            "securitySchemes": {
+                "bearer": {"type": "http", "scheme": "bearer"},
+                "session": {"type": "apiKey", "in": "cookie", "name": "smifdb_session"},
+            },
             "schemas": {
                 "Error": {
                     "type": "object",

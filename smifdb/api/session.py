@@ -41,9 +41,6 @@ def client_address(request: Request) -> str:
 async def sign_in(request: Request, name: str, password: str) -> auth.User:
     """The user for a right name and password; Unauthorized, TooManyRequests otherwise."""
     auth.check_name(name)
-    limiter: anyio.CapacityLimiter = request.app.state.hash_limiter
-    if limiter.statistics().tasks_waiting >= MAX_WAITING_SIGN_INS:
-        raise errors.TooManyRequests("too many sign-ins at once: try again", retry_after=1)
     address = client_address(request)
 
     def lookup(conn) -> tuple[auth.User | None, str | None]:
@@ -55,6 +52,9 @@ async def sign_in(request: Request, name: str, password: str) -> auth.User:
         return auth.credentials(conn, name)
 
     user, stored = await in_db(request, lookup)
+    limiter: anyio.CapacityLimiter = request.app.state.hash_limiter
+    if limiter.statistics().tasks_waiting >= MAX_WAITING_SIGN_INS:
+        raise errors.TooManyRequests("too many sign-ins at once: try again", retry_after=1)
     if (
         not await anyio.to_thread.run_sync(auth.password_matches, password, stored, limiter=limiter)
         or user is None

@@ -218,6 +218,12 @@
     } catch (err) {
       throw new ApiError(`cannot reach the API at ${window.location.origin} (${err.message})`, 0);
     }
+    if (response.status === 401) {
+      // Signed out (the session ended or expired): sign in again, then come back here.
+      const here = window.location.pathname + window.location.search + window.location.hash;
+      window.location.assign("/login?next=" + encodeURIComponent(here));
+      throw new ApiError("signed out", 401);
+    }
     let body = null;
     try {
       body = await response.json();
@@ -1062,6 +1068,18 @@
     window.addEventListener("unhandledrejection", (event) => {
       showActionError(`Unexpected error: ${event.reason?.message ?? event.reason}`);
     });
+    $("sign-out").addEventListener("click", async () => {
+      await fetch("/logout", { method: "POST", cache: "no-store" });
+      window.location.assign("/login");
+    });
+    fetch("/api/auth/me", { cache: "no-store", headers: { Accept: "application/json" } })
+      .then((r) => (r.ok ? r.json() : null))
+      .then((body) => {
+        if (!body) return;
+        setText($("user"), `${body.data.name} (${body.data.role})`);
+        document.body.dataset.role = body.data.role;
+      })
+      .catch(() => {});
     resetWorkflow();
     readHash();
     poll();
