@@ -110,6 +110,7 @@ def sign_in(driver: Any, server: ApiServer, next_path: str) -> None:
     wait_for(lambda: "/login" not in driver.current_url, what="the dashboard after signing in")
     cookie = driver.get_cookie("smifdb_session")
     assert cookie["httpOnly"] and cookie["sameSite"] == "Strict", cookie
+    driver.get(f"{server.url}{next_path}")  # the #fragment never reaches the server
 
 
 def _unavailable(reason: str) -> None:

@@ -22,7 +22,8 @@ HEADERS = {
         "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # Not no-referrer: that makes a browser send "Origin: null" on this page's own POSTs.
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-cache",
 }
 

@@ -13,6 +13,7 @@ import hmac
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 from starlette.concurrency import run_in_threadpool
 from starlette.requests import HTTPConnection, Request
@@ -102,18 +103,20 @@ def same_origin(conn: HTTPConnection) -> bool:
     """The request comes from a page of this server: its Origin names this scheme and host, or
     (no Origin) the browser says so itself."""
     origin = conn.headers.get("origin")
-    if origin is not None:
+    if origin is not None and origin != "null":
         return origin.lower() == f"{conn.url.scheme}://{conn.headers.get('host', '')}".lower()
+    # "null": a privacy-sensitive context (a no-referrer page's form, a sandboxed frame); the
+    # browser's own Sec-Fetch-Site, which no page can set, says where it came from.
     return conn.headers.get("sec-fetch-site") == "same-origin"
 
 
 def cross_site(conn: HTTPConnection) -> bool:
     """A browser says another site sent this (a request that carries no cookie may still be a
     forged sign-in); clients that are not browsers send neither header."""
+    if conn.headers.get("sec-fetch-site") in ("cross-site", "same-site"):
+        return True
     origin = conn.headers.get("origin")
-    if origin is not None:
-        return not same_origin(conn)
-    return conn.headers.get("sec-fetch-site") in ("cross-site", "same-site")
+    return origin is not None and not same_origin(conn)
 
 
 def _json_media(content_type: str) -> bool:
@@ -182,7 +185,8 @@ class Guard:
             user = await run_in_threadpool(_authenticate, request, token, kinds)
         if user is None:
             if token is None and method == "GET" and PAGES.fullmatch(path) and _wants_html(request):
-                return RedirectResponse(f"/login?next={path}", status_code=303)
+                here = f"{path}?{request.url.query}" if request.url.query else path
+                return RedirectResponse(f"/login?next={quote(here, safe='/')}", status_code=303)
             message = (
                 "the token is invalid or has expired"
                 if token

@@ -28,7 +28,8 @@ PAGE_HEADERS = {
         "frame-ancestors 'none'"
     ),
     "X-Content-Type-Options": "nosniff",
-    "Referrer-Policy": "no-referrer",
+    # Not no-referrer: that makes a browser send "Origin: null" on this page's own POSTs.
+    "Referrer-Policy": "same-origin",
     "Cache-Control": "no-store",
 }
 
