@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import pwd
 import shutil
 import signal
+import socket as socket_module
 import subprocess
 import sys
 import tempfile
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from smifdb import pgserver
 from smifdb.pgserver import Cluster, ServerError
@@ -236,3 +240,144 @@ def test_root_runs_a_cluster_from_a_wheel_in_a_private_folder(reachable_tmp, mon
         assert version == pgserver._version(wheel_binaries, None)
     finally:
         shutil.rmtree(hidden, ignore_errors=True)
+
+
+# -- who may connect ------------------------------------------------------------------
+
+# Run as another OS user: every way in it could try, and which of them got in.
+INTRUDER = """
+import json, sys, psycopg
+got_in = []
+for conninfo in json.loads(sys.argv[1]):
+    try:
+        psycopg.connect(conninfo, connect_timeout=5).close()
+        got_in.append(conninfo)
+    except psycopg.Error:
+        pass
+print(json.dumps(got_in))
+"""
+GUESSES = [None, "", "postgres", "smifdb", "password", "secret", "root", "trust"]
+
+
+def accounts(*names: str) -> list:
+    return [pwd.getpwnam(name) for name in names if name in {a.pw_name for a in pwd.getpwall()}]
+
+
+def as_user(account) -> dict:
+    """subprocess.run arguments for a child as ``account``, seeing this process's modules."""
+    return {
+        "user": account.pw_uid,
+        "group": account.pw_gid,
+        "extra_groups": [],
+        "cwd": "/",
+        "env": {
+            "PATH": os.environ["PATH"],
+            "HOME": "/",
+            "USER": account.pw_name,
+            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+        },
+    }
+
+
+def python_for(account) -> str:
+    """A Python of this version that ``account`` can run (a venv's may live under /root)."""
+    for python in (sys.executable, shutil.which("python3"), "/usr/bin/python3"):
+        if python is None:
+            continue
+        probe = "import sys, psycopg; print(tuple(sys.version_info[:2]))"
+        with contextlib.suppress(OSError):
+            out = subprocess.run(
+                [python, "-c", probe], capture_output=True, text=True, **as_user(account)
+            )
+            if out.returncode == 0 and out.stdout.strip() == str(tuple(sys.version_info[:2])):
+                return python
+    pytest.skip(f"no Python with psycopg that {account.pw_name} can run")
+
+
+def break_in(account, dsn: str, port: int) -> list[str]:
+    """What ``account`` gets into: over the socket and over TCP loopback, without a password,
+    with common ones, and with the owner's own DSN (whose passfile it cannot read)."""
+    socket = conninfo_to_dict(dsn)["host"]
+    attempts = [dsn, make_conninfo(dsn, host="127.0.0.1")]
+    for host in (socket, "127.0.0.1", "localhost"):
+        for dbname in ("postgres", "smifdb"):
+            for password in GUESSES:
+                extra = {} if password is None else {"password": password}
+                attempts.append(
+                    make_conninfo(host=host, port=port, user="postgres", dbname=dbname, **extra)
+                )
+    out = subprocess.run(
+        [python_for(account), "-c", INTRUDER, json.dumps(attempts)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **as_user(account),
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def free_port() -> int:
+    with socket_module.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# Run as the cluster's owner: start (or stop) an embedded cluster that also listens on TCP
+# loopback, and check that the owner gets in both ways with the DSN it is given.
+OWNER = """
+import json, sys
+from pathlib import Path
+import psycopg
+from smifdb import pgserver
+action, home, port = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+pgserver.PORT = port
+pgserver.BASE_SETTINGS["listen_addresses"] = "'127.0.0.1'"
+cluster = pgserver.Cluster.embedded(home, fallback_base=home.parent / "fallback")
+if action == "stop":
+    cluster.stop(mode="immediate")
+    sys.exit()
+dsn = cluster.start()
+for host in ({}, {"host": "127.0.0.1"}):
+    with psycopg.connect(dsn, **host) as conn:
+        assert conn.execute("SELECT current_user").fetchone()[0] == "postgres"
+account = cluster.account.pw_name if cluster.account else None
+print(json.dumps({"dsn": dsn, "server_account": account, "pgdata": str(cluster.pgdata)}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="trying other OS users needs root")
+@pytest.mark.parametrize("owner", ["root", "nobody"])
+def test_no_other_os_user_connects(reachable_tmp: Path, owner: str) -> None:
+    """Root's cluster (its server runs as postgres) or an ordinary user's: every other OS
+    user, the server's own account included, is refused on the socket and on loopback."""
+    home = reachable_tmp / "home"
+    python, as_owner = sys.executable, {}
+    if owner != "root":
+        account = pwd.getpwnam(owner)
+        home.mkdir()
+        os.chown(home, account.pw_uid, account.pw_gid)
+        python, as_owner = python_for(account), as_user(account)
+    port = str(free_port())
+
+    def owner_runs(action: str) -> subprocess.CompletedProcess:
+        argv = [python, "-c", OWNER, action, str(home), port]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=300, **as_owner)
+
+    started = owner_runs("start")
+    try:
+        assert started.returncode == 0, started.stderr
+        info = json.loads(started.stdout)
+        if owner == "root":
+            assert info["server_account"] not in (None, "root")
+        intruders = [
+            a for a in accounts("postgres", "nobody", "daemon", "bin") if a.pw_name != owner
+        ]
+        assert len(intruders) >= 2
+        for intruder in intruders:
+            assert break_in(intruder, info["dsn"], int(port)) == [], intruder.pw_name
+        hba = (Path(info["pgdata"]) / "pg_hba.conf").read_text()
+        methods = [line.split()[-1] for line in hba.splitlines() if line.split()[:1] != ["#"]]
+        assert set(filter(None, methods)) == {"scram-sha-256"}
+    finally:
+        owner_runs("stop")
