@@ -381,3 +381,74 @@ def test_no_other_os_user_connects(reachable_tmp: Path, owner: str) -> None:
         assert set(filter(None, methods)) == {"scram-sha-256"}
     finally:
         owner_runs("stop")
+
+
+# What initdb --auth=trust wrote for smifdb before the embedded cluster asked for a password.
+TRUST_HBA = """\
+local   all             all                                     trust
+host    all             all             127.0.0.1/32            trust
+host    all             all             ::1/128                 trust
+local   replication     all                                     trust
+host    replication     all             127.0.0.1/32            trust
+host    replication     all             ::1/128                 trust
+"""
+
+
+def active_methods(pgdata: Path) -> set[str]:
+    lines = (pgdata / "pg_hba.conf").read_text().splitlines()
+    return {line.split()[-1] for line in lines if line.strip() and not line.startswith("#")}
+
+
+@pytest.mark.parametrize("running", [True, False], ids=["running", "stopped"])
+def test_older_trust_cluster_is_secured_in_place(cluster: Cluster, running: bool) -> None:
+    """A cluster as an older smifdb left it (trust, no password, no passfile), running or
+    not: the next start rewrites pg_hba.conf, sets a password and reloads, keeping the data
+    (and, if it runs, the same server)."""
+    with psycopg.connect(cluster.start(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE kept AS SELECT 42 AS x")
+    cluster.stop()
+    (cluster.pgdata / "pg_hba.conf").write_text(TRUST_HBA)
+    shutil.rmtree(cluster.passfile.parent)
+    binaries = pgserver.find_binaries(cluster.account, cluster.major())
+    pg_ctl = [binaries["pg_ctl"], "-D", str(cluster.pgdata), "-w"]
+    cluster._run([*pg_ctl, "-l", str(cluster.logfile), "start"], start_new_session=True)
+    old_dsn = f"postgresql://postgres@/postgres?host={cluster.socket_dir}&port={cluster.port}"
+    with psycopg.connect(old_dsn, autocommit=True) as conn:  # as the older smifdb did
+        conn.execute("ALTER ROLE postgres PASSWORD NULL")
+    if not running:
+        cluster._run([*pg_ctl, "stop"])
+    server = pwd.getpwuid(cluster.pgdata.stat().st_uid)
+    if running and os.geteuid() == 0:
+        assert break_in(server, old_dsn, cluster.port) != []  # the hole being closed
+    pid = cluster.postmaster_pid()
+
+    dsn = cluster.start()
+    assert active_methods(cluster.pgdata) == {"scram-sha-256"}
+    if running:
+        assert cluster.postmaster_pid() == pid  # reloaded, not restarted
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT x FROM kept").fetchone()[0] == 42
+        verifier = conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = 'postgres'")
+        assert verifier.fetchone()[0].startswith("SCRAM-SHA-256$")
+    assert (cluster.passfile.stat().st_mode & 0o777) == 0o600
+    assert (cluster.passfile.parent.stat().st_mode & 0o777) == 0o700
+    if os.geteuid() == 0:
+        for intruder in {
+            server.pw_name: server,
+            **{a.pw_name: a for a in accounts("nobody")},
+        }.values():
+            assert break_in(intruder, dsn, cluster.port) == []
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        psycopg.connect(old_dsn, passfile=os.devnull).close()  # no password: no entry
+
+
+def test_lost_passfile_is_made_again(cluster: Cluster) -> None:
+    """Deleting the passfile under a running server locks nobody out for good: the next start
+    makes a new password and restarts the server to set it."""
+    dsn = cluster.start()
+    first = cluster.passfile.read_text()
+    cluster.passfile.unlink()
+    assert cluster.start() == dsn
+    assert cluster.passfile.read_text() != first
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT 1").fetchone()[0] == 1
