@@ -55,6 +55,17 @@ local   replication  all                 scram-sha-256
 host    all          all   127.0.0.1/32  scram-sha-256
 host    all          all   ::1/128       scram-sha-256
 """
+# A throwaway test cluster's: its tests log in as roles they make, without passwords, so over
+# the socket the OS user that made it (and no other) is let in as any role.
+PEER_HBA = """\
+# Written by smifdb for a throwaway cluster: no connection is trusted. Over the socket, only
+# the OS user that made it (pg_ident.conf's map "owner"); on loopback, the password.
+# TYPE  DATABASE     USER  ADDRESS       METHOD
+local   all          all                 peer  map=owner
+local   replication  all                 peer  map=owner
+host    all          all   127.0.0.1/32  scram-sha-256
+host    all          all   ::1/128       scram-sha-256
+"""
 
 # Settings for every local cluster: a queue wants eager autovacuum and short lock waits.
 BASE_SETTINGS: dict[str, str] = {
@@ -357,6 +368,7 @@ class Cluster:
     settings: Mapping[str, str]
     account: pwd.struct_passwd | None
     passfile: Path  # the superuser's password, readable by the owner alone
+    peer_owner: bool = False  # PEER_HBA, not HBA: throwaway clusters
 
     @classmethod
     def embedded(cls, home: Path | None = None, fallback_base: Path | None = None) -> Cluster:
@@ -421,10 +433,20 @@ class Cluster:
         except psycopg.Error:
             return False
 
+    def _auth_files(self, pgdata: Path) -> dict[str, str]:
+        """The access rules smifdb writes: pg_hba.conf, and for PEER_HBA its pg_ident.conf."""
+        if not self.peer_owner:
+            return {"pg_hba.conf": HBA}
+        owner = pwd.getpwuid(os.geteuid()).pw_name
+        major = int((pgdata / "PG_VERSION").read_text().strip())
+        roles = "all" if major >= 16 else SUPERUSER  # "all" is new in PostgreSQL 16
+        return {"pg_hba.conf": PEER_HBA, "pg_ident.conf": f"owner  {owner}  {roles}\n"}
+
     def hba_current(self) -> bool:
-        """Is pg_hba.conf smifdb's own (HBA), not an older version's trust or an edit?"""
+        """Are the access rules smifdb's own, not an older version's trust or an edit?"""
         try:
-            return (self.pgdata / "pg_hba.conf").read_text() == HBA
+            wanted = self._auth_files(self.pgdata)
+            return all((self.pgdata / name).read_text() == text for name, text in wanted.items())
         except OSError:
             return False
 
@@ -491,15 +513,16 @@ class Cluster:
         os.rename(scratch, self.pgdata)
 
     def _write_hba(self, pgdata: Path | None = None) -> None:
-        """Replace pg_hba.conf with HBA whole: by rename, so a reload never reads half of it."""
+        """Replace the access rules whole: by rename, so a reload never reads half a file."""
         pgdata = pgdata or self.pgdata
-        scratch = pgdata / "pg_hba.conf.smifdb"
-        fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(HBA)
-        if self.account is not None:
-            os.chown(scratch, self.account.pw_uid, self.account.pw_gid)
-        os.rename(scratch, pgdata / "pg_hba.conf")
+        for name, text in self._auth_files(pgdata).items():
+            scratch = pgdata / f"{name}.smifdb"
+            fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+            if self.account is not None:
+                os.chown(scratch, self.account.pw_uid, self.account.pw_gid)
+            os.rename(scratch, pgdata / name)
 
     def _set_password(self, binaries: Binaries, password: str) -> None:
         """Give the superuser ``password`` while the server is down, in single-user mode: no
@@ -560,9 +583,11 @@ class Cluster:
             time.sleep(0.1)
 
     def _rules_in_force(self, loaded: datetime) -> bool:
-        """HBA is the file, and the server has loaded it since it was written."""
+        """The access rules are smifdb's, and the server has loaded them since they were written."""
         try:
-            written = (self.pgdata / "pg_hba.conf").stat().st_mtime
+            written = max(
+                (self.pgdata / name).stat().st_mtime for name in self._auth_files(self.pgdata)
+            )
         except OSError:
             return False
         return self.hba_current() and loaded.timestamp() >= written
@@ -653,6 +678,7 @@ class ThrowawayCluster:
             {**BASE_SETTINGS, **THROWAWAY_SETTINGS, **(settings or {})},
             account,
             root / PASSFILE,
+            peer_owner=True,
         )
         self._watchdog: subprocess.Popen | None = None
 

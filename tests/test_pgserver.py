@@ -433,10 +433,7 @@ def test_older_trust_cluster_is_secured_in_place(cluster: Cluster, running: bool
     assert (cluster.passfile.stat().st_mode & 0o777) == 0o600
     assert (cluster.passfile.parent.stat().st_mode & 0o777) == 0o700
     if os.geteuid() == 0:
-        for intruder in {
-            server.pw_name: server,
-            **{a.pw_name: a for a in accounts("nobody")},
-        }.values():
+        for intruder in accounts(*dict.fromkeys([server.pw_name, "nobody"])):
             assert break_in(intruder, dsn, cluster.port) == []
     with pytest.raises(psycopg.OperationalError, match="password"):
         psycopg.connect(old_dsn, passfile=os.devnull).close()  # no password: no entry
@@ -452,3 +449,25 @@ def test_lost_passfile_is_made_again(cluster: Cluster) -> None:
     assert cluster.passfile.read_text() != first
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT 1").fetchone()[0] == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="trying other OS users needs root")
+def test_throwaway_cluster_admits_its_maker_alone() -> None:
+    """Tests log in as roles they make without passwords: the maker may, over the socket, and
+    no other OS user may at all."""
+    port = free_port()
+    server = pgserver.ThrowawayCluster({"listen_addresses": "'127.0.0.1'", "port": str(port)})
+    with server as dsn:
+        account = pwd.getpwuid(server.cluster.pgdata.stat().st_uid)  # the server's
+        for intruder in accounts(*dict.fromkeys([account.pw_name, "nobody"])):
+            assert break_in(intruder, dsn, port) == [], intruder.pw_name
+        assert active_methods(server.cluster.pgdata) == {"map=owner", "scram-sha-256"}
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE ROLE plain LOGIN")
+            major = conn.info.server_version // 10000
+        if major >= 16:
+            as_plain = make_conninfo(dsn, user="plain", passfile=os.devnull)
+            with psycopg.connect(as_plain) as conn:
+                assert conn.execute("SELECT current_user").fetchone()[0] == "plain"
+        with psycopg.connect(make_conninfo(dsn, host="127.0.0.1")) as conn:  # the passfile's
+            assert conn.execute("SELECT current_user").fetchone()[0] == "postgres"
