@@ -9,7 +9,9 @@ cluster lives under ``/var/lib/smifdb/clusters/`` instead, in a folder smifdb cr
 No connection is trusted: pg_hba.conf asks for the superuser's password (scram-sha-256) over
 the unix socket and loopback alike, and the password lives in a libpq passfile that only the
 owner (whoever runs smifdb, root included) can read. The server account and every other OS
-user are refused, so a cluster on a shared login node is its owner's alone.
+user are refused, so a cluster on a shared login node is its owner's alone. Throwaway test
+clusters let their maker in over the socket as any role (peer), since tests log in as roles
+they make without passwords.
 """
 
 from __future__ import annotations
@@ -651,6 +653,7 @@ class Cluster:
             "pgdata": str(self.pgdata),
             "initialised": self.initialised(),
             "dsn": self.dsn(),
+            "passfile": str(self.passfile),
             "runs_as": self.account.pw_name if self.account else pwd.getpwuid(os.geteuid()).pw_name,
         }
 
