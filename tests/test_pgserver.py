@@ -471,3 +471,25 @@ def test_throwaway_cluster_admits_its_maker_alone() -> None:
                 assert conn.execute("SELECT current_user").fetchone()[0] == "plain"
         with psycopg.connect(make_conninfo(dsn, host="127.0.0.1")) as conn:  # the passfile's
             assert conn.execute("SELECT current_user").fetchone()[0] == "postgres"
+
+
+def test_loosened_passfile_is_tightened(cluster: Cluster) -> None:
+    """libpq ignores a passfile others can read: a start puts its modes back (0600 in 0700)."""
+    dsn = cluster.start()
+    cluster.passfile.chmod(0o644)
+    cluster.passfile.parent.chmod(0o755)
+    cluster.start()
+    assert cluster.passfile.stat().st_mode & 0o777 == 0o600
+    assert cluster.passfile.parent.stat().st_mode & 0o777 == 0o700
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT 1").fetchone()[0] == 1
+
+
+def test_passfile_of_another_user_is_refused(cluster: Cluster) -> None:
+    """A password folder someone else owns could be theirs to read: refuse, naming it."""
+    if os.geteuid() != 0:
+        pytest.skip("giving a folder away needs root")
+    cluster.start()
+    os.chown(cluster.passfile.parent, 65534, 65534)
+    with pytest.raises(ServerError, match="secrets must be a folder of user"):
+        cluster.start()
