@@ -594,6 +594,15 @@ class Cluster:
             return False
         return self.hba_current() and loaded.timestamp() >= written
 
+    def _not_pgpassword(self) -> None:
+        """libpq sends PGPASSWORD rather than look in the passfile: say so, restart nothing."""
+        if os.environ.get("PGPASSWORD"):
+            raise ServerError(
+                "PGPASSWORD is set, and libpq sends it instead of the embedded database's "
+                f"password (in {self.passfile}): unset PGPASSWORD, or set SMIFDB_DSN to the "
+                "database it is for"
+            )
+
     def start(self, timeout: float = 60) -> str:
         """Start the server if it is not running (initialising first if needed); return its DSN.
 
@@ -609,6 +618,7 @@ class Cluster:
                     if not self._rules_in_force(loaded):
                         self._secure_running(password)
                     return self.dsn()
+                self._not_pgpassword()
             binaries = find_binaries(self.account, self.major())
             if not self.initialised():
                 self._initdb(binaries)
@@ -621,6 +631,7 @@ class Cluster:
             self._set_password(binaries, password)
             self._run([*pg_ctl, "-l", str(self.logfile), "start"], start_new_session=True)
             if self._logged_in_at(timeout) is None:
+                self._not_pgpassword()
                 raise ServerError(
                     f"PostgreSQL in {self.pgdata} refuses the password in {self.passfile}; "
                     f"see {self.logfile}"

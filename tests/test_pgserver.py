@@ -493,3 +493,16 @@ def test_passfile_of_another_user_is_refused(cluster: Cluster) -> None:
     os.chown(cluster.passfile.parent, 65534, 65534)
     with pytest.raises(ServerError, match="secrets must be a folder of user"):
         cluster.start()
+
+
+def test_pgpassword_is_named_and_the_server_left_alone(cluster: Cluster, monkeypatch) -> None:
+    """libpq prefers PGPASSWORD to a passfile: a user's own, for another server, must not look
+    like a lost password (which restarts the server)."""
+    dsn = cluster.start()
+    pid = cluster.postmaster_pid()
+    monkeypatch.setenv("PGPASSWORD", "for-another-server")
+    with pytest.raises(ServerError, match="PGPASSWORD is set"):
+        cluster.start()
+    assert cluster.postmaster_pid() == pid
+    monkeypatch.delenv("PGPASSWORD")
+    assert cluster.start() == dsn and cluster.postmaster_pid() == pid
