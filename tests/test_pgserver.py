@@ -347,13 +347,21 @@ print(json.dumps({"dsn": dsn, "server_account": account, "pgdata": str(cluster.p
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="trying other OS users needs root")
-@pytest.mark.parametrize("owner", ["root", "nobody"])
-def test_no_other_os_user_connects(reachable_tmp: Path, owner: str) -> None:
-    """Root's cluster (its server runs as postgres) or an ordinary user's: every other OS
-    user, the server's own account included, is refused on the socket and on loopback."""
+@pytest.mark.parametrize(
+    "owner, server_account",
+    [("root", "postgres"), ("root", "nobody"), ("nobody", None)],
+    ids=["root-server-as-postgres", "root-server-as-nobody", "nobody"],
+)
+def test_no_other_os_user_connects(reachable_tmp: Path, owner: str, server_account) -> None:
+    """Root's cluster (its server runs as postgres or nobody) or an ordinary user's: every
+    other OS user, the server's own account included, is refused on the socket and on
+    loopback."""
+    if server_account and not accounts(server_account):
+        pytest.skip(f"no account {server_account}")
     home = reachable_tmp / "home"
-    python, as_owner = sys.executable, {}
-    if owner != "root":
+    if owner == "root":
+        python, as_owner = sys.executable, {"env": {**os.environ, "SMIFDB_PG_USER": server_account}}
+    else:
         account = pwd.getpwnam(owner)
         home.mkdir()
         os.chown(home, account.pw_uid, account.pw_gid)
@@ -368,8 +376,7 @@ def test_no_other_os_user_connects(reachable_tmp: Path, owner: str) -> None:
     try:
         assert started.returncode == 0, started.stderr
         info = json.loads(started.stdout)
-        if owner == "root":
-            assert info["server_account"] not in (None, "root")
+        assert info["server_account"] == server_account
         intruders = [
             a for a in accounts("postgres", "nobody", "daemon", "bin") if a.pw_name != owner
         ]
