@@ -5,32 +5,69 @@ unprivileged account (``SMIFDB_PG_USER``, else ``postgres``, else ``nobody``); s
 creates accounts and never loosens the permissions of folders it did not create. If that
 account cannot reach the requested data directory (``/root`` is usually mode 0700) the
 cluster lives under ``/var/lib/smifdb/clusters/`` instead, in a folder smifdb creates.
+
+No connection is trusted: pg_hba.conf asks for the superuser's password (scram-sha-256) over
+the unix socket and loopback alike, and the password lives in a libpq passfile that only the
+owner (whoever runs smifdb, root included) can read. The server account and every other OS
+user are refused, so a cluster on a shared login node is its owner's alone. Throwaway test
+clusters let their maker in over the socket as any role (peer), since tests log in as roles
+they make without passwords.
 """
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import fcntl
 import hashlib
+import hmac
 import importlib.util
 import os
 import pwd
+import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
+from urllib.parse import quote
 
 import psycopg
+import psycopg.sql
 
 PORT = 5432
 DATABASE = "smifdb"
 SUPERUSER = "postgres"
 ROOT_FALLBACK_BASE = Path("/var/lib/smifdb/clusters")
+PASSFILE = Path("secrets") / "pgpass"  # under SMIFDB_HOME
+
+# The whole of every cluster's pg_hba.conf: a start rewrites any other (an older smifdb's trust).
+HBA = """\
+# Written by smifdb, and rewritten by its next start if changed: no connection is trusted.
+# The superuser's password is in the owner's passfile (the passfile= of `smifdb db url`).
+# TYPE  DATABASE     USER  ADDRESS       METHOD
+local   all          all                 scram-sha-256
+local   replication  all                 scram-sha-256
+host    all          all   127.0.0.1/32  scram-sha-256
+host    all          all   ::1/128       scram-sha-256
+"""
+# A throwaway test cluster's: its tests log in as roles they make, without passwords, so over
+# the socket the OS user that made it (and no other) is let in as any role.
+PEER_HBA = """\
+# Written by smifdb for a throwaway cluster: no connection is trusted. Over the socket, only
+# the OS user that made it (pg_ident.conf's map "owner"); on loopback, the password.
+# TYPE  DATABASE     USER  ADDRESS       METHOD
+local   all          all                 peer  map=owner
+local   replication  all                 peer  map=owner
+host    all          all   127.0.0.1/32  scram-sha-256
+host    all          all   ::1/128       scram-sha-256
+"""
 
 # Settings for every local cluster: a queue wants eager autovacuum and short lock waits.
 BASE_SETTINGS: dict[str, str] = {
@@ -97,6 +134,57 @@ def _as_account(account: pwd.struct_passwd | None) -> dict:
 
 def _clean_env() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+
+
+def scram_verifier(password: str, iterations: int = 4096) -> str:
+    """The SCRAM-SHA-256 verifier PostgreSQL stores for ``password`` (RFC 5803, as libpq's
+    PQencryptPasswordConn makes it): ALTER ROLE takes it as is, so the password itself never
+    reaches the server or its logs."""
+    salt = os.urandom(16)
+    salted = hashlib.pbkdf2_hmac("sha256", password.encode(), salt, iterations)
+    client_key = hmac.digest(salted, b"Client Key", "sha256")
+    server_key = hmac.digest(salted, b"Server Key", "sha256")
+    stored_key = hashlib.sha256(client_key).digest()
+
+    def b64(raw: bytes) -> str:
+        return base64.b64encode(raw).decode()
+
+    return f"SCRAM-SHA-256${iterations}:{b64(salt)}${b64(stored_key)}:{b64(server_key)}"
+
+
+def _private(path: Path, mode: int) -> None:
+    """Insist that ``path`` is ours and at most ``mode``: tighten it, refuse another's."""
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode) or info.st_uid != os.geteuid():
+        raise ServerError(
+            f"{path} must be a {'folder' if mode == 0o700 else 'file'} of user "
+            f"{pwd.getpwuid(os.geteuid()).pw_name} (uid {os.geteuid()}): it holds the "
+            "embedded database's password; move it away and it is made again"
+        )
+    if stat.S_IMODE(info.st_mode) & ~mode:
+        path.chmod(mode)
+
+
+def _password(passfile: Path) -> str:
+    """The superuser's password, from ``passfile`` (a libpq passfile, mode 0600, in a folder
+    of mode 0700); a new random one is written there first if there is none."""
+    passfile.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    _private(passfile.parent, 0o700)
+    if passfile.exists():
+        _private(passfile, 0o600)
+        for line in passfile.read_text().splitlines():
+            fields = line.split(":")
+            if len(fields) == 5 and fields[3] == SUPERUSER and fields[4]:
+                return fields[4]
+    password = secrets.token_urlsafe(32)  # no ':' or '\\', which a passfile would escape
+    scratch = passfile.with_name(f".{passfile.name}.{os.getpid()}")
+    fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(f"*:*:*:{SUPERUSER}:{password}\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.rename(scratch, passfile)
+    return password
 
 
 def _version(binaries: Binaries, account: pwd.struct_passwd | None) -> str | None:
@@ -281,6 +369,8 @@ class Cluster:
     lockfile: Path
     settings: Mapping[str, str]
     account: pwd.struct_passwd | None
+    passfile: Path  # the superuser's password, readable by the owner alone
+    peer_owner: bool = False  # PEER_HBA, not HBA: throwaway clusters
 
     @classmethod
     def embedded(cls, home: Path | None = None, fallback_base: Path | None = None) -> Cluster:
@@ -290,7 +380,7 @@ class Cluster:
         if not _reachable(home, account):
             digest = hashlib.sha256(str(home).encode()).hexdigest()[:12]
             pgdata = (fallback_base or ROOT_FALLBACK_BASE) / digest / "pgdata"
-        return cls(pgdata, home / "server.lock", BASE_SETTINGS, account)
+        return cls(pgdata, home / "server.lock", BASE_SETTINGS, account, home / PASSFILE)
 
     @property
     def socket_dir(self) -> Path:
@@ -300,8 +390,16 @@ class Cluster:
     def logfile(self) -> Path:
         return self.pgdata / "server.log"
 
+    @property
+    def port(self) -> int:
+        return int(self.settings.get("port", PORT))
+
     def dsn(self, database: str = DATABASE) -> str:
-        return f"postgresql://{SUPERUSER}@/{database}?host={self.socket_dir}&port={PORT}"
+        """The password stays in the passfile, so the DSN shows in ``ps`` and logs harmlessly."""
+        return (
+            f"postgresql://{SUPERUSER}@/{database}?host={quote(str(self.socket_dir))}"
+            f"&port={self.port}&passfile={quote(str(self.passfile))}"
+        )
 
     # -- state -------------------------------------------------------------------------
 
@@ -327,11 +425,31 @@ class Cluster:
             return None  # pid reused by another program: the lock file is stale
         return pid
 
+    def _connect(self) -> psycopg.Connection:
+        return psycopg.connect(self.dsn("postgres"), autocommit=True, connect_timeout=3)
+
     def ready(self) -> bool:
         try:
-            with psycopg.connect(self.dsn("postgres"), connect_timeout=3):
+            with self._connect():
                 return True
         except psycopg.Error:
+            return False
+
+    def _auth_files(self, pgdata: Path) -> dict[str, str]:
+        """The access rules smifdb writes: pg_hba.conf, and for PEER_HBA its pg_ident.conf."""
+        if not self.peer_owner:
+            return {"pg_hba.conf": HBA}
+        owner = pwd.getpwuid(os.geteuid()).pw_name
+        major = int((pgdata / "PG_VERSION").read_text().strip())
+        roles = "all" if major >= 16 else SUPERUSER  # "all" is new in PostgreSQL 16
+        return {"pg_hba.conf": PEER_HBA, "pg_ident.conf": f"owner  {owner}  {roles}\n"}
+
+    def hba_current(self) -> bool:
+        """Are the access rules smifdb's own, not an older version's trust or an edit?"""
+        try:
+            wanted = self._auth_files(self.pgdata)
+            return all((self.pgdata / name).read_text() == text for name, text in wanted.items())
+        except OSError:
             return False
 
     # -- lifecycle ---------------------------------------------------------------------
@@ -358,7 +476,12 @@ class Cluster:
         return result
 
     def _initdb(self, binaries: Binaries) -> None:
-        """Initialise in a scratch folder, then rename: a killed initdb leaves no half cluster."""
+        """Initialise in a scratch folder, then rename: a killed initdb leaves no half cluster.
+
+        initdb is told peer and reject, which need no password, and its pg_hba.conf is
+        replaced by HBA before the folder is renamed into place; the start that follows sets
+        the password.
+        """
         parent = self.pgdata.parent
         parent.mkdir(parents=True, exist_ok=True)
         for leftover in parent.glob(self.pgdata.name + ".init-*"):
@@ -376,7 +499,8 @@ class Cluster:
                 str(scratch),
                 "-U",
                 SUPERUSER,
-                "--auth=trust",
+                "--auth-local=peer",
+                "--auth-host=reject",
                 "--encoding=UTF8",
                 "--no-locale",
                 "--no-sync",
@@ -384,55 +508,139 @@ class Cluster:
         )
         with open(scratch / "postgresql.conf", "a") as conf:
             conf.write("\n# Added by smifdb\n")
-            for name, value in {**self.settings, "port": str(PORT)}.items():
+            for name, value in {"port": str(PORT), **self.settings}.items():
                 conf.write(f"{name} = {value}\n")
             conf.write(f"unix_socket_directories = '{self.socket_dir}'\n")
+        self._write_hba(scratch)
         os.rename(scratch, self.pgdata)
+
+    def _write_hba(self, pgdata: Path | None = None) -> None:
+        """Replace the access rules whole: by rename, so a reload never reads half a file."""
+        pgdata = pgdata or self.pgdata
+        for name, text in self._auth_files(pgdata).items():
+            scratch = pgdata / f"{name}.smifdb"
+            fd = os.open(scratch, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(text)
+            if self.account is not None:
+                os.chown(scratch, self.account.pw_uid, self.account.pw_gid)
+            os.rename(scratch, pgdata / name)
+
+    def _set_password(self, binaries: Binaries, password: str) -> None:
+        """Give the superuser ``password`` while the server is down, in single-user mode: no
+        connection could log in to do it (a lost passfile, an older smifdb's cluster)."""
+        statement = f"ALTER ROLE {SUPERUSER} PASSWORD '{scram_verifier(password)}'\n"
+        result = self._run(
+            [binaries["postgres"], "--single", "-D", str(self.pgdata), "postgres"],
+            input=statement,
+        )
+        if "ERROR:" in result.stdout + result.stderr:
+            raise ServerError(f"could not set the password: {result.stderr.strip()[-2000:]}")
+
+    def _secure_running(self, password: str) -> None:
+        """Bring HBA into force on a running server that still lets us in (an older smifdb's
+        trust): set the password, rewrite pg_hba.conf, reload, and wait until new sessions
+        get the new rules."""
+        with self._connect() as conn:
+            literal = psycopg.sql.Literal(scram_verifier(password)).as_string(conn)
+            conn.execute(f"ALTER ROLE {SUPERUSER} PASSWORD {literal}")
+            before = conn.execute("SELECT pg_conf_load_time()").fetchone()[0]
+            self._write_hba()
+            conn.execute("SELECT pg_reload_conf()")
+        deadline = time.monotonic() + 30
+        while True:  # the postmaster reloads in its own time; a new session tells when
+            loaded = self._logged_in_at(30)
+            if loaded is None:
+                raise ServerError(f"PostgreSQL in {self.pgdata} refuses the password just set")
+            if loaded > before:
+                return
+            if time.monotonic() > deadline:
+                raise ServerError(f"PostgreSQL in {self.pgdata} did not reload pg_hba.conf")
+            time.sleep(0.05)
 
     def _clear_stale_lock(self) -> None:
         pidfile = self.pgdata / "postmaster.pid"
         if pidfile.exists() and self.postmaster_pid() is None:
             pidfile.unlink(missing_ok=True)
-            (self.socket_dir / f".s.PGSQL.{PORT}.lock").unlink(missing_ok=True)
+            (self.socket_dir / f".s.PGSQL.{self.port}.lock").unlink(missing_ok=True)
 
-    def _wait_ready(self, timeout: float) -> None:
+    def _logged_in_at(self, timeout: float) -> datetime | None:
+        """When the server last loaded its configuration, once the owner's DSN logs in; None if
+        it is refused (waiting would not change that)."""
+        from smifdb.db import worth_waiting_for  # db imports this module
+
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.ready():
-                return
+        while True:
+            try:
+                with self._connect() as conn:
+                    return conn.execute("SELECT pg_conf_load_time()").fetchone()[0]
+            except psycopg.OperationalError as exc:
+                if not worth_waiting_for(exc):
+                    return None
+                if time.monotonic() > deadline:
+                    raise ServerError(
+                        f"PostgreSQL in {self.pgdata} did not become ready ({str(exc).strip()}); "
+                        f"see {self.logfile}"
+                    ) from exc
             time.sleep(0.1)
-        raise ServerError(f"PostgreSQL in {self.pgdata} did not become ready; see {self.logfile}")
+
+    def _rules_in_force(self, loaded: datetime) -> bool:
+        """The access rules are smifdb's, and the server has loaded them since they were written."""
+        try:
+            written = max(
+                (self.pgdata / name).stat().st_mtime for name in self._auth_files(self.pgdata)
+            )
+        except OSError:
+            return False
+        return self.hba_current() and loaded.timestamp() >= written
+
+    def _not_pgpassword(self) -> None:
+        """libpq sends PGPASSWORD rather than look in the passfile: say so, restart nothing."""
+        if os.environ.get("PGPASSWORD"):
+            raise ServerError(
+                "PGPASSWORD is set, and libpq sends it instead of the embedded database's "
+                f"password (in {self.passfile}): unset PGPASSWORD, or set SMIFDB_DSN to the "
+                "database it is for"
+            )
 
     def start(self, timeout: float = 60) -> str:
-        """Start the server if it is not running (initialising first if needed); return its DSN."""
+        """Start the server if it is not running (initialising first if needed); return its DSN.
+
+        Every start enforces HBA and the passfile's password. A running server that lets the
+        owner in (an older smifdb's trust) is brought under them in place; one that refuses
+        the passfile (lost, so made again) is restarted, the password set while it is down.
+        """
         with self._locked():
-            if self.postmaster_pid() is not None and self.ready():
-                return self.dsn()
+            password = _password(self.passfile)
+            if self.postmaster_pid() is not None:
+                loaded = self._logged_in_at(timeout)
+                if loaded is not None:
+                    if not self._rules_in_force(loaded):
+                        self._secure_running(password)
+                    return self.dsn()
+                self._not_pgpassword()
             binaries = find_binaries(self.account, self.major())
             if not self.initialised():
                 self._initdb(binaries)
             self._clear_stale_lock()
-            if self.postmaster_pid() is None:
-                self._run(
-                    [
-                        binaries["pg_ctl"],
-                        "-D",
-                        str(self.pgdata),
-                        "-l",
-                        str(self.logfile),
-                        "-w",
-                        "-t",
-                        str(int(timeout)),
-                        "start",
-                    ],
-                    start_new_session=True,
+            pg_ctl = [binaries["pg_ctl"], "-D", str(self.pgdata), "-w", "-t", str(int(timeout))]
+            if self.postmaster_pid() is not None:  # running, and refusing the passfile
+                self._run([*pg_ctl, "-m", "fast", "stop"])
+            if not self.hba_current():
+                self._write_hba()
+            self._set_password(binaries, password)
+            self._run([*pg_ctl, "-l", str(self.logfile), "start"], start_new_session=True)
+            if self._logged_in_at(timeout) is None:
+                self._not_pgpassword()
+                raise ServerError(
+                    f"PostgreSQL in {self.pgdata} refuses the password in {self.passfile}; "
+                    f"see {self.logfile}"
                 )
-            self._wait_ready(timeout)
             self._ensure_database()
             return self.dsn()
 
     def _ensure_database(self) -> None:
-        with psycopg.connect(self.dsn("postgres"), autocommit=True) as conn:
+        with self._connect() as conn:
             exists = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", [DATABASE])
             if exists.fetchone() is None:
                 with contextlib.suppress(psycopg.errors.DuplicateDatabase):
@@ -456,6 +664,7 @@ class Cluster:
             "pgdata": str(self.pgdata),
             "initialised": self.initialised(),
             "dsn": self.dsn(),
+            "passfile": str(self.passfile),
             "runs_as": self.account.pw_name if self.account else pwd.getpwuid(os.geteuid()).pw_name,
         }
 
@@ -482,6 +691,8 @@ class ThrowawayCluster:
             root / "server.lock",
             {**BASE_SETTINGS, **THROWAWAY_SETTINGS, **(settings or {})},
             account,
+            root / PASSFILE,
+            peer_owner=True,
         )
         self._watchdog: subprocess.Popen | None = None
 
@@ -515,7 +726,7 @@ def _watchdog(pid: int, root: Path) -> None:
         while sys.stdin.buffer.read(65536):
             pass
     # The server may have been restarted since (tests do): ask the data folder for its pid.
-    cluster = Cluster(root / "pgdata", root / "server.lock", {}, None)
+    cluster = Cluster(root / "pgdata", root / "server.lock", {}, None, root / PASSFILE)
     pid = cluster.postmaster_pid() or pid
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGQUIT)  # immediate shutdown: the data is thrown away anyway

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from smifdb import migrate
 
@@ -57,6 +58,21 @@ def test_embedded_default_lifecycle(home_env) -> None:
     url = smifdb("db", "url", env=env, cwd=home).stdout.strip()
     with psycopg.connect(url) as conn:
         assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == 2
+    # The secret is not in the DSN (which `ps` and logs show) but in the passfile it names.
+    params = conninfo_to_dict(url)
+    assert "password" not in params
+    passfile = Path(params["passfile"])
+    assert Path(env["SMIFDB_HOME"]) in passfile.parents
+    assert passfile.stat().st_mode & 0o777 == 0o600
+    assert passfile.parent.stat().st_mode & 0o777 == 0o700
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        psycopg.connect(make_conninfo(url, passfile=os.devnull)).close()
+    psql = shutil.which("psql")
+    if psql:  # the documented way in, word for word
+        url_cmd = f"{sys.executable} -m smifdb.cli db url"
+        shell = f'"{psql}" "$({url_cmd})" -w -Atc "SELECT count(*) FROM jobs"'
+        out = subprocess.run(["sh", "-c", shell], env=env, cwd=home, capture_output=True, text=True)
+        assert (out.returncode, out.stdout.strip()) == (0, "2"), out.stderr
 
     second = smifdb("submit", str(spec), env=env, cwd=home)  # reuses the running server
     assert second.stdout.strip() == "2"

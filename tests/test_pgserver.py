@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
+import pwd
 import shutil
 import signal
+import socket as socket_module
 import subprocess
 import sys
 import tempfile
@@ -15,6 +18,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from smifdb import pgserver
 from smifdb.pgserver import Cluster, ServerError
@@ -236,3 +240,276 @@ def test_root_runs_a_cluster_from_a_wheel_in_a_private_folder(reachable_tmp, mon
         assert version == pgserver._version(wheel_binaries, None)
     finally:
         shutil.rmtree(hidden, ignore_errors=True)
+
+
+# -- who may connect ------------------------------------------------------------------
+
+# Run as another OS user: every way in it could try, and which of them got in.
+INTRUDER = """
+import json, sys, psycopg
+got_in = []
+for conninfo in json.loads(sys.argv[1]):
+    try:
+        psycopg.connect(conninfo, connect_timeout=5).close()
+        got_in.append(conninfo)
+    except psycopg.Error:
+        pass
+print(json.dumps(got_in))
+"""
+GUESSES = [None, "", "postgres", "smifdb", "password", "secret", "root", "trust"]
+
+
+def accounts(*names: str) -> list:
+    return [pwd.getpwnam(name) for name in names if name in {a.pw_name for a in pwd.getpwall()}]
+
+
+def as_user(account) -> dict:
+    """subprocess.run arguments for a child as ``account``, seeing this process's modules."""
+    return {
+        "user": account.pw_uid,
+        "group": account.pw_gid,
+        "extra_groups": [],
+        "cwd": "/",
+        "env": {
+            "PATH": os.environ["PATH"],
+            "HOME": "/",
+            "USER": account.pw_name,
+            "PYTHONPATH": os.pathsep.join(p for p in sys.path if p),
+        },
+    }
+
+
+def python_for(account) -> str:
+    """A Python of this version that ``account`` can run (a venv's may live under /root)."""
+    for python in (sys.executable, shutil.which("python3"), "/usr/bin/python3"):
+        if python is None:
+            continue
+        probe = "import sys, psycopg; print(tuple(sys.version_info[:2]))"
+        with contextlib.suppress(OSError):
+            out = subprocess.run(
+                [python, "-c", probe], capture_output=True, text=True, **as_user(account)
+            )
+            if out.returncode == 0 and out.stdout.strip() == str(tuple(sys.version_info[:2])):
+                return python
+    pytest.skip(f"no Python with psycopg that {account.pw_name} can run")
+
+
+def break_in(account, dsn: str, port: int) -> list[str]:
+    """What ``account`` gets into: over the socket and over TCP loopback, without a password,
+    with common ones, and with the owner's own DSN (whose passfile it cannot read)."""
+    socket = conninfo_to_dict(dsn)["host"]
+    attempts = [dsn, make_conninfo(dsn, host="127.0.0.1")]
+    for host in (socket, "127.0.0.1", "localhost"):
+        for dbname in ("postgres", "smifdb"):
+            for password in GUESSES:
+                extra = {} if password is None else {"password": password}
+                attempts.append(
+                    make_conninfo(host=host, port=port, user="postgres", dbname=dbname, **extra)
+                )
+    out = subprocess.run(
+        [python_for(account), "-c", INTRUDER, json.dumps(attempts)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        **as_user(account),
+    )
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def free_port() -> int:
+    with socket_module.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+# Run as the cluster's owner: start (or stop) an embedded cluster that also listens on TCP
+# loopback, and check that the owner gets in both ways with the DSN it is given.
+OWNER = """
+import json, sys
+from pathlib import Path
+import psycopg
+from smifdb import pgserver
+action, home, port = sys.argv[1], Path(sys.argv[2]), int(sys.argv[3])
+pgserver.PORT = port
+pgserver.BASE_SETTINGS["listen_addresses"] = "'127.0.0.1'"
+cluster = pgserver.Cluster.embedded(home, fallback_base=home.parent / "fallback")
+if action == "stop":
+    cluster.stop(mode="immediate")
+    sys.exit()
+dsn = cluster.start()
+for host in ({}, {"host": "127.0.0.1"}):
+    with psycopg.connect(dsn, **host) as conn:
+        assert conn.execute("SELECT current_user").fetchone()[0] == "postgres"
+account = cluster.account.pw_name if cluster.account else None
+print(json.dumps({"dsn": dsn, "server_account": account, "pgdata": str(cluster.pgdata)}))
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="trying other OS users needs root")
+@pytest.mark.parametrize(
+    "owner, server_account",
+    [("root", "postgres"), ("root", "nobody"), ("nobody", None)],
+    ids=["root-server-as-postgres", "root-server-as-nobody", "nobody"],
+)
+def test_no_other_os_user_connects(reachable_tmp: Path, owner: str, server_account) -> None:
+    """Root's cluster (its server runs as postgres or nobody) or an ordinary user's: every
+    other OS user, the server's own account included, is refused on the socket and on
+    loopback."""
+    if server_account and not accounts(server_account):
+        pytest.skip(f"no account {server_account}")
+    home = reachable_tmp / "home"
+    if owner == "root":
+        python, as_owner = sys.executable, {"env": {**os.environ, "SMIFDB_PG_USER": server_account}}
+    else:
+        account = pwd.getpwnam(owner)
+        home.mkdir()
+        os.chown(home, account.pw_uid, account.pw_gid)
+        python, as_owner = python_for(account), as_user(account)
+    port = str(free_port())
+
+    def owner_runs(action: str) -> subprocess.CompletedProcess:
+        argv = [python, "-c", OWNER, action, str(home), port]
+        return subprocess.run(argv, capture_output=True, text=True, timeout=300, **as_owner)
+
+    started = owner_runs("start")
+    try:
+        assert started.returncode == 0, started.stderr
+        info = json.loads(started.stdout)
+        assert info["server_account"] == server_account
+        intruders = [
+            a for a in accounts("postgres", "nobody", "daemon", "bin") if a.pw_name != owner
+        ]
+        assert len(intruders) >= 2
+        for intruder in intruders:
+            assert break_in(intruder, info["dsn"], int(port)) == [], intruder.pw_name
+        hba = (Path(info["pgdata"]) / "pg_hba.conf").read_text()
+        methods = [line.split()[-1] for line in hba.splitlines() if line.split()[:1] != ["#"]]
+        assert set(filter(None, methods)) == {"scram-sha-256"}
+    finally:
+        owner_runs("stop")
+
+
+# What initdb --auth=trust wrote for smifdb before the embedded cluster asked for a password.
+TRUST_HBA = """\
+local   all             all                                     trust
+host    all             all             127.0.0.1/32            trust
+host    all             all             ::1/128                 trust
+local   replication     all                                     trust
+host    replication     all             127.0.0.1/32            trust
+host    replication     all             ::1/128                 trust
+"""
+
+
+def active_methods(pgdata: Path) -> set[str]:
+    lines = (pgdata / "pg_hba.conf").read_text().splitlines()
+    return {line.split()[-1] for line in lines if line.strip() and not line.startswith("#")}
+
+
+@pytest.mark.parametrize("running", [True, False], ids=["running", "stopped"])
+def test_older_trust_cluster_is_secured_in_place(cluster: Cluster, running: bool) -> None:
+    """A cluster as an older smifdb left it (trust, no password, no passfile), running or
+    not: the next start rewrites pg_hba.conf, sets a password and reloads, keeping the data
+    (and, if it runs, the same server)."""
+    with psycopg.connect(cluster.start(), autocommit=True) as conn:
+        conn.execute("CREATE TABLE kept AS SELECT 42 AS x")
+    cluster.stop()
+    (cluster.pgdata / "pg_hba.conf").write_text(TRUST_HBA)
+    shutil.rmtree(cluster.passfile.parent)
+    binaries = pgserver.find_binaries(cluster.account, cluster.major())
+    pg_ctl = [binaries["pg_ctl"], "-D", str(cluster.pgdata), "-w"]
+    cluster._run([*pg_ctl, "-l", str(cluster.logfile), "start"], start_new_session=True)
+    old_dsn = f"postgresql://postgres@/postgres?host={cluster.socket_dir}&port={cluster.port}"
+    with psycopg.connect(old_dsn, autocommit=True) as conn:  # as the older smifdb did
+        conn.execute("ALTER ROLE postgres PASSWORD NULL")
+    if not running:
+        cluster._run([*pg_ctl, "stop"])
+    server = pwd.getpwuid(cluster.pgdata.stat().st_uid)
+    if running and os.geteuid() == 0:
+        assert break_in(server, old_dsn, cluster.port) != []  # the hole being closed
+    pid = cluster.postmaster_pid()
+
+    dsn = cluster.start()
+    assert active_methods(cluster.pgdata) == {"scram-sha-256"}
+    if running:
+        assert cluster.postmaster_pid() == pid  # reloaded, not restarted
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT x FROM kept").fetchone()[0] == 42
+        verifier = conn.execute("SELECT rolpassword FROM pg_authid WHERE rolname = 'postgres'")
+        assert verifier.fetchone()[0].startswith("SCRAM-SHA-256$")
+    assert (cluster.passfile.stat().st_mode & 0o777) == 0o600
+    assert (cluster.passfile.parent.stat().st_mode & 0o777) == 0o700
+    if os.geteuid() == 0:
+        for intruder in accounts(*dict.fromkeys([server.pw_name, "nobody"])):
+            assert break_in(intruder, dsn, cluster.port) == []
+    with pytest.raises(psycopg.OperationalError, match="password"):
+        psycopg.connect(old_dsn, passfile=os.devnull).close()  # no password: no entry
+
+
+def test_lost_passfile_is_made_again(cluster: Cluster) -> None:
+    """Deleting the passfile under a running server locks nobody out for good: the next start
+    makes a new password and restarts the server to set it."""
+    dsn = cluster.start()
+    first = cluster.passfile.read_text()
+    cluster.passfile.unlink()
+    assert cluster.start() == dsn
+    assert cluster.passfile.read_text() != first
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT 1").fetchone()[0] == 1
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="trying other OS users needs root")
+def test_throwaway_cluster_admits_its_maker_alone() -> None:
+    """Tests log in as roles they make without passwords: the maker may, over the socket, and
+    no other OS user may at all."""
+    port = free_port()
+    server = pgserver.ThrowawayCluster({"listen_addresses": "'127.0.0.1'", "port": str(port)})
+    with server as dsn:
+        account = pwd.getpwuid(server.cluster.pgdata.stat().st_uid)  # the server's
+        for intruder in accounts(*dict.fromkeys([account.pw_name, "nobody"])):
+            assert break_in(intruder, dsn, port) == [], intruder.pw_name
+        assert active_methods(server.cluster.pgdata) == {"map=owner", "scram-sha-256"}
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            conn.execute("CREATE ROLE plain LOGIN")
+            major = conn.info.server_version // 10000
+        if major >= 16:
+            as_plain = make_conninfo(dsn, user="plain", passfile=os.devnull)
+            with psycopg.connect(as_plain) as conn:
+                assert conn.execute("SELECT current_user").fetchone()[0] == "plain"
+        with psycopg.connect(make_conninfo(dsn, host="127.0.0.1")) as conn:  # the passfile's
+            assert conn.execute("SELECT current_user").fetchone()[0] == "postgres"
+
+
+def test_loosened_passfile_is_tightened(cluster: Cluster) -> None:
+    """libpq ignores a passfile others can read: a start puts its modes back (0600 in 0700)."""
+    dsn = cluster.start()
+    cluster.passfile.chmod(0o644)
+    cluster.passfile.parent.chmod(0o755)
+    cluster.start()
+    assert cluster.passfile.stat().st_mode & 0o777 == 0o600
+    assert cluster.passfile.parent.stat().st_mode & 0o777 == 0o700
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT 1").fetchone()[0] == 1
+
+
+def test_passfile_of_another_user_is_refused(cluster: Cluster) -> None:
+    """A password folder someone else owns could be theirs to read: refuse, naming it."""
+    if os.geteuid() != 0:
+        pytest.skip("giving a folder away needs root")
+    cluster.start()
+    os.chown(cluster.passfile.parent, 65534, 65534)
+    with pytest.raises(ServerError, match="secrets must be a folder of user"):
+        cluster.start()
+
+
+def test_pgpassword_is_named_and_the_server_left_alone(cluster: Cluster, monkeypatch) -> None:
+    """libpq prefers PGPASSWORD to a passfile: a user's own, for another server, must not look
+    like a lost password (which restarts the server)."""
+    dsn = cluster.start()
+    pid = cluster.postmaster_pid()
+    monkeypatch.setenv("PGPASSWORD", "for-another-server")
+    with pytest.raises(ServerError, match="PGPASSWORD is set"):
+        cluster.start()
+    assert cluster.postmaster_pid() == pid
+    monkeypatch.delenv("PGPASSWORD")
+    assert cluster.start() == dsn and cluster.postmaster_pid() == pid
