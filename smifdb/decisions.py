@@ -15,15 +15,16 @@ import sys
 from pathlib import Path
 from typing import Any, Protocol
 
+from smifdb import errors
 from smifdb.spec import PYTHON_TARGET, Dag, SpecError, parse, with_base_dir
 from smifdb.store.modelruns import ModelRun
 
 
-class ModelRunError(ValueError):
+class ModelRunError(errors.BadInput, ValueError):
     """A model run that cannot start: bad project, unknown run, bad configuration."""
 
 
-class UnknownModelRun(ModelRunError):
+class UnknownModelRun(errors.NotFound, ModelRunError):
     """The project has no model run of that name."""
 
 
@@ -31,7 +32,7 @@ class DeciderUnavailable(ModelRunError):
     """This process lacks what the decider needs (the smif extra); another process may not."""
 
 
-class DecisionError(RuntimeError):
+class DecisionError(errors.BadInput, RuntimeError):
     """The decision module raised, or returned something that is not a valid DAG."""
 
 

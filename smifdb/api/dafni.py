@@ -90,13 +90,7 @@ def _invalid(exc: dafni.DefinitionError) -> ApiError:
 
 
 async def _db(request: Request, fn: Callable[..., Any], *args: Any) -> Any:
-    """``in_db``, with the store's NotFound and InUse answered as 404 and 409."""
-    try:
-        return await in_db(request, fn, *args)
-    except rows.NotFound as exc:
-        raise ApiError(404, str(exc)) from exc
-    except rows.InUse as exc:
-        raise ApiError(409, str(exc)) from exc
+    return await in_db(request, fn, *args)
 
 
 def _ts(value: datetime | None) -> str | None:

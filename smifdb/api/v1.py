@@ -16,7 +16,6 @@ from starlette.routing import Route
 from smifdb import store
 from smifdb.api.errors import ApiError, read_json
 from smifdb.api.pool import in_db
-from smifdb.decisions import DecisionError, ModelRunError, UnknownModelRun
 from smifdb.manager import submit_model_run
 from smifdb.spec import SpecError, parse
 from smifdb.store import control, modelruns, read
@@ -159,14 +158,7 @@ async def model_run_start(request: Request) -> JSONResponse:
             submitted_by=request.user.id,
         )
 
-    try:
-        model_run_id, workflow_id = await in_db(request, start)
-    except modelruns.ModelRunInUse as exc:
-        raise ApiError(409, str(exc)) from exc
-    except UnknownModelRun as exc:
-        raise ApiError(404, str(exc)) from exc
-    except (ModelRunError, DecisionError) as exc:
-        raise ApiError(400, str(exc)) from exc
+    model_run_id, workflow_id = await in_db(request, start)  # errors map by their class
     return ok({"id": model_run_id, "workflow_id": workflow_id, "status": "running"}, 201)
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 import psycopg
 from psycopg.rows import dict_row
 
+from smifdb import errors
 from smifdb.store import UNDER_OPEN_CLAIMS
 
 
-class RunnerNameInUse(RuntimeError):
+class RunnerNameInUse(errors.Conflict):
     """Another live runner already has this name."""
 
 
