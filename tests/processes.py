@@ -32,6 +32,12 @@ def submit_loop_model_run(dsn: str, project: Path) -> subprocess.CompletedProces
     return cli(dsn, *args, "--decide", "smifdb.examples:converge_decision", check=True)
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wait_for(predicate: Callable[[], object], timeout: float = 30, what: str = "condition"):
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -3,14 +3,13 @@ and bad input answered with JSON 4xx errors (never a 500)."""
 
 from __future__ import annotations
 
-import socket
 from collections.abc import Iterator
 
 import credentials
 import httpx2
 import pytest
 from credentials import bearer, user_token
-from processes import cli, submit_loop_model_run, wait_for
+from processes import cli, free_port, submit_loop_model_run, wait_for
 from starlette.testclient import TestClient
 
 from smifdb.api import create_app
@@ -104,12 +103,6 @@ def test_bad_input_gets_json_4xx_and_writes_nothing(client, conn) -> None:
     )
     status = data(client.get("/api/v1/model_runs/never_started/status"))
     assert status == {"status": "unstarted"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_smif_app_api_starts_watches_and_kills_a_model_run(dsn, tmp_path, procs) -> None:

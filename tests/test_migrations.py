@@ -229,3 +229,41 @@ def test_0009_moves_the_queue_out_of_jobs_and_back(empty_dsn: str) -> None:
             " ORDER BY at",
             [started],
         ).fetchall() == [(ids["c"], 1, "r1", False), (ids["c"], 1, "r1", True)]
+
+
+def test_0010_links_records_to_users_by_id_and_back(empty_dsn: str) -> None:
+    """DAFNI records get their owner's id by name; existing tokens and users keep working
+    (users become operators); the downgrade drops what 0009 cannot hold."""
+    migrate.upgrade(empty_dsn, "0009")
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        alice = conn.execute(
+            "INSERT INTO api_users (name, password_hash) VALUES ('alice', 'x') RETURNING id"
+        ).fetchone()[0]
+        conn.execute(
+            "INSERT INTO api_tokens (token_hash, user_id, kind, expires_at)"
+            " VALUES ('\\x01', %s, 'access', now() + interval '1 h')",
+            [alice],
+        )
+        for owner in ("alice", "gone"):
+            conn.execute(
+                "INSERT INTO dafni_models (model_id, definition, owner)"
+                " VALUES (gen_random_uuid(), '{}', %s)",
+                [owner],
+            )
+    migrate.upgrade(empty_dsn)
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        owners = dict(conn.execute("SELECT owner, owner_id FROM dafni_models").fetchall())
+        assert owners == {"alice": alice, "gone": None}
+        assert conn.execute("SELECT role FROM api_users").fetchone()[0] == "operator"
+        token = conn.execute("SELECT id, kind, session_id FROM api_tokens").fetchone()
+        assert token[0] is not None and token[1:] == ("access", None)
+        conn.execute(
+            "INSERT INTO api_tokens (token_hash, user_id, kind, expires_at, name)"
+            " VALUES ('\\x02', %s, 'api', NULL, 'ci')",
+            [alice],
+        )
+    migrate.downgrade(empty_dsn, "0009")
+    with psycopg.connect(empty_dsn, autocommit=True) as conn:
+        kinds = [r[0] for r in conn.execute("SELECT kind FROM api_tokens")]
+        assert kinds == ["access"]  # the never-expiring api token had no place in 0009
+        assert conn.execute("SELECT count(*) FROM dafni_models").fetchone()[0] == 2

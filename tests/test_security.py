@@ -16,7 +16,7 @@ import httpx2
 import psycopg
 import pytest
 from credentials import PASSWORD, bearer, user_token
-from processes import ApiServer, cli
+from processes import ApiServer, cli, free_port, wait_for
 from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
@@ -183,7 +183,9 @@ def test_cross_site_requests_are_refused_and_nothing_is_written(app, dsn, conn) 
         assert browser.post(cancel, headers={"origin": "null"}).status_code == 403
         assert snapshot(conn) == before
         # The same page's own requests work: same Origin, or Sec-Fetch-Site: same-origin.
-        assert browser.post(cancel, headers={"origin": "http://localhost"}).status_code == 200
+        # A no-referrer page's POST says "Origin: null"; the browser's Sec-Fetch-Site decides.
+        nulled = {"origin": "null", "sec-fetch-site": "same-origin"}
+        assert browser.post(cancel, headers=nulled).status_code == 200
         own = browser.post(
             "/api/v1/workflows/", json=DAG, headers={"sec-fetch-site": "same-origin"}
         )
@@ -493,3 +495,21 @@ def test_api_serve_refuses_a_public_bind_without_allowed_hosts(dsn) -> None:
     assert refused.returncode == 2 and "--allowed-host" in refused.stderr, refused.stderr
     bad_url = cli(dsn, "api", "serve", "--public-url", "smifdb.example.org", timeout=60)
     assert bad_url.returncode == 2 and "--public-url" in bad_url.stderr
+
+
+def test_api_serve_warns_without_tls_beyond_loopback(dsn, procs) -> None:
+    port = str(free_port())
+    server = procs.spawn(
+        "api",
+        "serve",
+        "--host",
+        "0.0.0.0",
+        "--port",
+        port,
+        "--allowed-host",
+        "smifdb.test",
+        log_name="api",
+    )
+    wait_for(lambda: "without TLS" in procs.output("api"), what="the warning")
+    server.terminate()
+    server.wait(10)
