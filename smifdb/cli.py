@@ -1044,8 +1044,10 @@ def _loopback(host: str) -> bool:
     "--allowed-host",
     "allowed_hosts",
     multiple=True,
-    help="A Host header to answer (repeatable; '.example.org' allows its subdomains). "
-    "Loopback names and the bind address are always allowed; needed to bind elsewhere.",
+    envvar="SMIFDB_API_ALLOWED_HOSTS",
+    help="A Host header to answer (repeatable; '.example.org' allows its subdomains; also "
+    "SMIFDB_API_ALLOWED_HOSTS, space-separated). Loopback names and the bind address are "
+    "always allowed; needed to bind elsewhere.",
 )
 @click.option(
     "--public-url",

@@ -275,7 +275,7 @@ def test_api_json_logs(dsn, processes, tmp_path, workers) -> None:
     processes.append(api)
     base = f"http://127.0.0.1:{port}"
     wait_for(lambda: get(f"{base}/openapi.json") == 200, 60, "the API")
-    assert get(f"{base}/api/v1/workflows/999999") == 404
+    assert get(f"{base}/api/v1/workflows/999999") == 401  # no credentials
     # Access lines are written after the response: wait for both before stopping.
     wait_for(lambda: api.stderr().count('"uvicorn.access"') >= 2, 10, "access log lines")
     api.proc.send_signal(signal.SIGTERM)
@@ -285,7 +285,7 @@ def test_api_json_logs(dsn, processes, tmp_path, workers) -> None:
     access = [e for e in entries if e["logger"] == "uvicorn.access"]
     seen = {(e["method"], e["path"], e["status"]) for e in access}
     assert ("GET", "/openapi.json", 200) in seen
-    assert ("GET", "/api/v1/workflows/999999", 404) in seen
+    assert ("GET", "/api/v1/workflows/999999", 401) in seen
     assert any(e["logger"] == "uvicorn.error" and "Started server" in e["msg"] for e in entries)
 
 
