@@ -366,7 +366,8 @@ def test_failed_sign_ins_are_throttled_across_api_processes(dsn, tmp_path) -> No
         for attempt in range(auth.FREE_FAILURES["user"]):
             client = a if attempt % 2 else b
             assert client.post(token_path, data=form).status_code == 401
-        assert a.post(token_path, data=form).status_code == 401  # this one starts the block
+        started = a.post(token_path, data=form)  # this one starts the block: not answered
+        assert started.status_code == 429 and "invalid_grant" not in started.text
         for client in (a, b):
             blocked = client.post(token_path, data={**form, "password": PASSWORD})
             assert blocked.status_code == 429, blocked.text
@@ -375,7 +376,7 @@ def test_failed_sign_ins_are_throttled_across_api_processes(dsn, tmp_path) -> No
             assert page.status_code == 429 and "retry-after" in page.headers
         # The next failure doubles the wait: growing, not a lockout.
         time.sleep(int(blocked.headers["retry-after"]) + 0.1)
-        assert b.post(token_path, data=form).status_code == 401
+        assert b.post(token_path, data=form).status_code == 429  # a new, longer block
         longer = a.post(token_path, data={**form, "password": PASSWORD})
         assert longer.status_code == 429 and int(longer.headers["retry-after"]) >= 3
         time.sleep(int(longer.headers["retry-after"]) + 0.1)
@@ -513,3 +514,29 @@ def test_api_serve_warns_without_tls_beyond_loopback(dsn, procs) -> None:
     wait_for(lambda: "without TLS" in procs.output("api"), what="the warning")
     server.terminate()
     server.wait(10)
+
+
+def test_a_burst_of_guesses_learns_no_more_than_the_free_ones(dsn) -> None:
+    """Concurrent guesses all pass the first check before any is counted; those answered
+    after the block began say nothing, right or wrong."""
+    user_token(dsn, "alice", role="operator")
+    server = ApiServer(create_app(dsn))
+    token_path = f"{server.url}/realms/Production/protocol/openid-connect/token/"
+    guesses = [f"guess {i}" for i in range(30)] + [PASSWORD]
+
+    async def burst() -> list[httpx2.Response]:
+        async with httpx2.AsyncClient(timeout=60) as client:
+            form = {"grant_type": "password", "username": "alice"}
+            return await asyncio.gather(
+                *(client.post(token_path, data={**form, "password": p}) for p in guesses)
+            )
+
+    try:
+        answers = asyncio.run(burst())
+    finally:
+        server.stop()
+    statuses = [r.status_code for r in answers]
+    assert statuses.count(401) <= auth.FREE_FAILURES["user"], statuses
+    assert set(statuses) <= {200, 401, 429}
+    if statuses[-1] == 429:  # the right password came after the block: not revealed
+        assert "access_token" not in answers[-1].text

@@ -44,24 +44,36 @@ async def sign_in(request: Request, name: str, password: str) -> auth.User:
     auth.check_name(name)
     address = client_address(request)
 
-    def lookup(conn) -> tuple[auth.User | None, str | None]:
+    def blocked(conn) -> None:
         wait = auth.blocked_for(conn, name, address)
         if wait is not None:
             raise errors.TooManyRequests(
                 f"too many failed sign-ins: try again in {int(wait) + 1} s", retry_after=wait
             )
+
+    def lookup(conn) -> tuple[auth.User | None, str | None]:
+        blocked(conn)
         return auth.credentials(conn, name)
+
+    def settle(conn, matches: bool) -> None:
+        if not matches:
+            auth.failed_login(conn, name, address)
+        # Guesses hashed side by side all passed the first check: once one of them has set off
+        # the block, none is answered right or wrong, so a burst learns only the guesses that
+        # came before it.
+        blocked(conn)
+        if not matches:
+            raise errors.Unauthorized("wrong user name or password")
 
     user, stored = await in_db(request, lookup)
     limiter: anyio.CapacityLimiter = request.app.state.hash_limiter
     if limiter.statistics().tasks_waiting >= MAX_WAITING_SIGN_INS:
         raise errors.TooManyRequests("too many sign-ins at once: try again", retry_after=1)
-    if (
-        not await anyio.to_thread.run_sync(auth.password_matches, password, stored, limiter=limiter)
-        or user is None
-    ):
-        await in_db(request, auth.failed_login, name, address)
-        raise errors.Unauthorized("wrong user name or password")
+    matches = await anyio.to_thread.run_sync(
+        auth.password_matches, password, stored, limiter=limiter
+    )
+    await in_db(request, settle, matches and user is not None)
+    assert user is not None
     return user
 
 
