@@ -1,7 +1,8 @@
 """JSON endpoints under /api/v1: the smif app's model-run API, and workflows, jobs, runners.
 
-Responses use smif's Flask app envelope, ``{"data": ..., "error": {}}``. Every handler reads or
-writes through ``smifdb.store`` in a worker thread (psycopg is synchronous here).
+Responses use smif's Flask app envelope, ``{"data": ..., "error": {}}``; lists add the next
+page's cursor as ``"next"`` (smifdb.api.paging). Every handler reads or writes through
+``smifdb.store`` in a worker thread (psycopg is synchronous here).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from smifdb import store
+from smifdb.api import paging
 from smifdb.api.errors import ApiError, read_json
 from smifdb.api.pool import in_db
 from smifdb.decisions import DecisionError, ModelRunError, UnknownModelRun
@@ -38,6 +40,16 @@ SMIF_STATUS = {
 
 def ok(data: Any, status: int = 200) -> JSONResponse:
     return JSONResponse({"data": _jsonable(data), "error": {}}, status)
+
+
+def page(request: Request, rows: list[dict], limit: int, kind: str, key: str) -> JSONResponse:
+    """One page of a list read with ``limit + 1`` rows: an extra row means there is a next page,
+    which starts after the last row shown (no empty last page to fetch)."""
+    shown = rows[:limit]
+    following = paging.encode(kind, shown[-1][key]) if len(rows) > limit else None
+    headers = {"Link": paging.next_link(request, following)} if following else None
+    body = {"data": _jsonable(shown), "error": {}, "next": following}
+    return JSONResponse(body, headers=headers)
 
 
 def _jsonable(value: Any) -> Any:
@@ -75,22 +87,22 @@ def _with_smif_status(row: dict) -> dict:
     return {**row, "smif_status": SMIF_STATUS[row["status"]]}
 
 
-def _model_run_rows(conn: psycopg.Connection, project: str | None) -> list[dict]:
-    """The newest run of each name (of the project, if the API serves one)."""
-    newest: dict[str, dict] = {}
-    for r in modelruns.listing(conn, project_dir=project, limit=1000):  # newest first
-        newest.setdefault(r["name"], r)
-    return [_with_smif_status(r) for r in newest.values()]
-
-
 async def model_runs_list(request: Request) -> JSONResponse:
+    """The newest run of each name (of the project, if the API serves one), newest first."""
     status = request.query_params.get("status")
     if status is not None and status not in SMIF_STATUS.values():
         raise ApiError(400, f"unknown status {status!r}: one of {sorted(SMIF_STATUS.values())}")
-    rows = await in_db(request, _model_run_rows, request.app.state.project_dir)
-    if status is not None:
-        rows = [r for r in rows if r["smif_status"] == status]
-    return ok(rows)
+    statuses = None if status is None else [k for k, v in SMIF_STATUS.items() if v == status and k]
+    limit, before = paging.limit(request), paging.cursor(request, "model_runs")
+
+    def rows(conn: psycopg.Connection) -> list[dict]:
+        project = request.app.state.project_dir
+        found = modelruns.newest(
+            conn, project_dir=project, statuses=statuses, limit=limit + 1, before=before
+        )
+        return [_with_smif_status(r) for r in found]
+
+    return page(request, await in_db(request, rows), limit, "model_runs", "id")
 
 
 def _latest(conn: psycopg.Connection, name: str, project: str | None) -> dict | None:
@@ -177,7 +189,12 @@ async def model_run_kill(request: Request) -> JSONResponse:
 
 async def workflows_list(request: Request) -> JSONResponse:
     status = request.query_params.get("status")
-    return ok(await in_db(request, read.workflows, status))
+    limit, before = paging.limit(request), paging.cursor(request, "workflows")
+
+    def rows(conn: psycopg.Connection) -> list[dict]:
+        return read.workflows(conn, status, limit + 1, before=before)
+
+    return page(request, await in_db(request, rows), limit, "workflows", "id")
 
 
 async def workflow_submit(request: Request) -> JSONResponse:
@@ -205,13 +222,16 @@ async def workflow_get(request: Request) -> JSONResponse:
 
 
 async def workflow_jobs(request: Request) -> JSONResponse:
+    """A page of the workflow's jobs in key order (a cursor is good for its own workflow only)."""
     workflow_id = ident(request, "workflow_id")
+    kind = f"workflow {workflow_id} jobs"
+    limit, after = paging.limit(request), paging.cursor(request, kind)
 
     def jobs(conn: psycopg.Connection) -> list[dict]:
         _workflow(conn, workflow_id)
-        return read.jobs(conn, workflow_id)
+        return read.jobs(conn, workflow_id, limit + 1, after=after)
 
-    return ok(await in_db(request, jobs))
+    return page(request, await in_db(request, jobs), limit, kind, "id")
 
 
 async def workflow_cancel(request: Request) -> JSONResponse:
@@ -263,7 +283,13 @@ async def job_cancel(request: Request) -> JSONResponse:
 
 
 async def runners_list(request: Request) -> JSONResponse:
-    return ok(await in_db(request, runner_rows.status, request.app.state.dead_after))
+    limit, after = paging.limit(request), paging.cursor(request, "runners", str)
+
+    def rows(conn: psycopg.Connection) -> list[dict]:
+        dead_after = request.app.state.dead_after
+        return runner_rows.status(conn, dead_after, limit=limit + 1, after=after)
+
+    return page(request, await in_db(request, rows), limit, "runners", "name")
 
 
 ROUTES = [
