@@ -10,7 +10,7 @@ from psycopg_pool import ConnectionPool
 from starlette.applications import Starlette
 
 from smifdb import store
-from smifdb.api import dafni, dashboard, metrics, openapi, v1
+from smifdb.api import cpu, dafni, dashboard, metrics, openapi, v1
 from smifdb.api.errors import HANDLERS
 from smifdb.pgserver import default_home
 
@@ -25,11 +25,13 @@ def create_app(
     max_body: int = MAX_BODY,
     pool_size: int = 8,
     dead_after: float = 30.0,
+    parse_threads: int = cpu.PARSE_THREADS,
 ) -> Starlette:
     """An app bound to one database (and optionally one smif project for the smif app API).
 
     ``data_dir`` is where DAFNI workflow instances keep each step's inputs and outputs; runners
-    must see it at the same path (a shared filesystem on a cluster).
+    must see it at the same path (a shared filesystem on a cluster). ``parse_threads`` bounds
+    how many big bodies are decoded, validated and written at once (smifdb.api.cpu).
     """
 
     @contextlib.asynccontextmanager
@@ -59,4 +61,5 @@ def create_app(
     app.state.data_dir = str(Path(data_dir or default_home() / "dafni").resolve())
     app.state.max_body = max_body
     app.state.dead_after = dead_after
+    app.state.parse_limiter = cpu.limiter(parse_threads)
     return app
