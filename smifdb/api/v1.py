@@ -7,6 +7,7 @@ page's cursor as ``"next"`` (smifdb.api.paging). Every handler reads or writes t
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import psycopg
@@ -42,14 +43,27 @@ def ok(data: Any, status: int = 200) -> JSONResponse:
     return JSONResponse({"data": _jsonable(data), "error": {}}, status)
 
 
-def page(request: Request, rows: list[dict], limit: int, kind: str, key: str) -> JSONResponse:
-    """One page of a list read with ``limit + 1`` rows: an extra row means there is a next page,
-    which starts after the last row shown (no empty last page to fetch)."""
-    shown = rows[:limit]
-    following = paging.encode(kind, shown[-1][key]) if len(rows) > limit else None
-    headers = {"Link": paging.next_link(request, following)} if following else None
-    body = {"data": _jsonable(shown), "error": {}, "next": following}
-    return JSONResponse(body, headers=headers)
+async def paged(
+    request: Request,
+    kind: str,
+    key: str,
+    read_page: Callable[[psycopg.Connection, int, Any], list[dict]],
+    key_type: type[int] | type[str] = int,
+) -> JSONResponse:
+    """One page of the list ``kind``: ``read_page(conn, n, cursor_key)`` reads ``limit + 1``
+    rows, the extra one saying there is a next page (so the last page is never an empty one).
+    The page is read and rendered to JSON in the worker thread: 1000 jobs are ~12 ms of it."""
+    limit, after = paging.limit(request), paging.cursor(request, kind, key_type)
+
+    def call(conn: psycopg.Connection) -> JSONResponse:
+        rows = read_page(conn, limit + 1, after)
+        shown = rows[:limit]
+        following = paging.encode(kind, shown[-1][key]) if len(rows) > limit else None
+        headers = {"Link": paging.next_link(request, following)} if following else None
+        body = {"data": _jsonable(shown), "error": {}, "next": following}
+        return JSONResponse(body, headers=headers)
+
+    return await in_db(request, call)
 
 
 def _jsonable(value: Any) -> Any:
@@ -93,16 +107,15 @@ async def model_runs_list(request: Request) -> JSONResponse:
     if status is not None and status not in SMIF_STATUS.values():
         raise ApiError(400, f"unknown status {status!r}: one of {sorted(SMIF_STATUS.values())}")
     statuses = None if status is None else [k for k, v in SMIF_STATUS.items() if v == status and k]
-    limit, before = paging.limit(request), paging.cursor(request, "model_runs")
+    project = request.app.state.project_dir
 
-    def rows(conn: psycopg.Connection) -> list[dict]:
-        project = request.app.state.project_dir
+    def rows(conn: psycopg.Connection, n: int, before: int | None) -> list[dict]:
         found = modelruns.newest(
-            conn, project_dir=project, statuses=statuses, limit=limit + 1, before=before
+            conn, project_dir=project, statuses=statuses, limit=n, before=before
         )
         return [_with_smif_status(r) for r in found]
 
-    return page(request, await in_db(request, rows), limit, "model_runs", "id")
+    return await paged(request, "model_runs", "id", rows)
 
 
 def _latest(conn: psycopg.Connection, name: str, project: str | None) -> dict | None:
@@ -189,12 +202,11 @@ async def model_run_kill(request: Request) -> JSONResponse:
 
 async def workflows_list(request: Request) -> JSONResponse:
     status = request.query_params.get("status")
-    limit, before = paging.limit(request), paging.cursor(request, "workflows")
 
-    def rows(conn: psycopg.Connection) -> list[dict]:
-        return read.workflows(conn, status, limit + 1, before=before)
+    def rows(conn: psycopg.Connection, n: int, before: int | None) -> list[dict]:
+        return read.workflows(conn, status, n, before=before)
 
-    return page(request, await in_db(request, rows), limit, "workflows", "id")
+    return await paged(request, "workflows", "id", rows)
 
 
 def _dag(body: bytes) -> Dag:
@@ -234,14 +246,12 @@ async def workflow_get(request: Request) -> JSONResponse:
 async def workflow_jobs(request: Request) -> JSONResponse:
     """A page of the workflow's jobs in key order (a cursor is good for its own workflow only)."""
     workflow_id = ident(request, "workflow_id")
-    kind = f"workflow {workflow_id} jobs"
-    limit, after = paging.limit(request), paging.cursor(request, kind)
 
-    def jobs(conn: psycopg.Connection) -> list[dict]:
+    def jobs(conn: psycopg.Connection, n: int, after: int | None) -> list[dict]:
         _workflow(conn, workflow_id)
-        return read.jobs(conn, workflow_id, limit + 1, after=after)
+        return read.jobs(conn, workflow_id, n, after=after)
 
-    return page(request, await in_db(request, jobs), limit, kind, "id")
+    return await paged(request, f"workflow {workflow_id} jobs", "id", jobs)
 
 
 async def workflow_cancel(request: Request) -> JSONResponse:
@@ -293,13 +303,12 @@ async def job_cancel(request: Request) -> JSONResponse:
 
 
 async def runners_list(request: Request) -> JSONResponse:
-    limit, after = paging.limit(request), paging.cursor(request, "runners", str)
+    dead_after = request.app.state.dead_after
 
-    def rows(conn: psycopg.Connection) -> list[dict]:
-        dead_after = request.app.state.dead_after
-        return runner_rows.status(conn, dead_after, limit=limit + 1, after=after)
+    def rows(conn: psycopg.Connection, n: int, after: str | None) -> list[dict]:
+        return runner_rows.status(conn, dead_after, limit=n, after=after)
 
-    return page(request, await in_db(request, rows), limit, "runners", "name")
+    return await paged(request, "runners", "name", rows, str)
 
 
 ROUTES = [
