@@ -401,3 +401,52 @@ def test_big_submissions_do_not_stall_other_requests(dsn, procs) -> None:
     assert median < 1.0, f"the cheap route's median was {median:.2f} s"
     with psycopg.connect(dsn, autocommit=True) as conn:
         assert conn.execute("SELECT count(*) FROM jobs").fetchone()[0] == SUBMISSIONS * 6000
+
+
+def plan_nodes(plan: dict) -> Iterator[dict]:
+    yield plan
+    for child in plan.get("Plans", []):
+        yield from plan_nodes(child)
+
+
+def explain_prepared(conn: psycopg.Connection, query: str, params: dict) -> list:
+    """EXPLAIN ANALYZE of the query as a server-side prepared statement (EXPLAIN with bind
+    parameters would plan it for their values)."""
+    import re
+
+    names = list(dict.fromkeys(re.findall(r"%\((\w+)\)s", query)))
+    text = re.sub(r"%\((\w+)\)s", lambda m: f"${names.index(m.group(1)) + 1}", query)
+    conn.execute(f"PREPARE page AS {text}")
+    try:
+        values = ", ".join("NULL" if params[n] is None else str(int(params[n])) for n in names)
+        return conn.execute(f"EXPLAIN (ANALYZE, FORMAT JSON) EXECUTE page({values})").fetchone()[0]
+    finally:
+        conn.execute("DEALLOCATE page")
+
+
+def test_each_page_is_one_index_range_even_under_a_generic_plan(conn) -> None:
+    """psycopg prepares a query after five runs, and PostgreSQL may then use a generic plan:
+    a keyset bound written as `param IS NULL OR key > param` becomes a filter, and each page
+    reads every row before it again. Forced generic, a late page reads only its own rows."""
+    from smifdb.store import read
+
+    workflow = submit_dag(conn, chains("g", 20_000), actor="test")
+    conn.execute(
+        "INSERT INTO workflows (name, job_count) SELECT 'bulk', 1 FROM generate_series(1, 20000)"
+    )
+    conn.execute("ANALYZE")
+    conn.execute("SET plan_cache_mode = force_generic_plan")
+    late_job = conn.execute(
+        "SELECT id FROM jobs WHERE workflow_id = %s ORDER BY key OFFSET 18000 LIMIT 1", [workflow]
+    ).fetchone()[0]
+    oldest = conn.execute("SELECT min(id) + 100 FROM workflows").fetchone()[0]
+    for query, params, alias in (
+        (read._JOBS, {"workflow": workflow, "after": late_job, "limit": 1001}, "j"),
+        (read._WORKFLOWS, {"status": None, "before": oldest, "limit": 1001}, "w"),
+    ):
+        explained = explain_prepared(conn, query, params)
+        scans = [n for n in plan_nodes(explained[0]["Plan"]) if n.get("Alias") == alias]
+        assert len(scans) == 1 and scans[0]["Node Type"].startswith("Index"), scans
+        scan = scans[0]
+        read_rows = scan["Actual Rows"] + scan.get("Rows Removed by Filter", 0)
+        assert read_rows <= 1001, (alias, scan.get("Index Cond"), read_rows)

@@ -118,7 +118,7 @@ SELECT m.id, m.name, m.kind::text AS kind, m.project_dir, m.status::text AS stat
 FROM model_runs m LEFT JOIN workflows w ON w.model_run_id = m.id
 WHERE (%(project)s::text IS NULL OR m.project_dir = %(project)s)
   AND (%(statuses)s::text[] IS NULL OR m.status::text = ANY(%(statuses)s))
-  AND (%(before)s::bigint IS NULL OR m.id < %(before)s)
+  AND m.id < coalesce(%(before)s::bigint, 9223372036854775807)
   AND NOT EXISTS (
       SELECT 1 FROM model_runs n
       WHERE n.name = m.name AND n.id > m.id

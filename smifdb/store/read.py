@@ -100,13 +100,17 @@ SELECT w.id, w.name, w.status::text AS status, w.model_run_id, w.bundle, w.job_c
        w.finished_at
 FROM workflows w
 WHERE (%(status)s::text IS NULL OR w.status::text = %(status)s)
-  AND (%(before)s::bigint IS NULL OR w.id < %(before)s)
+  AND w.id < coalesce(%(before)s::bigint, 9223372036854775807)
 ORDER BY w.id DESC
 LIMIT %(limit)s
 """
 # One page in key order: a range of jobs_workflow_key_key (no index of jobs has the id after the
 # workflow, and none is added: every submit would write it). The cursor is the last job's id,
-# whose key the range starts after (a key can be long; an id fits in any URL).
+# whose key the range starts after (a key can be long; an id fits in any URL). The first page
+# starts after '' (keys are never empty). Keyset bounds are written as one always-present
+# comparison, never "param IS NULL OR …": a prepared statement's generic plan (psycopg
+# prepares a query after five runs) keeps such an OR as a filter, and reads every row before
+# the cursor again on each page.
 _JOBS = """
 SELECT j.id, j.key, j.kind::text AS kind, j.status::text AS status, j.attempts, j.max_attempts,
        j.lease_owner AS runner, j.model, j.operation, j.timestep, j.decision, j.exit_code,
@@ -115,8 +119,8 @@ SELECT j.id, j.key, j.kind::text AS kind, j.status::text AS status, j.attempts, 
                  WHERE e.child_id = j.id), '{}') AS parents
 FROM jobs j
 WHERE j.workflow_id = %(workflow)s
-  AND (%(after)s::bigint IS NULL
-       OR j.key > (SELECT a.key FROM jobs a WHERE a.id = %(after)s AND a.workflow_id = %(workflow)s))
+  AND j.key > coalesce(
+      (SELECT a.key FROM jobs a WHERE a.id = %(after)s AND a.workflow_id = %(workflow)s), '')
 ORDER BY j.key
 LIMIT %(limit)s
 """

@@ -70,7 +70,7 @@ SELECT r.name, r.host, r.pid, r.slots,
        extract(epoch FROM now() - r.last_heartbeat_at)::float AS heartbeat_age,
        r.jobs_succeeded, r.jobs_failed, r.jobs_claimed, r.registered_at
 FROM runners r
-WHERE %(after)s::text IS NULL OR r.name > %(after)s
+WHERE r.name > coalesce(%(after)s::text, '')  -- names are never empty (check_name)
 ORDER BY r.name
 LIMIT %(limit)s
 """
