@@ -556,5 +556,22 @@ def test_dashboard_pages_through_lists_and_big_workflows(dsn, server, browser, t
     assert any("cursor=" in u for u in jobs_requests)
     requested = list_requests(driver)
     assert requested and all("limit=" in u for u in requested), requested
+
+    # A workflow of 100,000 jobs: a table of one page of 500 at a time, the next page on demand.
+    from smifdb.spec import Dag, Job
+    from smifdb.store.submit import submit_dag
+
+    many = [
+        Job(key=f"m{i:06d}", kind="command", payload={"argv": ["true"]}) for i in range(100_000)
+    ]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        huge = submit_dag(conn, Dag(name="huge", jobs=many), actor="test")
+    driver.get(f"{server.url}/?poll_ms={POLL_MS}#workflow={huge}")
+    wait_for(lambda: js(driver, rows) == [j.key for j in many[:500]], what="the first 500 jobs")
+    assert "100000 jobs" in js(driver, note) and "jobs 1–500" in js(driver, note)
+    click(driver, "#jobs-next")
+    wait_for(lambda: js(driver, rows) == [j.key for j in many[500:1000]], what="jobs 501-1000")
+    huge_requests = [u for u in list_requests(driver) if f"/workflows/{huge}/jobs" in u]
+    assert huge_requests and all("limit=500" in u for u in huge_requests), huge_requests
     assert banner(driver) == ""
     assert severe_console_errors(driver) == []
