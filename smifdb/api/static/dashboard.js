@@ -2,8 +2,8 @@
 // selected workflow's DAG (SVG, layered by longest path from a root), job detail and runners.
 // Every list is read a page at a time (?limit=, and the page's "next" cursor): the sidebar's
 // lists show pages, a drawable DAG follows the cursors (at most MAX_NODES jobs), a bigger
-// workflow's jobs are a paged table. No framework, no outside resources. Text from the API only ever reaches the page through
-// textContent, setAttribute or SVG text nodes: never as HTML.
+// workflow's jobs are a paged table. No framework, no outside resources. Text from the API
+// only ever reaches the page through textContent, setAttribute or SVG text nodes: never as HTML.
 "use strict";
 
 (() => {
