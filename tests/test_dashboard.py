@@ -500,3 +500,98 @@ def test_dashboard_big_workflow_table_model_run_kill_and_errors(
     driver.save_screenshot(str(tmp_path / "dashboard-offline.png"))
     allowed = ("Failed to load resource", "ERR_CONNECTION_REFUSED")
     assert severe_console_errors(driver, allowed) == []
+
+
+def list_requests(driver: Any) -> list[str]:
+    """The URLs of the list requests the page has made (resource timing entries)."""
+    names = js(driver, "return performance.getEntriesByType('resource').map(e => e.name)")
+    lists = re.compile(r"/api/v1/(workflows/(\d+/jobs)?|runners/|model_runs/)(\?|$)")
+    return [n for n in names if lists.search(n)]
+
+
+def test_dashboard_pages_through_lists_and_big_workflows(dsn, server, browser, tmp_path) -> None:
+    """Sidebar lists and a big workflow's table show pages and turn them; a drawable DAG is read
+    by following the cursors; no request ever asks for a list without a limit."""
+    driver = browser
+    small = [
+        submit(server, {"name": f"small-{i}", "jobs": [{"key": "a", "command": "true"}]})
+        for i in range(2)
+    ]
+    keys = [f"k{i}" for i in range(7)]
+    big = submit(server, {"name": "paged", "jobs": [{"key": k, "command": "true"} for k in keys]})
+    sign_in(
+        driver, server, f"/?poll_ms={POLL_MS}&list_rows=2&table_rows=3&max_nodes=3#workflow={big}"
+    )
+    items = (
+        "return [...document.querySelectorAll('#workflows .item')].map(e => e.dataset.workflowId)"
+    )
+    wait_for(lambda: js(driver, items) == [str(big), str(small[1])], what="the first page")
+    assert js(driver, "return document.getElementById('workflows-pager').hidden") is False
+    assert js(driver, "return document.getElementById('workflows-prev').disabled")
+    click(driver, "#workflows-next")
+    wait_for(lambda: js(driver, items) == [str(small[0])], what="the second page of workflows")
+    wait_for(
+        lambda: js(driver, "return document.getElementById('workflows-next').disabled"),
+        what="no third page",
+    )
+    assert js(driver, "return document.getElementById('workflows-page').textContent") == "page 2"
+    next_poll(driver)  # polling keeps to the page shown
+    assert js(driver, items) == [str(small[0])]
+    click(driver, "#workflows-prev")
+    wait_for(lambda: js(driver, items) == [str(big), str(small[1])], what="back to the first page")
+
+    # The big workflow's table: pages of three jobs in key order, turned both ways.
+    rows = (
+        "return [...document.querySelectorAll('#jobs-table tbody tr')].map(r => r.dataset.jobKey)"
+    )
+    wait_for(lambda: js(driver, rows) == keys[:3], what="the table's first page")
+    note = "return document.getElementById('jobs-table-note').textContent"
+    assert "7 jobs" in js(driver, note) and "jobs 1–3" in js(driver, note)
+    seen = list(js(driver, rows))
+    for expected in (keys[3:6], keys[6:]):
+        click(driver, "#jobs-next")
+        wait_for(lambda expected=expected: js(driver, rows) == expected, what=f"page {expected}")
+        seen += js(driver, rows)
+    assert seen == keys  # every job once, in order
+    assert js(driver, "return document.getElementById('jobs-next').disabled")
+    assert "jobs 7–7" in js(driver, note)
+    click(driver, "#jobs-prev")
+    wait_for(lambda: js(driver, rows) == keys[3:6], what="the previous page")
+    click(driver, '#jobs-table tr[data-job-key="k4"]')
+    wait_for(
+        lambda: js(driver, "return document.getElementById('job-panel').dataset.jobKey") == "k4",
+        what="the job panel from a paged row",
+    )
+
+    # A drawable DAG read one job a page: every node and edge, from four pages.
+    diamond = submit(server, DIAMOND)
+    driver.get(f"{server.url}/?poll_ms={POLL_MS}&jobs_page=1#workflow={diamond}")
+    wait_for(
+        lambda: set(node_statuses(driver)) == {j["key"] for j in DIAMOND["jobs"]},
+        what="every job of the DAG, page by page",
+    )
+    assert js(driver, "return document.querySelectorAll('#dag path.edge').length") == 4
+    jobs_requests = [u for u in list_requests(driver) if f"/workflows/{diamond}/jobs" in u]
+    assert len(jobs_requests) >= 4 and all("limit=1" in u for u in jobs_requests)
+    assert any("cursor=" in u for u in jobs_requests)
+    requested = list_requests(driver)
+    assert requested and all("limit=" in u for u in requested), requested
+
+    # A workflow of 100,000 jobs: a table of one page of 500 at a time, the next page on demand.
+    from smifdb.spec import Dag, Job
+    from smifdb.store.submit import submit_dag
+
+    many = [
+        Job(key=f"m{i:06d}", kind="command", payload={"argv": ["true"]}) for i in range(100_000)
+    ]
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        huge = submit_dag(conn, Dag(name="huge", jobs=many), actor="test")
+    driver.get(f"{server.url}/?poll_ms={POLL_MS}#workflow={huge}")
+    wait_for(lambda: js(driver, rows) == [j.key for j in many[:500]], what="the first 500 jobs")
+    assert "100000 jobs" in js(driver, note) and "jobs 1–500" in js(driver, note)
+    click(driver, "#jobs-next")
+    wait_for(lambda: js(driver, rows) == [j.key for j in many[500:1000]], what="jobs 501-1000")
+    huge_requests = [u for u in list_requests(driver) if f"/workflows/{huge}/jobs" in u]
+    assert huge_requests and all("limit=500" in u for u in huge_requests), huge_requests
+    assert banner(driver) == ""
+    assert severe_console_errors(driver) == []

@@ -13,7 +13,7 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
 from smifdb import store
-from smifdb.api import dafni, dashboard, metrics, openapi, session, v1
+from smifdb.api import cpu, dafni, dashboard, metrics, openapi, session, v1
 from smifdb.api.errors import HANDLERS
 from smifdb.api.security import Guard, Settings
 from smifdb.pgserver import default_home
@@ -36,13 +36,15 @@ def create_app(
     bind_host: str | None = None,
     public_url: str | None = None,
     metrics_token: str | None = None,
+    parse_threads: int = cpu.PARSE_THREADS,
 ) -> Starlette:
     """An app bound to one database (and optionally one smif project for the smif app API).
 
     ``data_dir`` is where DAFNI workflow instances keep each step's inputs and outputs; runners
     must see it at the same path (a shared filesystem on a cluster). ``allowed_hosts`` (besides
     loopback names and ``bind_host``) are the Host headers it answers; ``public_url`` is where
-    clients reach it, for the URLs it hands out (docs/security.md).
+    clients reach it, for the URLs it hands out (docs/security.md). ``parse_threads`` bounds
+    how many big bodies are decoded, validated and written at once (smifdb.api.cpu).
     """
     settings = Settings.make(
         allowed_hosts=allowed_hosts,
@@ -88,4 +90,5 @@ def create_app(
     app.state.max_body = max_body
     app.state.security = settings
     app.state.dead_after = dead_after
+    app.state.parse_limiter = cpu.limiter(parse_threads)
     return app

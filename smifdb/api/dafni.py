@@ -21,6 +21,7 @@ from starlette.routing import Route
 
 from smifdb import dafni, errors, store
 from smifdb.api import session
+from smifdb.api.cpu import maybe_heavy
 from smifdb.api.errors import ApiError, decode, read_body, read_json
 from smifdb.api.pool import in_db
 from smifdb.spec import SpecError, parse
@@ -73,12 +74,18 @@ def _uuid(request: Request, name: str, what: str) -> uuid.UUID:
         raise ApiError(404, f"no {what} {value!r}") from None
 
 
-async def _definition(request: Request) -> Any:
-    """A definition sent as the raw body of a file: JSON, or YAML for models."""
+async def _definition(request: Request, validate: Callable[[Any], Any] | None = None) -> Any:
+    """A definition sent as the raw body of a file: JSON, or YAML for models; decoded, and
+    checked by ``validate`` if given, off the event loop when big (smifdb.api.cpu)."""
     body = await read_body(request, max_bytes=request.app.state.max_body)
     if not body.strip():
         raise ApiError(400, "a definition is required in the request body")
-    return decode(body, yaml_too=True)
+
+    def load() -> Any:
+        definition = decode(body, yaml_too=True)
+        return validate(definition) if validate else definition
+
+    return await maybe_heavy(request, len(body), load)
 
 
 async def _json_body(request: Request, *, required: bool = True) -> Any:
@@ -314,7 +321,7 @@ async def model_delete(request: Request) -> Response:
 async def model_validate(request: Request) -> JSONResponse:
     _user(request)
     try:
-        dafni.validate_model(await _definition(request))
+        await _definition(request, dafni.validate_model)
     except dafni.DefinitionError as exc:
         return _json({"valid": False, "errors": exc.problems})
     return _json({"valid": True, "errors": []})
@@ -332,7 +339,7 @@ async def model_upload_definition(request: Request) -> Response:
     user = _user(request)
     upload_id = _uuid(request, "upload_id", "upload")
     try:
-        definition = dafni.validate_model(await _definition(request))
+        definition = await _definition(request, dafni.validate_model)
     except dafni.DefinitionError as exc:
         raise _invalid(exc) from exc
     await _db(request, rows.put_model_definition, upload_id, user, definition)

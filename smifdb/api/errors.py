@@ -12,6 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 
 from smifdb import errors
+from smifdb.api.cpu import maybe_heavy
 
 log = logging.getLogger(__name__)
 
@@ -74,12 +75,13 @@ async def read_body(request: Request, *, max_bytes: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > max_bytes:
         raise ApiError(413, f"request body over {max_bytes} bytes")
-    body = b""
+    chunks, size = [], 0
     async for chunk in request.stream():
-        body += chunk
-        if len(body) > max_bytes:
+        chunks.append(chunk)
+        size += len(chunk)
+        if size > max_bytes:
             raise ApiError(413, f"request body over {max_bytes} bytes")
-    return body
+    return b"".join(chunks)
 
 
 def _encodable(value: Any) -> Any:
@@ -116,13 +118,14 @@ def decode(body: bytes, *, yaml_too: bool = False) -> Any:
 
 
 async def read_json(request: Request, *, max_bytes: int, required: bool = True) -> Any:
-    """The request's JSON body; 413 if too large, 400 if it is not JSON."""
+    """The request's JSON body (a big one decoded off the event loop); 413 if too large, 400 if
+    it is not JSON."""
     body = await read_body(request, max_bytes=max_bytes)
     if not body.strip():
         if required:
             raise ApiError(400, "a JSON body is required")
         return {}
-    return decode(body)
+    return await maybe_heavy(request, len(body), decode, body)
 
 
 def int_param(request: Request, name: str) -> int:

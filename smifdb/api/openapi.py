@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from smifdb import __version__
+from smifdb.api.paging import DEFAULT_LIMIT, MAX_LIMIT
 from smifdb.states import JOB_STATUSES, WORKFLOW_STATUSES
 
 JSON = "application/json"
@@ -86,6 +87,18 @@ def _query(name: str, schema: dict) -> dict:
     return {"name": name, "in": "query", "required": False, "schema": schema}
 
 
+# Every list under /api/v1 pages (smifdb.api.paging): the body's "next" and the Link header
+# carry the cursor of the next page, null on the last.
+PAGE = [
+    {
+        **_query("limit", {"type": "integer", "minimum": 1, "maximum": MAX_LIMIT}),
+        "description": f"rows per page (default {DEFAULT_LIMIT})",
+    },
+    {
+        **_query("cursor", {"type": "string"}),
+        "description": "the `next` of the page before (opaque)",
+    },
+]
 NAME = _path("name", {"type": "string"}, "model run name")
 WORKFLOW_ID = _path("workflow_id", ID)
 JOB_ID = _path("job_id", ID)
@@ -150,9 +163,9 @@ V1, DAFNI, AUTH = "smif app and workflows", "DAFNI workflow API", "tokens"
 PATHS: dict[str, dict[str, dict]] = {
     "/api/v1/model_runs/": {
         "get": _op(
-            "model runs, newest of each name",
+            "model runs, newest of each name, newest first (a page)",
             tag=V1,
-            params=[_query("status", {"enum": SMIF_STATUSES})],
+            params=[_query("status", {"enum": SMIF_STATUSES}), *PAGE],
             errors=(400,),
         )
     },
@@ -188,9 +201,10 @@ PATHS: dict[str, dict[str, dict]] = {
     },
     "/api/v1/workflows/": {
         "get": _op(
-            "newest workflows with progress",
+            "workflows with progress, newest first (a page)",
             tag=V1,
-            params=[_query("status", {"enum": list(WORKFLOW_STATUSES)})],
+            params=[_query("status", {"enum": list(WORKFLOW_STATUSES)}), *PAGE],
+            errors=(400,),
         ),
         "post": _op(
             "submit a DAG", tag=V1, body=DAG_SPEC, ok=(201, "submitted"), errors=(400, 413)
@@ -200,7 +214,12 @@ PATHS: dict[str, dict[str, dict]] = {
         "get": _op("a workflow", tag=V1, params=[WORKFLOW_ID], errors=(404,))
     },
     "/api/v1/workflows/{workflow_id}/jobs": {
-        "get": _op("a workflow's jobs, with parents", tag=V1, params=[WORKFLOW_ID], errors=(404,))
+        "get": _op(
+            "a workflow's jobs with parents, in key order (a page)",
+            tag=V1,
+            params=[WORKFLOW_ID, *PAGE],
+            errors=(400, 404),
+        )
     },
     "/api/v1/workflows/{workflow_id}/cancel": {
         "post": _op("cancel a workflow", tag=V1, params=[WORKFLOW_ID], errors=(404, 409))
@@ -214,7 +233,9 @@ PATHS: dict[str, dict[str, dict]] = {
     "/api/v1/jobs/{job_id}/cancel": {
         "post": _op("cancel a job and its descendants", tag=V1, params=[JOB_ID], errors=(404, 409))
     },
-    "/api/v1/runners/": {"get": _op("runners and their load", tag=V1)},
+    "/api/v1/runners/": {
+        "get": _op("runners and their load, by name (a page)", tag=V1, params=PAGE, errors=(400,))
+    },
     TOKEN_PATH: {
         "post": {
             **_op(

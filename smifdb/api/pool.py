@@ -5,17 +5,24 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-from starlette.concurrency import run_in_threadpool
+import anyio
+import anyio.to_thread
 from starlette.requests import Request
 
 T = TypeVar("T")
 
 
-async def in_db(request: Request, fn: Callable[..., T], *args: Any) -> T:
-    """Run ``fn(conn, *args)`` on a pooled connection in a worker thread."""
+async def in_db(
+    request: Request,
+    fn: Callable[..., T],
+    *args: Any,
+    limiter: anyio.CapacityLimiter | None = None,
+) -> T:
+    """Run ``fn(conn, *args)`` on a pooled connection in a worker thread (one of ``limiter``'s
+    if given, else of the default pool's)."""
 
     def call() -> T:
         with request.app.state.pool.connection() as conn:
             return fn(conn, *args)
 
-    return await run_in_threadpool(call)
+    return await anyio.to_thread.run_sync(call, limiter=limiter)

@@ -109,6 +109,28 @@ GROUP BY m.id
 ORDER BY m.id DESC
 LIMIT %(limit)s
 """
+# The newest run of each name (of one project, if given), newest first from before the model run
+# `before`; statuses filter after that choice. The anti-join reads model_runs whole: a table of
+# one row per model run started, far smaller than its workflows.
+_NEWEST = f"""
+SELECT m.id, m.name, m.kind::text AS kind, m.project_dir, m.status::text AS status, m.bundles,
+       m.error, m.submitted_at, m.finished_at,
+       extract(epoch FROM coalesce(m.finished_at, now()) - m.submitted_at)::float AS elapsed,
+       coalesce(sum(w.job_count), 0)::int AS jobs,
+       coalesce(sum({FINISHED_JOBS}), 0)::int AS jobs_finished,
+       (array_agg(w.id ORDER BY w.bundle DESC))[1] AS current_workflow
+FROM model_runs m LEFT JOIN workflows w ON w.model_run_id = m.id
+WHERE (%(project)s::text IS NULL OR m.project_dir = %(project)s)
+  AND (%(statuses)s::text[] IS NULL OR m.status::text = ANY(%(statuses)s))
+  AND m.id < coalesce(%(before)s::bigint, 9223372036854775807)
+  AND NOT EXISTS (
+      SELECT 1 FROM model_runs n
+      WHERE n.name = m.name AND n.id > m.id
+        AND (%(project)s::text IS NULL OR n.project_dir = %(project)s))
+GROUP BY m.id
+ORDER BY m.id DESC
+LIMIT %(limit)s
+"""
 _BUNDLES = f"""
 SELECT w.bundle, w.id AS workflow_id, w.name, w.status::text AS status, w.job_count,
        w.job_count - {FINISHED_JOBS} AS unfinished_jobs, w.submitted_at, w.finished_at
@@ -269,6 +291,20 @@ def listing(
     params = {"id": model_run_id, "name": name, "project": project_dir, "limit": limit}
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(_LIST, params).fetchall()
+
+
+def newest(
+    conn: psycopg.Connection,
+    *,
+    project_dir: str | None,
+    statuses: list[str] | None,
+    limit: int,
+    before: int | None = None,
+) -> list[dict]:
+    """The newest run of each name with progress, newest first: one page of the smif app's list."""
+    params = {"project": project_dir, "statuses": statuses, "limit": limit, "before": before}
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(_NEWEST, params).fetchall()
 
 
 def events(conn: psycopg.Connection, model_run_id: int) -> list[dict]:

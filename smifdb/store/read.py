@@ -100,16 +100,29 @@ SELECT w.id, w.name, w.status::text AS status, w.model_run_id, w.bundle, w.job_c
        w.finished_at
 FROM workflows w
 WHERE (%(status)s::text IS NULL OR w.status::text = %(status)s)
+  AND w.id < coalesce(%(before)s::bigint, 9223372036854775807)
 ORDER BY w.id DESC
 LIMIT %(limit)s
 """
+# One page in key order: a range of jobs_workflow_key_key (no index of jobs has the id after the
+# workflow, and none is added: every submit would write it). The cursor is the last job's id,
+# whose key the range starts after (a key can be long; an id fits in any URL). The first page
+# starts after '' (keys are never empty). Keyset bounds are written as one always-present
+# comparison, never "param IS NULL OR …": a prepared statement's generic plan (psycopg
+# prepares a query after five runs) keeps such an OR as a filter, and reads every row before
+# the cursor again on each page.
 _JOBS = """
 SELECT j.id, j.key, j.kind::text AS kind, j.status::text AS status, j.attempts, j.max_attempts,
        j.lease_owner AS runner, j.model, j.operation, j.timestep, j.decision, j.exit_code,
        j.error, j.started_at, j.finished_at,
        coalesce((SELECT array_agg(e.parent_id ORDER BY e.parent_id) FROM job_edges e
                  WHERE e.child_id = j.id), '{}') AS parents
-FROM jobs j WHERE j.workflow_id = %s ORDER BY j.id
+FROM jobs j
+WHERE j.workflow_id = %(workflow)s
+  AND j.key > coalesce(
+      (SELECT a.key FROM jobs a WHERE a.id = %(after)s AND a.workflow_id = %(workflow)s), '')
+ORDER BY j.key
+LIMIT %(limit)s
 """
 _JOB = """
 SELECT j.id, j.workflow_id, j.key, j.kind::text AS kind, j.payload, j.status::text AS status,
@@ -130,15 +143,27 @@ WHERE job_id = %s ORDER BY event_id NULLS LAST, at
 """
 
 
-def workflows(conn: psycopg.Connection, status: str | None = None, limit: int = 100) -> list[dict]:
+def workflows(
+    conn: psycopg.Connection,
+    status: str | None = None,
+    limit: int = 100,
+    *,
+    before: int | None = None,
+) -> list[dict]:
+    """Newest first, from before the workflow ``before`` (the primary key, backwards)."""
+    params = {"status": status, "limit": limit, "before": before}
     with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(_WORKFLOWS, {"status": status, "limit": limit}).fetchall()
+        return cur.execute(_WORKFLOWS, params).fetchall()
 
 
-def jobs(conn: psycopg.Connection, workflow_id: int) -> list[dict]:
-    """Every job of a workflow with its parents' ids: enough to draw the DAG."""
+def jobs(
+    conn: psycopg.Connection, workflow_id: int, limit: int, *, after: int | None = None
+) -> list[dict]:
+    """Up to ``limit`` jobs of a workflow with their parents' ids (enough to draw the DAG), in
+    key order from after the job ``after``: each page one index range, however big the workflow."""
+    params = {"workflow": workflow_id, "limit": limit, "after": after}
     with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(_JOBS, [workflow_id]).fetchall()
+        return cur.execute(_JOBS, params).fetchall()
 
 
 def job(conn: psycopg.Connection, job_id: int) -> dict | None:

@@ -71,7 +71,9 @@ SELECT r.name, r.host, r.pid, r.slots,
        extract(epoch FROM now() - r.last_heartbeat_at)::float AS heartbeat_age,
        r.jobs_succeeded, r.jobs_failed, r.jobs_claimed, r.registered_at
 FROM runners r
+WHERE r.name > coalesce(%(after)s::text, '')  -- names are never empty (check_name)
 ORDER BY r.name
+LIMIT %(limit)s
 """
 
 
@@ -138,6 +140,14 @@ def mark_lost(conn: psycopg.Connection, dead_after: float) -> list[str]:
     return [r[0] for r in conn.execute(_MARK_LOST, {"dead_after": dead_after})]
 
 
-def status(conn: psycopg.Connection, dead_after: float) -> list[dict]:
+def status(
+    conn: psycopg.Connection,
+    dead_after: float,
+    *,
+    limit: int | None = None,
+    after: str | None = None,
+) -> list[dict]:
+    """By name, from after the runner ``after`` (runners_name_key); every runner by default."""
+    params = {"dead_after": dead_after, "limit": limit, "after": after}
     with conn.cursor(row_factory=dict_row) as cur:
-        return cur.execute(_STATUS, {"dead_after": dead_after}).fetchall()
+        return cur.execute(_STATUS, params).fetchall()

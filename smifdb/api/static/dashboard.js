@@ -1,7 +1,9 @@
 // smifdb dashboard: polls the JSON API under /api/v1 and draws model runs, workflows, the
 // selected workflow's DAG (SVG, layered by longest path from a root), job detail and runners.
-// No framework, no outside resources. Text from the API only ever reaches the page through
-// textContent, setAttribute or SVG text nodes: never as HTML.
+// Every list is read a page at a time (?limit=, and the page's "next" cursor): the sidebar's
+// lists show pages, a drawable DAG follows the cursors (at most MAX_NODES jobs), a bigger
+// workflow's jobs are a paged table. No framework, no outside resources. Text from the API
+// only ever reaches the page through textContent, setAttribute or SVG text nodes: never as HTML.
 "use strict";
 
 (() => {
@@ -21,10 +23,8 @@
   const KNOWN = new Set([...JOB_STATUSES, ...WORKFLOW_STATUSES, ...RUNNER_STATES]);
   const UNFINISHED_JOB = new Set(["waiting", "ready", "running"]);
   const UNFINISHED_WORKFLOW = new Set(["pending", "running"]);
-  // Order of the big-workflow table: what needs attention first.
   // Order of the workflow's progress bar: finished work from the left.
   const BAR_ORDER = ["succeeded", "failed", "upstream_failed", "cancelled", "running", "ready", "waiting"];
-  const TABLE_ORDER = ["running", "failed", "ready", "upstream_failed", "cancelled", "waiting", "succeeded"];
 
   const query = new URLSearchParams(window.location.search);
   const POLL_MS = positiveInt(query.get("poll_ms"), 1000);
@@ -33,7 +33,10 @@
   // A workflow's job list is fetched again when its counts by status change (or every 5 s, for
   // retries and runners), and at most every 2 s past 500 jobs, every 5 s past MAX_NODES.
   const JOBS_REFRESH_MS = 5000;
-  const TABLE_ROWS = 500;
+  const MAX_LIMIT = 1000; // the API's largest page
+  const LIST_ROWS = Math.min(positiveInt(query.get("list_rows"), 50), MAX_LIMIT); // sidebar pages
+  const JOBS_PAGE = Math.min(positiveInt(query.get("jobs_page"), MAX_LIMIT), MAX_LIMIT); // DAG
+  const TABLE_ROWS = Math.min(positiveInt(query.get("table_rows"), 500), MAX_LIMIT); // big table
   const NODE_W = 168;
   const NODE_H = 40;
   const GAP_X = 56;
@@ -60,7 +63,19 @@
     jobsSignature: null, // the workflow's counts by status when its jobs were last fetched
     tableStatus: "",
     tableSearch: "",
+    tableTotal: 0,
+    // One pager per list: the cursors of the pages so far (null: the first) and the next one's.
+    pagers: {
+      modelRuns: newPager("model-runs"),
+      workflows: newPager("workflows"),
+      runners: newPager("runners"),
+      jobs: newPager("jobs"),
+    },
   };
+
+  function newPager(name) {
+    return { name, cursors: [null], next: null };
+  }
 
   const $ = (id) => document.getElementById(id);
 
@@ -208,6 +223,21 @@
   }
 
   async function api(path, options = {}) {
+    return (await apiBody(path, options)).data;
+  }
+
+  // One page of a list: its rows and the next page's cursor (null on the last page).
+  async function apiPage(path, limit, cursor) {
+    const [base, search] = path.split("?");
+    const params = new URLSearchParams(search || "");
+    params.set("limit", String(limit));
+    if (cursor) params.set("cursor", cursor);
+    const body = await apiBody(`${base}?${params}`);
+    if (!Array.isArray(body.data)) throw new ApiError(`${base} did not answer a list`, 0);
+    return { rows: body.data, next: body.next ?? null };
+  }
+
+  async function apiBody(path, options = {}) {
     let response;
     try {
       response = await fetch(API + path, {
@@ -234,7 +264,58 @@
       const message = body?.error?.message || `HTTP ${response.status} ${response.statusText}`;
       throw new ApiError(message, response.status);
     }
-    return body.data;
+    return body;
+  }
+
+  // -- pages of a list -------------------------------------------------------------------------
+
+  function currentCursor(pager) {
+    return pager.cursors[pager.cursors.length - 1];
+  }
+
+  // The pager's current page, or null if the page was turned while it was read.
+  async function readPage(pager, path, limit) {
+    const cursor = currentCursor(pager);
+    const page = await apiPage(path, limit, cursor);
+    if (cursor !== currentCursor(pager)) return null;
+    if (!page.rows.length && pager.cursors.length > 1) {
+      pager.cursors.pop(); // the rows of this page have gone (pruned, filtered): back one
+      refresh();
+      return null;
+    }
+    pager.next = page.next;
+    renderPager(pager);
+    return page.rows;
+  }
+
+  function renderPager(pager) {
+    const box = $(`${pager.name}-pager`);
+    if (!box) return;
+    const n = pager.cursors.length;
+    box.hidden = n === 1 && !pager.next;
+    $(`${pager.name}-prev`).disabled = n === 1;
+    $(`${pager.name}-next`).disabled = !pager.next;
+    setText($(`${pager.name}-page`), `page ${n}`);
+  }
+
+  function turnPage(pager, forward) {
+    if (forward && pager.next) pager.cursors.push(pager.next);
+    else if (!forward && pager.cursors.length > 1) pager.cursors.pop();
+    else return;
+    pager.next = null;
+    renderPager(pager);
+    if (pager === state.pagers.jobs) {
+      state.jobsFetchedAt = 0; // fetch the new page now, even of a finished workflow
+      state.jobsFinal = false;
+      state.jobsSignature = null;
+    }
+    refresh();
+  }
+
+  function resetPager(pager) {
+    pager.cursors = [null];
+    pager.next = null;
+    renderPager(pager);
   }
 
   // -- banner, live indicator, confirmation ---------------------------------------------------
@@ -358,6 +439,7 @@
     state.jobsFetchedAt = 0;
     state.jobsFinal = false;
     state.jobsSignature = null;
+    resetPager(state.pagers.jobs);
     $("graph").replaceChildren();
     $("workflow-panel").hidden = state.workflowId === null;
     $("workflow-placeholder").hidden = state.workflowId !== null;
@@ -387,10 +469,13 @@
     state.again = false;
     document.body.dataset.polling = "1";
     const filter = state.filter ? "?status=" + encodeURIComponent(state.filter) : "";
+    const { modelRuns, workflows, runners } = state.pagers;
+    const list = (pager, path, render) =>
+      readPage(pager, path, LIST_ROWS).then((rows) => rows && render(rows));
     const tasks = [
-      ["model runs", api("/model_runs/").then(renderModelRuns)],
-      ["workflows", api("/workflows/" + filter).then(renderWorkflows)],
-      ["runners", api("/runners/").then(renderRunners)],
+      ["model runs", list(modelRuns, "/model_runs/", renderModelRuns)],
+      ["workflows", list(workflows, "/workflows/" + filter, renderWorkflows)],
+      ["runners", list(runners, "/runners/", renderRunners)],
     ];
     if (state.workflowId !== null) tasks.push(["workflow", pollWorkflow(state.workflowId)]);
     if (state.jobId !== null) tasks.push(["job", pollJob(state.jobId)]);
@@ -561,14 +646,27 @@
       return;
     }
     const fetchedAt = Date.now();
-    const jobs = await api(`/workflows/${id}/jobs`);
-    if (id !== state.workflowId) return;
+    const jobs = big ? await readPage(state.pagers.jobs, `/workflows/${id}/jobs`, TABLE_ROWS) : await allJobs(id);
+    if (jobs === null || id !== state.workflowId) return;
     state.jobsFetchedAt = fetchedAt;
     state.jobsFinal = finished;
     state.jobsSignature = signature;
     state.jobs = jobs;
-    if (big) renderTable(workflow, jobs);
+    if (big) renderTable(workflow);
     else renderGraph(workflow, jobs);
+  }
+
+  // Every job of a drawable workflow (at most MAX_NODES), page after page, in id order.
+  async function allJobs(id) {
+    const jobs = [];
+    let cursor = null;
+    do {
+      const page = await apiPage(`/workflows/${id}/jobs`, JOBS_PAGE, cursor);
+      if (id !== state.workflowId) return null;
+      jobs.push(...page.rows);
+      cursor = page.next;
+    } while (cursor && jobs.length <= MAX_NODES);
+    return jobs.sort((a, b) => a.id - b.id);
   }
 
   function renderWorkflowHead(wf) {
@@ -814,8 +912,8 @@
 
   // -- a big workflow: counts (above) and a table ------------------------------------------------
 
-  function renderTable(wf, jobs) {
-    const key = `${wf.id}:${jobs.length}:table`;
+  function renderTable(wf) {
+    const key = `${wf.id}:table`;
     const graph = $("graph");
     if (state.graphKey !== key) {
       state.nodes = new Map();
@@ -831,7 +929,7 @@
         state.tableStatus = statusSelect.value;
         fillTable();
       });
-      const search = h("input", { id: "jobs-table-search", type: "search", placeholder: "job key contains…", value: state.tableSearch });
+      const search = h("input", { id: "jobs-table-search", type: "search", placeholder: "key on this page contains…", value: state.tableSearch });
       search.addEventListener("input", () => {
         state.tableSearch = search.value;
         fillTable();
@@ -851,27 +949,37 @@
           h("span", { class: "spacer" }),
           statusSelect,
           search,
+          h(
+            "span",
+            { id: "jobs-pager", class: "pager", hidden: true },
+            h("button", { id: "jobs-prev", type: "button", class: "small", onclick: () => turnPage(state.pagers.jobs, false) }, "‹ Previous"),
+            h("span", { id: "jobs-page" }),
+            h("button", { id: "jobs-next", type: "button", class: "small", onclick: () => turnPage(state.pagers.jobs, true) }, "Next ›"),
+          ),
         ),
         h("div", { class: "big-table" }, table),
       );
       state.graphKey = key;
     }
+    state.tableTotal = wf.job_count;
+    renderPager(state.pagers.jobs);
     fillTable();
   }
 
   function fillTable() {
     const tbody = document.querySelector("#jobs-table tbody");
     if (!tbody) return;
-    const order = new Map(TABLE_ORDER.map((s, i) => [s, i]));
+    // The page's jobs in the API's (key) order; the filters narrow this page only.
     const needle = state.tableSearch.toLowerCase();
-    const rows = state.jobs
-      .filter((j) => (!state.tableStatus || j.status === state.tableStatus) && (!needle || j.key.toLowerCase().includes(needle)))
-      .sort((a, b) => (order.get(a.status) ?? 99) - (order.get(b.status) ?? 99) || a.id - b.id);
-    const shown = rows.slice(0, TABLE_ROWS);
+    const shown = state.jobs.filter(
+      (j) => (!state.tableStatus || j.status === state.tableStatus) && (!needle || j.key.toLowerCase().includes(needle)),
+    );
+    const first = (state.pagers.jobs.cursors.length - 1) * TABLE_ROWS + 1;
+    const range = state.jobs.length ? `jobs ${first}–${first + state.jobs.length - 1}` : "no jobs";
+    const filtered = shown.length < state.jobs.length ? `, ${shown.length} of them shown` : "";
     setText(
       $("jobs-table-note"),
-      `${state.jobs.length} jobs: too many to draw (over ${MAX_NODES}); ` +
-        (rows.length > shown.length ? `showing the first ${shown.length} of ${rows.length} matching` : `${rows.length} matching`),
+      `${state.tableTotal} jobs: too many to draw (over ${MAX_NODES}); ${range} by key${filtered}`,
     );
     tbody.replaceChildren(
       ...shown.map((j) =>
@@ -1054,9 +1162,14 @@
     });
     $("workflow-filter").addEventListener("change", (event) => {
       state.filter = event.target.value;
+      resetPager(state.pagers.workflows);
       $("workflows").replaceChildren();
       refresh();
     });
+    for (const pager of [state.pagers.modelRuns, state.pagers.workflows, state.pagers.runners]) {
+      $(`${pager.name}-prev`).addEventListener("click", () => turnPage(pager, false));
+      $(`${pager.name}-next`).addEventListener("click", () => turnPage(pager, true));
+    }
     $("job-close").addEventListener("click", () => writeHash(state.workflowId, null));
     window.addEventListener("hashchange", () => {
       readHash();
