@@ -1,8 +1,9 @@
 """Running one attempt of a job, outside any database transaction.
 
 ``command`` jobs run as a subprocess in their own process group (so a timeout or cancellation
-kills everything they started); ``python`` jobs call ``module:function(**args)`` in a runner
-thread. Either way the result is an Outcome for the runner to record.
+kills everything they started), without the runner's secrets in their environment; ``python``
+jobs call ``module:function(**args)`` in a runner thread, if the runner allows that callable.
+Either way the result is an Outcome for the runner to record.
 """
 
 from __future__ import annotations
@@ -31,6 +32,66 @@ from smifdb.watchdog import Watchdog
 LOG_TAIL_BYTES = 4000
 KILL_GRACE = 5.0
 _PR_SET_PDEATHSIG = 1
+# Python jobs run inside the runner, with its connections and secrets: only callables under
+# these module prefixes (and those a runner is told of) run anywhere.
+DEFAULT_PYTHON_ALLOW = ("smifdb.examples", "smifdb.smifrun")
+# The runner's credentials, which a job's environment never inherits (a spec's own `env:` may
+# still set them): whatever a job prints, its log and log tail would show them.
+SECRET_ENV = frozenset(
+    {
+        "SMIFDB_DSN",
+        "SMIFDB_TEST_DSN",
+        "SMIFDB_API_DSN",
+        "SMIFDB_API_TOKEN",
+        "PGPASSWORD",
+        "PGPASSFILE",
+        "PGSERVICE",
+        "PGSERVICEFILE",
+        "PGSSLKEY",
+        "PGSSLCERT",
+        "PGSSLROOTCERT",
+        "PGSSLCRL",
+    }
+)
+SECRET_SUFFIXES = ("_DSN", "_TOKEN", "_PASSWORD", "_SECRET")  # of any other SMIFDB_* name
+_MODULE_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*\Z")
+
+
+def is_secret(name: str) -> bool:
+    return name in SECRET_ENV or (name.startswith("SMIFDB_") and name.endswith(SECRET_SUFFIXES))
+
+
+def job_environment(base: dict[str, str] | os._Environ) -> dict[str, str]:
+    """The runner's environment less its secrets: what every command job starts from."""
+    return {k: v for k, v in base.items() if not is_secret(k)}
+
+
+def check_allow_entry(entry: str) -> str:
+    """An allow-list entry: a dotted module prefix, or one exact ``module:attr`` callable."""
+    module, colon, attr = entry.partition(":")
+    if not _MODULE_PATH.match(module) or (colon and not _MODULE_PATH.match(attr)):
+        raise ValueError(
+            f"{entry!r} is not a module prefix such as 'mypkg' or 'mypkg.models' (or one "
+            "callable, 'mypkg.models:simulate')"
+        )
+    return entry
+
+
+def python_allowed(target: str, allow: tuple[str, ...]) -> bool:
+    """Is ``module:attr`` allowed? A prefix allows its module and every module under it, by
+    dotted path ('mypkg' allows 'mypkg:f' and 'mypkg.sub:f', not 'mypkgevil:f')."""
+    module = target.partition(":")[0]
+    return any(
+        target == entry if ":" in entry else module == entry or module.startswith(entry + ".")
+        for entry in allow
+    )
+
+
+@dataclass(frozen=True)
+class JobPolicy:
+    """What a runner lets its jobs do, the same for every attempt it runs."""
+
+    python_allow: tuple[str, ...] = DEFAULT_PYTHON_ALLOW
 
 
 def _die_with_runner() -> Callable[[], None] | None:
@@ -67,6 +128,7 @@ class Attempt:
     owner: str
     log_dir: Path
     watchdog: Watchdog | None = None  # kills the process group if the runner dies
+    policy: JobPolicy = field(default_factory=JobPolicy)
     started: float = field(default_factory=time.monotonic)
     stop_reason: str | None = None  # 'timeout' | 'cancelled' | 'released'
     kill_at: float | None = None  # when a stopped attempt's process group gets SIGKILL
@@ -77,14 +139,15 @@ class Attempt:
     def deadline(self) -> float | None:
         return self.started + self.job.timeout if self.job.timeout else None
 
-    def outcome(self, status: str, **kwargs: Any) -> Outcome:
+    def outcome(self, status: str, final: bool = False, **kwargs: Any) -> Outcome:
+        """``final``: a failure that no retry would mend (its attempts left are not used)."""
         return Outcome(
             job_id=self.job.id,
             workflow_id=self.job.workflow_id,
             attempt=self.job.attempt,
             owner=self.owner,
             status=status,
-            max_attempts=self.job.max_attempts,
+            max_attempts=self.job.attempt if final else self.job.max_attempts,
             retry_backoff=self.job.retry_backoff,
             key=self.job.key,
             claimed_at=self.job.claimed_at,
@@ -148,6 +211,27 @@ def _end_group(process: subprocess.Popen, kill_at: float) -> None:
         time.sleep(0.01)
 
 
+def private_folder(path: Path) -> None:
+    """A folder only the runner's user can enter (made so if it is ours and is not): logs and
+    results hold whatever a job printed or returned."""
+    try:
+        path.mkdir(mode=0o700)
+    except FileNotFoundError:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, exist_ok=True)
+    except FileExistsError:
+        st = path.stat()
+        if st.st_mode & 0o077 and st.st_uid == os.getuid():
+            path.chmod(0o700)
+
+
+def private_file(path: Path) -> int:
+    """Open ``path`` empty for writing, mode 0600 (even a file left by an earlier attempt)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    os.fchmod(fd, 0o600)
+    return fd
+
+
 def file_stem(job: ClaimedJob) -> str:
     """``KEY.ATTEMPT``, or ``SAFE-KEY+ID.ATTEMPT`` for a key that is not a safe file name.
 
@@ -183,13 +267,13 @@ def run_attempt(attempt: Attempt) -> Outcome:
 def _run_command(attempt: Attempt) -> Outcome:
     job, payload = attempt.job, attempt.job.payload
     folder = attempt.log_dir / f"workflow-{job.workflow_id}"
-    folder.mkdir(parents=True, exist_ok=True)
+    private_folder(folder)
     stem = file_stem(job)
     log_path = folder / f"{stem}.log"
     result_path = folder / f"{stem}.result.json"
-    result_path.unlink(missing_ok=True)
+    os.close(private_file(result_path))  # empty: no result, unless the job writes one
     env = {
-        **os.environ,
+        **job_environment(os.environ),
         "PATH": _PATH,
         **payload.get("env", {}),
         "SMIFDB_JOB_ID": str(job.id),
@@ -200,7 +284,7 @@ def _run_command(attempt: Attempt) -> Outcome:
     }
     shell = "shell" in payload
     argv = payload["shell"] if shell else payload["argv"]
-    with open(log_path, "wb") as log:
+    with open(private_file(log_path), "wb") as log:
         try:
             with attempt._lock:
                 if attempt.stop_reason is not None:
@@ -279,6 +363,15 @@ def resolve(target: str) -> Any:
 
 def _run_python(attempt: Attempt) -> Outcome:
     payload = attempt.job.payload
+    target, allow = payload["function"], attempt.policy.python_allow
+    if not python_allowed(target, allow):  # checked before anything is imported
+        module = target.partition(":")[0]
+        error = (
+            f"python callable {target!r} is not allowed on runner {attempt.owner}: its module is "
+            f"under none of the allowed prefixes ({', '.join(allow)}); to allow it, start the "
+            f"runner with --python-allow {module} (or SMIFDB_PYTHON_ALLOW={module})"
+        )
+        return attempt.outcome("failed", final=True, error=error, reason="callable not allowed")
     try:
         value = resolve(payload["function"])(**payload.get("args", {}))
         if value is not None and (why := unstorable(value)):

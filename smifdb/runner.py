@@ -32,7 +32,7 @@ import psycopg
 
 from smifdb import db, logs, store
 from smifdb.db import DB_ERRORS, Backoff
-from smifdb.execute import Attempt, run_attempt
+from smifdb.execute import DEFAULT_PYTHON_ALLOW, Attempt, JobPolicy, run_attempt
 from smifdb.store import CANCEL_CHANNEL, FINISHED_CHANNEL, READY_CHANNEL, queue, read
 from smifdb.store import runners as runner_rows
 from smifdb.store.queue import Outcome
@@ -61,6 +61,7 @@ class RunnerConfig:
     exit_when_idle: bool = False  # exit once nothing is waiting, ready or running anywhere
     workflow_id: int | None = None  # only this workflow's jobs; exit when it has finished
     model_run_id: int | None = None  # only this model run's jobs; exit when it has finished
+    python_allow: tuple[str, ...] = DEFAULT_PYTHON_ALLOW  # module prefixes python jobs may call
 
     @property
     def scope(self) -> queue.Scope:
@@ -96,6 +97,7 @@ class Runner:
         self.host, self.pid = socket.gethostname(), os.getpid()  # who holds the name
         self.name_taken = False  # another process started under our name while we were silent
         self.watchdog = Watchdog()
+        self.policy = JobPolicy(python_allow=config.python_allow)
         self.backoff = Backoff()
         self.retry_at = 0.0
         self.on_tick: Callable[[], None] | None = None
@@ -115,7 +117,7 @@ class Runner:
 
     def run(self) -> int:
         """Run until stopped (or idle/finished, as configured). Returns an exit status."""
-        self.config.log_dir.mkdir(parents=True, exist_ok=True)
+        self.config.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._connect_main()
         assert self.conn is not None
         runner_rows.start(
@@ -402,7 +404,9 @@ class Runner:
     def _start(self, jobs: list) -> None:
         if not jobs:
             return
-        attempts = [Attempt(job, self.name, self.config.log_dir, self.watchdog) for job in jobs]
+        attempts = [
+            Attempt(job, self.name, self.config.log_dir, self.watchdog, self.policy) for job in jobs
+        ]
         for attempt in attempts:
             job = attempt.job
             self.claim_left[job.claim_id] = self.claim_left.get(job.claim_id, 0) + 1

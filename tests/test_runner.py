@@ -244,7 +244,7 @@ def test_a_python_job_forking_without_exec_does_not_keep_the_watchdog_waiting(
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     model_job, model_pid = _model_job(tmp_path, "model")
     smifdb.submit(conn, {"jobs": [model_job]})
-    victim = runners.start("--slots", "2", name="victim")
+    victim = runners.start("--slots", "2", "--python-allow", "forker", name="victim")
     model = _started(model_pid)
     fork = {"python": "forker:fork_and_linger", "args": {"pidfile": str(forker_pid)}}
     smifdb.submit(conn, {"jobs": [{"key": "fork", **fork}]})  # after the watchdog started
@@ -424,7 +424,7 @@ def test_outcomes_postgresql_would_refuse_fail_alone(conn, runners) -> None:
             ]
         },
     )
-    proc = runners.start("--slots", "7", "--exit-when-idle")
+    proc = runners.start("--slots", "7", "--exit-when-idle", "--python-allow", "json")
     assert proc.wait(timeout=60) == 0, runners.output("r0")
     rows = job_rows(conn, wf)
     assert {k: r["status"] for k, r in rows.items()} == {
@@ -542,6 +542,7 @@ def test_a_released_python_call_never_runs_beside_its_rerun(conn, runners, tmp_p
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     call = {"python": "ticker:tick", "args": {"path": str(ticks), "seconds": 3}}
     wf = smifdb.submit(conn, {"jobs": [{"key": "t", **call}]})
+    monkeypatch.setenv("SMIFDB_PYTHON_ALLOW", "ticker")
     first = runners.start("--slots", "1", "--grace", "0.2", name="first")
     wait_for(lambda: ticks.exists(), what="the first attempt")
     peer = runners.start("--slots", "1", "--exit-when-idle", name="peer")
@@ -569,7 +570,7 @@ def test_python_jobs_that_will_not_return_do_not_hold_the_runner(conn, dsn, runn
     wf = smifdb.submit(
         conn, {"jobs": [{"key": "exit", "python": "_thread:exit"}, {"key": "long", **sleeper}]}
     )
-    proc = runners.start("--slots", "2", "--grace", "1")
+    proc = runners.start("--slots", "2", "--grace", "1", "--python-allow", "_thread")
     wait_for(lambda: job_rows(conn, wf)["exit"]["status"] == "failed", what="sys.exit() recorded")
     assert "SystemExit" in job_rows(conn, wf)["exit"]["error"]
     t0 = time.monotonic()
@@ -661,7 +662,7 @@ def test_python_jobs(conn, runners) -> None:
             ]
         },
     )
-    proc = runners.start("--slots", "4", "--exit-when-idle")
+    proc = runners.start("--slots", "4", "--exit-when-idle", "--python-allow", "no_such_module")
     assert proc.wait(timeout=60) == 0
     rows = job_rows(conn, wf)
     assert rows["ok"]["status"] == "succeeded"
@@ -951,3 +952,132 @@ def test_a_reconnecting_runner_whose_name_was_taken_hands_back_nothing(conn, dsn
     runner.conn.close()
     assert runner.name_taken and runner.stopping.is_set()
     assert job_rows(conn, job.workflow_id)["j"]["status"] == "running"
+
+
+# -- what a job may do: allowed callables, secrets, private files --------------------------
+
+
+def _modules(tmp_path: Path) -> Path:
+    """Importable modules that leave a file behind when imported, to tell what was imported."""
+    folder = tmp_path / "modules"
+    (folder / "mypkg").mkdir(parents=True)
+    marker = "open(__import__('os').path.join({!r}, __name__ + '.imported'), 'w').close()\n"
+    for path in ("mypkg/__init__.py", "mypkg/sub.py", "mypkgevil.py", "evil.py", "envpkg.py"):
+        (folder / path).write_text(marker.format(str(tmp_path)) + "def f():\n    return 1\n")
+    return folder
+
+
+def test_python_jobs_call_only_what_the_runner_allows(conn, dsn, runners, tmp_path, monkeypatch):
+    """Prefixes match by dotted module path; a refused callable is never imported and fails
+    for good at once (max_attempts 3, one attempt), naming itself and the option to allow it."""
+    monkeypatch.setenv("PYTHONPATH", str(_modules(tmp_path)))
+    monkeypatch.setenv("SMIFDB_PYTHON_ALLOW", " envpkg ,")
+    pwned = tmp_path / "pwned"
+    jobs = {
+        "system": {"python": "os:system", "args": {"command": f"touch {pwned}"}},
+        "evil": {"python": "evil:f"},
+        "lookalike": {"python": "mypkgevil:f"},
+        "top": {"python": "mypkg:f"},
+        "sub": {"python": "mypkg.sub:f"},
+        "env": {"python": "envpkg:f"},
+        "example": {"python": "smifdb.examples:noop"},
+    }
+    wf = smifdb.submit(
+        conn, {"jobs": [{"key": k, "max_attempts": 3, **j} for k, j in jobs.items()]}
+    )
+    proc = runners.start("--slots", "4", "--exit-when-idle", "--python-allow", "mypkg")
+    assert proc.wait(timeout=60) == 0, runners.output("r0")
+    rows = job_rows(conn, wf)
+    assert {k: (r["status"], r["attempts"]) for k, r in rows.items()} == {
+        "system": ("failed", 1),
+        "evil": ("failed", 1),
+        "lookalike": ("failed", 1),
+        "top": ("succeeded", 1),
+        "sub": ("succeeded", 1),
+        "env": ("succeeded", 1),
+        "example": ("succeeded", 1),
+    }
+    assert not pwned.exists()
+    imported = sorted(p.stem for p in tmp_path.glob("*.imported"))
+    assert imported == ["envpkg", "mypkg", "mypkg.sub"]
+    error = rows["system"]["error"]
+    assert "python callable 'os:system' is not allowed on runner r0" in error
+    assert "--python-allow os (or SMIFDB_PYTHON_ALLOW=os)" in error
+    assert "mypkgevil" in rows["lookalike"]["error"]
+    reasons = conn.execute(
+        "SELECT reason FROM events e JOIN jobs j ON j.id = e.job_id"
+        " WHERE j.workflow_id = %s AND j.key = 'evil' AND e.from_status = 'running'",
+        [wf],
+    ).fetchall()
+    assert reasons == [("callable not allowed",)]
+
+    bad = cli(dsn, "runner", "run", "--slots", "1", "--python-allow", "my pkg")
+    assert bad.returncode == 2 and "'my pkg' is not a module prefix" in bad.stderr, bad.stderr
+
+
+def test_smifdb_run_allows_its_own_specs_callables_in_its_workflow_only(
+    conn, dsn, tmp_path, monkeypatch
+):
+    """The spec's author runs `smifdb run`: its callables run, but the runner it starts claims
+    only that workflow, so another workflow naming the same callable is not run by it."""
+    monkeypatch.setenv("PYTHONPATH", str(_modules(tmp_path)))
+    other = smifdb.submit(conn, {"jobs": [{"key": "other", "python": "evil:f"}]})
+    spec = tmp_path / "mine.json"
+    spec.write_text(json.dumps({"jobs": [{"key": "mine", "python": "evil:f"}]}))
+    out = cli(dsn, "run", str(spec), "--slots", "2", "--log-dir", str(tmp_path / "logs"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert job_rows(conn, other)["other"]["status"] == "ready"
+    bad = cli(dsn, "run", str(spec), "--slots", "1", "--python-allow", "-x")
+    assert bad.returncode == 2 and "'-x' is not a module prefix" in bad.stderr, bad.stderr
+    assert conn.execute("SELECT count(*) FROM workflows").fetchone()[0] == 2  # none submitted
+
+
+def test_jobs_do_not_inherit_the_runners_secrets(conn, dsn, runners, monkeypatch) -> None:
+    secrets = {
+        "SMIFDB_DSN": dsn,
+        "SMIFDB_TEST_DSN": dsn,
+        "SMIFDB_API_TOKEN": "api-token-secret",
+        "PGPASSWORD": "hunter2",
+        "PGPASSFILE": "/nonexistent/pgpass-secret",
+        "PGSERVICEFILE": "/nonexistent/service-secret",
+        "SMIFDB_OTHER_TOKEN": "other-token-secret",
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("HARMLESS", "kept")
+    dump = 'env; python3 -c \'import json,os; json.dump(dict(os.environ), open(os.environ["SMIFDB_RESULT_FILE"], "w"))\''
+    wf = smifdb.submit(
+        conn,
+        {
+            "jobs": [
+                {"key": "plain", "command": dump},
+                {"key": "own", "command": dump, "env": {"PGPASSWORD": "the spec's own"}},
+            ]
+        },
+    )
+    proc = runners.start("--slots", "2", "--exit-when-idle")
+    assert proc.wait(timeout=60) == 0, runners.output("r0")
+    rows = job_rows(conn, wf)
+    plain, own = rows["plain"], rows["own"]
+    assert plain["status"] == own["status"] == "succeeded"
+    assert not set(secrets) & set(plain["result"])
+    assert plain["result"]["HARMLESS"] == "kept"
+    assert own["result"]["PGPASSWORD"] == "the spec's own"
+    for value in secrets.values():
+        assert value not in plain["log_tail"] and value not in own["log_tail"]
+
+
+def test_logs_and_results_are_private_to_the_runners_user(conn, runners, tmp_path) -> None:
+    write = 'echo out; echo \'{"a": 1}\' > "$SMIFDB_RESULT_FILE"'
+    wf = smifdb.submit(conn, {"jobs": [{"key": "j", "command": write}]})
+    umask = os.umask(0o022)  # a login shell's: the runner must not depend on a stricter one
+    try:
+        proc = runners.start("--slots", "1", "--exit-when-idle")
+    finally:
+        os.umask(umask)
+    assert proc.wait(timeout=60) == 0, runners.output("r0")
+    assert job_rows(conn, wf)["j"]["result"] == {"a": 1}
+    logs = tmp_path / "logs"
+    folder = logs / f"workflow-{wf}"
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [logs, folder, *folder.iterdir()]}
+    assert modes == {"logs": 0o700, folder.name: 0o700, "j.1.log": 0o600, "j.1.result.json": 0o600}
