@@ -311,6 +311,14 @@ def _runner_options(f):
             help="Seconds a claim holds a job before the runner must renew it.",
         ),
         click.option(
+            "--max-runner-losses",
+            type=click.IntRange(1, 1000),
+            default=3,
+            show_default=True,
+            help="A job whose attempts end with their runner lost this many times in a row "
+            "fails, instead of going to the next runner (it may be what kills them).",
+        ),
+        click.option(
             "--python-allow",
             "python_allow",
             metavar="PREFIX",
@@ -369,6 +377,7 @@ def _runner_config(name: str | None, allow: tuple[str, ...] = (), **kw) -> Runne
     _check_timing(kw)
     config = RunnerConfig(
         python_allow=_python_allow(kw["python_allow"]) + allow,
+        max_runner_losses=kw["max_runner_losses"],
         slots=kw["slots"],
         log_dir=_log_dir(kw["log_dir"]),
         batch=kw["batch"],

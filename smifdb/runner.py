@@ -62,6 +62,7 @@ class RunnerConfig:
     workflow_id: int | None = None  # only this workflow's jobs; exit when it has finished
     model_run_id: int | None = None  # only this model run's jobs; exit when it has finished
     python_allow: tuple[str, ...] = DEFAULT_PYTHON_ALLOW  # module prefixes python jobs may call
+    max_runner_losses: int = queue.MAX_RUNNER_LOSSES  # a job losing this many runners fails
 
     @property
     def scope(self) -> queue.Scope:
@@ -130,7 +131,12 @@ class Runner:
         )
         # Jobs still leased to this name belong to a dead earlier process of the same name.
         report = queue.rescue(
-            self.conn, self.name, dead_after=self.config.dead_after, owner=self.name, force=True
+            self.conn,
+            self.name,
+            dead_after=self.config.dead_after,
+            owner=self.name,
+            force=True,
+            max_losses=self.config.max_runner_losses,
         )
         if report.recorded:
             log.info(
@@ -717,7 +723,12 @@ class Runner:
         lost = runner_rows.mark_lost(conn, self.config.dead_after)
         if lost:
             log.warning("runner(s) %s stopped heartbeating", ", ".join(lost))
-        report = queue.rescue(conn, self.name, dead_after=self.config.dead_after)
+        report = queue.rescue(
+            conn,
+            self.name,
+            dead_after=self.config.dead_after,
+            max_losses=self.config.max_runner_losses,
+        )
         if report.recorded:
             log.warning("rescued %d job(s) from dead runners", len(report.recorded))
             logs.taken_back(log, report.taken, "rescued")

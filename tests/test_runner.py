@@ -1081,3 +1081,64 @@ def test_logs_and_results_are_private_to_the_runners_user(conn, runners, tmp_pat
     folder = logs / f"workflow-{wf}"
     modes = {p.name: p.stat().st_mode & 0o777 for p in [logs, folder, *folder.iterdir()]}
     assert modes == {"logs": 0o700, folder.name: 0o700, "j.1.log": 0o600, "j.1.result.json": 0o600}
+
+
+def test_a_job_that_kills_its_runners_fails_after_max_runner_losses(conn, runners) -> None:
+    """A poison pill: its shell kills its parent, the runner. Restarted under its own name
+    (the startup rescue) or replaced by a peer (the heartbeat's rescue), each runner loses it
+    once; the third loss in a row fails it for good, with attempts left, and the rest of the
+    workflow runs."""
+    jobs = [{"key": "poison", "command": "kill -9 $PPID", "max_attempts": 10, "priority": 9}]
+    jobs += [{"key": f"ok{i}", "command": "sleep 0.2"} for i in range(4)]
+    wf = smifdb.submit(conn, {"jobs": jobs})
+    deaths, last = 0, None
+    for name in ["a", "a", "b", "a", "b", "a"]:
+        if name == last:
+            time.sleep(2.2)  # its dead name is free again after --dead-after
+        last = name
+        proc = runners.start("--slots", "1", "--exit-when-idle", name=name)
+        code = proc.wait(timeout=60)
+        if code == 0:
+            break
+        assert code == -signal.SIGKILL, runners.output(name)
+        deaths += 1
+    rows = job_rows(conn, wf)
+    assert {k: r["status"] for k, r in rows.items()} == {
+        "poison": "failed",
+        **{f"ok{i}": "succeeded" for i in range(4)},
+    }
+    assert deaths == rows["poison"]["attempts"] == 3
+    error = rows["poison"]["error"]
+    assert error.startswith("attempt 3 abandoned: runner ")
+    assert "its runner was lost 3 times in a row running it" in error
+    assert "--max-runner-losses 3" in error
+    reasons = conn.execute(
+        "SELECT to_status::text, reason FROM events e JOIN jobs j ON j.id = e.job_id"
+        " WHERE j.workflow_id = %s AND j.key = 'poison' AND e.from_status = 'running'"
+        " ORDER BY e.id",
+        [wf],
+    ).fetchall()
+    assert [status for status, _ in reasons] == ["ready", "ready", "failed"]
+    assert reasons[-1][1] == "failed: runner lost 3 times in a row"
+    assert finished(conn, wf) == "failed"
+
+
+def test_only_runner_losses_in_a_row_count_towards_a_poison_pill() -> None:
+    """The count lives in the rescued attempt's error; any other end of an attempt resets it."""
+
+    def rescued(previous: str | None, max_losses: int = 3) -> queue.Outcome:
+        outcome = queue.Outcome(
+            1, 1, 4, "r", "failed", max_attempts=9, error="attempt 4 abandoned: lease expired"
+        )
+        queue._count_runner_losses(outcome, previous, max_losses)
+        return outcome
+
+    assert rescued(None).error == "attempt 4 abandoned: lease expired"
+    assert rescued("exit status 1").error == "attempt 4 abandoned: lease expired"
+    assert rescued("ValueError: attempt 3 abandoned: x (runner lost 2 times in a row)").retries
+    second = rescued("attempt 3 abandoned: runner a restarted")
+    assert second.error == "attempt 4 abandoned: lease expired (runner lost 2 times in a row)"
+    assert second.retries
+    third = rescued(second.error)
+    assert third.final_failure and "lost 3 times in a row" in third.error
+    assert rescued(None, max_losses=1).final_failure
