@@ -17,7 +17,12 @@ import psycopg
 
 from smifdb import __version__, db, logs, store
 from smifdb.decisions import DecisionError, ModelRunError
-from smifdb.execute import DEFAULT_PYTHON_ALLOW, check_allow_entry
+from smifdb.execute import (
+    DEFAULT_PYTHON_ALLOW,
+    MAX_LOG_BYTES,
+    MAX_RESULT_BYTES,
+    check_allow_entry,
+)
 from smifdb.manager import Manager, ManagerConfig, submit_model_run
 from smifdb.pgserver import Cluster, ServerError, default_home
 from smifdb.progress import ModelRunProgress, ProgressPrinter, model_run_summary, summary
@@ -319,6 +324,21 @@ def _runner_options(f):
             "fails, instead of going to the next runner (it may be what kills them).",
         ),
         click.option(
+            "--max-result-bytes",
+            type=click.IntRange(1, 200 * 2**20),
+            default=MAX_RESULT_BYTES,
+            show_default=True,
+            help="A command job's $SMIFDB_RESULT_FILE larger than this fails its attempt.",
+        ),
+        click.option(
+            "--max-log-bytes",
+            type=click.IntRange(4096),
+            default=MAX_LOG_BYTES,
+            show_default=True,
+            help="Most bytes of a command job's output kept in its log file: past it, the "
+            "first and the last bytes, with a line saying how much was dropped between.",
+        ),
+        click.option(
             "--python-allow",
             "python_allow",
             metavar="PREFIX",
@@ -378,6 +398,8 @@ def _runner_config(name: str | None, allow: tuple[str, ...] = (), **kw) -> Runne
     config = RunnerConfig(
         python_allow=_python_allow(kw["python_allow"]) + allow,
         max_runner_losses=kw["max_runner_losses"],
+        max_result_bytes=kw["max_result_bytes"],
+        max_log_bytes=kw["max_log_bytes"],
         slots=kw["slots"],
         log_dir=_log_dir(kw["log_dir"]),
         batch=kw["batch"],

@@ -32,7 +32,14 @@ import psycopg
 
 from smifdb import db, logs, store
 from smifdb.db import DB_ERRORS, Backoff
-from smifdb.execute import DEFAULT_PYTHON_ALLOW, Attempt, JobPolicy, run_attempt
+from smifdb.execute import (
+    DEFAULT_PYTHON_ALLOW,
+    MAX_LOG_BYTES,
+    MAX_RESULT_BYTES,
+    Attempt,
+    JobPolicy,
+    run_attempt,
+)
 from smifdb.store import CANCEL_CHANNEL, FINISHED_CHANNEL, READY_CHANNEL, queue, read
 from smifdb.store import runners as runner_rows
 from smifdb.store.queue import Outcome
@@ -63,6 +70,8 @@ class RunnerConfig:
     model_run_id: int | None = None  # only this model run's jobs; exit when it has finished
     python_allow: tuple[str, ...] = DEFAULT_PYTHON_ALLOW  # module prefixes python jobs may call
     max_runner_losses: int = queue.MAX_RUNNER_LOSSES  # a job losing this many runners fails
+    max_result_bytes: int = MAX_RESULT_BYTES  # a bigger result file fails its attempt
+    max_log_bytes: int = MAX_LOG_BYTES  # a job's log keeps its head and tail within this
 
     @property
     def scope(self) -> queue.Scope:
@@ -98,7 +107,11 @@ class Runner:
         self.host, self.pid = socket.gethostname(), os.getpid()  # who holds the name
         self.name_taken = False  # another process started under our name while we were silent
         self.watchdog = Watchdog()
-        self.policy = JobPolicy(python_allow=config.python_allow)
+        self.policy = JobPolicy(
+            python_allow=config.python_allow,
+            max_result_bytes=config.max_result_bytes,
+            max_log_bytes=config.max_log_bytes,
+        )
         self.backoff = Backoff()
         self.retry_at = 0.0
         self.on_tick: Callable[[], None] | None = None
