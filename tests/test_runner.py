@@ -1142,3 +1142,163 @@ def test_only_runner_losses_in_a_row_count_towards_a_poison_pill() -> None:
     third = rescued(second.error)
     assert third.final_failure and "lost 3 times in a row" in third.error
     assert rescued(None, max_losses=1).final_failure
+
+
+# -- every process of a job ends with it; bounded results and logs ------------------------
+
+_DAEMONS = (
+    # A setsid'd sleep that keeps the job's output open, and a double-forked daemon in a
+    # session of its own: neither is in the job's process group.
+    "setsid sleep 1000 & echo $! > {dir}/setsid.pid; " + PY + ' -c "import os, sys, time\n'
+    "if os.fork(): sys.exit(0)\n"
+    "os.setsid()\n"
+    "if os.fork(): os._exit(0)\n"
+    "open('{dir}/daemon.pid', 'w').write(str(os.getpid()))\n"
+    'time.sleep(1000)"; '
+    "while [ ! -s {dir}/daemon.pid ]; do sleep 0.01; done; {then}"
+)
+
+
+def _gone(pid: int) -> bool:
+    """Ended: no such process, or a zombie waiting for init to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _daemon_job(tmp_path: Path, key: str, then: str, **extra) -> tuple[dict, list[Path]]:
+    folder = tmp_path / key
+    folder.mkdir()
+    command = _DAEMONS.format(dir=folder, then=then)
+    return {"key": key, "command": command, **extra}, [folder / "setsid.pid", folder / "daemon.pid"]
+
+
+def test_daemons_a_job_started_end_with_it_however_it_ends(conn, runners, tmp_path) -> None:
+    jobs, pidfiles = [], {}
+    for key, then, extra in [
+        ("succeeds", "exit 0", {}),
+        ("fails", "exit 3", {}),
+        ("times-out", "sleep 1000", {"timeout": 1}),
+        ("cancelled", "sleep 1000", {}),
+    ]:
+        job, pidfiles[key] = _daemon_job(tmp_path, key, then, **extra)
+        jobs.append(job)
+    wf = smifdb.submit(conn, {"jobs": jobs})
+    proc = runners.start("--slots", "4")
+    wait_for(lambda: all(p.exists() for p in pidfiles["cancelled"]), what="the daemons")
+    out = cli(runners.dsn, "cancel", str(wf), "--job", "cancelled")
+    assert out.returncode in (0, 1), out.stderr
+    wait_for(lambda: finished(conn, wf), 30, "the workflow to end")
+    rows = job_rows(conn, wf)
+    assert {k: r["status"] for k, r in rows.items()} == {
+        "succeeds": "succeeded",
+        "fails": "failed",
+        "times-out": "failed",
+        "cancelled": "cancelled",
+    }
+    pids = {(key, p.name): int(p.read_text()) for key, files in pidfiles.items() for p in files}
+    try:
+        assert [k for k, pid in pids.items() if not _gone(pid)] == []  # none outlived its job
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, runners.output("r0")
+    finally:
+        _kill(pids.values())
+
+
+def test_daemons_a_job_started_end_when_its_runner_is_sigkilled(conn, runners, tmp_path):
+    job, pidfiles = _daemon_job(tmp_path, "model", "sleep 1000")
+    smifdb.submit(conn, {"jobs": [job]})
+    victim = runners.start("--slots", "1", name="victim")
+    wait_for(lambda: all(p.exists() and p.read_text() for p in pidfiles), what="the daemons")
+    pids = [int(p.read_text()) for p in pidfiles]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    try:
+        for pid in pids:
+            wait_for(lambda pid=pid: _gone(pid), 15, f"daemon {pid} to be ended by the watchdog")
+    finally:
+        _kill(pids)
+
+
+def _kill(pids) -> None:
+    """What a failed test left running."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _peak_rss_mib(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM), in MiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
+def test_a_huge_result_file_fails_its_attempt_without_taking_the_runners_memory(
+    conn, runners, tmp_path
+) -> None:
+    """A 2 GB sparse result file (read whole, it took the runner to 5.6 GB): the attempt fails,
+    naming the limit, and the runner's peak RSS stays under 150 MiB (measured: about 55)."""
+    huge = 'truncate -s 2G "$SMIFDB_RESULT_FILE"'
+    fits = 'printf \'{"n": "%s"}\' $(head -c 1000 /dev/zero | tr "\\0" x) > "$SMIFDB_RESULT_FILE"'
+    jobs = [{"key": "huge", "command": huge}, {"key": "fits", "command": fits}]
+    wf = smifdb.submit(conn, {"jobs": jobs})
+    proc = runners.start("--slots", "2")
+    wait_for(lambda: finished(conn, wf), 60, "the workflow to end")
+    peak = _peak_rss_mib(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, runners.output("r0")
+    print(f"runner peak RSS with a 2 GB result file: {peak:.0f} MiB")
+    assert peak < 150
+    rows = job_rows(conn, wf)
+    assert rows["fits"]["status"] == "succeeded" and rows["fits"]["result"] == {"n": "x" * 1000}
+    huge_row = rows["huge"]
+    assert huge_row["status"] == "failed" and huge_row["result"] is None
+    assert huge_row["error"] == (
+        f"$SMIFDB_RESULT_FILE holds {2 * 2**30} bytes, more than the runner's --max-result-bytes"
+        f" ({16 * 2**20}): write large outputs to files and return their paths"
+    )
+
+    wf = smifdb.submit(conn, {"jobs": [jobs[1]]})
+    proc = runners.start("--slots", "1", "--exit-when-idle", "--max-result-bytes", "1008")
+    assert proc.wait(timeout=60) == 0, runners.output("r1")
+    assert (
+        "holds 1009 bytes, more than the runner's --max-result-bytes (1008)"
+        in (job_rows(conn, wf)["fits"]["error"])
+    )
+
+
+def test_a_job_writing_a_gigabyte_leaves_a_capped_log(conn, runners, tmp_path) -> None:
+    """1 GiB to stdout: the log keeps the first bytes, a line saying how much was dropped and
+    the last MiB, at most --max-log-bytes in all (the default, 64 MiB); the log tail in the
+    database is the output's end; the runner's memory stays bounded."""
+    flood = "echo FIRST; yes 0123456789abcdef | head -c 1073741824; echo; echo LAST"
+    wf = smifdb.submit(conn, {"jobs": [{"key": "flood", "command": flood}]})
+    proc = runners.start("--slots", "1")
+    t0 = time.monotonic()
+    wait_for(lambda: finished(conn, wf), 120, "the flood to end")
+    took = time.monotonic() - t0
+    peak = _peak_rss_mib(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, runners.output("r0")
+    row = job_rows(conn, wf)["flood"]
+    assert row["status"] == "succeeded", row["error"]
+    assert row["log_tail"].endswith("\n0123456789abcdef\n0123456789abc\nLAST\n")
+    log = tmp_path / "logs" / f"workflow-{wf}" / "flood.1.log"
+    size = log.stat().st_size
+    assert size <= 64 * 2**20 and log.stat().st_blocks * 512 <= 64 * 2**20 + 2**20
+    data = log.read_bytes()
+    assert data.startswith(b"FIRST\n0123456789abcdef\n") and data.endswith(b"abc\nLAST\n")
+    at = data.index(b"\n[smifdb: ")
+    after = data.index(b"]\n", at) + 2
+    assert len(data) - after == 2**20  # the tail: the last MiB
+    dropped = len("FIRST\n") + 2**30 + len("\nLAST\n") - at - (len(data) - after)
+    assert (
+        data[at:after]
+        == (
+            f"\n[smifdb: {dropped} bytes of output dropped here: the log keeps its first and last "
+            "bytes, at most --max-log-bytes in all]\n"
+        ).encode()
+    )
+    print(f"1 GiB of output: log {size / 2**20:.1f} MiB, {took:.1f} s, runner peak {peak:.0f} MiB")
+    assert peak < 150
