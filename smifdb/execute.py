@@ -328,6 +328,7 @@ def _run_command(attempt: Attempt) -> Outcome:
         output = CappedLog(log, policy.max_log_bytes)
         try:
             returncode = _copy_output(attempt, process, output)
+        finally:  # even if copying failed: the attempt is not over while its processes run
             if attempt.stop_reason is None:
                 # The job is its process group: what it left running in the background goes
                 # too, or it would run on beside the next attempt or the jobs after it.
@@ -337,7 +338,6 @@ def _run_command(attempt: Attempt) -> Outcome:
             # And so is every process it started that left the group (setsid, daemons).
             _SWEEPER.end(token)
             _drain(process, output)
-        finally:
             output.close()
         if attempt.watchdog is not None:
             attempt.watchdog.release(process.pid)

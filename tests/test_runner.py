@@ -1302,3 +1302,26 @@ def test_a_job_writing_a_gigabyte_leaves_a_capped_log(conn, runners, tmp_path) -
     )
     print(f"1 GiB of output: log {size / 2**20:.1f} MiB, {took:.1f} s, runner peak {peak:.0f} MiB")
     assert peak < 150
+
+
+def test_modelrun_run_allows_its_decision_package_in_its_model_run(dsn, conn, tmp_path) -> None:
+    """The caller's decision module runs in `modelrun run` anyway: the jobs it writes may call
+    into its package, and nothing else beyond what the runner allows."""
+    (tmp_path / "loopmod.py").write_text(
+        "def decide(history):\n"
+        "    if history:\n"
+        "        return None\n"
+        "    return {'jobs': [{'key': 'own', 'python': 'loopmod:work'},\n"
+        "                     {'key': 'other', 'python': 'json:dumps', 'args': {'obj': 1}}]}\n"
+        "def work():\n"
+        "    return {'ran': True}\n"
+    )
+    args = ["modelrun", "run", str(tmp_path), "mr", "--decide", "loopmod:decide", "--slots", "2"]
+    out = cli(dsn, *args, "--log-dir", str(tmp_path / "logs"))
+    assert out.returncode == 1, out.stdout + out.stderr
+    rows = {
+        k: (s, e, r) for k, s, e, r in conn.execute("SELECT key, status, error, result FROM jobs")
+    }
+    assert rows["own"] == ("succeeded", None, {"ran": True})
+    assert rows["other"][0] == "failed"
+    assert "python callable 'json:dumps' is not allowed" in rows["other"][1]
