@@ -1211,6 +1211,7 @@ def test_daemons_a_job_started_end_when_its_runner_is_sigkilled(conn, runners, t
     smifdb.submit(conn, {"jobs": [job]})
     victim = runners.start("--slots", "1", name="victim")
     wait_for(lambda: all(p.exists() and p.read_text() for p in pidfiles), what="the daemons")
+    wait_for(lambda: _watchdogs(victim), what="the watchdog, told of the job as it starts")
     pids = [int(p.read_text()) for p in pidfiles]
     victim.send_signal(signal.SIGKILL)
     victim.wait()
