@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 import traceback
+import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -500,35 +501,67 @@ class CappedLog:
         self.tail = bytearray()
 
 
-_FUNCTIONS: dict[str, Any] = {}
+_FUNCTIONS: dict[str, tuple[Any, str | None]] = {}
 
 
-def resolve(target: str) -> Any:
-    """``package.module:attr.path`` → the object (cached)."""
+class NotAllowed(Exception):
+    """A python job's callable is not one its runner allows."""
+
+
+def resolve(target: str) -> tuple[Any, str | None]:
+    """``package.module:attr.path`` → (the object, the module its path passes through, if any)
+    (cached). 'smifdb.examples:os.system' reaches os.system through the module ``os``."""
     if target not in _FUNCTIONS:
         module_name, _, attr_path = target.partition(":")
         obj: Any = importlib.import_module(module_name)
+        via = None
         for part in attr_path.split("."):
             obj = getattr(obj, part)
-        _FUNCTIONS[target] = obj
+            if isinstance(obj, types.ModuleType) and via is None:
+                via = obj.__name__
+        _FUNCTIONS[target] = obj, via
     return _FUNCTIONS[target]
+
+
+def allowed_callable(target: str, allow: tuple[str, ...]) -> Any:
+    """The callable ``target`` names, if ``allow`` allows it (checked before its module is
+    imported: importing runs code). A prefix allows what is defined under it, not what its
+    modules import: 'smifdb.examples:os.system' is os.system, defined in 'posix'. An exact
+    ``module:attr`` entry allows that one name, whatever it is."""
+    module = target.partition(":")[0]
+    how = f"to allow it, start the runner with --python-allow {module} (or SMIFDB_PYTHON_ALLOW={module})"
+    if not python_allowed(target, allow):
+        raise NotAllowed(
+            f"python callable {target!r} is not allowed: its module is under none of the "
+            f"allowed prefixes ({', '.join(allow)}); {how}"
+        )
+    obj, via = resolve(target)
+    if target in allow:
+        return obj
+    defined_in = getattr(obj, "__module__", None)
+    if (
+        via is not None
+        or not isinstance(defined_in, str)
+        or not python_allowed(f"{defined_in}:_", allow)
+    ):
+        where = f"module {via}" if via else f"{defined_in or 'no module'}"
+        raise NotAllowed(
+            f"python callable {target!r} is not allowed: it is {where}'s, not defined under "
+            f"the allowed prefixes ({', '.join(allow)}); name it where it is defined"
+        )
+    return obj
 
 
 def _run_python(attempt: Attempt) -> Outcome:
     payload = attempt.job.payload
-    target, allow = payload["function"], attempt.policy.python_allow
-    if not python_allowed(target, allow):  # checked before anything is imported
-        module = target.partition(":")[0]
-        error = (
-            f"python callable {target!r} is not allowed on runner {attempt.owner}: its module is "
-            f"under none of the allowed prefixes ({', '.join(allow)}); to allow it, start the "
-            f"runner with --python-allow {module} (or SMIFDB_PYTHON_ALLOW={module})"
-        )
-        return attempt.outcome("failed", final=True, error=error, reason="callable not allowed")
     try:
-        value = resolve(payload["function"])(**payload.get("args", {}))
+        function = allowed_callable(payload["function"], attempt.policy.python_allow)
+        value = function(**payload.get("args", {}))
         if value is not None and (why := unstorable(value)):
             raise ValueError(f"the returned value cannot be stored as JSON: {why}")
+    except NotAllowed as exc:  # for good: a runner like this one would refuse it as well
+        error = f"{exc} (runner {attempt.owner})"
+        return attempt.outcome("failed", final=True, error=error, reason="callable not allowed")
     except BaseException as exc:  # whatever a job raises, sys.exit() too, fails it; slot lives
         tail = traceback.format_exc()[-LOG_TAIL_BYTES:]
         if attempt.stop_reason is not None:

@@ -964,6 +964,8 @@ def _modules(tmp_path: Path) -> Path:
     marker = "open(__import__('os').path.join({!r}, __name__ + '.imported'), 'w').close()\n"
     for path in ("mypkg/__init__.py", "mypkg/sub.py", "mypkgevil.py", "evil.py", "envpkg.py"):
         (folder / path).write_text(marker.format(str(tmp_path)) + "def f():\n    return 1\n")
+    with open(folder / "mypkg/__init__.py", "a") as f:
+        f.write("import os\nfrom os import system\n")  # allowed module, imported names
     return folder
 
 
@@ -975,6 +977,9 @@ def test_python_jobs_call_only_what_the_runner_allows(conn, dsn, runners, tmp_pa
     pwned = tmp_path / "pwned"
     jobs = {
         "system": {"python": "os:system", "args": {"command": f"touch {pwned}"}},
+        "through": {"python": "smifdb.examples:os.system", "args": {"command": f"touch {pwned}"}},
+        "imported": {"python": "mypkg:system", "args": {"command": f"touch {pwned}"}},
+        "via": {"python": "mypkg:os.system", "args": {"command": f"touch {pwned}"}},
         "evil": {"python": "evil:f"},
         "lookalike": {"python": "mypkgevil:f"},
         "top": {"python": "mypkg:f"},
@@ -990,6 +995,9 @@ def test_python_jobs_call_only_what_the_runner_allows(conn, dsn, runners, tmp_pa
     rows = job_rows(conn, wf)
     assert {k: (r["status"], r["attempts"]) for k, r in rows.items()} == {
         "system": ("failed", 1),
+        "through": ("failed", 1),
+        "imported": ("failed", 1),
+        "via": ("failed", 1),
         "evil": ("failed", 1),
         "lookalike": ("failed", 1),
         "top": ("succeeded", 1),
@@ -1001,8 +1009,11 @@ def test_python_jobs_call_only_what_the_runner_allows(conn, dsn, runners, tmp_pa
     imported = sorted(p.stem for p in tmp_path.glob("*.imported"))
     assert imported == ["envpkg", "mypkg", "mypkg.sub"]
     error = rows["system"]["error"]
-    assert "python callable 'os:system' is not allowed on runner r0" in error
-    assert "--python-allow os (or SMIFDB_PYTHON_ALLOW=os)" in error
+    assert error.startswith("python callable 'os:system' is not allowed: its module is under")
+    assert error.endswith("--python-allow os (or SMIFDB_PYTHON_ALLOW=os) (runner r0)")
+    assert "it is module os's, not defined under" in rows["through"]["error"]
+    assert "it is posix's, not defined under" in rows["imported"]["error"]
+    assert "it is module os's" in rows["via"]["error"]
     assert "mypkgevil" in rows["lookalike"]["error"]
     reasons = conn.execute(
         "SELECT reason FROM events e JOIN jobs j ON j.id = e.job_id"
