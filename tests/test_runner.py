@@ -1337,3 +1337,13 @@ def test_modelrun_run_allows_its_decision_package_in_its_model_run(dsn, conn, tm
     assert rows["own"] == ("succeeded", None, {"ran": True})
     assert rows["other"][0] == "failed"
     assert "python callable 'json:dumps' is not allowed" in rows["other"][1]
+
+
+def test_max_log_bytes_caps_a_log_at_the_runners_choice(conn, runners, tmp_path) -> None:
+    wf = smifdb.submit(conn, {"jobs": [{"key": "j", "command": "seq 1 20000"}]})
+    proc = runners.start("--slots", "1", "--exit-when-idle", "--max-log-bytes", "5000")
+    assert proc.wait(timeout=60) == 0, runners.output("r0")
+    data = (tmp_path / "logs" / f"workflow-{wf}" / "j.1.log").read_bytes()
+    assert len(data) <= 5000 and data.startswith(b"1\n2\n3\n") and data.endswith(b"\n20000\n")
+    assert b" bytes of output dropped here" in data
+    assert job_rows(conn, wf)["j"]["log_tail"].endswith("\n19999\n20000\n")
