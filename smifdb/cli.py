@@ -18,6 +18,12 @@ import psycopg
 
 from smifdb import __version__, db, errors, logs, store
 from smifdb.decisions import DecisionError, ModelRunError
+from smifdb.execute import (
+    DEFAULT_PYTHON_ALLOW,
+    MAX_LOG_BYTES,
+    MAX_RESULT_BYTES,
+    check_allow_entry,
+)
 from smifdb.manager import Manager, ManagerConfig, submit_model_run
 from smifdb.pgserver import Cluster, ServerError, default_home
 from smifdb.progress import ModelRunProgress, ProgressPrinter, model_run_summary, summary
@@ -215,7 +221,7 @@ def _log_dir(value: str | None) -> Path:
     and must be found before anything is submitted."""
     path = Path(value).resolve() if value else default_home() / "logs"
     try:
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
         raise BadInput(f"cannot create the log folder {path}: {exc.strerror or exc}") from exc
     if not os.access(path, os.W_OK | os.X_OK):
@@ -308,8 +314,51 @@ def _runner_options(f):
             show_default=True,
             help="Seconds a claim holds a job before the runner must renew it.",
         ),
+        click.option(
+            "--max-runner-losses",
+            type=click.IntRange(1, 1000),
+            default=3,
+            show_default=True,
+            help="A job whose attempts end with their runner lost this many times in a row "
+            "fails, instead of going to the next runner (it may be what kills them).",
+        ),
+        click.option(
+            "--max-result-bytes",
+            type=click.IntRange(1, 200 * 2**20),
+            default=MAX_RESULT_BYTES,
+            show_default=True,
+            help="A command job's $SMIFDB_RESULT_FILE larger than this fails its attempt.",
+        ),
+        click.option(
+            "--max-log-bytes",
+            type=click.IntRange(4096),
+            default=MAX_LOG_BYTES,
+            show_default=True,
+            help="Most bytes of a command job's output kept in its log file: past it, the "
+            "first and the last bytes, with a line saying how much was dropped between.",
+        ),
+        click.option(
+            "--python-allow",
+            "python_allow",
+            metavar="PREFIX",
+            multiple=True,
+            help="Let python jobs call functions of this module and the modules under it "
+            "(repeatable; also $SMIFDB_PYTHON_ALLOW, comma-separated). Always allowed: "
+            + ", ".join(DEFAULT_PYTHON_ALLOW)
+            + ".",
+        ),
     ]
     return _stack(f, options)
+
+
+def _python_allow(given: tuple[str, ...]) -> tuple[str, ...]:
+    """The runner's allow list: the built-in prefixes, $SMIFDB_PYTHON_ALLOW, the options."""
+    from_env = [e.strip() for e in os.environ.get("SMIFDB_PYTHON_ALLOW", "").split(",")]
+    entries = [*DEFAULT_PYTHON_ALLOW, *filter(None, from_env), *given]
+    try:
+        return tuple(dict.fromkeys(check_allow_entry(e) for e in entries))
+    except ValueError as exc:
+        raise BadInput(f"--python-allow / SMIFDB_PYTHON_ALLOW: {exc}") from exc
 
 
 _wait_for_database = click.option(
@@ -342,9 +391,14 @@ def _check_timing(kw: dict) -> None:
             )
 
 
-def _runner_config(name: str | None, **kw) -> RunnerConfig:
+def _runner_config(name: str | None, allow: tuple[str, ...] = (), **kw) -> RunnerConfig:
+    """``allow``: callables or prefixes allowed beyond the options, for this runner's scope."""
     _check_timing(kw)
     config = RunnerConfig(
+        python_allow=_python_allow(kw["python_allow"]) + allow,
+        max_runner_losses=kw["max_runner_losses"],
+        max_result_bytes=kw["max_result_bytes"],
+        max_log_bytes=kw["max_log_bytes"],
         slots=kw["slots"],
         log_dir=_log_dir(kw["log_dir"]),
         batch=kw["batch"],
@@ -554,14 +608,20 @@ def run_cmd(ctx: click.Context, file: str, workflow_name: str | None, **kw) -> N
     """
     _setup_logging("warning")
     _check_timing(kw)
+    _python_allow(kw["python_allow"])  # before submitting
     dag = _read_dag(file, workflow_name)
+    # The spec's author runs it: its own callables run, in its workflow only (the runner
+    # claims nothing else), as exact names; other workflows' jobs never reach this runner.
+    spec_callables = tuple(sorted({j.payload["function"] for j in dag.jobs if j.kind == "python"}))
     dsn = _dsn(ctx)
     _log_dir(kw["log_dir"])  # before submitting: nothing would run a workflow left behind
     with db.connect(dsn) as conn:
         store.check_schema(conn)
         workflow_id = submit_dag(conn, dag, actor=store.actor_name("cli"))
         click.echo(f"submitted workflow {workflow_id} {dag.name!r}: {len(dag.jobs)} jobs", err=True)
-        config = _runner_config(f"run-{default_name()}", workflow_id=workflow_id, **kw)
+        config = _runner_config(
+            f"run-{default_name()}", spec_callables, workflow_id=workflow_id, **kw
+        )
         runner = Runner(dsn, config)
         printer = ProgressPrinter(conn, workflow_id, dsn=dsn)
         runner.on_tick = printer.tick
@@ -868,12 +928,21 @@ def modelrun_run(ctx: click.Context, **kw) -> None:
     """
     _setup_logging("warning")
     _check_timing(kw)
+    _python_allow(kw["python_allow"])  # before submitting
     dsn = _dsn(ctx)
     with db.connect(dsn) as conn:
         store.check_schema(conn)
         model_run_id, _ = _submit_model_run(conn, kw)
         manager = Manager(dsn, ManagerConfig(model_run_id=model_run_id, poll=0.5))
-        config = _runner_config(f"run-{default_name()}", model_run_id=model_run_id, **kw)
+        # The decision module is the caller's own code, which this process runs anyway: the
+        # jobs it writes may call into its package, in this model run only (all this claims).
+        package = (kw["decide"] or "").partition(":")[0].split(".")[0]
+        config = _runner_config(
+            f"run-{default_name()}",
+            (package,) if package else (),
+            model_run_id=model_run_id,
+            **kw,
+        )
         runner = Runner(dsn, config)
         progress = ModelRunProgress(conn, model_run_id)
 

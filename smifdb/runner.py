@@ -32,7 +32,14 @@ import psycopg
 
 from smifdb import db, logs, store
 from smifdb.db import DB_ERRORS, Backoff
-from smifdb.execute import Attempt, run_attempt
+from smifdb.execute import (
+    DEFAULT_PYTHON_ALLOW,
+    MAX_LOG_BYTES,
+    MAX_RESULT_BYTES,
+    Attempt,
+    JobPolicy,
+    run_attempt,
+)
 from smifdb.store import CANCEL_CHANNEL, FINISHED_CHANNEL, READY_CHANNEL, queue, read
 from smifdb.store import runners as runner_rows
 from smifdb.store.queue import Outcome
@@ -61,6 +68,10 @@ class RunnerConfig:
     exit_when_idle: bool = False  # exit once nothing is waiting, ready or running anywhere
     workflow_id: int | None = None  # only this workflow's jobs; exit when it has finished
     model_run_id: int | None = None  # only this model run's jobs; exit when it has finished
+    python_allow: tuple[str, ...] = DEFAULT_PYTHON_ALLOW  # module prefixes python jobs may call
+    max_runner_losses: int = queue.MAX_RUNNER_LOSSES  # a job losing this many runners fails
+    max_result_bytes: int = MAX_RESULT_BYTES  # a bigger result file fails its attempt
+    max_log_bytes: int = MAX_LOG_BYTES  # a job's log keeps its head and tail within this
 
     @property
     def scope(self) -> queue.Scope:
@@ -96,6 +107,11 @@ class Runner:
         self.host, self.pid = socket.gethostname(), os.getpid()  # who holds the name
         self.name_taken = False  # another process started under our name while we were silent
         self.watchdog = Watchdog()
+        self.policy = JobPolicy(
+            python_allow=config.python_allow,
+            max_result_bytes=config.max_result_bytes,
+            max_log_bytes=config.max_log_bytes,
+        )
         self.backoff = Backoff()
         self.retry_at = 0.0
         self.on_tick: Callable[[], None] | None = None
@@ -115,7 +131,7 @@ class Runner:
 
     def run(self) -> int:
         """Run until stopped (or idle/finished, as configured). Returns an exit status."""
-        self.config.log_dir.mkdir(parents=True, exist_ok=True)
+        self.config.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._connect_main()
         assert self.conn is not None
         runner_rows.start(
@@ -128,7 +144,12 @@ class Runner:
         )
         # Jobs still leased to this name belong to a dead earlier process of the same name.
         report = queue.rescue(
-            self.conn, self.name, dead_after=self.config.dead_after, owner=self.name, force=True
+            self.conn,
+            self.name,
+            dead_after=self.config.dead_after,
+            owner=self.name,
+            force=True,
+            max_losses=self.config.max_runner_losses,
         )
         if report.recorded:
             log.info(
@@ -402,7 +423,9 @@ class Runner:
     def _start(self, jobs: list) -> None:
         if not jobs:
             return
-        attempts = [Attempt(job, self.name, self.config.log_dir, self.watchdog) for job in jobs]
+        attempts = [
+            Attempt(job, self.name, self.config.log_dir, self.watchdog, self.policy) for job in jobs
+        ]
         for attempt in attempts:
             job = attempt.job
             self.claim_left[job.claim_id] = self.claim_left.get(job.claim_id, 0) + 1
@@ -713,7 +736,12 @@ class Runner:
         lost = runner_rows.mark_lost(conn, self.config.dead_after)
         if lost:
             log.warning("runner(s) %s stopped heartbeating", ", ".join(lost))
-        report = queue.rescue(conn, self.name, dead_after=self.config.dead_after)
+        report = queue.rescue(
+            conn,
+            self.name,
+            dead_after=self.config.dead_after,
+            max_losses=self.config.max_runner_losses,
+        )
         if report.recorded:
             log.warning("rescued %d job(s) from dead runners", len(report.recorded))
             logs.taken_back(log, report.taken, "rescued")

@@ -3,9 +3,10 @@
 PR_SET_PDEATHSIG reaches only a job's own process; a shell script's children, or anything a
 model forks, would outlive a SIGKILLed runner and run on while another runner reruns the job.
 The watchdog is a process of its own (its own session, deaf to the signals meant for the
-runner) that reads ``+PGID`` and ``-PGID`` lines from the runner on a pipe. The kernel closes
-that pipe when the runner dies, SIGKILL included: at end of input, every group still listed
-gets SIGTERM, then SIGKILL after a grace.
+runner) that reads ``+PGID TOKEN`` and ``-PGID`` lines from the runner on a pipe. The kernel
+closes that pipe when the runner dies, SIGKILL included: at end of input, every group still
+listed, and every process marked with a listed attempt's token (smifdb/proctree.py: what left
+the group, a daemon), gets SIGTERM, then SIGKILL after a grace.
 
 Run by the runner as ``python -m smifdb.watchdog``; not a user command.
 """
@@ -20,7 +21,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterable
 from typing import BinaryIO
+
+from smifdb import proctree
 
 GRACE = 5.0
 QUICK_DEATH = 2.0  # seconds: a watchdog dying sooner after its start probably cannot run
@@ -37,28 +41,36 @@ def _alive(pgid: int) -> bool:
     return True
 
 
-def kill_groups(groups: set[int], grace: float = GRACE) -> None:
+def kill_groups(groups: set[int], grace: float = GRACE, tokens: Iterable[str] = ()) -> None:
+    """SIGTERM, then SIGKILL after ``grace``, to the groups and the processes ``tokens`` mark."""
+    tokens = [t for t in tokens if t]
     for sig in (signal.SIGTERM, signal.SIGKILL):
         for pgid in groups:
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, sig)
+        if sig == signal.SIGKILL:
+            proctree.kill_marked(tokens)
+            return
+        marked = proctree.signal_marked(tokens, sig)
         deadline = time.monotonic() + grace
         while (groups := {g for g in groups if _alive(g)}) and time.monotonic() < deadline:
             time.sleep(0.05)
-        if not groups:
+        while marked and time.monotonic() < deadline and proctree.marked(tokens):
+            time.sleep(0.05)
+        if not groups and not proctree.marked(tokens):
             return
 
 
 def watch(lines: BinaryIO) -> None:
-    groups: set[int] = set()
+    groups: dict[int, str] = {}  # pgid -> its attempt's token
     for line in lines:
-        with contextlib.suppress(ValueError):
-            pgid = int(line[1:])
+        with contextlib.suppress(ValueError, IndexError):
+            pgid, _, token = line[1:].strip().partition(b" ")
             if line.startswith(b"+"):
-                groups.add(pgid)
+                groups[int(pgid)] = token.decode()
             elif line.startswith(b"-"):
-                groups.discard(pgid)
-    kill_groups(groups)
+                groups.pop(int(pgid), None)
+    kill_groups(set(groups), tokens=groups.values())
 
 
 class Watchdog:
@@ -73,7 +85,7 @@ class Watchdog:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._process: subprocess.Popen | None = None
-        self._groups: set[int] = set()
+        self._groups: dict[int, str] = {}  # pgid -> token
         self._closed = False
         # As the runner started: a Python job may change os.environ (PYTHONHOME, PATH).
         self._env = dict(os.environ)
@@ -82,14 +94,15 @@ class Watchdog:
         self._retry_at = 0.0
         os.register_at_fork(after_in_child=self._forget)
 
-    def guard(self, pgid: int) -> None:
+    def guard(self, pgid: int, token: str = "") -> None:
+        """Guard a job's group, and the processes its attempt's ``token`` marks."""
         with self._lock:
-            self._groups.add(pgid)
-            self._send(f"+{pgid}\n")
+            self._groups[pgid] = token
+            self._send(f"+{pgid} {token}\n")
 
     def release(self, pgid: int) -> None:
         with self._lock:
-            self._groups.discard(pgid)
+            self._groups.pop(pgid, None)
             self._send(f"-{pgid}\n")
 
     def revive(self) -> None:
@@ -150,7 +163,7 @@ class Watchdog:
                     env=self._env,
                 )
                 self._started_at = time.monotonic()
-                line = "".join(f"+{g}\n" for g in self._groups) + line
+                line = "".join(f"+{g} {t}\n" for g, t in self._groups.items()) + line
             assert self._process.stdin is not None
             self._process.stdin.write(line.encode())
             self._process.stdin.flush()

@@ -244,7 +244,7 @@ def test_a_python_job_forking_without_exec_does_not_keep_the_watchdog_waiting(
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     model_job, model_pid = _model_job(tmp_path, "model")
     smifdb.submit(conn, {"jobs": [model_job]})
-    victim = runners.start("--slots", "2", name="victim")
+    victim = runners.start("--slots", "2", "--python-allow", "forker", name="victim")
     model = _started(model_pid)
     fork = {"python": "forker:fork_and_linger", "args": {"pidfile": str(forker_pid)}}
     smifdb.submit(conn, {"jobs": [{"key": "fork", **fork}]})  # after the watchdog started
@@ -424,7 +424,7 @@ def test_outcomes_postgresql_would_refuse_fail_alone(conn, runners) -> None:
             ]
         },
     )
-    proc = runners.start("--slots", "7", "--exit-when-idle")
+    proc = runners.start("--slots", "7", "--exit-when-idle", "--python-allow", "json")
     assert proc.wait(timeout=60) == 0, runners.output("r0")
     rows = job_rows(conn, wf)
     assert {k: r["status"] for k, r in rows.items()} == {
@@ -542,6 +542,7 @@ def test_a_released_python_call_never_runs_beside_its_rerun(conn, runners, tmp_p
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
     call = {"python": "ticker:tick", "args": {"path": str(ticks), "seconds": 3}}
     wf = smifdb.submit(conn, {"jobs": [{"key": "t", **call}]})
+    monkeypatch.setenv("SMIFDB_PYTHON_ALLOW", "ticker")
     first = runners.start("--slots", "1", "--grace", "0.2", name="first")
     wait_for(lambda: ticks.exists(), what="the first attempt")
     peer = runners.start("--slots", "1", "--exit-when-idle", name="peer")
@@ -569,7 +570,7 @@ def test_python_jobs_that_will_not_return_do_not_hold_the_runner(conn, dsn, runn
     wf = smifdb.submit(
         conn, {"jobs": [{"key": "exit", "python": "_thread:exit"}, {"key": "long", **sleeper}]}
     )
-    proc = runners.start("--slots", "2", "--grace", "1")
+    proc = runners.start("--slots", "2", "--grace", "1", "--python-allow", "_thread")
     wait_for(lambda: job_rows(conn, wf)["exit"]["status"] == "failed", what="sys.exit() recorded")
     assert "SystemExit" in job_rows(conn, wf)["exit"]["error"]
     t0 = time.monotonic()
@@ -661,7 +662,7 @@ def test_python_jobs(conn, runners) -> None:
             ]
         },
     )
-    proc = runners.start("--slots", "4", "--exit-when-idle")
+    proc = runners.start("--slots", "4", "--exit-when-idle", "--python-allow", "no_such_module")
     assert proc.wait(timeout=60) == 0
     rows = job_rows(conn, wf)
     assert rows["ok"]["status"] == "succeeded"
@@ -951,3 +952,398 @@ def test_a_reconnecting_runner_whose_name_was_taken_hands_back_nothing(conn, dsn
     runner.conn.close()
     assert runner.name_taken and runner.stopping.is_set()
     assert job_rows(conn, job.workflow_id)["j"]["status"] == "running"
+
+
+# -- what a job may do: allowed callables, secrets, private files --------------------------
+
+
+def _modules(tmp_path: Path) -> Path:
+    """Importable modules that leave a file behind when imported, to tell what was imported."""
+    folder = tmp_path / "modules"
+    (folder / "mypkg").mkdir(parents=True)
+    marker = "open(__import__('os').path.join({!r}, __name__ + '.imported'), 'w').close()\n"
+    for path in ("mypkg/__init__.py", "mypkg/sub.py", "mypkgevil.py", "evil.py", "envpkg.py"):
+        (folder / path).write_text(marker.format(str(tmp_path)) + "def f():\n    return 1\n")
+    with open(folder / "mypkg/__init__.py", "a") as f:
+        f.write("import os\nfrom os import system\n")  # allowed module, imported names
+    return folder
+
+
+def test_python_jobs_call_only_what_the_runner_allows(conn, dsn, runners, tmp_path, monkeypatch):
+    """Prefixes match by dotted module path; a refused callable is never imported and fails
+    for good at once (max_attempts 3, one attempt), naming itself and the option to allow it."""
+    monkeypatch.setenv("PYTHONPATH", str(_modules(tmp_path)))
+    monkeypatch.setenv("SMIFDB_PYTHON_ALLOW", " envpkg ,")
+    pwned = tmp_path / "pwned"
+    jobs = {
+        "system": {"python": "os:system", "args": {"command": f"touch {pwned}"}},
+        "through": {"python": "smifdb.examples:os.system", "args": {"command": f"touch {pwned}"}},
+        "imported": {"python": "mypkg:system", "args": {"command": f"touch {pwned}"}},
+        "via": {"python": "mypkg:os.system", "args": {"command": f"touch {pwned}"}},
+        "evil": {"python": "evil:f"},
+        "lookalike": {"python": "mypkgevil:f"},
+        "top": {"python": "mypkg:f"},
+        "sub": {"python": "mypkg.sub:f"},
+        "env": {"python": "envpkg:f"},
+        "example": {"python": "smifdb.examples:noop"},
+    }
+    wf = smifdb.submit(
+        conn, {"jobs": [{"key": k, "max_attempts": 3, **j} for k, j in jobs.items()]}
+    )
+    proc = runners.start("--slots", "4", "--exit-when-idle", "--python-allow", "mypkg")
+    assert proc.wait(timeout=60) == 0, runners.output("r0")
+    rows = job_rows(conn, wf)
+    assert {k: (r["status"], r["attempts"]) for k, r in rows.items()} == {
+        "system": ("failed", 1),
+        "through": ("failed", 1),
+        "imported": ("failed", 1),
+        "via": ("failed", 1),
+        "evil": ("failed", 1),
+        "lookalike": ("failed", 1),
+        "top": ("succeeded", 1),
+        "sub": ("succeeded", 1),
+        "env": ("succeeded", 1),
+        "example": ("succeeded", 1),
+    }
+    assert not pwned.exists()
+    imported = sorted(p.stem for p in tmp_path.glob("*.imported"))
+    assert imported == ["envpkg", "mypkg", "mypkg.sub"]
+    error = rows["system"]["error"]
+    assert error.startswith("python callable 'os:system' is not allowed: its module is under")
+    assert error.endswith("--python-allow os (or SMIFDB_PYTHON_ALLOW=os) (runner r0)")
+    assert "it is module os's, not defined under" in rows["through"]["error"]
+    assert "it is posix's, not defined under" in rows["imported"]["error"]
+    assert "it is module os's" in rows["via"]["error"]
+    assert "mypkgevil" in rows["lookalike"]["error"]
+    reasons = conn.execute(
+        "SELECT reason FROM events e JOIN jobs j ON j.id = e.job_id"
+        " WHERE j.workflow_id = %s AND j.key = 'evil' AND e.from_status = 'running'",
+        [wf],
+    ).fetchall()
+    assert reasons == [("callable not allowed",)]
+
+    bad = cli(dsn, "runner", "run", "--slots", "1", "--python-allow", "my pkg")
+    assert bad.returncode == 2 and "'my pkg' is not a module prefix" in bad.stderr, bad.stderr
+
+
+def test_smifdb_run_allows_its_own_specs_callables_in_its_workflow_only(
+    conn, dsn, tmp_path, monkeypatch
+):
+    """The spec's author runs `smifdb run`: its callables run, but the runner it starts claims
+    only that workflow, so another workflow naming the same callable is not run by it."""
+    monkeypatch.setenv("PYTHONPATH", str(_modules(tmp_path)))
+    other = smifdb.submit(conn, {"jobs": [{"key": "other", "python": "evil:f"}]})
+    spec = tmp_path / "mine.json"
+    spec.write_text(json.dumps({"jobs": [{"key": "mine", "python": "evil:f"}]}))
+    out = cli(dsn, "run", str(spec), "--slots", "2", "--log-dir", str(tmp_path / "logs"))
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert job_rows(conn, other)["other"]["status"] == "ready"
+    bad = cli(dsn, "run", str(spec), "--slots", "1", "--python-allow", "-x")
+    assert bad.returncode == 2 and "'-x' is not a module prefix" in bad.stderr, bad.stderr
+    assert conn.execute("SELECT count(*) FROM workflows").fetchone()[0] == 2  # none submitted
+
+
+def test_jobs_do_not_inherit_the_runners_secrets(conn, dsn, runners, monkeypatch) -> None:
+    secrets = {
+        "SMIFDB_DSN": dsn,
+        "SMIFDB_TEST_DSN": dsn,
+        "SMIFDB_API_TOKEN": "api-token-secret",
+        "PGPASSWORD": "hunter2",
+        "PGPASSFILE": "/nonexistent/pgpass-secret",
+        "PGSERVICEFILE": "/nonexistent/service-secret",
+        "SMIFDB_OTHER_TOKEN": "other-token-secret",
+    }
+    for name, value in secrets.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("HARMLESS", "kept")
+    dump = 'env; python3 -c \'import json,os; json.dump(dict(os.environ), open(os.environ["SMIFDB_RESULT_FILE"], "w"))\''
+    wf = smifdb.submit(
+        conn,
+        {
+            "jobs": [
+                {"key": "plain", "command": dump},
+                {"key": "own", "command": dump, "env": {"PGPASSWORD": "the spec's own"}},
+            ]
+        },
+    )
+    proc = runners.start("--slots", "2", "--exit-when-idle")
+    assert proc.wait(timeout=60) == 0, runners.output("r0")
+    rows = job_rows(conn, wf)
+    plain, own = rows["plain"], rows["own"]
+    assert plain["status"] == own["status"] == "succeeded"
+    assert not set(secrets) & set(plain["result"])
+    assert plain["result"]["HARMLESS"] == "kept"
+    assert own["result"]["PGPASSWORD"] == "the spec's own"
+    for value in secrets.values():
+        assert value not in plain["log_tail"] and value not in own["log_tail"]
+
+
+def test_logs_and_results_are_private_to_the_runners_user(conn, runners, tmp_path) -> None:
+    write = 'echo out; echo \'{"a": 1}\' > "$SMIFDB_RESULT_FILE"'
+    wf = smifdb.submit(conn, {"jobs": [{"key": "j", "command": write}]})
+    umask = os.umask(0o022)  # a login shell's: the runner must not depend on a stricter one
+    try:
+        proc = runners.start("--slots", "1", "--exit-when-idle")
+    finally:
+        os.umask(umask)
+    assert proc.wait(timeout=60) == 0, runners.output("r0")
+    assert job_rows(conn, wf)["j"]["result"] == {"a": 1}
+    logs = tmp_path / "logs"
+    folder = logs / f"workflow-{wf}"
+    modes = {p.name: p.stat().st_mode & 0o777 for p in [logs, folder, *folder.iterdir()]}
+    assert modes == {"logs": 0o700, folder.name: 0o700, "j.1.log": 0o600, "j.1.result.json": 0o600}
+
+
+def test_a_job_that_kills_its_runners_fails_after_max_runner_losses(conn, runners) -> None:
+    """A poison pill: its shell kills its parent, the runner. Restarted under its own name
+    (the startup rescue) or replaced by a peer (the heartbeat's rescue), each runner loses it
+    once; the third loss in a row fails it for good, with attempts left, and the rest of the
+    workflow runs."""
+    jobs = [{"key": "poison", "command": "kill -9 $PPID", "max_attempts": 10, "priority": 9}]
+    jobs += [{"key": f"ok{i}", "command": "sleep 0.2"} for i in range(4)]
+    wf = smifdb.submit(conn, {"jobs": jobs})
+    deaths, last = 0, None
+    for name in ["a", "a", "b", "a", "b", "a"]:
+        if name == last:
+            time.sleep(2.2)  # its dead name is free again after --dead-after
+        last = name
+        proc = runners.start("--slots", "1", "--exit-when-idle", name=name)
+        code = proc.wait(timeout=60)
+        if code == 0:
+            break
+        assert code == -signal.SIGKILL, runners.output(name)
+        deaths += 1
+    rows = job_rows(conn, wf)
+    assert {k: r["status"] for k, r in rows.items()} == {
+        "poison": "failed",
+        **{f"ok{i}": "succeeded" for i in range(4)},
+    }
+    assert deaths == rows["poison"]["attempts"] == 3
+    error = rows["poison"]["error"]
+    assert error.startswith("attempt 3 abandoned: runner ")
+    assert "its runner was lost 3 times in a row running it" in error
+    assert "--max-runner-losses 3" in error
+    reasons = conn.execute(
+        "SELECT to_status::text, reason FROM events e JOIN jobs j ON j.id = e.job_id"
+        " WHERE j.workflow_id = %s AND j.key = 'poison' AND e.from_status = 'running'"
+        " ORDER BY e.id",
+        [wf],
+    ).fetchall()
+    assert [status for status, _ in reasons] == ["ready", "ready", "failed"]
+    assert reasons[-1][1] == "failed: runner lost 3 times in a row"
+    assert finished(conn, wf) == "failed"
+
+
+def test_only_runner_losses_in_a_row_count_towards_a_poison_pill() -> None:
+    """The count lives in the rescued attempt's error; any other end of an attempt resets it."""
+
+    def rescued(previous: str | None, max_losses: int = 3) -> queue.Outcome:
+        outcome = queue.Outcome(
+            1, 1, 4, "r", "failed", max_attempts=9, error="attempt 4 abandoned: lease expired"
+        )
+        queue._count_runner_losses(outcome, previous, max_losses)
+        return outcome
+
+    assert rescued(None).error == "attempt 4 abandoned: lease expired"
+    assert rescued("exit status 1").error == "attempt 4 abandoned: lease expired"
+    assert rescued("ValueError: attempt 3 abandoned: x (runner lost 2 times in a row)").retries
+    second = rescued("attempt 3 abandoned: runner a restarted")
+    assert second.error == "attempt 4 abandoned: lease expired (runner lost 2 times in a row)"
+    assert second.retries
+    third = rescued(second.error)
+    assert third.final_failure and "lost 3 times in a row" in third.error
+    assert rescued(None, max_losses=1).final_failure
+
+
+# -- every process of a job ends with it; bounded results and logs ------------------------
+
+_DAEMONS = (
+    # A setsid'd sleep that keeps the job's output open, and a double-forked daemon in a
+    # session of its own: neither is in the job's process group.
+    "setsid sleep 1000 & echo $! > {dir}/setsid.pid; " + PY + ' -c "import os, sys, time\n'
+    "if os.fork(): sys.exit(0)\n"
+    "os.setsid()\n"
+    "if os.fork(): os._exit(0)\n"
+    "open('{dir}/daemon.pid', 'w').write(str(os.getpid()))\n"
+    'time.sleep(1000)"; '
+    "while [ ! -s {dir}/daemon.pid ]; do sleep 0.01; done; {then}"
+)
+
+
+def _gone(pid: int) -> bool:
+    """Ended: no such process, or a zombie waiting for init to reap it."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def _daemon_job(tmp_path: Path, key: str, then: str, **extra) -> tuple[dict, list[Path]]:
+    folder = tmp_path / key
+    folder.mkdir()
+    command = _DAEMONS.format(dir=folder, then=then)
+    return {"key": key, "command": command, **extra}, [folder / "setsid.pid", folder / "daemon.pid"]
+
+
+def test_daemons_a_job_started_end_with_it_however_it_ends(conn, runners, tmp_path) -> None:
+    jobs, pidfiles = [], {}
+    for key, then, extra in [
+        ("succeeds", "exit 0", {}),
+        ("fails", "exit 3", {}),
+        ("times-out", "sleep 1000", {"timeout": 1}),
+        ("cancelled", "sleep 1000", {}),
+    ]:
+        job, pidfiles[key] = _daemon_job(tmp_path, key, then, **extra)
+        jobs.append(job)
+    wf = smifdb.submit(conn, {"jobs": jobs})
+    proc = runners.start("--slots", "4")
+    wait_for(lambda: all(p.exists() for p in pidfiles["cancelled"]), what="the daemons")
+    out = cli(runners.dsn, "cancel", str(wf), "--job", "cancelled")
+    assert out.returncode in (0, 1), out.stderr
+    wait_for(lambda: finished(conn, wf), 30, "the workflow to end")
+    rows = job_rows(conn, wf)
+    assert {k: r["status"] for k, r in rows.items()} == {
+        "succeeds": "succeeded",
+        "fails": "failed",
+        "times-out": "failed",
+        "cancelled": "cancelled",
+    }
+    pids = {(key, p.name): int(p.read_text()) for key, files in pidfiles.items() for p in files}
+    try:
+        assert [k for k, pid in pids.items() if not _gone(pid)] == []  # none outlived its job
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=30) == 0, runners.output("r0")
+    finally:
+        _kill(pids.values())
+
+
+def test_daemons_a_job_started_end_when_its_runner_is_sigkilled(conn, runners, tmp_path):
+    job, pidfiles = _daemon_job(tmp_path, "model", "sleep 1000")
+    smifdb.submit(conn, {"jobs": [job]})
+    victim = runners.start("--slots", "1", name="victim")
+    wait_for(lambda: all(p.exists() and p.read_text() for p in pidfiles), what="the daemons")
+    wait_for(lambda: _watchdogs(victim), what="the watchdog, told of the job as it starts")
+    pids = [int(p.read_text()) for p in pidfiles]
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    try:
+        for pid in pids:
+            wait_for(lambda pid=pid: _gone(pid), 15, f"daemon {pid} to be ended by the watchdog")
+    finally:
+        _kill(pids)
+
+
+def _kill(pids) -> None:
+    """What a failed test left running."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _peak_rss_mib(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM), in MiB."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    return int(status.split("VmHWM:")[1].split()[0]) / 1024
+
+
+def test_a_huge_result_file_fails_its_attempt_without_taking_the_runners_memory(
+    conn, runners, tmp_path
+) -> None:
+    """A 2 GB sparse result file (read whole, it took the runner to 5.6 GB): the attempt fails,
+    naming the limit, and the runner's peak RSS stays under 150 MiB (measured: about 55)."""
+    huge = 'truncate -s 2G "$SMIFDB_RESULT_FILE"'
+    fits = 'printf \'{"n": "%s"}\' $(head -c 1000 /dev/zero | tr "\\0" x) > "$SMIFDB_RESULT_FILE"'
+    jobs = [{"key": "huge", "command": huge}, {"key": "fits", "command": fits}]
+    wf = smifdb.submit(conn, {"jobs": jobs})
+    proc = runners.start("--slots", "2")
+    wait_for(lambda: finished(conn, wf), 60, "the workflow to end")
+    peak = _peak_rss_mib(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, runners.output("r0")
+    print(f"runner peak RSS with a 2 GB result file: {peak:.0f} MiB")
+    assert peak < 150
+    rows = job_rows(conn, wf)
+    assert rows["fits"]["status"] == "succeeded" and rows["fits"]["result"] == {"n": "x" * 1000}
+    huge_row = rows["huge"]
+    assert huge_row["status"] == "failed" and huge_row["result"] is None
+    assert huge_row["error"] == (
+        f"$SMIFDB_RESULT_FILE holds {2 * 2**30} bytes, more than the runner's --max-result-bytes"
+        f" ({16 * 2**20}): write large outputs to files and return their paths"
+    )
+
+    wf = smifdb.submit(conn, {"jobs": [jobs[1]]})
+    proc = runners.start("--slots", "1", "--exit-when-idle", "--max-result-bytes", "1008")
+    assert proc.wait(timeout=60) == 0, runners.output("r1")
+    assert (
+        "holds 1009 bytes, more than the runner's --max-result-bytes (1008)"
+        in (job_rows(conn, wf)["fits"]["error"])
+    )
+
+
+def test_a_job_writing_a_gigabyte_leaves_a_capped_log(conn, runners, tmp_path) -> None:
+    """1 GiB to stdout: the log keeps the first bytes, a line saying how much was dropped and
+    the last MiB, at most --max-log-bytes in all (the default, 64 MiB); the log tail in the
+    database is the output's end; the runner's memory stays bounded."""
+    flood = "echo FIRST; yes 0123456789abcdef | head -c 1073741824; echo; echo LAST"
+    wf = smifdb.submit(conn, {"jobs": [{"key": "flood", "command": flood}]})
+    proc = runners.start("--slots", "1")
+    t0 = time.monotonic()
+    wait_for(lambda: finished(conn, wf), 120, "the flood to end")
+    took = time.monotonic() - t0
+    peak = _peak_rss_mib(proc.pid)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 0, runners.output("r0")
+    row = job_rows(conn, wf)["flood"]
+    assert row["status"] == "succeeded", row["error"]
+    assert row["log_tail"].endswith("\n0123456789abcdef\n0123456789abc\nLAST\n")
+    log = tmp_path / "logs" / f"workflow-{wf}" / "flood.1.log"
+    size = log.stat().st_size
+    assert size <= 64 * 2**20 and log.stat().st_blocks * 512 <= 64 * 2**20 + 2**20
+    data = log.read_bytes()
+    assert data.startswith(b"FIRST\n0123456789abcdef\n") and data.endswith(b"abc\nLAST\n")
+    at = data.index(b"\n[smifdb: ")
+    after = data.index(b"]\n", at) + 2
+    assert len(data) - after == 2**20  # the tail: the last MiB
+    dropped = len("FIRST\n") + 2**30 + len("\nLAST\n") - at - (len(data) - after)
+    assert (
+        data[at:after]
+        == (
+            f"\n[smifdb: {dropped} bytes of output dropped here: the log keeps its first and last "
+            "bytes, at most --max-log-bytes in all]\n"
+        ).encode()
+    )
+    print(f"1 GiB of output: log {size / 2**20:.1f} MiB, {took:.1f} s, runner peak {peak:.0f} MiB")
+    assert peak < 150
+
+
+def test_modelrun_run_allows_its_decision_package_in_its_model_run(dsn, conn, tmp_path) -> None:
+    """The caller's decision module runs in `modelrun run` anyway: the jobs it writes may call
+    into its package, and nothing else beyond what the runner allows."""
+    (tmp_path / "loopmod.py").write_text(
+        "def decide(history):\n"
+        "    if history:\n"
+        "        return None\n"
+        "    return {'jobs': [{'key': 'own', 'python': 'loopmod:work'},\n"
+        "                     {'key': 'other', 'python': 'json:dumps', 'args': {'obj': 1}}]}\n"
+        "def work():\n"
+        "    return {'ran': True}\n"
+    )
+    args = ["modelrun", "run", str(tmp_path), "mr", "--decide", "loopmod:decide", "--slots", "2"]
+    out = cli(dsn, *args, "--log-dir", str(tmp_path / "logs"))
+    assert out.returncode == 1, out.stdout + out.stderr
+    rows = {
+        k: (s, e, r) for k, s, e, r in conn.execute("SELECT key, status, error, result FROM jobs")
+    }
+    assert rows["own"] == ("succeeded", None, {"ran": True})
+    assert rows["other"][0] == "failed"
+    assert "python callable 'json:dumps' is not allowed" in rows["other"][1]
+
+
+def test_max_log_bytes_caps_a_log_at_the_runners_choice(conn, runners, tmp_path) -> None:
+    wf = smifdb.submit(conn, {"jobs": [{"key": "j", "command": "seq 1 20000"}]})
+    proc = runners.start("--slots", "1", "--exit-when-idle", "--max-log-bytes", "5000")
+    assert proc.wait(timeout=60) == 0, runners.output("r0")
+    data = (tmp_path / "logs" / f"workflow-{wf}" / "j.1.log").read_bytes()
+    assert len(data) <= 5000 and data.startswith(b"1\n2\n3\n") and data.endswith(b"\n20000\n")
+    assert b" bytes of output dropped here" in data
+    assert job_rows(conn, wf)["j"]["log_tail"].endswith("\n19999\n20000\n")

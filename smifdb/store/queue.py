@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass, field, replace
@@ -42,6 +43,7 @@ from smifdb.store import (
 )
 
 MAX_BACKOFF = 3600.0
+MAX_RUNNER_LOSSES = 3  # attempts in a row ending with their runner lost before a job fails
 
 
 class ClaimedJob(NamedTuple):
@@ -730,6 +732,8 @@ WHERE j.id = ANY(%(ids)s) AND j.status = 'running' AND j.lease_owner = %(owner)s
   AND (j.cancel_requested_at IS NOT NULL OR w.status = 'cancelled')
 """
 
+# The last column: the error of the job's previous attempt (a running job keeps it until its
+# attempt ends), which tells how many attempts in a row before this one lost their runner.
 _LOST_LEASES = f"""
 SELECT j.id, j.workflow_id, j.key, j.attempts, j.max_attempts, c.owner, c.claimed_at,
        CASE WHEN %(force)s THEN 'runner ' || c.owner || ' restarted'
@@ -738,7 +742,8 @@ SELECT j.id, j.workflow_id, j.key, j.attempts, j.max_attempts, c.owner, c.claime
             ELSE 'runner ' || r.state::text || ' (no heartbeat since '
                  || coalesce(to_char(r.last_heartbeat_at, 'YYYY-MM-DD HH24:MI:SS'), 'never')
                  || ')'
-       END
+       END,
+       j.error
 {UNDER_OPEN_CLAIMS}
 LEFT JOIN runners r ON r.name = c.owner
 WHERE c.closed_at IS NULL
@@ -798,21 +803,25 @@ def rescue(
     owner: str | None = None,
     force: bool = False,
     limit: int = 1000,
+    max_losses: int = MAX_RUNNER_LOSSES,
 ) -> FinishReport:
     """Take back jobs whose lease expired or whose runner stopped heartbeating.
 
     Each goes back to ready (the lost attempt counted; no backoff), or fails if it has no
-    attempts left. Safe to run from any number of runners and managers at once.
+    attempts left, or if this is the ``max_losses``-th attempt in a row to end with its runner
+    lost: a job that kills whichever runner runs it (a poison pill) would otherwise take down
+    every runner in turn. Safe to run from any number of runners and managers at once.
     ``force`` takes back every running job of ``owner`` (a restarted runner of that name).
     Then sweeps: closes claims with nothing left running under them, and ends workflows a
     dead session finished but did not check.
     """
+    params = {"dead_after": dead_after, "owner": owner, "force": force, "limit": limit}
     with conn.transaction():
-        rows = conn.execute(
-            _LOST_LEASES,
-            {"dead_after": dead_after, "owner": owner, "force": force, "limit": limit},
-        ).fetchall()
-    report = _finish_taken(conn, actor, _taken_back(rows, "failed"))
+        rows = conn.execute(_LOST_LEASES, params).fetchall()
+    outcomes = _taken_back([row[:-1] for row in rows], "failed")
+    for outcome, row in zip(outcomes, rows, strict=True):
+        _count_runner_losses(outcome, row[-1], max_losses)
+    report = _finish_taken(conn, actor, outcomes)
     conn.execute(_CLOSE_EMPTY_CLAIMS)
     report.finished_workflows |= settle_stragglers(conn, actor)
     return report
@@ -823,6 +832,30 @@ def _finish_taken(conn: psycopg.Connection, actor: str, outcomes: list[Outcome])
     recorded = set(report.recorded)
     report.taken = [o for o in outcomes if o.job_id in recorded]
     return report
+
+
+# A rescued attempt's error, and how many attempts in a row it makes that lost their runner
+# (no count: one). Only the rescue writes errors that start so: a job's own errors are an exit
+# status, a signal, an exception's type, or the runner's words for what it refused.
+_LOST_RUNNERS = re.compile(
+    r"attempt \d+ abandoned: .*?(?: \(runner lost (\d+) times in a row\))?\Z"
+)
+
+
+def _count_runner_losses(outcome: Outcome, previous_error: str | None, max_losses: int) -> None:
+    """Note in a rescued attempt's error how many attempts in a row lost their runner, and fail
+    the job for good at ``max_losses`` of them (the previous attempt's error tells the count)."""
+    before = _LOST_RUNNERS.match(previous_error or "")
+    losses = 1 + (int(before.group(1) or 1) if before else 0)
+    if losses >= max_losses and not outcome.final_failure:
+        outcome.max_attempts = outcome.attempt
+        outcome.error = (
+            f"{outcome.error}; its runner was lost {losses} times in a row running it, so it is "
+            f"failed rather than handed to another runner (--max-runner-losses {max_losses})"
+        )
+        outcome.reason = f"failed: runner lost {losses} times in a row"
+    elif losses > 1:
+        outcome.error = f"{outcome.error} (runner lost {losses} times in a row)"
 
 
 def _taken_back(rows: list[tuple], status: str) -> list[Outcome]:
