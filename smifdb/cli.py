@@ -1225,6 +1225,28 @@ def _read_password(password_stdin: bool) -> str:
 
 
 _ROLE = click.Choice(auth.ROLES)
+_USER_COLUMNS: list[Column] = [
+    ("user", lambda r: r["name"]),
+    ("role", lambda r: r["role"]),
+    ("api tokens", lambda r: r["api_tokens"]),
+    ("last sign-in", lambda r: timestamp(r["last_login_at"])),
+    ("created", lambda r: timestamp(r["created_at"])),
+]
+_TOKEN_COLUMNS: list[Column] = [
+    ("id", lambda r: r["id"]),
+    ("user", lambda r: r["user"]),
+    ("role", lambda r: r["role"]),
+    ("name", lambda r: r["name"]),
+    ("created", lambda r: timestamp(r["issued_at"])),
+    ("expires", lambda r: timestamp(r["expires_at"])),
+]
+
+
+def _print_rows(rows: list[dict], columns: list[Column], as_json: bool) -> None:
+    if as_json:
+        _print_json(rows)
+    else:
+        click.echo(table(rows, columns))
 
 
 @api_user.command("add")
@@ -1288,17 +1310,7 @@ def api_user_list(ctx: click.Context, as_json: bool) -> None:
     with db.connect(_dsn(ctx)) as conn:
         store.check_schema(conn)
         rows = auth.users(conn)
-    if as_json:
-        _print_json(rows)
-        return
-    columns = [
-        ("user", lambda r: r["name"]),
-        ("role", lambda r: r["role"]),
-        ("api tokens", lambda r: r["api_tokens"]),
-        ("last sign-in", lambda r: timestamp(r["last_login_at"])),
-        ("created", lambda r: timestamp(r["created_at"])),
-    ]
-    click.echo(table(rows, columns))
+    _print_rows(rows, _USER_COLUMNS, as_json)
 
 
 @api_group.group("token")
@@ -1334,18 +1346,7 @@ def api_token_list(ctx: click.Context, user: str | None, as_json: bool) -> None:
     with db.connect(_dsn(ctx)) as conn:
         store.check_schema(conn)
         rows = auth.api_tokens(conn, user)
-    if as_json:
-        _print_json(rows)
-        return
-    columns = [
-        ("id", lambda r: r["id"]),
-        ("user", lambda r: r["user"]),
-        ("role", lambda r: r["role"]),
-        ("name", lambda r: r["name"]),
-        ("created", lambda r: timestamp(r["issued_at"])),
-        ("expires", lambda r: timestamp(r["expires_at"])),
-    ]
-    click.echo(table(rows, columns))
+    _print_rows(rows, _TOKEN_COLUMNS, as_json)
 
 
 @api_token.command("revoke")

@@ -94,7 +94,8 @@ _LOCK = f"SELECT {_COLUMNS} FROM model_runs m WHERE m.id = %s FOR NO KEY UPDATE"
 _UNFINISHED_FRAGMENTS = """
 SELECT id FROM workflows WHERE model_run_id = %s AND finished_at IS NULL ORDER BY id
 """
-_LIST = f"""
+# A model run with its bundles' job counts: listings add WHERE, GROUP BY m.id and an order.
+_SUMMARY = f"""
 SELECT m.id, m.name, m.kind::text AS kind, m.project_dir, m.status::text AS status, m.bundles,
        m.error, m.submitted_at, m.finished_at,
        extract(epoch FROM coalesce(m.finished_at, now()) - m.submitted_at)::float AS elapsed,
@@ -102,7 +103,9 @@ SELECT m.id, m.name, m.kind::text AS kind, m.project_dir, m.status::text AS stat
        coalesce(sum({FINISHED_JOBS}), 0)::int AS jobs_finished,
        (array_agg(w.id ORDER BY w.bundle DESC))[1] AS current_workflow
 FROM model_runs m LEFT JOIN workflows w ON w.model_run_id = m.id
-WHERE (%(id)s::bigint IS NULL OR m.id = %(id)s)
+"""
+_LIST = f"""
+{_SUMMARY}WHERE (%(id)s::bigint IS NULL OR m.id = %(id)s)
   AND (%(name)s::text IS NULL OR m.name = %(name)s)
   AND (%(project)s::text IS NULL OR m.project_dir = %(project)s)
 GROUP BY m.id
@@ -113,14 +116,7 @@ LIMIT %(limit)s
 # `before`; statuses filter after that choice. The anti-join reads model_runs whole: a table of
 # one row per model run started, far smaller than its workflows.
 _NEWEST = f"""
-SELECT m.id, m.name, m.kind::text AS kind, m.project_dir, m.status::text AS status, m.bundles,
-       m.error, m.submitted_at, m.finished_at,
-       extract(epoch FROM coalesce(m.finished_at, now()) - m.submitted_at)::float AS elapsed,
-       coalesce(sum(w.job_count), 0)::int AS jobs,
-       coalesce(sum({FINISHED_JOBS}), 0)::int AS jobs_finished,
-       (array_agg(w.id ORDER BY w.bundle DESC))[1] AS current_workflow
-FROM model_runs m LEFT JOIN workflows w ON w.model_run_id = m.id
-WHERE (%(project)s::text IS NULL OR m.project_dir = %(project)s)
+{_SUMMARY}WHERE (%(project)s::text IS NULL OR m.project_dir = %(project)s)
   AND (%(statuses)s::text[] IS NULL OR m.status::text = ANY(%(statuses)s))
   AND m.id < coalesce(%(before)s::bigint, 9223372036854775807)
   AND NOT EXISTS (
