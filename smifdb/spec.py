@@ -17,6 +17,7 @@ from typing import Any
 import networkx as nx
 import yaml
 
+from smifdb.limits import MAX_DEPTH, MAX_KEY_LENGTH, LimitError, load_json, load_yaml, too_deep
 from smifdb.pgtext import text_problems
 
 MAX_REPORTED = 20
@@ -100,39 +101,17 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
-class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
-    """libyaml's safe loader (when available), refusing a mapping that repeats a key: YAML
-    and JSON parsers keep the last value, so `after: [x]` then `after: [y]` lost x."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: explicit keys win
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                repeated = key in seen
-                seen.add(key)
-            except TypeError:  # an unhashable key: the base class reports it
-                continue
-            if repeated:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"found duplicate key {key!r}",
-                    key_node.start_mark,
-                )
-        return super().construct_mapping(node, deep)
-
-
 def load_text(text: str, source: str, *, json_only: bool = False) -> Any:
-    """Parse YAML (a superset of JSON) or strict JSON; a key repeated in a mapping is an error."""
+    """Parse YAML (a superset of JSON) or strict JSON; a key repeated in a mapping is an error,
+    and so is input past smifdb.limits (nesting, YAML alias expansion)."""
     try:
         if json_only:
-            return json.loads(text, object_pairs_hook=_unique_pairs)
-        return yaml.load(text, Loader=_UniqueKeyLoader)
+            return load_json(text, object_pairs_hook=_unique_pairs)
+        return load_yaml(text)
     except (json.JSONDecodeError, _DuplicateKey, yaml.YAMLError) as exc:
         raise SpecError([f"cannot parse {source}: {exc}"]) from exc
+    except LimitError as exc:
+        raise SpecError([f"refused {source}: {exc}"]) from exc
 
 
 def _is_int(value: Any) -> bool:
@@ -156,6 +135,9 @@ def _check_job(index: int, raw: Any, problems: list[str]) -> Job | None:
     key = raw.get("key")
     if not isinstance(key, str) or not key.strip():
         problems.append(f"{where}: 'key' must be a non-empty string")
+        return None
+    if len(key.encode(errors="replace")) > MAX_KEY_LENGTH:
+        problems.append(f"{where}: 'key' must be at most {MAX_KEY_LENGTH} bytes in UTF-8")
         return None
     where = f"job {key!r}"
     start = len(problems)
@@ -190,6 +172,8 @@ def _check_job(index: int, raw: Any, problems: list[str]) -> Job | None:
         if not isinstance(args, Mapping) or not all(isinstance(k, str) for k in args):
             problems.append(f"{where}: 'args' must be a mapping of names to values")
             args = {}
+        elif too_deep(args, MAX_DEPTH - 3):  # under {"jobs": [{"args": ...}]}
+            problems.append(f"{where}: 'args' nests more than {MAX_DEPTH - 3} levels deep")
         else:
             try:
                 json.dumps(args, allow_nan=False)
