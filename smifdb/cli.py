@@ -17,6 +17,7 @@ import psycopg
 
 from smifdb import __version__, db, logs, store
 from smifdb.decisions import DecisionError, ModelRunError
+from smifdb.limits import name_problem
 from smifdb.manager import Manager, ManagerConfig, submit_model_run
 from smifdb.pgserver import Cluster, ServerError, default_home
 from smifdb.progress import ModelRunProgress, ProgressPrinter, model_run_summary, summary
@@ -1081,8 +1082,8 @@ def api_user() -> None:
 @click.pass_context
 def api_user_add(ctx: click.Context, name: str, password_stdin: bool, update: bool) -> None:
     """Add a user (the password is stored as an scrypt hash)."""
-    if not name.strip() or len(name) > 200:
-        raise BadInput("a user name must be 1 to 200 characters")
+    if problem := name_problem(name):
+        raise BadInput(problem)
     if password_stdin:
         password = sys.stdin.readline().rstrip("\r\n")
     else:
