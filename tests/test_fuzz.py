@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -112,3 +113,70 @@ def test_every_route_is_documented() -> None:
         path = re.sub(r"\{(\w+):\w+\}", r"{\1}", route.path)
         served |= {(path, m) for m in route.methods or () if m != "HEAD"}
     assert served == documented
+
+
+def _bomb() -> bytes:
+    """A billion laughs as a model definition: 9**9 strings through nine levels of aliases."""
+    text = "l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+    for i in range(1, 9):
+        text += f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n"
+    return (text + "kind: M\nmetadata: *l8\n").encode()
+
+
+# What schemathesis does not think of: each was a 500, a stall or a 73 MB row somewhere.
+HOSTILE = {
+    "990 nested lists": b"[" * 990 + b"]" * 990,
+    "20,000 nested objects": b'{"a":' * 20_000 + b"1" + b"}" * 20_000,
+    "NaN": b'{"definition": {"kind": "W", "x": NaN}, "version_message": "m", "x": NaN}',
+    "-Infinity": b'{"kind": "P", "metadata": {"x": -Infinity}, "jobs": [-Infinity]}',
+    "a YAML alias bomb": _bomb(),
+    "NUL everywhere": (
+        b'{"kind": "M", "metadata": {"name": "\\u0000"}, "version_message": "\\u0000", '
+        b'"definition": {"kind": "W", "metadata": {"name": "\\u0000"}}, '
+        b'"jobs": [{"key": "\\u0000", "command": "\\u0000"}], "args": {"\\u0000": 1}}'
+    ),
+    "unhashable kinds": (
+        b'{"kind": ["M"], "definition": {"kind": "W", "spec": {"steps": {"a": {"kind": '
+        b'["model"]}}}}, "spec": {"a": [1], "b": {"parameters": [5, {"name": ["N"]}]}}}'
+    ),
+    "a key past a btree row": b'{"jobs": [{"key": "' + b"k" * 3000 + b'", "command": "true"}]}',
+    "not UTF-8": b"\xff\xfe{\x00",
+    "a lone surrogate": b'{"version_message": "\\ud800"}',
+}
+TOKEN_FORMS = {
+    "NUL in a user name": b"grant_type=password&username=al%00ice&password=x",
+    "a long user name": b"grant_type=password&username=" + b"a" * 40_000 + b"&password=x",
+    "not UTF-8": b"grant_type=password&username=\xff&password=x",
+}
+
+
+def test_hostile_bodies_on_every_operation(server, token) -> None:
+    """Every operation that takes a body, sent each hostile body: a JSON 4xx within a second
+    (the event loop is never held), with a token and without one."""
+    headers = {"Authorization": f"Bearer {token}"}
+    placeholders = {"name": "x", "realm": "Production", "workflow_id": "1", "job_id": "1"}
+    zero = "00000000-0000-0000-0000-000000000000"
+    sent = 0
+    for path, operations in openapi.PATHS.items():
+        for method in operations:
+            if method not in ("post", "put"):
+                continue
+            url = server.url + re.sub(
+                r"\{(\w+)\}", lambda m: placeholders.get(m.group(1), zero), path
+            )
+            bodies = TOKEN_FORMS if "openid-connect" in path else HOSTILE
+            for label, body in bodies.items():
+                for with_token in (headers, {}):
+                    started = time.monotonic()
+                    response = requests.request(
+                        method, url, data=body, headers=with_token, timeout=10
+                    )
+                    elapsed = time.monotonic() - started
+                    where = f"{method.upper()} {path} with {label}"
+                    assert response.status_code < 500, f"{where}: {response.text[:300]}"
+                    assert elapsed < 1, f"{where} took {elapsed:.1f} s"
+                    if response.status_code >= 400:
+                        assert response.headers["content-type"].startswith("application/json")
+                        assert isinstance(response.json(), dict), where
+                    sent += 1
+    assert sent > 200
