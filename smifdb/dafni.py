@@ -292,11 +292,12 @@ def validate_parameter_set(
 
 
 def _is_uuid(value: str) -> bool:
+    """A UUID as the database prints it: "{…}", "urn:uuid:…" or upper case would find the
+    model at upload and miss it (as 'deleted') whenever it is looked up by its text."""
     try:
-        uuid.UUID(value)
+        return str(uuid.UUID(value)) == value
     except ValueError:
         return False
-    return True
 
 
 # -- instances ------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ import networkx as nx
 import yaml
 
 from smifdb.limits import MAX_DEPTH, MAX_KEY_LENGTH, LimitError, load_json, load_yaml, too_deep
-from smifdb.pgtext import text_problems
+from smifdb.pgtext import text_problem, text_problems
 
 MAX_REPORTED = 20
 PYTHON_TARGET = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
@@ -250,9 +250,12 @@ def parse(raw: Any, name: str | None = None) -> Dag:
     unknown = sorted(set(raw) - TOP_FIELDS)
     if unknown:
         problems.append(f"unknown top-level field(s) {', '.join(unknown)}")
-    name = name if name is not None else raw.get("name", "workflow")
+    given = name is not None  # --name: not in the spec that text_problems checks below
+    name = name if given else raw.get("name", "workflow")
     if not isinstance(name, str) or not name.strip():
         problems.append("'name' must be a non-empty string")
+    elif given and (problem := text_problem(name)):
+        problems.append(f"the name {problem}, which PostgreSQL cannot store")
     raw_jobs = raw.get("jobs")
     if not isinstance(raw_jobs, list) or not raw_jobs:
         problems.append("'jobs' must be a non-empty list")

@@ -846,6 +846,15 @@ BAD_INPUT = {
         lambda c, s: _put_model(c, s, _model_yaml(inputs={"parameters": [], "dataslots": [1]})),
         "spec.inputs.dataslots: must be a list of mappings",
     ),
+    # uuid.UUID takes these; the model was found at upload and 'deleted' at every execution.
+    "a braced model version id": (
+        lambda c, s: _workflow(c, s, count={**COUNT, "model_version": "{" + s["model"] + "}"}),
+        "spec.steps.count.model_version: a model version id is required",
+    ),
+    "an upper-case model version id": (
+        lambda c, s: _workflow(c, s, count={**COUNT, "model_version": s["model"].upper()}),
+        "spec.steps.count.model_version: a model version id is required",
+    ),
     "a path for a step id": (
         lambda c, s: _workflow(
             c, s, **{"../../victim/file.txt": {**COUNT, "model_version": s["model"]}}

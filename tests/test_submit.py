@@ -577,3 +577,14 @@ def test_job_keys_are_bounded_by_bytes(tmp_path: Path, dsn: str, conn) -> None:
     assert counts(conn)["workflows"] == 0
     spec.write_text(json.dumps({"jobs": [{"key": "k" * 1000, "command": "true"}]}))
     assert run_cli(dsn, "submit", str(spec)).exit_code == 0
+
+
+def test_a_name_postgresql_cannot_store_is_refused(tmp_path: Path, dsn: str, conn) -> None:
+    """`--name` is not in the spec whose strings were checked: PostgreSQL refused it."""
+    spec = tmp_path / "ok.yaml"
+    spec.write_text("jobs: [{key: a, command: 'true'}]\n")
+    for name, problem in (("run\udcff", "unpaired surrogate"), ("run\x00", "NUL character")):
+        result = run_cli(dsn, "submit", str(spec), "--name", name)
+        assert result.exit_code == 2, result.output
+        assert f"the name holds a{'n' if problem[0] == 'u' else ''} {problem}" in result.output
+    assert counts(conn)["workflows"] == 0
