@@ -40,25 +40,21 @@ def _too_deep() -> LimitError:
 
 # -- JSON -----------------------------------------------------------------------------------
 
-_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-_STRINGS_B = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
 _NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
-_NOT_BRACKETS_B = re.compile(rb"[^\[\]{}]+")
-_STEP = {ord("["): 1, ord("{"): 1, ord("]"): -1, ord("}"): -1}
+_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 
 
 def json_depth(text: str | bytes) -> int:
-    """How deep the brackets of JSON text nest, outside its strings: one C-speed pass per step,
-    so a deep document is measured without the recursion that parsing it would need."""
-    opened = text.count("[" if isinstance(text, str) else b"[")
-    opened += text.count("{" if isinstance(text, str) else b"{")
-    if opened <= MAX_DEPTH:
-        return opened
-    if isinstance(text, str):
-        brackets = _NOT_BRACKETS.sub("", _STRINGS.sub("", text))
-        return max(accumulate(map(_STEP.__getitem__, map(ord, brackets))), default=0)
-    brackets_b = _NOT_BRACKETS_B.sub(b"", _STRINGS_B.sub(b"", text))
-    return max(accumulate(map(_STEP.__getitem__, brackets_b)), default=0)
+    """How deep the brackets of JSON text nest, outside its strings (or just how many open,
+    when that is within MAX_DEPTH): a few C-speed passes, about half what json.loads costs,
+    without the recursion that parsing needs."""
+    if isinstance(text, bytes):
+        text = text.decode(errors="replace")  # quotes, backslashes and brackets are ASCII
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return text.count("[") + text.count("{")
+    brackets = _NOT_BRACKETS.sub("", _STRINGS.sub("", text))
+    return max(accumulate(map(_STEP.__getitem__, brackets)), default=0)
 
 
 def load_json(text: str | bytes, **kwargs: Any) -> Any:
