@@ -21,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from smifdb import dafni, store
-from smifdb.api.errors import ApiError, decode, read_body, read_json
+from smifdb.api.errors import ApiError, decode_off_loop, read_body, read_json
 from smifdb.api.pool import in_db
 from smifdb.limits import name_problem
 from smifdb.spec import SpecError, parse
@@ -88,7 +88,7 @@ async def _definition(request: Request) -> Any:
     body = await read_body(request, max_bytes=request.app.state.max_body)
     if not body.strip():
         raise ApiError(400, "a definition is required in the request body")
-    return decode(body, yaml_too=True)
+    return await decode_off_loop(body, yaml_too=True)
 
 
 async def _json_body(request: Request, *, required: bool = True) -> Any:

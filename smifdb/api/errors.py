@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from http import HTTPStatus
 from typing import Any
 
+import anyio
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 
-from smifdb.limits import LimitError, load_json, load_yaml
+from smifdb.limits import MAX_YAML_BODY, LimitError, load_json, load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +119,12 @@ def decode(body: bytes, *, yaml_too: bool = False) -> Any:
     except (ValueError, UnicodeDecodeError) as exc:
         if not yaml_too:
             raise ApiError(400, f"malformed JSON: {exc}") from exc
+        if len(body) > MAX_YAML_BODY:
+            raise ApiError(
+                413,
+                f"a body that is not JSON is read as YAML up to {MAX_YAML_BODY} bytes: "
+                f"send a larger one as JSON ({exc})",
+            ) from exc
     import yaml
 
     try:
@@ -129,6 +137,17 @@ def decode(body: bytes, *, yaml_too: bool = False) -> Any:
         raise ApiError(400, f"the body is neither JSON nor YAML: {exc}") from exc
 
 
+OFF_LOOP_BYTES = 64 * 1024  # decoding 1 MB of YAML takes seconds, 1 MB of JSON a tenth of one
+
+
+async def decode_off_loop(body: bytes, *, yaml_too: bool = False) -> Any:
+    """``decode``, in a worker thread when the body is big enough to hold up the event loop
+    (and with it every other request) while it is parsed."""
+    if len(body) < OFF_LOOP_BYTES:
+        return decode(body, yaml_too=yaml_too)
+    return await anyio.to_thread.run_sync(functools.partial(decode, body, yaml_too=yaml_too))
+
+
 async def read_json(request: Request, *, max_bytes: int, required: bool = True) -> Any:
     """The request's JSON body; 413 if too large, 400 if it is not JSON."""
     body = await read_body(request, max_bytes=max_bytes)
@@ -136,7 +155,7 @@ async def read_json(request: Request, *, max_bytes: int, required: bool = True) 
         if required:
             raise ApiError(400, "a JSON body is required")
         return {}
-    return decode(body)
+    return await decode_off_loop(body)
 
 
 def int_param(request: Request, name: str) -> int:
