@@ -3,6 +3,7 @@ valid and invalid inputs, with and without a token, never a 5xx and always a JSO
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import time
@@ -180,3 +181,127 @@ def test_hostile_bodies_on_every_operation(server, token) -> None:
                         assert isinstance(response.json(), dict), where
                     sent += 1
     assert sent > 200
+
+
+MODEL = {
+    "kind": "M",
+    "api_version": "v1beta3",
+    "metadata": {"display_name": "M", "name": "m", "summary": "s", "description": "d"},
+    "spec": {
+        "command": "true",
+        "timeout": 5,
+        "inputs": {
+            "parameters": [
+                {"name": "N", "type": "integer", "default": 1, "required": True},
+                {"name": "S", "type": "string"},
+            ],
+            "dataslots": [{"name": "d", "path": "inputs/"}],
+        },
+        "outputs": {"datasets": [{"name": "out"}]},
+    },
+}
+ODD_VALUES = [None, True, -1, "", "x", ["model"], {"a": [1]}, "a" * 3000]
+
+
+def _mutations(value: object, path: tuple = ()) -> list[tuple[tuple, object]]:
+    """(path, odd value) for every place in a definition, and for a new key in each mapping."""
+    found = [(path, odd) for odd in ODD_VALUES] if path else []
+    if isinstance(value, dict):
+        found += [((*path, "extra"), odd) for odd in ODD_VALUES[:4]]
+        for key, child in value.items():
+            found += _mutations(child, (*path, key))
+    elif isinstance(value, list):
+        for i, child in enumerate(value):
+            found += _mutations(child, (*path, i))
+    return found
+
+
+def _mutated(value: object, path: tuple, odd: object) -> object:
+    copy = json.loads(json.dumps(value))
+    *parents, last = path
+    target = copy
+    for key in parents:
+        target = target[key]
+    target[last] = odd
+    return copy
+
+
+def test_every_field_of_every_definition_given_odd_values(server, token) -> None:
+    """Each field of a model, workflow and parameter set replaced by each odd value (a list
+    where a mapping goes, a number for a step, an unhashable kind…), and each definition that
+    is accepted then read back and executed: never a 5xx."""
+    api = requests.Session()
+    api.headers["Authorization"] = f"Bearer {token}"
+    base = server.url
+
+    def call(method: str, path: str, what: str, **kwargs) -> requests.Response:
+        response = api.request(method, base + path, timeout=30, **kwargs)
+        assert response.status_code < 500, f"{method} {path} {what}: {response.text[:300]}"
+        return response
+
+    def add_model(definition: dict, what: str) -> str | None:
+        upload = call("POST", "/models/upload/", what, json={}).json()
+        put = call("PUT", f"/models/upload/{upload['id']}/definition/", what, json=definition)
+        if put.status_code != 204:
+            return None
+        ingested = call("POST", f"/models/upload/{upload['id']}/ingest/", what, json={})
+        return ingested.json()["version_id"]
+
+    def run(workflow: str, definition: dict, what: str) -> None:
+        ps = call("POST", "/workflows/parameter-set/upload/", what, json=definition)
+        if ps.status_code == 201:
+            executed = call("POST", f"/workflows/execute/{workflow}/{ps.json()['id']}/", what)
+            if executed.status_code == 201:
+                call("GET", f"/workflows/instances/{executed.json()['instance_id']}/", what)
+
+    model = add_model(MODEL, "the model")
+    assert model
+    tried = 0
+    for path, odd in _mutations(MODEL):
+        what = f"model {'.'.join(map(str, path))} = {odd!r:.40}"
+        if version := add_model(_mutated(MODEL, path, odd), what):
+            call("GET", f"/models/{version}/", what)
+        tried += 1
+    call("GET", "/models/", "after the models")
+
+    steps = {
+        "a": {"kind": "model", "name": "a", "dependencies": [], "model_version": model},
+        "b.2": {"kind": "model", "name": "b", "inputs": ["a"], "model_version": model},
+        "p": {"kind": "publisher", "name": "p", "dependencies": ["b.2"], "inputs": ["b.2"]},
+    }
+    workflow = {
+        "kind": "W",
+        "api_version": "v1.0.2",
+        "metadata": {"display_name": "W", "name": "w", "summary": "s"},
+        "spec": {"steps": steps},
+    }
+    values = {"parameters": [{"name": "N", "value": 2}, {"name": "S", "value": "s"}]}
+    parameter_set = {
+        "kind": "P",
+        "api_version": "v1.0.0",
+        "metadata": {"display_name": "P", "name": "p", "workflow_version": "WORKFLOW"},
+        "spec": {"a": {**values, "dataslots": []}, "b.2": values},
+    }
+    for path, odd in _mutations(workflow):
+        what = f"workflow {'.'.join(map(str, path))} = {odd!r:.40}"
+        body = {"definition": _mutated(workflow, path, odd), "version_message": "m"}
+        uploaded = call("POST", "/workflows/upload/", what, json=body)
+        if uploaded.status_code == 201:
+            version = uploaded.json()["id"]
+            call("GET", f"/workflows/{version}/", what)
+            ps = json.loads(json.dumps(parameter_set).replace("WORKFLOW", version))
+            run(version, {**ps, "spec": {}}, what)
+        tried += 1
+    call("GET", "/workflows/", "after the workflows")
+
+    body = {"definition": workflow, "version_message": "m"}
+    version = call("POST", "/workflows/upload/", "the workflow", json=body).json()["id"]
+    parameter_set = json.loads(json.dumps(parameter_set).replace("WORKFLOW", version))
+    for path, odd in _mutations(parameter_set):
+        what = f"parameter set {'.'.join(map(str, path))} = {odd!r:.40}"
+        mutated = _mutated(parameter_set, path, odd)
+        call("POST", "/workflows/parameter-set/validate/", what, json=mutated)
+        run(version, mutated, what)
+        tried += 1
+    call("GET", f"/workflows/{version}/", "after the parameter sets")
+    assert tried > 500
