@@ -43,7 +43,9 @@ def _too_deep() -> LimitError:
 
 # -- JSON -----------------------------------------------------------------------------------
 
-_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.DOTALL)
+# A string, or an unterminated one running to the end: a failed match would be retried from
+# every later quote, quadratic in a body of escaped quotes.
+_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
 _NOT_BRACKETS = re.compile(r"[^\[\]{}]+")
 _STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
 

@@ -142,6 +142,7 @@ HOSTILE = {
     ),
     "a key past a btree row": b'{"jobs": [{"key": "' + b"k" * 3000 + b'", "command": "true"}]}',
     "not UTF-8": b"\xff\xfe{\x00",
+    "an unterminated string of escaped quotes": b"[" * 70 + b'"' + b'\\"' * 20_000,
     "a lone surrogate": b'{"version_message": "\\ud800"}',
 }
 TOKEN_FORMS = {
