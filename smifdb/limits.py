@@ -22,6 +22,8 @@ EXPANSION_FACTOR = 10  # aliases may make a YAML document this many times its ow
 EXPANSION_FLOOR = 1_000_000  # ...or this size, whichever is larger
 MAX_KEY_LENGTH = 1000  # characters: a job key, or a DAFNI step id (btree rows stop near 2700 bytes)
 MAX_NAME_LENGTH = 200  # an API user name
+# Linux refuses to exec with one argument or NAME=value longer than this (MAX_ARG_STRLEN).
+MAX_ARG_BYTES = 128 * 1024 - 1
 # A YAML request body: libyaml takes about a second a megabyte, much of it in C that never lets
 # the event loop's thread run. A DAFNI model definition is a few kB; a larger one can be JSON.
 MAX_YAML_BODY = 128 * 1024

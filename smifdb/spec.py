@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,15 @@ from typing import Any
 import networkx as nx
 import yaml
 
-from smifdb.limits import MAX_DEPTH, MAX_KEY_LENGTH, LimitError, load_json, load_yaml, too_deep
+from smifdb.limits import (
+    MAX_ARG_BYTES,
+    MAX_DEPTH,
+    MAX_KEY_LENGTH,
+    LimitError,
+    load_json,
+    load_yaml,
+    too_deep,
+)
 from smifdb.pgtext import text_problem, text_problems
 
 MAX_REPORTED = 20
@@ -127,6 +135,16 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _exec_strings(payload: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """What a command job hands exec: each argument, and each NAME=value of its env."""
+    if "shell" in payload:
+        yield "'command'", payload["shell"]
+    for arg in payload.get("argv", ()):
+        yield "an argument of 'command'", arg
+    for name, value in payload.get("env", {}).items():
+        yield f"'env' {name}", f"{name}={value}"
+
+
 def _check_job(index: int, raw: Any, problems: list[str]) -> Job | None:
     where = f"jobs[{index}]"
     if not isinstance(raw, Mapping):
@@ -195,6 +213,16 @@ def _check_job(index: int, raw: Any, problems: list[str]) -> Job | None:
             payload["env"] = {k: str(v) for k, v in env.items()}
         else:
             problems.append(f"{where}: 'env' must map names (without '=') to strings or numbers")
+    too_long = [
+        name
+        for name, arg in (_exec_strings(payload) if kind == "command" else ())
+        if len(arg) > MAX_ARG_BYTES // 4 and len(arg.encode(errors="replace")) > MAX_ARG_BYTES
+    ]
+    if too_long:
+        problems.append(
+            f"{where}: {' and '.join(dict.fromkeys(too_long))} longer than {MAX_ARG_BYTES} "
+            "bytes, more than Linux passes to a program in one argument or variable"
+        )
 
     after = raw.get("after", [])
     if isinstance(after, str):

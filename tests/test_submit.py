@@ -214,6 +214,15 @@ BAD_SPECS = {
         {"jobs": [{"key": "a", "command": "true", "timeout": float("inf")}]},
         "'timeout' must be a positive number",
     ),
+    # Accepted, and then every attempt failed to start: "Argument list too long".
+    "env value past exec's limit": (
+        {"jobs": [{"key": "a", "command": "true", "env": {"BIG": "x" * 140_000}}]},
+        "'env' BIG longer than 131071 bytes",
+    ),
+    "command past exec's limit": (
+        {"jobs": [{"key": "a", "command": ["echo", "é" * 70_000]}]},
+        "an argument of 'command' longer than 131071 bytes",
+    ),
     "env name with =": (
         {"jobs": [{"key": "a", "command": "true", "env": {"A=B": "1"}}]},
         "'env' must map names (without '=')",
