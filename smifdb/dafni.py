@@ -9,6 +9,7 @@ visualisation steps become small Python jobs that record what their input steps 
 
 from __future__ import annotations
 
+import math
 import re
 import shlex
 import uuid
@@ -16,6 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from smifdb.pgtext import jsonb_problems, text_problem
 from smifdb.spec import SpecError, parse
 
 STEP_KINDS = {"model", "publisher", "visualisation"}
@@ -27,6 +29,10 @@ PARAMETER_TYPES = {
     "string": lambda v: isinstance(v, str),
 }
 ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+# A step id names the step's folder under the instance's and becomes its job's key: a plain
+# file name, never '.', '..' or a path (which would put the step's files elsewhere).
+STEP_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+MAX_PROBLEMS = 20
 METADATA_FIELDS = ("display_name", "name", "summary")
 
 
@@ -52,13 +58,25 @@ def _metadata_problems(definition: Mapping, problems: list[str]) -> None:
 
 
 def _check(definition: Any, kind: str, what: str) -> Mapping:
+    """A mapping of the right kind that jsonb can store (no NaN, NUL or date anywhere)."""
     if not isinstance(definition, Mapping):
         raise DefinitionError(
             what, [f"the definition must be a JSON object, not {type(definition).__name__}"]
         )
     if definition.get("kind", kind) != kind:
         raise DefinitionError(what, [f"kind: must be {kind!r}, got {definition.get('kind')!r}"])
+    if problems := [f"{where}: {problem}" for where, problem in jsonb_problems(definition)]:
+        raise DefinitionError(what, problems[:MAX_PROBLEMS])
     return definition
+
+
+def message_problem(message: Any) -> str | None:
+    """Why a version message cannot be stored, or None."""
+    if not isinstance(message, str):
+        return "version_message must be a string"
+    if problem := text_problem(message):
+        return f"version_message {problem}"
+    return None
 
 
 # -- model versions -------------------------------------------------------------------------
@@ -87,14 +105,27 @@ def validate_model(definition: Any) -> dict:
         problems.append("spec.smif: must be {project: <folder>, model_run: <name>}")
     timeout = spec.get("timeout")
     if timeout is not None and (
-        isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0
+        isinstance(timeout, bool)
+        or not isinstance(timeout, (int, float))
+        or not 0 < timeout < math.inf
     ):
         problems.append("spec.timeout: must be a positive number of seconds")
     inputs = spec.get("inputs", {"parameters": []})
-    parameters = inputs.get("parameters", []) if isinstance(inputs, Mapping) else None
+    if inputs is not None and not isinstance(inputs, Mapping):
+        problems.append("spec.inputs: must be a mapping")
+        inputs = {}
+    parameters = (inputs or {}).get("parameters", [])
     if not isinstance(parameters, list):
         problems.append("spec.inputs.parameters: must be a list")
         parameters = []
+    dataslots = (inputs or {}).get("dataslots", [])
+    if not isinstance(dataslots, list) or not all(isinstance(d, Mapping) for d in dataslots):
+        problems.append("spec.inputs.dataslots: must be a list of mappings")
+    outputs = spec.get("outputs")
+    if outputs is not None and not (
+        isinstance(outputs, Mapping) and isinstance(outputs.get("datasets", []), list)
+    ):
+        problems.append("spec.outputs: must be a mapping with a list of datasets")
     seen: set[str] = set()
     for i, parameter in enumerate(parameters):
         where = f"spec.inputs.parameters[{i}]"
@@ -109,7 +140,7 @@ def validate_model(definition: Any) -> dict:
             problems.append(f"{where}.name: {name!r} is given twice")
         seen.add(name)
         kind = parameter.get("type")
-        if kind not in PARAMETER_TYPES:
+        if not isinstance(kind, str) or kind not in PARAMETER_TYPES:
             problems.append(f"{where}.type: must be one of {', '.join(PARAMETER_TYPES)}")
         elif "default" in parameter and not PARAMETER_TYPES[kind](parameter["default"]):
             problems.append(f"{where}.default: must be of type {kind}")
@@ -139,11 +170,19 @@ def validate_workflow(definition: Any, model_exists: Callable[[str], bool]) -> d
         )
     for step_id, step in steps.items():
         where = f"spec.steps.{step_id}"
+        if not isinstance(step_id, str) or not STEP_ID.match(step_id):
+            problems.append(
+                f"spec.steps: the step id {step_id!r} must be 1 to 128 letters, digits, '_', "
+                "'.' or '-', starting with a letter or digit (it names the step's folder)"
+            )
+            continue
         if not isinstance(step, Mapping):
             problems.append(f"{where}: must be a mapping")
             continue
         kind = step.get("kind")
-        if kind in UNSUPPORTED_STEP_KINDS:
+        if not isinstance(kind, str):
+            problems.append(f"{where}.kind: must be one of {', '.join(sorted(STEP_KINDS))}")
+        elif kind in UNSUPPORTED_STEP_KINDS:
             problems.append(f"{where}.kind: {kind!r} steps are not supported by smifdb's shim")
         elif kind not in STEP_KINDS:
             problems.append(f"{where}.kind: must be one of {', '.join(sorted(STEP_KINDS))}")
@@ -202,6 +241,7 @@ def validate_parameter_set(
     spec = definition.get("spec", {})
     if not isinstance(spec, Mapping):
         raise DefinitionError("parameter set", [*problems, "spec: must be a mapping"])
+    given: dict[str, set[str]] = {}  # step id -> the parameters given a value
     for step_id, values in spec.items():
         where = f"spec.{step_id}"
         step = steps.get(step_id)
@@ -219,10 +259,13 @@ def validate_parameter_set(
             problems.append(f"{where}.parameters: a {step['kind']} step takes no parameters")
             continue
         known = model_parameters(models[step["model_version"]]) if parameters else {}
+        names = given.setdefault(step_id, set())
         for i, parameter in enumerate(parameters):
             at = f"{where}.parameters[{i}]"
-            if not isinstance(parameter, Mapping) or "name" not in parameter:
+            if not isinstance(parameter, Mapping) or not isinstance(parameter.get("name"), str):
                 problems.append(f"{at}: must be {{name, value}}")
+            elif parameter["name"] in names:
+                problems.append(f"{at}: {parameter['name']!r} is given twice")
             elif parameter["name"] not in known:
                 problems.append(
                     f"{at}: the model of step {step_id!r} has no parameter "
@@ -232,14 +275,16 @@ def validate_parameter_set(
                 problems.append(f"{at}: a value is required")
             elif not PARAMETER_TYPES[known[parameter["name"]]["type"]](parameter["value"]):
                 problems.append(f"{at}.value: must be of type {known[parameter['name']]['type']}")
+            if isinstance(parameter, Mapping) and isinstance(parameter.get("name"), str):
+                names.add(parameter["name"])
         if not isinstance(values.get("dataslots", []), list):
             problems.append(f"{where}.dataslots: must be a list")
     for step_id, step in steps.items():
         if step["kind"] != "model":
             continue
-        given = {p.get("name") for p in spec.get(step_id, {}).get("parameters", [])}
         for name, parameter in model_parameters(models[step["model_version"]]).items():
-            if parameter.get("required") and "default" not in parameter and name not in given:
+            missing = name not in given.get(step_id, ())
+            if parameter.get("required") and "default" not in parameter and missing:
                 problems.append(f"spec.{step_id}: required parameter {name!r} has no value")
     if problems:
         raise DefinitionError("parameter set", problems)
@@ -247,11 +292,12 @@ def validate_parameter_set(
 
 
 def _is_uuid(value: str) -> bool:
+    """A UUID as the database prints it: "{…}", "urn:uuid:…" or upper case would find the
+    model at upload and miss it (as 'deleted') whenever it is looked up by its text."""
     try:
-        uuid.UUID(value)
+        return str(uuid.UUID(value)) == value
     except ValueError:
         return False
-    return True
 
 
 # -- instances ------------------------------------------------------------------------------
@@ -268,13 +314,19 @@ def instance_dag(
     models: Mapping[str, Mapping],
     data_dir: Path,
 ) -> dict:
-    """The smifdb DAG spec of one execution: one job per step, keyed by step id."""
-    root = data_dir / str(instance_id)
+    """The smifdb DAG spec of one execution: one job per step, keyed by step id.
+
+    Every folder a step's command makes or links is checked to be the step's own, directly
+    under the instance's folder (SpecError if not): a stored definition that predates the
+    step id rule, or a symlinked data folder, cannot aim a step's files elsewhere."""
+    root = (data_dir / str(instance_id)).resolve()
     name = workflow["metadata"]["display_name"]
     jobs = []
     for step_id, step in workflow["spec"]["steps"].items():
-        folder = root / step_id
+        folder = _step_folder(root, step_id)
         inputs = step.get("inputs", [])
+        for source in inputs:
+            _step_folder(root, source)
         job: dict[str, Any] = {"key": step_id, "after": _needs(step), "model": step["name"]}
         if step["kind"] == "model":
             model = models[step["model_version"]]
@@ -304,6 +356,13 @@ def instance_dag(
             }
         jobs.append(job)
     return {"name": f"dafni: {name}", "jobs": jobs}
+
+
+def _step_folder(root: Path, step_id: str) -> Path:
+    folder = (root / step_id).resolve()
+    if not STEP_ID.match(step_id) or folder.parent != root or folder.name != step_id:
+        raise SpecError([f"step id {step_id!r} is not a safe folder name under {root}"])
+    return folder
 
 
 def _step_command(spec: Mapping, folder: Path, root: Path, inputs: list[str]) -> str:

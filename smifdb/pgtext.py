@@ -8,6 +8,7 @@ fails a whole statement: a submission, or every outcome in a runner's batch.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
 from typing import Any
 
@@ -69,6 +70,45 @@ def text_problems(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
     for where, item in strings(value, path):
         if problem := text_problem(item):
             yield where, problem
+
+
+def jsonb_problems(value: Any, path: str = "") -> Iterator[tuple[str, str]]:
+    """(where, problem) for everything in plain data that jsonb would refuse: what
+    text_problems finds, NaN and Infinity, and values JSON has no type for (a date, a set)."""
+    try:
+        if _clean_json(json.dumps(value, allow_nan=False, ensure_ascii=False)):
+            return
+    except (TypeError, ValueError, RecursionError):
+        pass
+    todo = [(path, value)]
+    seen: set[int] = set()
+    while todo:
+        where, item = todo.pop()
+        at = where or "the value"
+        if isinstance(item, str):
+            if problem := text_problem(item):
+                yield at, f"the string {problem}"
+        elif isinstance(item, float):
+            if not math.isfinite(item):
+                yield at, f"{item} is not a JSON number"
+        elif isinstance(item, dict | list | tuple):
+            if id(item) in seen:
+                yield at, "the value contains itself"
+                continue
+            seen.add(id(item))
+            if isinstance(item, dict):
+                for key, child in item.items():
+                    name = clean_text(key) if isinstance(key, str) else str(key)
+                    inner = f"{where}.{name}" if where else name
+                    if isinstance(key, str) and (problem := text_problem(key)):
+                        yield f"{inner} (a key)", f"the string {problem}"
+                    elif not isinstance(key, str | int | float | bool) and key is not None:
+                        yield f"{inner} (a key)", f"a {type(key).__name__} is not a JSON key"
+                    todo.append((inner, child))
+            else:
+                todo += ((f"{where}[{i}]", child) for i, child in enumerate(item))
+        elif not (item is None or isinstance(item, bool | int)):
+            yield at, f"a {type(item).__name__} is not a JSON value"
 
 
 def unstorable(value: Any) -> str | None:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -17,7 +17,16 @@ from typing import Any
 import networkx as nx
 import yaml
 
-from smifdb.pgtext import text_problems
+from smifdb.limits import (
+    MAX_ARG_BYTES,
+    MAX_DEPTH,
+    MAX_KEY_LENGTH,
+    LimitError,
+    load_json,
+    load_yaml,
+    too_deep,
+)
+from smifdb.pgtext import text_problem, text_problems
 
 MAX_REPORTED = 20
 PYTHON_TARGET = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
@@ -100,39 +109,17 @@ def _unique_pairs(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return seen
 
 
-class _UniqueKeyLoader(getattr(yaml, "CSafeLoader", yaml.SafeLoader)):  # type: ignore[misc]
-    """libyaml's safe loader (when available), refusing a mapping that repeats a key: YAML
-    and JSON parsers keep the last value, so `after: [x]` then `after: [y]` lost x."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: set = set()
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: explicit keys win
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                repeated = key in seen
-                seen.add(key)
-            except TypeError:  # an unhashable key: the base class reports it
-                continue
-            if repeated:
-                raise yaml.constructor.ConstructorError(
-                    "while constructing a mapping",
-                    node.start_mark,
-                    f"found duplicate key {key!r}",
-                    key_node.start_mark,
-                )
-        return super().construct_mapping(node, deep)
-
-
 def load_text(text: str, source: str, *, json_only: bool = False) -> Any:
-    """Parse YAML (a superset of JSON) or strict JSON; a key repeated in a mapping is an error."""
+    """Parse YAML (a superset of JSON) or strict JSON; a key repeated in a mapping is an error,
+    and so is input past smifdb.limits (nesting, YAML alias expansion)."""
     try:
         if json_only:
-            return json.loads(text, object_pairs_hook=_unique_pairs)
-        return yaml.load(text, Loader=_UniqueKeyLoader)
+            return load_json(text, object_pairs_hook=_unique_pairs)
+        return load_yaml(text)
     except (json.JSONDecodeError, _DuplicateKey, yaml.YAMLError) as exc:
         raise SpecError([f"cannot parse {source}: {exc}"]) from exc
+    except LimitError as exc:
+        raise SpecError([f"refused {source}: {exc}"]) from exc
 
 
 def _is_int(value: Any) -> bool:
@@ -148,6 +135,16 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _exec_strings(payload: dict[str, Any]) -> Iterator[tuple[str, str]]:
+    """What a command job hands exec: each argument, and each NAME=value of its env."""
+    if "shell" in payload:
+        yield "'command'", payload["shell"]
+    for arg in payload.get("argv", ()):
+        yield "an argument of 'command'", arg
+    for name, value in payload.get("env", {}).items():
+        yield f"'env' {name}", f"{name}={value}"
+
+
 def _check_job(index: int, raw: Any, problems: list[str]) -> Job | None:
     where = f"jobs[{index}]"
     if not isinstance(raw, Mapping):
@@ -156,6 +153,9 @@ def _check_job(index: int, raw: Any, problems: list[str]) -> Job | None:
     key = raw.get("key")
     if not isinstance(key, str) or not key.strip():
         problems.append(f"{where}: 'key' must be a non-empty string")
+        return None
+    if len(key.encode(errors="replace")) > MAX_KEY_LENGTH:
+        problems.append(f"{where}: 'key' must be at most {MAX_KEY_LENGTH} bytes in UTF-8")
         return None
     where = f"job {key!r}"
     start = len(problems)
@@ -190,6 +190,8 @@ def _check_job(index: int, raw: Any, problems: list[str]) -> Job | None:
         if not isinstance(args, Mapping) or not all(isinstance(k, str) for k in args):
             problems.append(f"{where}: 'args' must be a mapping of names to values")
             args = {}
+        elif too_deep(args, MAX_DEPTH - 3):  # under {"jobs": [{"args": ...}]}
+            problems.append(f"{where}: 'args' nests more than {MAX_DEPTH - 3} levels deep")
         else:
             try:
                 json.dumps(args, allow_nan=False)
@@ -211,6 +213,16 @@ def _check_job(index: int, raw: Any, problems: list[str]) -> Job | None:
             payload["env"] = {k: str(v) for k, v in env.items()}
         else:
             problems.append(f"{where}: 'env' must map names (without '=') to strings or numbers")
+    too_long = [
+        name
+        for name, arg in (_exec_strings(payload) if kind == "command" else ())
+        if len(arg) > MAX_ARG_BYTES // 4 and len(arg.encode(errors="replace")) > MAX_ARG_BYTES
+    ]
+    if too_long:
+        problems.append(
+            f"{where}: {' and '.join(dict.fromkeys(too_long))} longer than {MAX_ARG_BYTES} "
+            "bytes, more than Linux passes to a program in one argument or variable"
+        )
 
     after = raw.get("after", [])
     if isinstance(after, str):
@@ -266,9 +278,12 @@ def parse(raw: Any, name: str | None = None) -> Dag:
     unknown = sorted(set(raw) - TOP_FIELDS)
     if unknown:
         problems.append(f"unknown top-level field(s) {', '.join(unknown)}")
-    name = name if name is not None else raw.get("name", "workflow")
+    given = name is not None  # --name: not in the spec that text_problems checks below
+    name = name if given else raw.get("name", "workflow")
     if not isinstance(name, str) or not name.strip():
         problems.append("'name' must be a non-empty string")
+    elif given and (problem := text_problem(name)):
+        problems.append(f"the name {problem}, which PostgreSQL cannot store")
     raw_jobs = raw.get("jobs")
     if not isinstance(raw_jobs, list) or not raw_jobs:
         problems.append("'jobs' must be a non-empty list")

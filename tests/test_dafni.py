@@ -3,10 +3,15 @@ command line, pointed at a real server on a real database, with a real runner ex
 
 from __future__ import annotations
 
+import contextlib
+import datetime
 import json
+import math
+import resource
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +24,7 @@ from starlette.testclient import TestClient
 
 from smifdb.api import create_app
 from smifdb.store import auth
+from smifdb.store import dafni as rows
 
 dafni_cli = pytest.importorskip("dafni_cli", reason="dafni-cli is in the test extra")
 
@@ -579,6 +585,15 @@ def test_user_commands(dsn, conn) -> None:
     assert missing.returncode == 2 and "no user 'alice'" in missing.stderr
 
 
+def test_user_add_refuses_a_name_postgresql_cannot_store(dsn, conn) -> None:
+    """A name that is not UTF-8 (argv cannot hold a NUL) reached PostgreSQL: a traceback."""
+    undecodable = add_user(dsn, "al\udcffice")  # the byte 0xff, as Python decodes argv
+    assert undecodable.returncode == 2, undecodable.stderr
+    assert "a user name holds an unpaired surrogate" in undecodable.stderr
+    assert "Traceback" not in undecodable.stderr
+    assert conn.execute("SELECT count(*) FROM api_users").fetchone()[0] == 0
+
+
 def register(client: TestClient, headers: dict, definition: dict) -> str:
     upload = client.post("/models/upload/", json={}, headers=headers).json()
     stored = client.put(
@@ -621,3 +636,377 @@ def test_failed_and_errored_instances(client, procs, spec, overall, steps) -> No
     assert raw["produced_assets"] == {}
     instance = parse_workflow_instance(raw)
     assert instance.overall_status == overall
+
+
+# -- bounded, storable input: never a 500, never a stall, nothing written --------------------
+
+
+def as_alice(server: ApiServer) -> httpx2.Client:
+    """A client of a real server with alice's token: the one place these tests sign in."""
+    form = {"grant_type": "password", "username": "alice", "password": PASSWORD}
+    token = httpx2.post(f"{server.url}{TOKEN}", data=form).json()["access_token"]
+    return httpx2.Client(
+        base_url=server.url, headers={"Authorization": f"Bearer {token}"}, timeout=10
+    )
+
+
+@contextlib.contextmanager
+def answer_times(api: httpx2.Client) -> Iterator[list[float]]:
+    """Another client asking GET /models/ all along: how long each answer took."""
+    times: list[float] = []
+    stop = threading.Event()
+
+    def probe() -> None:
+        while not stop.is_set():
+            started = time.monotonic()
+            assert api.get("/models/").status_code == 200
+            times.append(time.monotonic() - started)
+
+    prober = threading.Thread(target=probe)
+    prober.start()
+    try:
+        yield times
+    finally:
+        stop.set()
+        prober.join()
+
+
+def _model_bomb() -> str:
+    """A model definition whose summary is 9**9 strings through nine levels of aliases."""
+    text = "l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+    for i in range(1, 9):
+        text += f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n"
+    return text + yaml.safe_dump({**MODEL, "metadata": "BOMB"}).replace("BOMB", "*l8")
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once_and_the_server_keeps_answering(server, conn) -> None:
+    """505 bytes of aliases held the event loop for 16 s and were stored as 73.7 MB of jsonb."""
+    bomb = _model_bomb().encode()
+    assert len(bomb) < 1000
+    with as_alice(server) as api:
+        upload = api.post("/models/upload/", json={}).json()
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        with answer_times(api) as times:
+            for _ in range(5):
+                started = time.monotonic()
+                for path in ("/models/validate/", upload["urls"]["definition"]):
+                    refused = api.put(path, content=bomb)
+                    assert refused.status_code == 413, refused.text
+                    assert "YAML aliases expand" in refused.json()["error_message"]
+                assert time.monotonic() - started < 0.5
+        grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before) * 1024
+        assert times and max(times) < 0.5, times
+        assert grown < 50 * 2**20, grown
+        ingest = api.post(f"/models/upload/{upload['id']}/ingest/", json={})
+        assert "no definition" in ingest.json()["error_message"]
+    assert conn.execute("SELECT count(*) FROM dafni_models").fetchone()[0] == 0
+    stored = conn.execute("SELECT count(definition) FROM dafni_model_uploads").fetchone()[0]
+    assert stored == 0
+
+
+def test_large_definitions_never_hold_up_other_requests(server) -> None:
+    """1 MB of plain YAML (8,000 parameters) held the event loop, and with it every other
+    request, for seconds: YAML is read up to 128 kB, JSON up to the body limit, both parsed
+    in a worker thread."""
+    parameters = [
+        {"name": f"P{i}", "type": "integer", "default": i, "description": "d" * 40}
+        for i in range(8000)
+    ]
+    large = {**MODEL, "spec": {**MODEL["spec"], "inputs": {"parameters": parameters}}}
+    small = {**MODEL, "spec": {**MODEL["spec"], "inputs": {"parameters": parameters[:900]}}}
+    bodies = [(yaml.safe_dump(large), 413), (json.dumps(large), 200), (yaml.safe_dump(small), 200)]
+    assert 900_000 < len(bodies[0][0]) < 1_000_000 and len(bodies[1][0]) > 900_000
+    assert 100_000 < len(bodies[2][0]) < 128 * 1024
+    with as_alice(server) as api:
+        for body, status in bodies:
+            with answer_times(api) as times:
+                time.sleep(0.1)
+                checked = api.put("/models/validate/", content=body, timeout=60)
+                time.sleep(0.1)
+            assert checked.status_code == status, checked.text[:300]
+            assert len(times) > 3 and max(times) < 0.5, (len(body), status, times)
+            if status == 413:
+                assert "send a larger one as JSON" in checked.json()["error_message"]
+            else:
+                assert checked.json() == {"valid": True, "errors": []}
+
+
+@pytest.fixture
+def shim(client: TestClient) -> dict:
+    """alice's headers, and a model, workflow and parameter set of hers to aim bad input at."""
+    headers = bearer(client)
+    model_version = register(client, headers, MODEL)
+    workflow = {"definition": workflow_definition(model_version)}
+    version_id = client.post("/workflows/upload/", json=workflow, headers=headers).json()["id"]
+    ps = client.post(
+        "/workflows/parameter-set/upload/", json=parameter_set(version_id), headers=headers
+    )
+    assert ps.status_code == 201, ps.text
+    return {"headers": headers, "model": model_version, "workflow": version_id}
+
+
+def _put_model(client: TestClient, shim: dict, text: str) -> httpx2.Response:
+    upload = client.post("/models/upload/", json={}, headers=shim["headers"]).json()
+    return client.put(upload["urls"]["definition"], content=text, headers=shim["headers"])
+
+
+def _model_yaml(**spec) -> str:
+    return yaml.safe_dump({**MODEL, "spec": {**MODEL["spec"], **spec}})
+
+
+def _workflow(client: TestClient, shim: dict, **steps) -> httpx2.Response:
+    definition = workflow_definition(shim["model"], **steps)
+    return client.post(
+        "/workflows/upload/", json={"definition": definition}, headers=shim["headers"]
+    )
+
+
+def _parameter_set(client: TestClient, shim: dict, **spec) -> httpx2.Response:
+    definition = {**parameter_set(shim["workflow"]), "spec": spec}
+    return client.post("/workflows/parameter-set/upload/", json=definition, headers=shim["headers"])
+
+
+def _raw(client: TestClient, shim: dict, path: str, text: str) -> httpx2.Response:
+    return client.post(path, content=text, headers=shim["headers"])
+
+
+COUNT = {"kind": "model", "name": "count", "model_version": "MODEL"}
+# Each was a 500 (or accepted, and a 500 on every later GET, or a wrong message) before.
+BAD_INPUT = {
+    "NaN in a workflow": (
+        lambda c, s: _raw(
+            c,
+            s,
+            "/workflows/upload/",
+            json.dumps({"definition": workflow_definition(s["model"])}).replace(
+                '"summary": "Two model steps and a publisher"', '"summary": NaN'
+            ),
+        ),
+        "NaN is not JSON",
+    ),
+    "Infinity in a parameter set": (
+        lambda c, s: _raw(
+            c,
+            s,
+            "/workflows/parameter-set/upload/",
+            json.dumps(parameter_set(s["workflow"])).replace('"description": ""', '"x": -Infinity'),
+        ),
+        "-Infinity is not JSON",
+    ),
+    "990 nested lists in a workflow": (
+        lambda c, s: _raw(c, s, "/workflows/upload/", "[" * 990 + "]" * 990),
+        "nested more than 64 levels deep",
+    ),
+    "990 nested lists in a model": (
+        lambda c, s: _put_model(c, s, "[" * 990 + "]" * 990),
+        "nested more than 64 levels deep",
+    ),
+    "a NaN timeout in a YAML model": (
+        lambda c, s: _put_model(c, s, _model_yaml(timeout=float("nan"))),
+        "spec.timeout: nan is not a JSON number",
+    ),
+    "an infinite default in a YAML model": (
+        lambda c, s: _put_model(
+            c,
+            s,
+            _model_yaml(
+                inputs={"parameters": [{"name": "X", "type": "number", "default": -math.inf}]}
+            ),
+        ),
+        "spec.inputs.parameters[0].default: -inf is not a JSON number",
+    ),
+    "a date in a YAML model": (
+        lambda c, s: _put_model(
+            c,
+            s,
+            _model_yaml(inputs={"dataslots": [{"name": "d", "when": datetime.date(2020, 1, 1)}]}),
+        ),
+        "a date is not a JSON value",
+    ),
+    "NUL in a model's summary": (
+        lambda c, s: _put_model(
+            c, s, json.dumps({**MODEL, "metadata": {**MODEL["metadata"], "summary": "a\0b"}})
+        ),
+        "metadata.summary: the string holds a NUL character",
+    ),
+    "NUL in a parameter set's dataslot": (
+        lambda c, s: _parameter_set(
+            c, s, count={"parameters": [], "dataslots": [{"path": "in\0puts/"}]}
+        ),
+        "spec.count.dataslots[0].path: the string holds a NUL character",
+    ),
+    "NUL in a step id": (
+        lambda c, s: _workflow(c, s, **{"a\0": {**COUNT, "model_version": s["model"]}}),
+        "spec.steps.a\ufffd (a key): the string holds a NUL character",
+    ),
+    "NUL in a workflow's version message": (
+        lambda c, s: c.post(
+            "/workflows/upload/",
+            json={"definition": workflow_definition(s["model"]), "version_message": "v\0"},
+            headers=s["headers"],
+        ),
+        "version_message holds a NUL character",
+    ),
+    "NUL in a model's version message": (
+        lambda c, s: c.post(
+            f"/models/upload/{_uploaded(c, s)}/ingest/",
+            json={"version_message": "v\0"},
+            headers=s["headers"],
+        ),
+        "version_message holds a NUL character",
+    ),
+    "NUL in a user name": (
+        lambda c, s: c.post(
+            TOKEN, data={"grant_type": "password", "username": "al\0ice", "password": PASSWORD}
+        ),
+        "a user name holds a NUL character",
+    ),
+    "a list for a step's values": (
+        lambda c, s: _parameter_set(c, s, count=[{"name": "N", "value": 1}]),
+        "spec.count: must be a mapping",
+    ),
+    "a number for a parameter": (
+        lambda c, s: _parameter_set(c, s, count={"parameters": [5]}),
+        "spec.count.parameters[0]: must be {name, value}",
+    ),
+    "a list for a parameter's name": (
+        lambda c, s: _parameter_set(c, s, count={"parameters": [{"name": ["N"], "value": 1}]}),
+        "spec.count.parameters[0]: must be {name, value}",
+    ),
+    "kind: [model] for a step": (
+        lambda c, s: _workflow(
+            c, s, count={**COUNT, "kind": ["model"], "model_version": s["model"]}
+        ),
+        "spec.steps.count.kind: must be one of",
+    ),
+    "type: [integer] for a model parameter": (
+        lambda c, s: _put_model(
+            c, s, _model_yaml(inputs={"parameters": [{"name": "X", "type": ["integer"]}]})
+        ),
+        "spec.inputs.parameters[0].type: must be one of",
+    ),
+    "a list for a model's outputs": (
+        lambda c, s: _put_model(c, s, _model_yaml(outputs=["results"])),
+        "spec.outputs: must be a mapping",
+    ),
+    "numbers for a model's dataslots": (
+        lambda c, s: _put_model(c, s, _model_yaml(inputs={"parameters": [], "dataslots": [1]})),
+        "spec.inputs.dataslots: must be a list of mappings",
+    ),
+    # uuid.UUID takes these; the model was found at upload and 'deleted' at every execution.
+    "a braced model version id": (
+        lambda c, s: _workflow(c, s, count={**COUNT, "model_version": "{" + s["model"] + "}"}),
+        "spec.steps.count.model_version: a model version id is required",
+    ),
+    "an upper-case model version id": (
+        lambda c, s: _workflow(c, s, count={**COUNT, "model_version": s["model"].upper()}),
+        "spec.steps.count.model_version: a model version id is required",
+    ),
+    "a path for a step id": (
+        lambda c, s: _workflow(
+            c, s, **{"../../victim/file.txt": {**COUNT, "model_version": s["model"]}}
+        ),
+        "the step id '../../victim/file.txt' must be 1 to 128 letters",
+    ),
+    "'..' for a step id": (
+        lambda c, s: _workflow(c, s, **{"..": {**COUNT, "model_version": s["model"]}}),
+        "the step id '..' must be",
+    ),
+}
+
+
+def _uploaded(client: TestClient, shim: dict) -> str:
+    upload = client.post("/models/upload/", json={}, headers=shim["headers"]).json()
+    stored = client.put(
+        upload["urls"]["definition"], content=yaml.safe_dump(MODEL), headers=shim["headers"]
+    )
+    assert stored.status_code == 204
+    return upload["id"]
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUT))
+def test_bad_input_is_a_400_naming_it_and_nothing_is_written(client, shim, conn, case) -> None:
+    send, reason = BAD_INPUT[case]
+    before = counts(conn)
+    response = send(client, shim)
+    assert response.status_code == 400, response.text
+    body = response.json()
+    text = " ".join(
+        [body.get("error_message", body.get("error_description", "")), *body.get("errors", [])]
+    )
+    assert reason in text, text
+    assert counts(conn) == before
+    stored = "SELECT count(*) FROM dafni_model_uploads WHERE definition IS NOT NULL"
+    assert conn.execute(stored).fetchone()[0] == (1 if "model's version" in case else 0)
+    for path in ("/models/", "/workflows/", f"/workflows/{shim['workflow']}/"):
+        assert client.get(path, headers=shim["headers"]).status_code == 200
+
+
+def _files(root: Path) -> set[Path]:
+    return {p for p in root.rglob("*")}
+
+
+def test_step_ids_are_safe_names_and_no_step_writes_outside_the_data_dir(
+    client, conn, procs, tmp_path
+) -> None:
+    """A step id "../../victim/file.txt" made `mkdir -p`, the step's command and `ln -sfn`
+    act outside the data folder. Refused at upload; a definition stored before the rule is
+    refused at execution; real runs of safe ids (dots and dashes too) stay inside."""
+    headers = bearer(client)
+    model_version = register(client, headers, MODEL)
+    victim = tmp_path / "victim" / "file.txt"
+    victim.parent.mkdir()
+    victim.write_text("precious")
+    evil = "../../victim/file.txt"
+    steps = {
+        "count": {"kind": "model", "name": "count", "model_version": model_version},
+        evil: {
+            "kind": "model",
+            "name": "evil",
+            "dependencies": ["count"],
+            "inputs": ["count"],
+            "model_version": model_version,
+        },
+    }
+    definition = {**workflow_definition(model_version), "spec": {"steps": steps}}
+    refused = client.post("/workflows/upload/", json={"definition": definition}, headers=headers)
+    assert f"the step id {evil!r} must be 1 to 128 letters" in problem(refused, 400)
+
+    # As if stored before the rule: written straight to the table, then executed.
+    stored = rows.add_workflow(conn, definition, owner="alice", message="old")
+    ps = {**parameter_set(str(stored)), "spec": {}}
+    ps_id = rows.add_parameter_set(conn, stored, ps, owner="alice")
+    before, outside = counts(conn), _files(tmp_path)
+    executed = client.post(f"/workflows/execute/{stored}/{ps_id}/", headers=headers)
+    assert f"step id {evil!r} is not a safe folder name" in problem(executed, 400)
+    assert counts(conn) == before
+
+    safe = {
+        "count": steps["count"],
+        "double.v-2": {**steps[evil], "name": "double"},
+        "publish": {
+            "kind": "publisher",
+            "name": "publish",
+            "dependencies": ["double.v-2"],
+            "inputs": ["double.v-2"],
+        },
+    }
+    good = {**workflow_definition(model_version), "spec": {"steps": safe}}
+    version = client.post("/workflows/upload/", json={"definition": good}, headers=headers)
+    assert version.status_code == 201, version.text
+    good_ps = {**parameter_set(version.json()["id"]), "spec": {}}
+    ps_id = client.post("/workflows/parameter-set/upload/", json=good_ps, headers=headers)
+    run = f"/workflows/execute/{version.json()['id']}/{ps_id.json()['id']}/"
+    instance_id = client.post(run, headers=headers).json()["instance_id"]
+    procs.start("--slots", "2", "--exit-when-idle", name="runner").wait(60)
+    raw = client.get(f"/workflows/instances/{instance_id}/", headers=headers).json()
+    assert raw["overall_status"] == "Succeeded", raw
+    data = tmp_path / "data" / instance_id
+    assert (data / "double.v-2" / "outputs" / "n.txt").read_text().strip() == "2"
+    assert (data / "double.v-2" / "inputs" / "count").resolve() == data / "count" / "outputs"
+    assert victim.read_text() == "precious" and not victim.is_symlink()
+    written = _files(tmp_path) - outside
+    assert written and all(
+        p.is_relative_to(tmp_path / "data") or "logs" in p.parts or p.name.endswith(".log")
+        for p in written
+    ), written

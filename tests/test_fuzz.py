@@ -3,8 +3,10 @@ valid and invalid inputs, with and without a token, never a 5xx and always a JSO
 
 from __future__ import annotations
 
+import json
 import os
 import re
+import time
 from collections.abc import Iterator
 
 import psycopg
@@ -115,3 +117,195 @@ def test_every_route_is_documented() -> None:
         path = re.sub(r"\{(\w+):\w+\}", r"{\1}", route.path)
         served |= {(path, m) for m in route.methods or () if m != "HEAD"}
     assert served == documented
+
+
+def _bomb() -> bytes:
+    """A billion laughs as a model definition: 9**9 strings through nine levels of aliases."""
+    text = "l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+    for i in range(1, 9):
+        text += f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n"
+    return (text + "kind: M\nmetadata: *l8\n").encode()
+
+
+# What schemathesis does not think of: each was a 500, a stall or a 73 MB row somewhere.
+HOSTILE = {
+    "990 nested lists": b"[" * 990 + b"]" * 990,
+    "20,000 nested objects": b'{"a":' * 20_000 + b"1" + b"}" * 20_000,
+    "NaN": b'{"definition": {"kind": "W", "x": NaN}, "version_message": "m", "x": NaN}',
+    "-Infinity": b'{"kind": "P", "metadata": {"x": -Infinity}, "jobs": [-Infinity]}',
+    "a YAML alias bomb": _bomb(),
+    "NUL everywhere": (
+        b'{"kind": "M", "metadata": {"name": "\\u0000"}, "version_message": "\\u0000", '
+        b'"definition": {"kind": "W", "metadata": {"name": "\\u0000"}}, '
+        b'"jobs": [{"key": "\\u0000", "command": "\\u0000"}], "args": {"\\u0000": 1}}'
+    ),
+    "unhashable kinds": (
+        b'{"kind": ["M"], "definition": {"kind": "W", "spec": {"steps": {"a": {"kind": '
+        b'["model"]}}}}, "spec": {"a": [1], "b": {"parameters": [5, {"name": ["N"]}]}}}'
+    ),
+    "a key past a btree row": b'{"jobs": [{"key": "' + b"k" * 3000 + b'", "command": "true"}]}',
+    "not UTF-8": b"\xff\xfe{\x00",
+    "an unterminated string of escaped quotes": b"[" * 70 + b'"' + b'\\"' * 20_000,
+    "a lone surrogate": b'{"version_message": "\\ud800"}',
+}
+TOKEN_FORMS = {
+    "NUL in a user name": b"grant_type=password&username=al%00ice&password=x",
+    "a long user name": b"grant_type=password&username=" + b"a" * 40_000 + b"&password=x",
+    "not UTF-8": b"grant_type=password&username=\xff&password=x",
+}
+
+
+def test_hostile_bodies_on_every_operation(server, token) -> None:
+    """Every operation that takes a body, sent each hostile body: a JSON 4xx within a second
+    (the event loop is never held), with a token and without one."""
+    headers = {"Authorization": f"Bearer {token}"}
+    placeholders = {"name": "x", "realm": "Production", "workflow_id": "1", "job_id": "1"}
+    zero = "00000000-0000-0000-0000-000000000000"
+    sent = 0
+    for path, operations in openapi.PATHS.items():
+        for method in operations:
+            if method not in ("post", "put"):
+                continue
+            url = server.url + re.sub(
+                r"\{(\w+)\}", lambda m: placeholders.get(m.group(1), zero), path
+            )
+            bodies = TOKEN_FORMS if "openid-connect" in path else HOSTILE
+            for label, body in bodies.items():
+                for with_token in (headers, {}):
+                    started = time.monotonic()
+                    response = requests.request(
+                        method, url, data=body, headers=with_token, timeout=10
+                    )
+                    elapsed = time.monotonic() - started
+                    where = f"{method.upper()} {path} with {label}"
+                    assert response.status_code < 500, f"{where}: {response.text[:300]}"
+                    assert elapsed < 1, f"{where} took {elapsed:.1f} s"
+                    if response.status_code >= 400:
+                        assert response.headers["content-type"].startswith("application/json")
+                        assert isinstance(response.json(), dict), where
+                    sent += 1
+    assert sent > 200
+
+
+MODEL = {
+    "kind": "M",
+    "api_version": "v1beta3",
+    "metadata": {"display_name": "M", "name": "m", "summary": "s", "description": "d"},
+    "spec": {
+        "command": "true",
+        "timeout": 5,
+        "inputs": {
+            "parameters": [
+                {"name": "N", "type": "integer", "default": 1, "required": True},
+                {"name": "S", "type": "string"},
+            ],
+            "dataslots": [{"name": "d", "path": "inputs/"}],
+        },
+        "outputs": {"datasets": [{"name": "out"}]},
+    },
+}
+ODD_VALUES = [None, True, -1, "", "x", ["model"], {"a": [1]}, "a" * 3000]
+
+
+def _mutations(value: object, path: tuple = ()) -> list[tuple[tuple, object]]:
+    """(path, odd value) for every place in a definition, and for a new key in each mapping."""
+    found = [(path, odd) for odd in ODD_VALUES] if path else []
+    if isinstance(value, dict):
+        found += [((*path, "extra"), odd) for odd in ODD_VALUES[:4]]
+        for key, child in value.items():
+            found += _mutations(child, (*path, key))
+    elif isinstance(value, list):
+        for i, child in enumerate(value):
+            found += _mutations(child, (*path, i))
+    return found
+
+
+def _mutated(value: object, path: tuple, odd: object) -> object:
+    copy = json.loads(json.dumps(value))
+    *parents, last = path
+    target = copy
+    for key in parents:
+        target = target[key]
+    target[last] = odd
+    return copy
+
+
+def test_every_field_of_every_definition_given_odd_values(server, token) -> None:
+    """Each field of a model, workflow and parameter set replaced by each odd value (a list
+    where a mapping goes, a number for a step, an unhashable kind…), and each definition that
+    is accepted then read back and executed: never a 5xx."""
+    api = requests.Session()
+    api.headers["Authorization"] = f"Bearer {token}"
+    base = server.url
+
+    def call(method: str, path: str, what: str, **kwargs) -> requests.Response:
+        response = api.request(method, base + path, timeout=30, **kwargs)
+        assert response.status_code < 500, f"{method} {path} {what}: {response.text[:300]}"
+        return response
+
+    def add_model(definition: dict, what: str) -> str | None:
+        upload = call("POST", "/models/upload/", what, json={}).json()
+        put = call("PUT", f"/models/upload/{upload['id']}/definition/", what, json=definition)
+        if put.status_code != 204:
+            return None
+        ingested = call("POST", f"/models/upload/{upload['id']}/ingest/", what, json={})
+        return ingested.json()["version_id"]
+
+    def run(workflow: str, definition: dict, what: str) -> None:
+        ps = call("POST", "/workflows/parameter-set/upload/", what, json=definition)
+        if ps.status_code == 201:
+            executed = call("POST", f"/workflows/execute/{workflow}/{ps.json()['id']}/", what)
+            if executed.status_code == 201:
+                call("GET", f"/workflows/instances/{executed.json()['instance_id']}/", what)
+
+    model = add_model(MODEL, "the model")
+    assert model
+    tried = 0
+    for path, odd in _mutations(MODEL):
+        what = f"model {'.'.join(map(str, path))} = {odd!r:.40}"
+        if version := add_model(_mutated(MODEL, path, odd), what):
+            call("GET", f"/models/{version}/", what)
+        tried += 1
+    call("GET", "/models/", "after the models")
+
+    steps = {
+        "a": {"kind": "model", "name": "a", "dependencies": [], "model_version": model},
+        "b.2": {"kind": "model", "name": "b", "inputs": ["a"], "model_version": model},
+        "p": {"kind": "publisher", "name": "p", "dependencies": ["b.2"], "inputs": ["b.2"]},
+    }
+    workflow = {
+        "kind": "W",
+        "api_version": "v1.0.2",
+        "metadata": {"display_name": "W", "name": "w", "summary": "s"},
+        "spec": {"steps": steps},
+    }
+    values = {"parameters": [{"name": "N", "value": 2}, {"name": "S", "value": "s"}]}
+    parameter_set = {
+        "kind": "P",
+        "api_version": "v1.0.0",
+        "metadata": {"display_name": "P", "name": "p", "workflow_version": "WORKFLOW"},
+        "spec": {"a": {**values, "dataslots": []}, "b.2": values},
+    }
+    for path, odd in _mutations(workflow):
+        what = f"workflow {'.'.join(map(str, path))} = {odd!r:.40}"
+        body = {"definition": _mutated(workflow, path, odd), "version_message": "m"}
+        uploaded = call("POST", "/workflows/upload/", what, json=body)
+        if uploaded.status_code == 201:
+            version = uploaded.json()["id"]
+            call("GET", f"/workflows/{version}/", what)
+            ps = json.loads(json.dumps(parameter_set).replace("WORKFLOW", version))
+            run(version, {**ps, "spec": {}}, what)
+        tried += 1
+    call("GET", "/workflows/", "after the workflows")
+
+    body = {"definition": workflow, "version_message": "m"}
+    version = call("POST", "/workflows/upload/", "the workflow", json=body).json()["id"]
+    parameter_set = json.loads(json.dumps(parameter_set).replace("WORKFLOW", version))
+    for path, odd in _mutations(parameter_set):
+        what = f"parameter set {'.'.join(map(str, path))} = {odd!r:.40}"
+        mutated = _mutated(parameter_set, path, odd)
+        call("POST", "/workflows/parameter-set/validate/", what, json=mutated)
+        run(version, mutated, what)
+        tried += 1
+    call("GET", f"/workflows/{version}/", "after the parameter sets")
+    assert tried > 500

@@ -3,16 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
+import resource
+import subprocess
+import tempfile
 import threading
+import time
 from pathlib import Path
 
 import psycopg
 import pytest
 from click.testing import CliRunner
+from processes import PY
+from test_api import client, error  # noqa: F401 - the API's fixture and error helper
 
 import smifdb
-from smifdb import store
+from smifdb import limits, store
 from smifdb.cli import main
+from smifdb.spec import SpecError
 from smifdb.store import read
 
 EXAMPLE = """
@@ -206,6 +214,15 @@ BAD_SPECS = {
         {"jobs": [{"key": "a", "command": "true", "timeout": float("inf")}]},
         "'timeout' must be a positive number",
     ),
+    # Accepted, and then every attempt failed to start: "Argument list too long".
+    "env value past exec's limit": (
+        {"jobs": [{"key": "a", "command": "true", "env": {"BIG": "x" * 140_000}}]},
+        "'env' BIG longer than 131071 bytes",
+    ),
+    "command past exec's limit": (
+        {"jobs": [{"key": "a", "command": ["echo", "é" * 70_000]}]},
+        "an argument of 'command' longer than 131071 bytes",
+    ),
     "env name with =": (
         {"jobs": [{"key": "a", "command": "true", "env": {"A=B": "1"}}]},
         "'env' must map names (without '=')",
@@ -391,8 +408,203 @@ def test_yaml_anchors_merge_keys_and_odd_structures(tmp_path: Path, dsn: str, co
     assert rows == [("a", 2), ("b", 3)]
     for text, message in [
         ("jobs:\n  - {key: a, command: x, env: {2020-01-01: x}}\n", "'env' must map names"),
-        ("jobs: &j\n  - {key: a, python: 'm:f', args: {x: *j}}\n", "'args' must be JSON"),
+        ("jobs: &j\n  - {key: a, python: 'm:f', args: {x: *j}}\n", "makes the document contain"),
     ]:
         spec.write_text(text)
         result = run_cli(dsn, "submit", str(spec))
         assert result.exit_code == 2 and message in result.output, result.output
+    # Aliases for reuse stay well inside the expansion budget: 2,000 jobs, each merging a
+    # shared base and naming a shared argument mapping, several times the written size.
+    base = "base: &base {python: 'smifdb.examples:noop', max_attempts: 2}\n"
+    args = "common: &common {a: [1, 2, 3], b: {c: text, d: [x, y]}}\n"
+    jobs = "".join(
+        f"  - {{<<: *base, key: j{i}, args: {{common: *common}}}}\n" for i in range(2000)
+    )
+    spec.write_text(base + args + "jobs:\n" + jobs)
+    raw = smifdb.spec.load_file(spec)
+    raw.pop("base"), raw.pop("common")
+    assert smifdb.submit(conn, raw) > 0
+    assert conn.execute("SELECT count(*) FROM jobs WHERE max_attempts = 2").fetchone()[0] == 2001
+
+
+# -- bounded input: what one spec may cost to read (smifdb.limits) ---------------------------
+
+
+def bounded_cli(dsn: str, *args: str, timeout: float = 60) -> tuple[int, str, float, int]:
+    """`smifdb ARGS` in a process of its own with 2 GiB of address space (a regression fails
+    the test, not the machine): (exit status, output, seconds, peak RSS in bytes)."""
+    cap = 2 * 2**30
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_AS, (cap, cap))
+
+    start = time.monotonic()
+    with tempfile.TemporaryFile("w+") as log:
+        proc = subprocess.Popen(
+            [PY, "-m", "smifdb.cli", "--dsn", dsn, *args],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            preexec_fn=limit,
+        )
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if time.monotonic() - start > timeout:
+                proc.kill()
+                os.wait4(proc.pid, 0)
+                raise AssertionError(f"smifdb {' '.join(args)} ran over {timeout} s")
+            time.sleep(0.02)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        log.seek(0)
+        output = log.read()
+    return proc.returncode, output, time.monotonic() - start, usage.ru_maxrss * 1024
+
+
+def _laughs(levels: int = 9) -> str:
+    """The "billion laughs": 9 aliases to 9 aliases to ... 9 strings, 9**9 strings in all."""
+    text = "l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]\n"
+    for i in range(1, levels):
+        text += f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]\n"
+    return text
+
+
+def _merge_laughs(levels: int = 9) -> str:
+    """The same through merge keys: each level merges nine copies of the one below."""
+    text = "m0: &m0 {a: 1, b: 2, c: 3, d: 4, e: 5, f: 6, g: 7, h: 8, i: 9}\n"
+    for i in range(1, levels):
+        text += f"m{i}: &m{i} {{<<: [{', '.join([f'*m{i - 1}'] * 9)}]}}\n"
+    return text
+
+
+ALIAS_BOMBS = {
+    # 9**9 strings from 340 bytes: the CLI spent minutes and died of MemoryError.
+    "nested lists": lambda: _laughs() + "jobs: [{key: a, python: 'm:f', args: {x: *l8}}]\n",
+    "merge keys": lambda: _merge_laughs() + "jobs: [{key: a, python: 'm:f', args: *m8}]\n",
+    # 10,000 uses of one 100 kB string: 1 GB from a 130 kB file.
+    "one long string": lambda: (
+        f"s: &s {'y' * 100_000}\n"
+        f"jobs: [{{key: a, python: 'm:f', args: {{x: [{', '.join(['*s'] * 10_000)}]}}}}]\n"
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ALIAS_BOMBS))
+def test_yaml_alias_bombs_are_refused_at_once(case: str, tmp_path: Path, dsn: str, conn) -> None:
+    spec = tmp_path / "bomb.yaml"
+    spec.write_text(ALIAS_BOMBS[case]())
+    started = time.monotonic()
+    with pytest.raises(SpecError, match="YAML aliases expand the document past"):
+        smifdb.spec.load_file(spec)
+    assert time.monotonic() - started < 0.5  # the node graph is measured, never expanded
+    status, output, seconds, rss = bounded_cli(dsn, "submit", str(spec))
+    assert status == 2, output
+    assert "YAML aliases expand the document past" in output, output
+    assert "Traceback" not in output
+    assert seconds < 5, seconds  # 0.5 s here, nearly all of it Python's start-up
+    assert rss < 150 * 2**20, rss  # 52 MiB here
+    assert counts(conn) == {"workflows": 0, "jobs": 0, "job_edges": 0, "events": 0}
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+DEEP_SPECS = {
+    # json.loads recursed into Python's limit, or the validation after it did: a traceback.
+    "990 levels of JSON": (
+        "deep.json",
+        f'{{"jobs": [{{"key": "a", "python": "m:f", "args": {{"x": {_nested(990)}}}}}]}}',
+    ),
+    "100,000 levels of JSON": ("deep.json", _nested(100_000)),
+    "990 levels of YAML": (
+        "deep.yaml",
+        f"jobs: [{{key: a, python: 'm:f', args: {{x: {_nested(990)}}}}}]",
+    ),
+    # Aliases nest what they name: 40 levels inside 40 levels.
+    "80 levels through an alias": (
+        "deep.yaml",
+        f"d: &d {_nested(40)}\njobs: [{{key: a, python: 'm:f', args: {{x: "
+        + "[" * 40
+        + "*d"
+        + "]" * 40
+        + "}}]",
+    ),
+}
+
+
+def test_measuring_depth_is_linear_in_a_body_of_escaped_quotes(tmp_path: Path) -> None:
+    """An unterminated string of 100,000 escaped quotes: the bracket scan retried its string
+    match from every quote, 35 s for these 200 kB (and an hour for a 1 MB API body)."""
+    spec = tmp_path / "quotes.json"
+    spec.write_text("[" * 70 + '"' + '\\"' * 100_000)
+    started = time.monotonic()
+    with pytest.raises(SpecError, match="nested more than 64 levels deep"):
+        smifdb.spec.load_file(spec)
+    assert time.monotonic() - started < 0.5
+
+
+@pytest.mark.parametrize("case", sorted(DEEP_SPECS))
+def test_deep_nesting_is_refused(case: str, tmp_path: Path, dsn: str, conn) -> None:
+    name, text = DEEP_SPECS[case]
+    spec = tmp_path / name
+    spec.write_text(text)
+    started = time.monotonic()
+    with pytest.raises(SpecError, match="nested more than 64 levels deep"):
+        smifdb.spec.load_file(spec)
+    assert time.monotonic() - started < 0.5
+    result = run_cli(dsn, "submit", str(spec))
+    assert result.exit_code == 2, result.output
+    assert "nested more than 64 levels deep" in result.output
+    assert counts(conn)["workflows"] == 0
+
+
+def test_deep_args_from_python_are_a_spec_error(conn) -> None:
+    deep: list = []
+    for _ in range(990):
+        deep = [deep]
+    with pytest.raises(SpecError, match="'args' nests more than 61 levels deep"):
+        smifdb.submit(conn, {"jobs": [{"key": "a", "python": "m:f", "args": {"x": deep}}]})
+    fits: list = []
+    for _ in range(limits.MAX_DEPTH - 5):  # 60 lists in {"jobs": [{"args": {"x": ...}}]}: 64
+        fits = [fits]
+    assert smifdb.submit(conn, {"jobs": [{"key": "a", "python": "m:f", "args": {"x": fits}}]})
+    assert counts(conn)["workflows"] == 1
+
+
+def test_deep_json_body_is_a_400(client, conn) -> None:  # noqa: F811 - test_api's fixture
+    """The API decoded 990 nested lists into a RecursionError: a 500."""
+    for depth in (990, 4_900):  # test_api.client takes bodies up to 10,000 bytes
+        args = {"x": "NEST"}
+        body = json.dumps({"jobs": [{"key": "a", "python": "m:f", "args": args}]})
+        body = body.replace('"NEST"', _nested(depth))
+        response = client.post(
+            "/api/v1/workflows/", content=body, headers={"content-type": "application/json"}
+        )
+        assert "nested more than 64 levels deep" in error(response, 400)
+    assert counts(conn)["workflows"] == 0
+
+
+def test_job_keys_are_bounded_by_bytes(tmp_path: Path, dsn: str, conn) -> None:
+    """A 3,000-character key passed validation and PostgreSQL refused its index row."""
+    spec = tmp_path / "keys.json"
+    for key in ("k" * 3000, "é" * 501):  # 1,002 bytes in UTF-8
+        spec.write_text(json.dumps({"jobs": [{"key": key, "command": "true"}]}))
+        result = run_cli(dsn, "submit", str(spec))
+        assert result.exit_code == 2, result.output
+        assert "'key' must be at most 1000 bytes in UTF-8" in result.output
+    assert counts(conn)["workflows"] == 0
+    spec.write_text(json.dumps({"jobs": [{"key": "k" * 1000, "command": "true"}]}))
+    assert run_cli(dsn, "submit", str(spec)).exit_code == 0
+
+
+def test_a_name_postgresql_cannot_store_is_refused(tmp_path: Path, dsn: str, conn) -> None:
+    """`--name` is not in the spec whose strings were checked: PostgreSQL refused it."""
+    spec = tmp_path / "ok.yaml"
+    spec.write_text("jobs: [{key: a, command: 'true'}]\n")
+    for name, problem in (("run\udcff", "unpaired surrogate"), ("run\x00", "NUL character")):
+        result = run_cli(dsn, "submit", str(spec), "--name", name)
+        assert result.exit_code == 2, result.output
+        assert f"the name holds a{'n' if problem[0] == 'u' else ''} {problem}" in result.output
+    assert counts(conn)["workflows"] == 0

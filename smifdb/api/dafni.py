@@ -365,8 +365,8 @@ async def model_ingest(request: Request) -> JSONResponse:
     model_id = _uuid(request, "model_id", "model") if "model_id" in request.path_params else None
     body = await _json_body(request, required=False)
     message = body.get("version_message", "") if isinstance(body, dict) else None
-    if not isinstance(message, str):
-        raise ApiError(400, "version_message must be a string")
+    if problem := dafni.message_problem(message):
+        raise ApiError(400, problem)
 
     version_id = await _db(
         request,
@@ -491,8 +491,8 @@ async def workflow_upload(request: Request) -> JSONResponse:
     if not isinstance(body, dict) or "definition" not in body:
         raise ApiError(400, 'the body must be {"version_message": ..., "definition": {...}}')
     message = body.get("version_message", "")
-    if not isinstance(message, str):
-        raise ApiError(400, "version_message must be a string")
+    if problem := dafni.message_problem(message):
+        raise ApiError(400, problem)
 
     def upload(conn: psycopg.Connection) -> dict:
         def exists(version: str) -> bool:
@@ -652,10 +652,14 @@ async def execute(request: Request) -> JSONResponse:
             raise ApiError(409, f"model version(s) {', '.join(missing)} were deleted")
 
         def build(instance_id: uuid.UUID):
-            spec = dafni.instance_dag(
-                instance_id, workflow["definition"], parameter_set["definition"], models, data_dir
-            )
             try:
+                spec = dafni.instance_dag(
+                    instance_id,
+                    workflow["definition"],
+                    parameter_set["definition"],
+                    models,
+                    data_dir,
+                )
                 return parse(spec)
             except SpecError as exc:  # a definition that validated but cannot run
                 raise ApiError(400, str(exc), problems=exc.problems) from exc

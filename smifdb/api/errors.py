@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 from http import HTTPStatus
 from typing import Any
@@ -13,6 +12,7 @@ from starlette.responses import JSONResponse
 
 from smifdb import errors
 from smifdb.api.cpu import maybe_heavy
+from smifdb.limits import MAX_YAML_BODY, LimitError, load_json, load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -85,34 +85,57 @@ async def read_body(request: Request, *, max_bytes: int) -> bytes:
 
 
 def _encodable(value: Any) -> Any:
-    """JSON allows escaped lone surrogates ("\\ud800"), which no UTF-8 column can store."""
-    if isinstance(value, str):
-        value.encode()
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            _encodable(k)
-            _encodable(v)
-    elif isinstance(value, list):
-        for v in value:
-            _encodable(v)
+    """JSON allows escaped lone surrogates ("\\ud800"), which no UTF-8 column can store.
+    Walked without recursion: load_json and load_yaml bound the depth, not the width."""
+    todo = [value]
+    while todo:
+        item = todo.pop()
+        if isinstance(item, str):
+            item.encode()
+        elif isinstance(item, dict):
+            todo += item.keys()
+            todo += item.values()
+        elif isinstance(item, list):
+            todo += item
     return value
 
 
+class _Constant(ValueError):
+    """NaN, Infinity or -Infinity: json.loads takes them, JSON and jsonb do not."""
+
+
+def _no_constant(name: str) -> Any:
+    raise _Constant(f"{name} is not JSON (nor storable as jsonb)")
+
+
 def decode(body: bytes, *, yaml_too: bool = False) -> Any:
-    """JSON (or, for definitions sent as files, YAML) text as values; 400 if it is neither."""
+    """JSON (or, for definitions sent as files, YAML) text as values; 400 if it is neither,
+    or nests too deep, or holds NaN or Infinity; 413 if YAML aliases expand it too far."""
     try:
-        return _encodable(json.loads(body))
+        return _encodable(load_json(body, parse_constant=_no_constant))
     except UnicodeEncodeError as exc:
         raise ApiError(400, "the body has an unpaired surrogate (\\ud800-\\udfff)") from exc
+    except LimitError as exc:
+        raise ApiError(exc.status, f"the body is {exc}") from exc
+    except _Constant as exc:
+        raise ApiError(400, f"the body is refused: {exc}") from exc
     except (ValueError, UnicodeDecodeError) as exc:
         if not yaml_too:
             raise ApiError(400, f"malformed JSON: {exc}") from exc
+        if len(body) > MAX_YAML_BODY:
+            raise ApiError(
+                413,
+                f"a body that is not JSON is read as YAML up to {MAX_YAML_BODY} bytes: "
+                f"send a larger one as JSON ({exc})",
+            ) from exc
     import yaml
 
     try:
-        return _encodable(yaml.safe_load(body))
+        return _encodable(load_yaml(body))
     except UnicodeEncodeError as exc:
         raise ApiError(400, "the body has an unpaired surrogate (\\ud800-\\udfff)") from exc
+    except LimitError as exc:
+        raise ApiError(exc.status, f"the body is refused: {exc}") from exc
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ApiError(400, f"the body is neither JSON nor YAML: {exc}") from exc
 

@@ -23,13 +23,13 @@ import psycopg
 from psycopg.rows import dict_row
 
 from smifdb import errors
+from smifdb.limits import name_problem
 
 ACCESS_SECONDS = 300  # DAFNI's Keycloak hands out 5-minute access tokens
 REFRESH_SECONDS = 1800
 SESSION_SECONDS = 12 * 3600  # a browser session lasts a working day
 ROLES = ("viewer", "operator", "admin", "runner")
 API_TOKEN_PREFIX = "smifdb_"  # recognisable by secret scanners
-MAX_NAME = 200
 _SCRYPT = {"n": 2**14, "r": 8, "p": 1}
 _NO_PASSWORD = "!"  # matches no password: a user that signs in only with api tokens
 
@@ -108,8 +108,8 @@ def require_owner(user: User | None, submitted_by: int | None, what: str) -> Non
 
 
 def check_name(name: str) -> str:
-    if not name.strip() or len(name) > MAX_NAME:
-        raise errors.BadInput(f"a user name must be 1 to {MAX_NAME} characters")
+    if problem := name_problem(name):  # length, NUL, lone surrogates: what text cannot store
+        raise errors.BadInput(problem)
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
         raise errors.BadInput("a user name must not contain control characters (NUL, newline…)")
     return name
