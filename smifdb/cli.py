@@ -17,7 +17,6 @@ import click
 import psycopg
 
 from smifdb import __version__, db, errors, logs, store
-from smifdb.decisions import DecisionError, ModelRunError
 from smifdb.execute import (
     DEFAULT_PYTHON_ALLOW,
     MAX_LOG_BYTES,
@@ -28,12 +27,11 @@ from smifdb.manager import Manager, ManagerConfig, submit_model_run
 from smifdb.pgserver import Cluster, ServerError, default_home
 from smifdb.progress import ModelRunProgress, ProgressPrinter, model_run_summary, summary
 from smifdb.runner import Runner, RunnerConfig, default_name
-from smifdb.spec import SpecError, load_file, load_text, parse, with_base_dir
+from smifdb.spec import load_file, load_text, parse, with_base_dir
 from smifdb.store import FINISHED_CHANNEL, auth, control, modelruns, read
 from smifdb.store import prune as retention
 from smifdb.store import runners as runner_rows
 from smifdb.store import views as view_rows
-from smifdb.store.runners import RunnerNameInUse
 from smifdb.store.submit import submit_dag
 from smifdb.tables import Column, seconds, table, timestamp
 
@@ -63,7 +61,7 @@ class SmifdbGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except (errors.Error, SpecError, ModelRunError, DecisionError) as exc:
+        except errors.Error as exc:  # the store's and the spec's: one clear line, exit 2
             raise BadInput(str(exc)) from exc
         except (ServerError, store.SchemaError) as exc:
             raise click.ClickException(str(exc)) from exc
@@ -435,20 +433,14 @@ def runner_group() -> None:
 def runner_run(ctx: click.Context, name: str | None, log_level: str, log_format: str, **kw) -> None:
     """Claim ready jobs and run them, until stopped (SIGTERM/SIGINT drain gracefully)."""
     if name is not None:
-        try:
-            runner_rows.check_name(name)
-        except ValueError as exc:
-            raise BadInput(str(exc)) from exc
+        runner_rows.check_name(name)
     _setup_logging(log_level, log_format)
     config = _runner_config(name, **kw)
     dsn = _dsn(ctx)
     _check_database(dsn, kw["wait_for_database"])
     runner = Runner(dsn, config)
     runner.install_signal_handlers()
-    try:
-        code = runner.run()
-    except RunnerNameInUse as exc:
-        raise BadInput(str(exc)) from exc
+    code = runner.run()  # RunnerNameInUse, like every smifdb.errors.Error: exit 2
     _exit(code, runner)
 
 
@@ -470,10 +462,7 @@ def runner_register(ctx: click.Context, name: str, slots: int, host: str | None)
     """Record a runner ahead of time (it becomes active when `runner run --name NAME` starts)."""
     with db.connect(_dsn(ctx)) as conn:
         store.check_schema(conn)
-        try:
-            runner_rows.register(conn, name, slots, host)
-        except (ValueError, RunnerNameInUse) as exc:
-            raise BadInput(str(exc)) from exc
+        runner_rows.register(conn, name, slots, host)
     click.echo(f"registered runner {name!r} with {slots} slot(s)")
 
 
@@ -579,12 +568,7 @@ def cancel_cmd(ctx: click.Context, workflow_id: int, job_key: str | None) -> Non
     """Cancel a workflow (or one job): waiting and ready jobs at once, running ones by their runner."""
     with db.connect(_dsn(ctx)) as conn:
         store.check_schema(conn)
-        try:
-            report = control.cancel(
-                conn, workflow_id, actor=store.actor_name("cli"), job_key=job_key
-            )
-        except control.NotFound as exc:
-            raise BadInput(str(exc)) from exc
+        report = control.cancel(conn, workflow_id, actor=store.actor_name("cli"), job_key=job_key)
     if report.already_finished:
         click.echo(
             f"workflow {workflow_id} already finished ({report.workflow_status}); nothing to cancel"

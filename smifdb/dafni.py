@@ -17,6 +17,7 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from smifdb import errors
 from smifdb.pgtext import jsonb_problems, text_problem
 from smifdb.spec import SpecError, parse
 
@@ -36,12 +37,12 @@ MAX_PROBLEMS = 20
 METADATA_FIELDS = ("display_name", "name", "summary")
 
 
-class DefinitionError(ValueError):
+class DefinitionError(errors.BadInput, ValueError):
     """A definition DAFNI would reject; ``problems`` lists every reason."""
 
     def __init__(self, what: str, problems: list[str]) -> None:
-        super().__init__(f"invalid {what}: " + "; ".join(problems))
-        self.what, self.problems = what, problems
+        super().__init__(f"invalid {what}: " + "; ".join(problems), problems=problems)
+        self.what = what
 
 
 def _metadata_problems(definition: Mapping, problems: list[str]) -> None:

@@ -42,7 +42,8 @@ DRAIN_TIMEOUT = 2.0  # seconds to read what a job's ended processes left in the 
 _PR_SET_PDEATHSIG = 1
 # Python jobs run inside the runner, with its connections and secrets: only callables under
 # these module prefixes (and those a runner is told of) run anywhere.
-DEFAULT_PYTHON_ALLOW = ("smifdb.examples", "smifdb.smifrun")
+# The built-in examples, smif's --in-process jobs, and the DAFNI shim's publisher steps.
+DEFAULT_PYTHON_ALLOW = ("smifdb.examples", "smifdb.smifrun", "smifdb.dafni:publish")
 # The runner's credentials, which a job's environment never inherits (a spec's own `env:` may
 # still set them): whatever a job prints, its log and log tail would show them.
 SECRET_ENV = frozenset(

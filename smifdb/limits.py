@@ -15,6 +15,7 @@ from typing import Any
 
 import yaml
 
+from smifdb import errors
 from smifdb.pgtext import text_problem
 
 MAX_DEPTH = 64  # nested lists and mappings; nothing legitimate comes close
@@ -29,7 +30,7 @@ MAX_ARG_BYTES = 128 * 1024 - 1
 MAX_YAML_BODY = 128 * 1024
 
 
-class LimitError(ValueError):
+class LimitError(errors.BadInput, ValueError):
     """Input past one of the bounds above; ``status`` is the HTTP status that answers it."""
 
     status = 400

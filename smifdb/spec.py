@@ -17,6 +17,7 @@ from typing import Any
 import networkx as nx
 import yaml
 
+from smifdb import errors
 from smifdb.limits import (
     MAX_ARG_BYTES,
     MAX_DEPTH,
@@ -50,17 +51,18 @@ JOB_FIELDS = {
 TOP_FIELDS = {"name", "jobs"}
 
 
-class SpecError(ValueError):
+class SpecError(errors.BadInput, ValueError):
     """A DAG spec that cannot be submitted; the message lists every problem found."""
 
     def __init__(self, problems: list[str]) -> None:
-        self.problems = problems
         shown = problems[:MAX_REPORTED]
         more = len(problems) - len(shown)
         text = "\n".join(f"  - {p}" for p in shown)
         if more:
             text += f"\n  … and {more} more"
-        super().__init__(f"invalid DAG spec ({len(problems)} problem(s)):\n{text}")
+        super().__init__(
+            f"invalid DAG spec ({len(problems)} problem(s)):\n{text}", problems=problems
+        )
 
 
 @dataclass(frozen=True)

@@ -973,9 +973,10 @@ def test_step_ids_are_safe_names_and_no_step_writes_outside_the_data_dir(
     assert f"the step id {evil!r} must be 1 to 128 letters" in problem(refused, 400)
 
     # As if stored before the rule: written straight to the table, then executed.
-    stored = rows.add_workflow(conn, definition, owner="alice", message="old")
+    alice = auth.credentials(conn, "alice")[0]
+    stored = rows.add_workflow(conn, definition, owner=alice, message="old")
     ps = {**parameter_set(str(stored)), "spec": {}}
-    ps_id = rows.add_parameter_set(conn, stored, ps, owner="alice")
+    ps_id = rows.add_parameter_set(conn, stored, ps, owner=alice)
     before, outside = counts(conn), _files(tmp_path)
     executed = client.post(f"/workflows/execute/{stored}/{ps_id}/", headers=headers)
     assert f"step id {evil!r} is not a safe folder name" in problem(executed, 400)

@@ -24,7 +24,7 @@ from smifdb.api import session
 from smifdb.api.cpu import maybe_heavy
 from smifdb.api.errors import ApiError, decode, read_body, read_json
 from smifdb.api.pool import in_db
-from smifdb.spec import SpecError, parse
+from smifdb.spec import parse
 from smifdb.store import auth
 from smifdb.store import dafni as rows
 
@@ -90,10 +90,6 @@ async def _definition(request: Request, validate: Callable[[Any], Any] | None = 
 
 async def _json_body(request: Request, *, required: bool = True) -> Any:
     return await read_json(request, max_bytes=request.app.state.max_body, required=required)
-
-
-def _invalid(exc: dafni.DefinitionError) -> ApiError:
-    return ApiError(400, str(exc), problems=exc.problems)
 
 
 async def _db(request: Request, fn: Callable[..., Any], *args: Any) -> Any:
@@ -338,10 +334,7 @@ async def model_upload_start(request: Request) -> JSONResponse:
 async def model_upload_definition(request: Request) -> Response:
     user = _user(request)
     upload_id = _uuid(request, "upload_id", "upload")
-    try:
-        definition = await _definition(request, dafni.validate_model)
-    except dafni.DefinitionError as exc:
-        raise _invalid(exc) from exc
+    definition = await _definition(request, dafni.validate_model)
     await _db(request, rows.put_model_definition, upload_id, user, definition)
     return Response(status_code=204)
 
@@ -498,13 +491,10 @@ async def workflow_upload(request: Request) -> JSONResponse:
         def exists(version: str) -> bool:
             return rows.model(conn, uuid.UUID(version)) is not None
 
-        try:
-            definition = dafni.validate_workflow(body["definition"], exists)
-            version_id = rows.add_workflow(
-                conn, definition, owner=user, message=message, workflow_id=parent
-            )
-        except dafni.DefinitionError as exc:
-            raise _invalid(exc) from exc
+        definition = dafni.validate_workflow(body["definition"], exists)
+        version_id = rows.add_workflow(
+            conn, definition, owner=user, message=message, workflow_id=parent
+        )
         return _one_workflow(conn, version_id, user)
 
     return _json(await _db(request, upload), 201)
@@ -527,12 +517,9 @@ def _checked_parameter_set(conn: psycopg.Connection, definition: Any) -> dict:
         models = {k: m["definition"] for k, m in rows.models_by_id(conn, wanted).items()}
         if missing := sorted(set(wanted) - set(models)):
             raise ApiError(409, f"the workflow's model version(s) {', '.join(missing)} are gone")
-    try:
-        checked = dafni.validate_parameter_set(
-            definition, workflow["definition"] if workflow else None, models
-        )
-    except dafni.DefinitionError as exc:
-        raise _invalid(exc) from exc
+    checked = dafni.validate_parameter_set(
+        definition, workflow["definition"] if workflow else None, models
+    )
     return checked | {"workflow_version_id": workflow["version_id"]}
 
 
@@ -652,17 +639,10 @@ async def execute(request: Request) -> JSONResponse:
             raise ApiError(409, f"model version(s) {', '.join(missing)} were deleted")
 
         def build(instance_id: uuid.UUID):
-            try:
-                spec = dafni.instance_dag(
-                    instance_id,
-                    workflow["definition"],
-                    parameter_set["definition"],
-                    models,
-                    data_dir,
-                )
-                return parse(spec)
-            except SpecError as exc:  # a definition that validated but cannot run
-                raise ApiError(400, str(exc), problems=exc.problems) from exc
+            spec = dafni.instance_dag(
+                instance_id, workflow["definition"], parameter_set["definition"], models, data_dir
+            )
+            return parse(spec)  # a definition that validated but cannot run: a 400
 
         instance_id, created = rows.execute(
             conn,

@@ -80,7 +80,7 @@ LIMIT %(limit)s
 def check_name(name: str) -> None:
     """A runner name is a lease owner and a line of `runner status`: printable, one line."""
     if not name.strip() or len(name) > 200 or not name.isprintable():
-        raise ValueError(f"runner name {name!r} must be 1 to 200 printable characters")
+        raise errors.BadInput(f"runner name {name!r} must be 1 to 200 printable characters")
 
 
 def register(conn: psycopg.Connection, name: str, slots: int, host: str | None) -> int:
