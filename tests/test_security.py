@@ -335,6 +335,8 @@ def test_browser_session_cookie_and_logout(app, dsn, conn) -> None:
         # Ended server-side: the old cookie is refused even if a copy was kept.
         browser.cookies.set(SESSION_COOKIE, session)
         assert browser.get("/api/auth/me").status_code == 401
+        again = browser.get("/", headers={"accept": "text/html"}, follow_redirects=False)
+        assert again.status_code == 303 and again.headers["location"].startswith("/login")
     # Served over TLS, the cookie is Secure.
     with TestClient(app, base_url="https://localhost", raise_server_exceptions=False) as tls:
         assert "Secure" in sign_in(tls, "alice").headers["set-cookie"]

@@ -184,7 +184,13 @@ class Guard:
             kinds = BEARER_KINDS if via == "bearer" else ("session",)
             user = await run_in_threadpool(_authenticate, request, token, kinds)
         if user is None:
-            if token is None and method == "GET" and PAGES.fullmatch(path) and _wants_html(request):
+            if (
+                via == "cookie"
+                and method == "GET"
+                and PAGES.fullmatch(path)
+                and _wants_html(request)
+            ):
+                # Signed out, or the session ended: sign in, then back to this page.
                 here = f"{path}?{request.url.query}" if request.url.query else path
                 return RedirectResponse(f"/login?next={quote(here, safe='/')}", status_code=303)
             message = (
