@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import subprocess
 import tempfile
 import threading
@@ -430,6 +431,17 @@ def test_yaml_anchors_merge_keys_and_odd_structures(tmp_path: Path, dsn: str, co
 # -- bounded input: what one spec may cost to read (smifdb.limits) ---------------------------
 
 
+# The peak RSS of a process forked from pytest counts pytest's own pages at the fork (Linux
+# records the old address space's high-water mark at exec), and pytest grows as the suite runs.
+# So the command runs as the child of a small process that reports its child's peak.
+_PEAK = """
+import resource, subprocess, sys
+code = subprocess.call(sys.argv[1:])
+print(f"@@peak-rss {resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}", file=sys.stderr)
+sys.exit(code)
+"""
+
+
 def bounded_cli(dsn: str, *args: str, timeout: float = 60) -> tuple[int, str, float, int]:
     """`smifdb ARGS` in a process of its own with 2 GiB of address space (a regression fails
     the test, not the machine): (exit status, output, seconds, peak RSS in bytes)."""
@@ -441,25 +453,22 @@ def bounded_cli(dsn: str, *args: str, timeout: float = 60) -> tuple[int, str, fl
     start = time.monotonic()
     with tempfile.TemporaryFile("w+") as log:
         proc = subprocess.Popen(
-            [PY, "-m", "smifdb.cli", "--dsn", dsn, *args],
+            [PY, "-c", _PEAK, PY, "-m", "smifdb.cli", "--dsn", dsn, *args],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=subprocess.STDOUT,
             preexec_fn=limit,
+            start_new_session=True,
         )
-        while True:
-            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                break
-            if time.monotonic() - start > timeout:
-                proc.kill()
-                os.wait4(proc.pid, 0)
-                raise AssertionError(f"smifdb {' '.join(args)} ran over {timeout} s")
-            time.sleep(0.02)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise AssertionError(f"smifdb {' '.join(args)} ran over {timeout} s") from None
         log.seek(0)
-        output = log.read()
-    return proc.returncode, output, time.monotonic() - start, usage.ru_maxrss * 1024
+        output, _, peak = log.read().rpartition("@@peak-rss ")
+    return proc.returncode, output, time.monotonic() - start, int(peak) * 1024
 
 
 def _laughs(levels: int = 9) -> str:
