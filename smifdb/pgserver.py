@@ -69,6 +69,17 @@ host    all          all   127.0.0.1/32  scram-sha-256
 host    all          all   ::1/128       scram-sha-256
 """
 
+PEER_HBA_BEFORE_16 = """\
+# Written by smifdb for a throwaway cluster on PostgreSQL before 16: the socket sits in the
+# data folder (0700), which only root and the server's account can reach; loopback asks the
+# password.
+# TYPE  DATABASE     USER  ADDRESS       METHOD
+local   all          all                 trust
+local   replication  all                 trust
+host    all          all   127.0.0.1/32  scram-sha-256
+host    all          all   ::1/128       scram-sha-256
+"""
+
 # Settings for every local cluster: a queue wants eager autovacuum and short lock waits.
 BASE_SETTINGS: dict[str, str] = {
     "listen_addresses": "''",
@@ -441,8 +452,12 @@ class Cluster:
             return {"pg_hba.conf": HBA}
         owner = pwd.getpwuid(os.geteuid()).pw_name
         major = int((pgdata / "PG_VERSION").read_text().strip())
-        roles = "all" if major >= 16 else SUPERUSER  # "all" is new in PostgreSQL 16
-        return {"pg_hba.conf": PEER_HBA, "pg_ident.conf": f"owner  {owner}  {roles}\n"}
+        if major >= 16:
+            return {"pg_hba.conf": PEER_HBA, "pg_ident.conf": f"owner  {owner}  all\n"}
+        # Before 16 a map cannot name every role, and the tests log in as roles they make: the
+        # socket is let in as any role, and its folder (the data folder, 0700, the server
+        # account's) is the boundary: only root and that account reach it. Loopback: password.
+        return {"pg_hba.conf": PEER_HBA_BEFORE_16, "pg_ident.conf": ""}
 
     def hba_current(self) -> bool:
         """Are the access rules smifdb's own, not an older version's trust or an edit?"""

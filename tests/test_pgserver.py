@@ -465,17 +465,19 @@ def test_throwaway_cluster_admits_its_maker_alone() -> None:
     port = free_port()
     server = pgserver.ThrowawayCluster({"listen_addresses": "'127.0.0.1'", "port": str(port)})
     with server as dsn:
-        account = pwd.getpwuid(server.cluster.pgdata.stat().st_uid)  # the server's
-        for intruder in accounts(*dict.fromkeys([account.pw_name, "nobody"])):
-            assert break_in(intruder, dsn, port) == [], intruder.pw_name
-        assert active_methods(server.cluster.pgdata) == {"map=owner", "scram-sha-256"}
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute("CREATE ROLE plain LOGIN")
             major = conn.info.server_version // 10000
-        if major >= 16:
-            as_plain = make_conninfo(dsn, user="plain", passfile=os.devnull)
-            with psycopg.connect(as_plain) as conn:
-                assert conn.execute("SELECT current_user").fetchone()[0] == "plain"
+        account = pwd.getpwuid(server.cluster.pgdata.stat().st_uid)  # the server's
+        # Before 16 the socket's folder is the boundary, which the server's account owns.
+        others = [account.pw_name, "nobody"] if major >= 16 else ["nobody"]
+        for intruder in accounts(*dict.fromkeys(others)):
+            assert break_in(intruder, dsn, port) == [], intruder.pw_name
+        methods = {"map=owner", "scram-sha-256"} if major >= 16 else {"trust", "scram-sha-256"}
+        assert active_methods(server.cluster.pgdata) == methods
+        as_plain = make_conninfo(dsn, user="plain", passfile=os.devnull)
+        with psycopg.connect(as_plain) as conn:
+            assert conn.execute("SELECT current_user").fetchone()[0] == "plain"
         with psycopg.connect(make_conninfo(dsn, host="127.0.0.1")) as conn:  # the passfile's
             assert conn.execute("SELECT current_user").fetchone()[0] == "postgres"
 
