@@ -223,6 +223,10 @@ def test_roles_and_ownership(app, dsn, conn) -> None:
         alices = clients["alice"].post("/api/v1/workflows/", json=DAG).json()["data"]["id"]
         owner = conn.execute("SELECT submitted_by FROM workflows WHERE id = %s", [alices])
         assert owner.fetchone()[0] == user_id(conn, "alice")
+        shown = clients["viewer"].get(f"/api/v1/workflows/{alices}").json()["data"]
+        assert shown["submitted_by"] == "alice"
+        listed = clients["viewer"].get("/api/v1/workflows/").json()["data"]
+        assert [w["submitted_by"] for w in listed] == ["alice"]
         actor = conn.execute("SELECT actor FROM events WHERE workflow_id = %s LIMIT 1", [alices])
         assert actor.fetchone()[0].startswith("api:alice@")
         # Cancelling: only one's own, unless an admin.

@@ -26,10 +26,12 @@ class Progress:
         return self.job_count - sum(self.counts.get(s, 0) for s in ("waiting", "ready", "running"))
 
 
+# The API user who submitted workflow `w`, by name (NULL: the CLI, or a user since removed).
+SUBMITTER = "(SELECT u.name FROM api_users u WHERE u.id = w.submitted_by) AS submitted_by"
 _WORKFLOW = f"""
 SELECT w.id, w.name, w.status::text AS status, w.model_run, w.bundle, w.job_count,
        w.job_count - {FINISHED_JOBS} AS unfinished_jobs, w.submitted_at, w.started_at,
-       w.finished_at
+       w.finished_at, {SUBMITTER}
 FROM workflows w WHERE w.id = %s
 """
 _JOB_COUNTS = "SELECT status::text, count(*)::int FROM jobs WHERE workflow_id = %s GROUP BY 1"
@@ -97,7 +99,7 @@ def model_run_finished_status(conn: psycopg.Connection, model_run_id: int) -> st
 _WORKFLOWS = f"""
 SELECT w.id, w.name, w.status::text AS status, w.model_run_id, w.bundle, w.job_count,
        {FINISHED_JOBS} AS jobs_finished, w.submitted_at, w.started_at,
-       w.finished_at
+       w.finished_at, {SUBMITTER}
 FROM workflows w
 WHERE (%(status)s::text IS NULL OR w.status::text = %(status)s)
   AND w.id < coalesce(%(before)s::bigint, 9223372036854775807)
