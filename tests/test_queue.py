@@ -456,7 +456,7 @@ def test_claim_and_record_plans_survive_stale_statistics(conn) -> None:
     outcomes = queue._outcomes_json(done(claimed), datetime.now(UTC))
     ids = queue.array(c.id for c in claimed)
     params = {"outcomes": outcomes, "ids": ids, "actor": "r1"}
-    plan = _explain(conn, queue._RECORD_AND_PROMOTE, params)
+    plan = _explain(conn, queue._record(True, False), params)
     updated = plan[plan.index("CTE updated") : plan.index("CTE logged")]
     assert "Index Scan using jobs_pkey on jobs j" in updated, plan
     assert "Seq Scan" not in updated, plan
@@ -505,7 +505,7 @@ def test_hot_path_statements_never_scan_whole_tables(conn) -> None:
         "claim": (queue.CLAIM_ANY, {"n": 64, "owner": "r1", "lease": 60, "workflow_id": None}),
         "lock": (queue._LOCK_JOBS, {"succeeding": ids, "doomed": ids}),
         "record+promote": (
-            queue._RECORD_AND_PROMOTE,
+            queue._record(True, False),
             {"outcomes": outcomes, "ids": ids, "actor": "r1"},
         ),
         "descendants": (queue.DESCENDANTS, [ids]),

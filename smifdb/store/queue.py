@@ -22,6 +22,7 @@ job it picked locked.
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import re
@@ -87,6 +88,9 @@ class Outcome:
     key: str | None = None  # the job's key, for log lines only
     claimed_at: datetime | None = None  # the claim this outcome ends (None: any claim)
     claim_id: int | None = None  # the claims row it belongs to (runner bookkeeping only)
+    # A success's files, already in the blob store: [{path, sha256, size, mode}]. Written with
+    # the record, so only the attempt the fence lets through leaves outputs.
+    outputs: list[dict[str, Any]] | None = None
 
     @property
     def retries(self) -> bool:
@@ -99,7 +103,9 @@ class Outcome:
     def without_data(self, why: str) -> Outcome:
         """This outcome without the result and log PostgreSQL refused: a success fails."""
         status = "failed" if self.status == "succeeded" else self.status
-        return replace(self, status=status, result=None, log_tail=None, error=why, reason=why)
+        return replace(
+            self, status=status, result=None, log_tail=None, error=why, reason=why, outputs=None
+        )
 
 
 @dataclass
@@ -319,10 +325,11 @@ WHERE id IN (SELECT id FROM claims WHERE id = ANY(%s::bigint[]) AND closed_at IS
 _RECORD_TEMPLATE = """
 WITH o AS MATERIALIZED (
     SELECT u.id, u.attempt, g.owner, g.outcome, g.result, g.exit_code, g.error, g.log_tail,
-           g.not_before, g.reason, g.claimed_at
+           g.not_before, g.reason, g.claimed_at, g.outputs
     FROM jsonb_to_recordset(%(outcomes)s::jsonb) AS g(
         ids bigint[], attempts int[], owner text, outcome text, result jsonb, exit_code int,
-        error text, log_tail text, not_before timestamptz, reason text, claimed_at timestamptz)
+        error text, log_tail text, not_before timestamptz, reason text, claimed_at timestamptz,
+        outputs jsonb)
     CROSS JOIN LATERAL unnest(g.ids, g.attempts) AS u(id, attempt)
 ), updated AS (
     UPDATE jobs j SET
@@ -358,7 +365,7 @@ WITH o AS MATERIALIZED (
     INSERT INTO ready_jobs (job_id, workflow_id, priority, not_before)
     SELECT id, workflow_id, priority, not_before FROM updated WHERE status = 'ready'
 )
-{promote}SELECT workflow_id,
+{outputs}{promote}SELECT workflow_id,
        array_agg(id) AS recorded,
        count(*) FILTER (WHERE status IN ('succeeded', 'failed', 'cancelled'))::int AS finished,
        array_agg(id) FILTER (WHERE status = 'failed') AS failed,
@@ -392,12 +399,31 @@ _PROMOTE = """, done AS (
 # A job that would go back to the queue is cancelled instead if it, or its workflow, was.
 _CANCELLED = """(j.cancel_requested_at IS NOT NULL OR EXISTS (
                 SELECT 1 FROM workflows w WHERE w.id = j.workflow_id AND w.status = 'cancelled'))"""
-_RECORD = _RECORD_TEMPLATE.format(promote="", became_ready="0", cancelled=_CANCELLED)
-_RECORD_AND_PROMOTE = _RECORD_TEMPLATE.format(
-    promote=_PROMOTE,
-    cancelled=_CANCELLED,
-    became_ready="(SELECT count(*) FROM promoted WHERE status = 'ready' AND unfinished_parents = 0)",
+# The files of the attempts recorded as succeeded (the blobs are stored already): a fenced-out
+# attempt's outputs are never written, and a success is not recorded without its outputs.
+_OUTPUTS = """, outputs_stored AS (
+    INSERT INTO job_outputs (job_id, attempt, path, sha256, size, mode)
+    SELECT u.id, u.attempt, f.path, decode(f.sha256, 'hex'), f.size, f.mode
+    FROM updated u JOIN o ON o.id = u.id
+    CROSS JOIN LATERAL jsonb_to_recordset(o.outputs) AS f(path text, sha256 text, size bigint,
+                                                          mode int)
+    WHERE u.status = 'succeeded' AND o.outputs IS NOT NULL
 )
+"""
+
+
+@functools.cache
+def _record(promote: bool, outputs: bool) -> str:
+    became_ready = (
+        "(SELECT count(*) FROM promoted WHERE status = 'ready' AND unfinished_parents = 0)"
+    )
+    return _RECORD_TEMPLATE.format(
+        outputs=_OUTPUTS if outputs else "",
+        promote=_PROMOTE if promote else "",
+        cancelled=_CANCELLED,
+        became_ready=became_ready if promote else "0",
+    )
+
 
 # Descendants of a job that failed for good wait for it, so none is ready and none has a
 # ready_jobs row (were one stale, the claim that reads it finds its job not ready and drops it).
@@ -516,6 +542,7 @@ def _outcomes_json(outcomes: list[Outcome], now: datetime) -> str:
             and o.exit_code is None
             and o.error is None
             and o.log_tail is None
+            and not o.outputs
         )
         if plain and (group := groups.get((o.owner, kind, reason, o.claimed_at))):
             group["ids"].append(o.job_id)
@@ -543,6 +570,8 @@ def _outcomes_json(outcomes: list[Outcome], now: datetime) -> str:
                 row["error"] = clean_text(o.error)
             if o.log_tail is not None:
                 row["log_tail"] = clean_text(o.log_tail)
+            if o.outputs:
+                row["outputs"] = o.outputs
             if retry:
                 delay = timedelta(seconds=backoff_delay(o.attempt, o.retry_backoff))
                 row["not_before"] = (now + delay).isoformat()
@@ -599,7 +628,8 @@ def finish(
                 "ids": array(o.job_id for o in outcomes),
                 "actor": actor,
             }
-            record = conn.execute(_RECORD_AND_PROMOTE if succeeding else _RECORD, params)
+            with_outputs = any(o.outputs for o in outcomes)
+            record = conn.execute(_record(bool(succeeding), with_outputs), params)
         if close:
             conn.execute(_CLOSE_CLAIMS, [array(close)])
         claiming = _claim_cursor(conn, actor, claim_n, lease, scope) if claim_n else None
