@@ -43,7 +43,6 @@ COMMON_JOB_FIELDS = frozenset(
         "decision",
     }
 )
-JOB_FIELDS = COMMON_JOB_FIELDS | kinds.SPEC_FIELDS
 TOP_FIELDS = {"name", "jobs"}
 
 
@@ -133,7 +132,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_job(index: int, raw: Any, problems: list[str]) -> Job | None:
+def _check_job(index: int, raw: Any, fields: frozenset[str], problems: list[str]) -> Job | None:
     where = f"jobs[{index}]"
     if not isinstance(raw, Mapping):
         problems.append(f"{where}: must be a mapping, got {type(raw).__name__}")
@@ -147,7 +146,7 @@ def _check_job(index: int, raw: Any, problems: list[str]) -> Job | None:
         return None
     where = f"job {key!r}"
     start = len(problems)
-    unknown = sorted(set(raw) - JOB_FIELDS)
+    unknown = sorted(set(raw) - fields)
     if unknown:
         problems.append(f"{where}: unknown field(s) {', '.join(unknown)}")
 
@@ -223,8 +222,9 @@ def parse(raw: Any, name: str | None = None) -> Dag:
 
     jobs: list[Job] = []
     seen: set[str] = set()
+    fields = COMMON_JOB_FIELDS | kinds.spec_fields()
     for index, raw_job in enumerate(raw_jobs):
-        job = _check_job(index, raw_job, problems)
+        job = _check_job(index, raw_job, fields, problems)
         if job is None:
             continue
         if job.key in seen:

@@ -56,9 +56,13 @@ class Kind(Protocol):
 
 
 KINDS: dict[str, Kind] = {k.name: k for k in (command.KIND, python.KIND)}
-SPEC_FIELDS = frozenset().union(*(k.spec_fields for k in KINDS.values()))
 if tuple(KINDS) != states.JOB_KINDS:  # a kind the database cannot store, or one it lacks
     raise RuntimeError(f"job kinds {tuple(KINDS)} differ from states.JOB_KINDS {states.JOB_KINDS}")
+
+
+def spec_fields() -> frozenset[str]:
+    """Every job field some kind owns."""
+    return frozenset().union(*(k.spec_fields for k in KINDS.values()))
 
 
 def choices() -> str:
@@ -76,7 +80,7 @@ def parse(raw: Mapping[str, Any], where: str, problems: list[str]) -> tuple[str,
     kind = given[0]
     start = len(problems)
     payload = kind.parse(raw, where, problems)
-    for name in sorted(SPEC_FIELDS.intersection(raw) - kind.spec_fields):
+    for name in sorted(spec_fields().intersection(raw) - kind.spec_fields):
         owners = " or ".join(repr(k.name) for k in KINDS.values() if name in k.spec_fields)
         problems.append(f"{where}: {name!r} goes with {owners}, not {kind.name!r}")
     return None if payload is None or len(problems) > start else (kind.name, payload)
