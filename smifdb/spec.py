@@ -132,7 +132,8 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _check_job(index: int, raw: Any, fields: frozenset[str], problems: list[str]) -> Job | None:
+def _check_job(index: int, raw: Any, owned: frozenset[str], problems: list[str]) -> Job | None:
+    """``owned``: the fields the kinds own (smifdb.kinds.spec_fields())."""
     where = f"jobs[{index}]"
     if not isinstance(raw, Mapping):
         problems.append(f"{where}: must be a mapping, got {type(raw).__name__}")
@@ -146,11 +147,11 @@ def _check_job(index: int, raw: Any, fields: frozenset[str], problems: list[str]
         return None
     where = f"job {key!r}"
     start = len(problems)
-    unknown = sorted(set(raw) - fields)
+    unknown = sorted(set(raw).difference(COMMON_JOB_FIELDS, owned))
     if unknown:
         problems.append(f"{where}: unknown field(s) {', '.join(unknown)}")
 
-    parsed = kinds.parse(raw, where, problems)
+    parsed = kinds.parse(raw, where, problems, owned)
     kind, payload = parsed if parsed is not None else ("", {})
 
     after = raw.get("after", [])
@@ -222,9 +223,9 @@ def parse(raw: Any, name: str | None = None) -> Dag:
 
     jobs: list[Job] = []
     seen: set[str] = set()
-    fields = COMMON_JOB_FIELDS | kinds.spec_fields()
+    owned = kinds.spec_fields()
     for index, raw_job in enumerate(raw_jobs):
-        job = _check_job(index, raw_job, fields, problems)
+        job = _check_job(index, raw_job, owned, problems)
         if job is None:
             continue
         if job.key in seen:

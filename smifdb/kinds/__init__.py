@@ -71,8 +71,14 @@ def choices() -> str:
     return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
 
 
-def parse(raw: Mapping[str, Any], where: str, problems: list[str]) -> tuple[str, dict] | None:
-    """A spec job's kind and payload; None after appending every problem found."""
+def parse(
+    raw: Mapping[str, Any],
+    where: str,
+    problems: list[str],
+    owned: frozenset[str] | None = None,
+) -> tuple[str, dict] | None:
+    """A spec job's kind and payload; None after appending every problem found. ``owned``:
+    spec_fields(), from a caller that parses many jobs."""
     given = [kind for name, kind in KINDS.items() if name in raw]
     if len(given) != 1:
         problems.append(f"{where}: give exactly one of {choices()}")
@@ -80,7 +86,7 @@ def parse(raw: Mapping[str, Any], where: str, problems: list[str]) -> tuple[str,
     kind = given[0]
     start = len(problems)
     payload = kind.parse(raw, where, problems)
-    for name in sorted(spec_fields().intersection(raw) - kind.spec_fields):
+    for name in sorted((owned or spec_fields()).intersection(raw) - kind.spec_fields):
         owners = " or ".join(repr(k.name) for k in KINDS.values() if name in k.spec_fields)
         problems.append(f"{where}: {name!r} goes with {owners}, not {kind.name!r}")
     return None if payload is None or len(problems) > start else (kind.name, payload)
