@@ -427,3 +427,29 @@ def test_model_run_files_and_job_outputs(conn: psycopg.Connection, tmp_path: Pat
         [job, bytes.fromhex(two)],
     )
     assert blobs.job_outputs(conn, [job, job + 1]) == {job: [FileEntry("out/n.txt", two, 7, 0o755)]}
+
+
+def test_storage_and_grants(conn: psycopg.Connection) -> None:
+    """Chunks are stored out of line without pglz; the roles get what they use, no more."""
+    storage = conn.execute(
+        "SELECT attstorage FROM pg_attribute WHERE attrelid = 'blob_chunks'::regclass"
+        " AND attname = 'data'"
+    ).fetchone()[0]
+    assert storage == "e"
+    options = dict(
+        conn.execute(
+            "SELECT relname, reloptions FROM pg_class WHERE relname IN ('blobs', 'blob_chunks')"
+        ).fetchall()
+    )
+    assert "fillfactor=80" in options["blobs"]
+    assert "autovacuum_vacuum_cost_delay=0" in options["blob_chunks"]
+    has = "SELECT has_table_privilege(%s, %s, %s)"
+    for table in ("blobs", "blob_chunks", "workflow_files", "job_outputs", "model_run_files"):
+        assert conn.execute(has, ["smifdb_readonly", table, "SELECT"]).fetchone()[0]
+        assert not conn.execute(has, ["smifdb_readonly", table, "INSERT"]).fetchone()[0]
+        assert conn.execute(has, ["smifdb_admin", table, "DELETE"]).fetchone()[0]
+        assert conn.execute(has, ["smifdb_runner", table, "SELECT"]).fetchone()[0]
+    assert conn.execute(has, ["smifdb_runner", "blob_chunks", "INSERT"]).fetchone()[0]
+    assert not conn.execute(has, ["smifdb_runner", "blobs", "DELETE"]).fetchone()[0]
+    assert not conn.execute(has, ["smifdb_runner", "workflow_files", "INSERT"]).fetchone()[0]
+    assert conn.execute(has, ["smifdb_runner", "job_outputs", "DELETE"]).fetchone()[0]
