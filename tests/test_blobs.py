@@ -86,6 +86,8 @@ def test_put_tree_keeps_the_exec_bit_and_skips_stored_files(
     ]
     assert entries[1].sha256 == entries[2].sha256
     assert stored(conn)[0] == 2
+    unknown = hashlib.sha256(b"never stored").hexdigest()
+    assert blobs.missing(conn, [entries[0].sha256, entries[1].sha256, unknown]) == {unknown}
     wf = workflow(conn)
     blobs.add_workflow_files(conn, wf, entries)
     assert blobs.workflow_files(conn, wf) == sorted(entries, key=lambda e: e.path)
@@ -156,6 +158,14 @@ def test_a_missing_or_short_chunk_is_named(conn: psycopg.Connection, tmp_path: P
     key = bytes.fromhex(sha)
     conn.execute("DELETE FROM blob_chunks WHERE sha256 = %s AND seq = 1", [key])
     with pytest.raises(blobs.BlobCorrupt, match=f"blob {sha} is corrupt: chunk 1 of 3 is missing"):
+        list(blobs.read_chunks(conn, sha))
+    conn.execute("DELETE FROM blob_chunks WHERE sha256 = %s AND seq = 2", [key])
+    conn.execute(
+        "INSERT INTO blob_chunks SELECT sha256, 1, data FROM blob_chunks"
+        " WHERE sha256 = %s AND seq = 0",
+        [key],
+    )
+    with pytest.raises(blobs.BlobCorrupt, match="chunk 2 of 3 is missing"):
         list(blobs.read_chunks(conn, sha))
     sha2, _ = blobs.put_file(conn, write(tmp_path / "src2", data[:-1]))
     conn.execute(
@@ -281,6 +291,8 @@ def test_too_large(conn: psycopg.Connection, tmp_path: Path, monkeypatch) -> Non
     assert "big.bin is 1,048,577 bytes, over the limit of 1,048,576 bytes" in exc.value.message
     assert exc.value.status == 413
     with pytest.raises(blobs.FileTooLarge):
+        blobs.put_file(conn, src, max_bytes=MiB, sha256=blobs.hash_file(src)[0])
+    with pytest.raises(blobs.FileTooLarge):
         blobs.put_tree(conn, tmp_path, ["big.bin"], max_bytes=MiB)
     assert stored(conn) == (0, 0, 0)
     monkeypatch.setenv("SMIFDB_MAX_FILE_BYTES", "1024")
@@ -325,6 +337,7 @@ def test_a_dedup_hit_protects_a_blob_from_prune(dsn: str, tmp_path: Path) -> Non
     touch comes first (prune skips the row it holds, then finds it fresh) and when the prune
     comes first (the touch waits, then reports the blob missing, so it is uploaded again)."""
     with db.connect(dsn) as conn, db.connect(dsn) as other:
+        conn.execute("SET lock_timeout = '10s'")  # a prune that waited would fail, not hang
         sha, _ = blobs.put_file(conn, write(tmp_path / "f", b"shared input"))
         backdate(conn, sha)
         with other.transaction():
