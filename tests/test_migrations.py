@@ -25,6 +25,11 @@ TABLES = {
     "ready_jobs",
     "claims",
     "workflow_counts",
+    "blobs",
+    "blob_chunks",
+    "workflow_files",
+    "job_outputs",
+    "model_run_files",
 }
 
 
@@ -267,3 +272,17 @@ def test_0010_links_records_to_users_by_id_and_back(empty_dsn: str) -> None:
         kinds = [r[0] for r in conn.execute("SELECT kind FROM api_tokens")]
         assert kinds == ["access"]  # the never-expiring api token had no place in 0009
         assert conn.execute("SELECT count(*) FROM dafni_models").fetchone()[0] == 2
+
+
+def test_blob_store_down_and_up(dsn: str) -> None:
+    """0011 down drops exactly its five tables (files stored in them too); up restores them."""
+    blob_tables = {"blobs", "blob_chunks", "workflow_files", "job_outputs", "model_run_files"}
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("INSERT INTO blobs (sha256, size, chunks) VALUES (sha256(''), 0, 0)")
+    migrate.downgrade(dsn, "0010")
+    assert _tables(dsn) == TABLES - blob_tables
+    migrate.upgrade(dsn)
+    assert _tables(dsn) == TABLES
+    assert migrate.drift(dsn) == []
+    with psycopg.connect(dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM blobs").fetchone() == (0,)
