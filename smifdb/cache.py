@@ -155,7 +155,7 @@ class Cache:
             for path in sub.iterdir() if sub.is_dir() else ():
                 with contextlib.suppress(FileNotFoundError):
                     st = path.stat()
-                    if ".tmp" not in path.name:
+                    if not path.name.startswith("."):  # a fetch in progress (get_file)
                         found.append((path, st.st_size, st.st_atime_ns))
         return found
 

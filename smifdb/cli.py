@@ -50,6 +50,26 @@ class Seconds(click.FloatRange):
         return seconds
 
 
+class Bytes(click.ParamType):
+    """A size in bytes: 1048576, 512K, 20M, 4G or 1T (powers of 1024)."""
+
+    name = "bytes"
+
+    def __init__(self, low: int = 1) -> None:
+        self.low = low
+        self._UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+    def convert(self, value, param, ctx):  # type: ignore[no-untyped-def]
+        if isinstance(value, int):
+            return value
+        text = str(value).strip().upper().removesuffix("B").removesuffix("I")
+        unit = text[-1:] if text[-1:] in self._UNITS else ""
+        number = text[: len(text) - len(unit)]
+        if not number.isdigit() or int(number) * self._UNITS[unit] < self.low:
+            self.fail(f"{value!r} is not a size of at least {self.low} bytes (e.g. 512M)")
+        return int(number) * self._UNITS[unit]
+
+
 class BadInput(click.ClickException):
     """Input the user can fix: exit status 2, like a usage error."""
 
@@ -218,13 +238,18 @@ def submit_cmd(ctx: click.Context, file: str, name: str | None) -> None:
 def _log_dir(value: str | None) -> Path:
     """The job log folder, created now: a folder that cannot be made is the user's to fix,
     and must be found before anything is submitted."""
-    path = Path(value).resolve() if value else default_home() / "logs"
+    return _private_dir(value, "logs", "log folder")
+
+
+def _private_dir(value: str | None, default: str, what: str) -> Path:
+    """A runner's folder (``default`` under SMIFDB_HOME), made now and private to its user."""
+    path = Path(value).resolve() if value else default_home() / default
     try:
         path.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
-        raise BadInput(f"cannot create the log folder {path}: {exc.strerror or exc}") from exc
+        raise BadInput(f"cannot create the {what} {path}: {exc.strerror or exc}") from exc
     if not os.access(path, os.W_OK | os.X_OK):
-        raise BadInput(f"cannot write to the log folder {path}")
+        raise BadInput(f"cannot write to the {what} {path}")
     return path
 
 
@@ -337,6 +362,30 @@ def _runner_options(f):
             "first and the last bytes, with a line saying how much was dropped between.",
         ),
         click.option(
+            "--cache-dir",
+            type=click.Path(file_okay=False),
+            envvar="SMIFDB_CACHE_DIR",
+            help="The runner's cache of stored files, and the folders of jobs with files "
+            "(default: $SMIFDB_HOME/cache; also $SMIFDB_CACHE_DIR). Runners of one machine may "
+            "share it.",
+        ),
+        click.option(
+            "--cache-max-bytes",
+            type=Bytes(2**20),
+            default="20G",
+            show_default=True,
+            help="Past this, the least recently used files leave the cache.",
+        ),
+        click.option(
+            "--max-file-bytes",
+            type=Bytes(),
+            envvar="SMIFDB_MAX_FILE_BYTES",
+            default="4G",
+            show_default=True,
+            help="A job's output file larger than this fails its attempt (also "
+            "$SMIFDB_MAX_FILE_BYTES).",
+        ),
+        click.option(
             "--python-allow",
             "python_allow",
             metavar="PREFIX",
@@ -398,6 +447,9 @@ def _runner_config(name: str | None, allow: tuple[str, ...] = (), **kw) -> Runne
         max_runner_losses=kw["max_runner_losses"],
         max_result_bytes=kw["max_result_bytes"],
         max_log_bytes=kw["max_log_bytes"],
+        cache_dir=_private_dir(kw["cache_dir"], "cache", "cache folder"),
+        cache_max_bytes=kw["cache_max_bytes"],
+        max_file_bytes=kw["max_file_bytes"],
         slots=kw["slots"],
         log_dir=_log_dir(kw["log_dir"]),
         batch=kw["batch"],

@@ -24,12 +24,15 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from smifdb import proctree
 from smifdb.pgtext import unstorable
 from smifdb.store.queue import ClaimedJob, Outcome
 from smifdb.watchdog import Watchdog
+
+if TYPE_CHECKING:
+    from smifdb.files import JobFiles
 
 LOG_TAIL_BYTES = 4000
 KILL_GRACE = 5.0
@@ -144,6 +147,8 @@ class Attempt:
     stop_reason: str | None = None  # 'timeout' | 'cancelled' | 'released'
     kill_at: float | None = None  # when a stopped attempt's process group gets SIGKILL
     process: subprocess.Popen | None = None
+    files: JobFiles | None = None  # the runner's data plane: cache, data connections
+    folder: Path | None = None  # the attempt's private folder, if its kind made one
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property

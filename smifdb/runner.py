@@ -31,6 +31,8 @@ from pathlib import Path
 import psycopg
 
 from smifdb import db, kinds, logs, store
+from smifdb.cache import DEFAULT_MAX_BYTES as DEFAULT_CACHE_BYTES
+from smifdb.cache import Cache
 from smifdb.db import DB_ERRORS, Backoff
 from smifdb.execute import (
     DEFAULT_PYTHON_ALLOW,
@@ -39,8 +41,11 @@ from smifdb.execute import (
     Attempt,
     JobPolicy,
 )
+from smifdb.files import JobFiles
+from smifdb.pgserver import default_home
 from smifdb.store import CANCEL_CHANNEL, FINISHED_CHANNEL, READY_CHANNEL, queue, read
 from smifdb.store import runners as runner_rows
+from smifdb.store.blobs import DEFAULT_MAX_FILE_BYTES
 from smifdb.store.queue import Outcome
 from smifdb.watchdog import Watchdog
 
@@ -71,6 +76,9 @@ class RunnerConfig:
     max_runner_losses: int = queue.MAX_RUNNER_LOSSES  # a job losing this many runners fails
     max_result_bytes: int = MAX_RESULT_BYTES  # a bigger result file fails its attempt
     max_log_bytes: int = MAX_LOG_BYTES  # a job's log keeps its head and tail within this
+    cache_dir: Path = field(default_factory=lambda: default_home() / "cache")  # files, folders
+    cache_max_bytes: int = DEFAULT_CACHE_BYTES  # the cache evicts least recently used past this
+    max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # a bigger output file fails its attempt
 
     @property
     def scope(self) -> queue.Scope:
@@ -106,6 +114,14 @@ class Runner:
         self.host, self.pid = socket.gethostname(), os.getpid()  # who holds the name
         self.name_taken = False  # another process started under our name while we were silent
         self.watchdog = Watchdog()
+        # Jobs' files: the cache and the attempts' folders share one file system (hard links);
+        # data connections open only once a job has files.
+        self.files = JobFiles(
+            dsn,
+            Cache(config.cache_dir, config.cache_max_bytes),
+            config.cache_dir / "work",
+            max_file_bytes=config.max_file_bytes,
+        )
         self.policy = JobPolicy(
             python_allow=config.python_allow,
             max_result_bytes=config.max_result_bytes,
@@ -241,6 +257,7 @@ class Runner:
         for _ in self.workers:
             self.todo.put(None)
         self.watchdog.close()
+        self.files.close()
         if self.conn is not None:
             self.conn.close()
         log.info(
@@ -423,7 +440,10 @@ class Runner:
         if not jobs:
             return
         attempts = [
-            Attempt(job, self.name, self.config.log_dir, self.watchdog, self.policy) for job in jobs
+            Attempt(
+                job, self.name, self.config.log_dir, self.watchdog, self.policy, files=self.files
+            )
+            for job in jobs
         ]
         for attempt in attempts:
             job = attempt.job

@@ -10,11 +10,12 @@ tests/test_kinds.py checks against this registry).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Protocol
 
-from smifdb import states
+from smifdb import errors, states, workspace
 from smifdb.execute import Attempt
 from smifdb.kinds import command, python
 from smifdb.store.queue import Outcome
@@ -100,11 +101,19 @@ def run_attempt(attempt: Attempt) -> Outcome:
         if kind is None:  # a newer smifdb's kind, claimed by this runner
             error = f"job kind {attempt.job.kind!r} is unknown to this runner"
             return attempt.outcome("failed", error=error, reason="unknown kind")
-        kind.prepare(attempt)
-        outcome = kind.run(attempt)
-        if outcome.status == "succeeded":
-            outcome = kind.collect(attempt, outcome)
-        return outcome
+        try:
+            kind.prepare(attempt)
+            outcome = kind.run(attempt)
+            if outcome.status == "succeeded":
+                outcome = kind.collect(attempt, outcome)
+            return outcome
+        except errors.Error as exc:  # files that could not be fetched, found or stored
+            if attempt.stop_reason is not None:
+                return attempt.stopped_outcome()
+            return attempt.outcome("failed", error=exc.message, reason=type(exc).__name__)
+        finally:
+            if attempt.folder is not None and not os.environ.get("SMIFDB_KEEP_JOB_FOLDERS"):
+                workspace.remove(attempt.folder)
     except Exception as exc:
         return attempt.outcome("failed", error=f"runner error: {exc!r}", reason="runner error")
 
