@@ -24,12 +24,15 @@ import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from smifdb import proctree
 from smifdb.pgtext import unstorable
 from smifdb.store.queue import ClaimedJob, Outcome
-from smifdb.watchdog import Watchdog
+
+if TYPE_CHECKING:  # not at run time: `import smifdb` (spec -> kinds -> here) must not import
+    # smifdb.watchdog, which runs as `python -m smifdb.watchdog` (runpy warns on stderr)
+    from smifdb.watchdog import Watchdog
 
 LOG_TAIL_BYTES = 4000
 KILL_GRACE = 5.0
