@@ -487,3 +487,20 @@ def test_a_full_disk_leaves_no_partial_file(conn: psycopg.Connection, tmp_path: 
         assert os.listdir(small) == []
     finally:
         subprocess.run(["umount", str(small)], check=True)
+
+
+def test_two_writers_of_one_content_store_it_once(dsn: str, tmp_path: Path) -> None:
+    """The second writer waits on the primary key for the first's commit, then skips."""
+    data = os.urandom(2 * MiB + 5)
+    first, second = write(tmp_path / "first", data), write(tmp_path / "second", data)
+    with db.connect(dsn) as conn, db.connect(dsn) as other:
+        result: list[tuple[str, int]] = []
+        with other.transaction():
+            sha, size = blobs.put_file(other, first)
+            waiter = threading.Thread(target=lambda: result.append(blobs.put_file(conn, second)))
+            waiter.start()
+            waiter.join(0.5)
+            assert waiter.is_alive()  # waiting for the first writer's key
+        waiter.join(30)
+        assert result == [(sha, size)]
+        assert stored(conn) == (1, 3, size)
