@@ -29,7 +29,10 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 from smifdb import proctree
 from smifdb.pgtext import unstorable
 from smifdb.store.queue import ClaimedJob, Outcome
-from smifdb.watchdog import Watchdog
+
+if TYPE_CHECKING:  # not at run time: `import smifdb` (spec -> kinds -> here) must not import
+    # smifdb.watchdog, which runs as `python -m smifdb.watchdog` (runpy warns on stderr)
+    from smifdb.watchdog import Watchdog
 
 if TYPE_CHECKING:
     from smifdb.files import JobFiles

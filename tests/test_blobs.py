@@ -3,6 +3,7 @@ mid-COPY, the size limit, prune (and what it must keep), and path validation."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import signal
@@ -466,3 +467,40 @@ def test_storage_and_grants(conn: psycopg.Connection) -> None:
     assert not conn.execute(has, ["smifdb_runner", "blobs", "DELETE"]).fetchone()[0]
     assert not conn.execute(has, ["smifdb_runner", "workflow_files", "INSERT"]).fetchone()[0]
     assert conn.execute(has, ["smifdb_runner", "job_outputs", "DELETE"]).fetchone()[0]
+
+
+def test_a_full_disk_leaves_no_partial_file(conn: psycopg.Connection, tmp_path: Path) -> None:
+    """get_file into a 1 MiB tmpfs: ENOSPC, and neither dest nor its temporary file is left."""
+    data = os.urandom(3 * MiB)
+    sha, _ = blobs.put_file(conn, write(tmp_path / "src", data))
+    small = tmp_path / "small"
+    small.mkdir()
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(small)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        with pytest.raises(OSError) as exc:
+            blobs.get_file(conn, sha, small / "dest")
+        assert exc.value.errno == errno.ENOSPC
+        assert os.listdir(small) == []
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
+def test_two_writers_of_one_content_store_it_once(dsn: str, tmp_path: Path) -> None:
+    """The second writer waits on the primary key for the first's commit, then skips."""
+    data = os.urandom(2 * MiB + 5)
+    first, second = write(tmp_path / "first", data), write(tmp_path / "second", data)
+    with db.connect(dsn) as conn, db.connect(dsn) as other:
+        result: list[tuple[str, int]] = []
+        with other.transaction():
+            sha, size = blobs.put_file(other, first)
+            waiter = threading.Thread(target=lambda: result.append(blobs.put_file(conn, second)))
+            waiter.start()
+            waiter.join(0.5)
+            assert waiter.is_alive()  # waiting for the first writer's key
+        waiter.join(30)
+        assert result == [(sha, size)]
+        assert stored(conn) == (1, 3, size)

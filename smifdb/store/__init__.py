@@ -7,6 +7,7 @@
 - ``modelruns``: model runs and their bundles (the manager's state)
 - ``read``:    progress and listings for the CLI and API
 - ``views``:   reads through the SQL views (docs/sql.md) for `smifdb status` and `audit`
+- ``blobs``:   the blob store: files by SHA-256 in chunks, and the records that name them
 - ``prune``:   retention: deleting what finished long ago, in many short transactions that
   touch only finished rows and skip any workflow row another session holds (SKIP LOCKED)
 
