@@ -23,6 +23,7 @@ from smifdb.execute import (
     MAX_RESULT_BYTES,
     check_allow_entry,
 )
+from smifdb.kinds import python as python_kind
 from smifdb.manager import Manager, ManagerConfig, submit_model_run
 from smifdb.pgserver import Cluster, ServerError, default_home
 from smifdb.progress import ModelRunProgress, ProgressPrinter, model_run_summary, summary
@@ -596,7 +597,7 @@ def run_cmd(ctx: click.Context, file: str, workflow_name: str | None, **kw) -> N
     dag = _read_dag(file, workflow_name)
     # The spec's author runs it: its own callables run, in its workflow only (the runner
     # claims nothing else), as exact names; other workflows' jobs never reach this runner.
-    spec_callables = tuple(sorted({j.payload["function"] for j in dag.jobs if j.kind == "python"}))
+    spec_callables = python_kind.callables(dag.jobs)
     dsn = _dsn(ctx)
     _log_dir(kw["log_dir"])  # before submitting: nothing would run a workflow left behind
     with db.connect(dsn) as conn:

@@ -1,9 +1,9 @@
-"""Running one attempt of a job, outside any database transaction.
+"""What every kind of job runs on (smifdb/kinds/ has one module per kind): the Attempt.
 
-``command`` jobs run as a subprocess in their own process group (so a timeout or cancellation
-kills everything they started), without the runner's secrets in their environment; ``python``
-jobs call ``module:function(**args)`` in a runner thread, if the runner allows that callable.
-Either way the result is an Outcome for the runner to record.
+Shared by the kinds: a subprocess run as its own process group (so a timeout or cancellation
+kills everything it started) without the runner's secrets in its environment, its output in a
+capped log (run_process); the allow-list of the callables Python code may run in a runner.
+Every attempt, outside any database transaction, ends in an Outcome for the runner to record.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import subprocess
 import sys
 import threading
 import time
-import traceback
 import types
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -267,17 +266,21 @@ def _tail(path: Path) -> str | None:
     return text if size <= LOG_TAIL_BYTES else "…" + text
 
 
-def run_attempt(attempt: Attempt) -> Outcome:
-    try:
-        if attempt.job.kind == "command":
-            return _run_command(attempt)
-        return _run_python(attempt)
-    except Exception as exc:  # a bug or an environment problem: the attempt fails, runner lives
-        return attempt.outcome("failed", error=f"runner error: {exc!r}", reason="runner error")
+def run_process(
+    attempt: Attempt,
+    argv: str | list[str],
+    *,
+    shell: bool = False,
+    cwd: str | None = None,
+    env: dict[str, str] | None = None,
+) -> Outcome:
+    """Run ``argv`` (a /bin/sh command if ``shell``) as the attempt's process group, its
+    output into the attempt's log; its outcome, with the result file's JSON if it succeeded.
 
-
-def _run_command(attempt: Attempt) -> Outcome:
-    job, payload, policy = attempt.job, attempt.job.payload, attempt.policy
+    The environment is the runner's less its secrets, plus ``env`` and the SMIFDB_* names of
+    the attempt. What is left of the group when the leader exits, or is stopped, is killed.
+    """
+    job, policy = attempt.job, attempt.policy
     folder = attempt.log_dir / f"workflow-{job.workflow_id}"
     private_folder(folder)
     stem = file_stem(job)
@@ -285,10 +288,10 @@ def _run_command(attempt: Attempt) -> Outcome:
     result_path = folder / f"{stem}.result.json"
     os.close(private_file(result_path))  # empty: no result, unless the job writes one
     token = proctree.new_token(job.id, job.attempt)
-    env = {
+    environment = {
         **job_environment(os.environ),
         "PATH": _PATH,
-        **payload.get("env", {}),
+        **(env or {}),
         "SMIFDB_JOB_ID": str(job.id),
         "SMIFDB_JOB_KEY": job.key,
         "SMIFDB_WORKFLOW_ID": str(job.workflow_id),
@@ -296,8 +299,6 @@ def _run_command(attempt: Attempt) -> Outcome:
         "SMIFDB_RESULT_FILE": str(result_path),
         proctree.TOKEN_VAR: token,
     }
-    shell = "shell" in payload
-    argv = payload["shell"] if shell else payload["argv"]
     with open(private_file(log_path), "wb") as log:
         try:
             with attempt._lock:
@@ -306,8 +307,8 @@ def _run_command(attempt: Attempt) -> Outcome:
                 attempt.process = subprocess.Popen(
                     argv,
                     shell=shell,
-                    cwd=payload.get("cwd"),
-                    env=env,
+                    cwd=cwd,
+                    env=environment,
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.PIPE,
                     stderr=subprocess.STDOUT,
@@ -315,7 +316,6 @@ def _run_command(attempt: Attempt) -> Outcome:
                     preexec_fn=_PREEXEC,  # one prctl call: safe after fork
                 )
         except OSError as exc:
-            cwd = payload.get("cwd")
             if cwd and not os.path.isdir(cwd):  # Popen names the program, not the folder
                 error = f"cannot start {argv!r}: no working folder {cwd}"
             else:
@@ -551,24 +551,3 @@ def allowed_callable(target: str, allow: tuple[str, ...]) -> Any:
             f"the allowed prefixes ({', '.join(allow)}); name it where it is defined"
         )
     return obj
-
-
-def _run_python(attempt: Attempt) -> Outcome:
-    payload = attempt.job.payload
-    try:
-        function = allowed_callable(payload["function"], attempt.policy.python_allow)
-        value = function(**payload.get("args", {}))
-        if value is not None and (why := unstorable(value)):
-            raise ValueError(f"the returned value cannot be stored as JSON: {why}")
-    except NotAllowed as exc:  # for good: a runner like this one would refuse it as well
-        error = f"{exc} (runner {attempt.owner})"
-        return attempt.outcome("failed", final=True, error=error, reason="callable not allowed")
-    except BaseException as exc:  # whatever a job raises, sys.exit() too, fails it; slot lives
-        tail = traceback.format_exc()[-LOG_TAIL_BYTES:]
-        if attempt.stop_reason is not None:
-            return attempt.stopped_outcome(log_tail=tail)
-        error = f"{type(exc).__name__}: {exc}"
-        return attempt.outcome("failed", error=error[:2000], log_tail=tail, reason="exception")
-    if attempt.stop_reason is not None:
-        return attempt.stopped_outcome()
-    return attempt.outcome("succeeded", result=value, reason="returned")

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import psycopg
 
-from smifdb import db, logs, store
+from smifdb import db, kinds, logs, store
 from smifdb.db import DB_ERRORS, Backoff
 from smifdb.execute import (
     DEFAULT_PYTHON_ALLOW,
@@ -38,7 +38,6 @@ from smifdb.execute import (
     MAX_RESULT_BYTES,
     Attempt,
     JobPolicy,
-    run_attempt,
 )
 from smifdb.store import CANCEL_CHANNEL, FINISHED_CHANNEL, READY_CHANNEL, queue, read
 from smifdb.store import runners as runner_rows
@@ -462,7 +461,7 @@ class Runner:
     def _execute(self, attempt: Attempt) -> None:
         if log.isEnabledFor(logging.INFO):
             log.info("job started", extra=self._job_fields(attempt.job, "started"))
-        outcome = run_attempt(attempt)
+        outcome = kinds.run_attempt(attempt)
         with self.lock:
             self.busy -= 1
             # The main loop needs waking for the first outcome (it then lingers for more) and
@@ -495,8 +494,7 @@ class Runner:
         self.pending.append(outcome)
 
     def _stop_attempt(self, attempt: Attempt, reason: str) -> None:
-        attempt.stop(reason)
-        if attempt.job.kind == "python":
+        if not kinds.stop(attempt, reason):  # nothing can end it (a Python call's thread)
             self._report_now(attempt)
 
     def _enforce_deadlines(self) -> None:

@@ -406,3 +406,69 @@ dafni_instances = Table(
 )
 Index("dafni_instances_workflow_version_idx", dafni_instances.c.workflow_version_id)
 Index("dafni_instances_parameter_set_idx", dafni_instances.c.parameter_set_id)
+
+# The blob store (migration 0011): content stored once by SHA-256, in ≤ 1 MiB chunks, visible
+# only once complete (one transaction writes a blob's row and its chunks). last_used_at: every
+# upload and dedup hit bumps it, so prune's grace covers a blob until its record names it.
+blobs = Table(
+    "blobs",
+    metadata,
+    Column("sha256", LargeBinary, primary_key=True),
+    Column("size", BigInteger, nullable=False),
+    Column("chunks", Integer, nullable=False),
+    Column("created_at", TS, nullable=False, server_default=func.now()),
+    Column("last_used_at", TS, nullable=False, server_default=func.now()),
+    CheckConstraint("length(sha256) = 32", name="blobs_sha256_length"),
+    CheckConstraint("size >= 0", name="blobs_size_check"),
+    CheckConstraint("chunks >= 0", name="blobs_chunks_check"),
+)
+
+# data is STORAGE EXTERNAL: out of line, never through pglz (most data is compressed already).
+blob_chunks = Table(
+    "blob_chunks",
+    metadata,
+    Column(
+        "sha256",
+        LargeBinary,
+        ForeignKey("blobs.sha256", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("seq", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    PrimaryKeyConstraint("sha256", "seq", name="blob_chunks_pkey"),
+)
+
+# Relative POSIX paths: not empty, not absolute, no '..' component.
+_PATH_CHECK = "path <> '' AND left(path, 1) <> '/' AND NOT ('..' = ANY(string_to_array(path, '/')))"
+
+
+def _files(name: str, owner_column: str, owner: str, *extra: Column) -> Table:
+    """Paths naming blobs, owned by a record (cascade) and holding their blob (no cascade)."""
+    table = Table(
+        name,
+        metadata,
+        Column(
+            owner_column,
+            BigInteger,
+            ForeignKey(f"{owner}.id", ondelete="CASCADE"),
+            nullable=False,
+        ),
+        *extra,
+        Column("path", Text, nullable=False),
+        Column("sha256", LargeBinary, ForeignKey("blobs.sha256"), nullable=False),
+        Column("size", BigInteger, nullable=False),
+        Column("mode", Integer, nullable=False, server_default="420"),  # 0o644 or 0o755
+        PrimaryKeyConstraint(owner_column, "path", name=f"{name}_pkey"),
+        CheckConstraint(_PATH_CHECK, name=f"{name}_path_relative"),
+        CheckConstraint("mode IN (420, 493)", name=f"{name}_mode_check"),
+    )
+    Index(f"{name}_sha256_idx", table.c.sha256)  # prune's anti-join
+    return table
+
+
+# Files present in every job's folder of a workflow (the spec's `files:`).
+workflow_files = _files("workflow_files", "workflow_id", "workflows")
+# The recorded attempt's outputs.
+job_outputs = _files("job_outputs", "job_id", "jobs", Column("attempt", Integer, nullable=False))
+# A smif project snapshot and the decision-state files a manager writes.
+model_run_files = _files("model_run_files", "model_run_id", "model_runs")

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import json
 import math
-import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -17,37 +16,33 @@ from typing import Any
 import networkx as nx
 import yaml
 
-from smifdb import errors
+from smifdb import errors, kinds
+from smifdb.kinds import python as python_kind
 from smifdb.limits import (
-    MAX_ARG_BYTES,
-    MAX_DEPTH,
     MAX_KEY_LENGTH,
     LimitError,
     load_json,
     load_yaml,
-    too_deep,
 )
 from smifdb.pgtext import text_problem, text_problems
 
 MAX_REPORTED = 20
-PYTHON_TARGET = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
-JOB_FIELDS = {
-    "key",
-    "command",
-    "python",
-    "args",
-    "cwd",
-    "env",
-    "after",
-    "priority",
-    "max_attempts",
-    "timeout",
-    "retry_backoff",
-    "model",
-    "operation",
-    "timestep",
-    "decision",
-}
+PYTHON_TARGET = python_kind.TARGET  # module:attr, as deciders name theirs too
+# The fields of every job; each kind (smifdb/kinds/) adds its own.
+COMMON_JOB_FIELDS = frozenset(
+    {
+        "key",
+        "after",
+        "priority",
+        "max_attempts",
+        "timeout",
+        "retry_backoff",
+        "model",
+        "operation",
+        "timestep",
+        "decision",
+    }
+)
 TOP_FIELDS = {"name", "jobs"}
 
 
@@ -68,7 +63,7 @@ class SpecError(errors.BadInput, ValueError):
 @dataclass(frozen=True)
 class Job:
     key: str
-    kind: str  # "command" | "python"
+    kind: str  # a name in smifdb.kinds.KINDS
     payload: dict[str, Any]
     after: tuple[str, ...] = ()
     priority: int = 0
@@ -137,17 +132,7 @@ def _is_number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _exec_strings(payload: dict[str, Any]) -> Iterator[tuple[str, str]]:
-    """What a command job hands exec: each argument, and each NAME=value of its env."""
-    if "shell" in payload:
-        yield "'command'", payload["shell"]
-    for arg in payload.get("argv", ()):
-        yield "an argument of 'command'", arg
-    for name, value in payload.get("env", {}).items():
-        yield f"'env' {name}", f"{name}={value}"
-
-
-def _check_job(index: int, raw: Any, problems: list[str]) -> Job | None:
+def _check_job(index: int, raw: Any, fields: frozenset[str], problems: list[str]) -> Job | None:
     where = f"jobs[{index}]"
     if not isinstance(raw, Mapping):
         problems.append(f"{where}: must be a mapping, got {type(raw).__name__}")
@@ -161,70 +146,12 @@ def _check_job(index: int, raw: Any, problems: list[str]) -> Job | None:
         return None
     where = f"job {key!r}"
     start = len(problems)
-    unknown = sorted(set(raw) - JOB_FIELDS)
+    unknown = sorted(set(raw) - fields)
     if unknown:
         problems.append(f"{where}: unknown field(s) {', '.join(unknown)}")
 
-    has_command, has_python = "command" in raw, "python" in raw
-    kind, payload = "command", {}
-    if has_command == has_python:
-        problems.append(f"{where}: give exactly one of 'command' or 'python'")
-    elif has_command:
-        command = raw["command"]
-        if isinstance(command, str) and command.strip():
-            payload = {"shell": command}
-        elif (
-            isinstance(command, list)
-            and command
-            and all(isinstance(a, (str, int, float)) and not isinstance(a, bool) for a in command)
-        ):
-            payload = {"argv": [str(a) for a in command]}
-        else:
-            problems.append(f"{where}: 'command' must be a non-empty string or list of strings")
-        if "args" in raw:
-            problems.append(f"{where}: 'args' goes with 'python', not 'command'")
-    else:
-        kind = "python"
-        target = raw["python"]
-        if not isinstance(target, str) or not PYTHON_TARGET.match(target):
-            problems.append(f"{where}: 'python' must look like 'package.module:function'")
-        args = raw.get("args", {})
-        if not isinstance(args, Mapping) or not all(isinstance(k, str) for k in args):
-            problems.append(f"{where}: 'args' must be a mapping of names to values")
-            args = {}
-        elif too_deep(args, MAX_DEPTH - 3):  # under {"jobs": [{"args": ...}]}
-            problems.append(f"{where}: 'args' nests more than {MAX_DEPTH - 3} levels deep")
-        else:
-            try:
-                json.dumps(args, allow_nan=False)
-            except (TypeError, ValueError):
-                problems.append(f"{where}: 'args' must be JSON (no NaN or Infinity)")
-        payload = {"function": target, "args": dict(args)}
-
-    if "cwd" in raw:
-        if isinstance(raw["cwd"], str) and raw["cwd"]:
-            payload["cwd"] = raw["cwd"]
-        else:
-            problems.append(f"{where}: 'cwd' must be a non-empty string")
-    if "env" in raw:
-        env = raw["env"]
-        if isinstance(env, Mapping) and all(
-            isinstance(k, str) and k and "=" not in k and (isinstance(v, str) or _is_number(v))
-            for k, v in env.items()
-        ):
-            payload["env"] = {k: str(v) for k, v in env.items()}
-        else:
-            problems.append(f"{where}: 'env' must map names (without '=') to strings or numbers")
-    too_long = [
-        name
-        for name, arg in (_exec_strings(payload) if kind == "command" else ())
-        if len(arg) > MAX_ARG_BYTES // 4 and len(arg.encode(errors="replace")) > MAX_ARG_BYTES
-    ]
-    if too_long:
-        problems.append(
-            f"{where}: {' and '.join(dict.fromkeys(too_long))} longer than {MAX_ARG_BYTES} "
-            "bytes, more than Linux passes to a program in one argument or variable"
-        )
+    parsed = kinds.parse(raw, where, problems)
+    kind, payload = parsed if parsed is not None else ("", {})
 
     after = raw.get("after", [])
     if isinstance(after, str):
@@ -295,8 +222,9 @@ def parse(raw: Any, name: str | None = None) -> Dag:
 
     jobs: list[Job] = []
     seen: set[str] = set()
+    fields = COMMON_JOB_FIELDS | kinds.spec_fields()
     for index, raw_job in enumerate(raw_jobs):
-        job = _check_job(index, raw_job, problems)
+        job = _check_job(index, raw_job, fields, problems)
         if job is None:
             continue
         if job.key in seen:
@@ -326,11 +254,10 @@ def parse(raw: Any, name: str | None = None) -> Dag:
 
 
 def with_base_dir(dag: Dag, base: Path) -> Dag:
-    """Command jobs get ``base`` as working folder; a relative ``cwd`` is taken from ``base``."""
+    """The DAG of a spec file in folder ``base``: each kind says what that changes (command
+    jobs run in ``base``, a relative ``cwd`` is taken from it)."""
     jobs = []
     for job in dag.jobs:
-        if job.kind == "command":
-            cwd = base / job.payload.get("cwd", ".")
-            job = replace(job, payload={**job.payload, "cwd": str(cwd.resolve())})
-        jobs.append(job)
+        payload = kinds.KINDS[job.kind].with_base_dir(job.payload, base)
+        jobs.append(replace(job, payload=payload) if payload is not job.payload else job)
     return replace(dag, jobs=jobs)

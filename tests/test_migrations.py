@@ -25,6 +25,11 @@ TABLES = {
     "ready_jobs",
     "claims",
     "workflow_counts",
+    "blobs",
+    "blob_chunks",
+    "workflow_files",
+    "job_outputs",
+    "model_run_files",
 }
 
 

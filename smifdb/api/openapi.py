@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from smifdb import __version__
+from smifdb import __version__, kinds
 from smifdb.api.paging import DEFAULT_LIMIT, MAX_LIMIT
 from smifdb.states import JOB_STATUSES, WORKFLOW_STATUSES
 
@@ -118,19 +118,11 @@ DAG_SPEC = {
                 "required": ["key"],
                 "properties": {
                     "key": {"type": "string"},
-                    "command": {
-                        "oneOf": [
-                            {"type": "string"},
-                            {"type": "array", "items": {"type": "string"}},
-                        ]
-                    },
-                    "python": {"type": "string", "examples": ["smifdb.examples:noop"]},
-                    "args": ANY_OBJECT,
+                    **{f: v for kind in kinds.KINDS.values() for f, v in kind.spec_schema.items()},
                     "after": {"type": "array", "items": {"type": "string"}},
                     "priority": {"type": "integer"},
                     "max_attempts": {"type": "integer", "minimum": 1, "maximum": 1000},
                     "timeout": {"type": "number", "exclusiveMinimum": 0},
-                    "env": {"type": "object", "additionalProperties": {"type": "string"}},
                 },
             },
         },
