@@ -155,4 +155,3 @@ def decider_for(model_run: ModelRun, conn: psycopg.Connection) -> Decider:
     from smifdb.smifrun import SmifModelRun  # smif is an optional extra
 
     return SmifModelRun.open(folder, model_run.name, **model_run.options)
-

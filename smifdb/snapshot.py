@@ -161,10 +161,10 @@ class Mirror:
             if st is not None and record == (entry.sha256, st.st_size, st.st_mtime_ns):
                 self.placed[rel] = record
                 continue
-            if st is not None and st.st_size == entry.size:
-                if blobs.hash_file(path)[0] == entry.sha256:  # rewritten with the same bytes
-                    self.placed[rel] = (entry.sha256, st.st_size, st.st_mtime_ns)
-                    continue
+            same = st is not None and st.st_size == entry.size
+            if same and blobs.hash_file(path)[0] == entry.sha256:  # the same bytes rewritten
+                self.placed[rel] = (entry.sha256, st.st_size, st.st_mtime_ns)
+                continue
             path.parent.mkdir(parents=True, exist_ok=True)
             blobs.get_file(conn, entry.sha256, path, mode=entry.mode)
             st = path.stat()

@@ -372,9 +372,7 @@ def result_files(
 
 def previous(conn: psycopg.Connection, model_run: ModelRun) -> int | None:
     """The id of the newest earlier model run of the same name and project, if any."""
-    row = conn.execute(
-        _PREVIOUS, (model_run.name, model_run.project_dir, model_run.id)
-    ).fetchone()
+    row = conn.execute(_PREVIOUS, (model_run.name, model_run.project_dir, model_run.id)).fetchone()
     return None if row is None else row[0]
 
 
