@@ -1066,11 +1066,25 @@ class _Duration(click.ParamType):
     show_default=True,
     help="Most workflows per transaction.",
 )
+@click.option(
+    "--blob-grace",
+    type=_Duration(),
+    default="1h",
+    show_default=True,
+    help="Keep an unreferenced blob used more recently than this (an upload whose record "
+    "has yet to commit).",
+)
 @click.pass_context
 def prune_cmd(
-    ctx: click.Context, older_than, dry_run: bool, archive_events: str | None, batch_size: int
+    ctx: click.Context,
+    older_than,
+    dry_run: bool,
+    archive_events: str | None,
+    batch_size: int,
+    blob_grace,
 ) -> None:
-    """Delete finished workflows and model runs, with their jobs, edges and events.
+    """Delete finished workflows and model runs, with their jobs, edges, events and files,
+    then the blobs nothing names any more.
 
     Never touches an unfinished workflow, nor any bundle of a model run that is still running
     or ended after the cutoff. Short transactions that never wait for a lock: safe while
@@ -1079,7 +1093,9 @@ def prune_cmd(
     with db.connect(_dsn(ctx)) as conn:
         store.check_schema(conn)
         if dry_run or not archive_events:
-            report = retention.prune(conn, older_than, dry_run=dry_run, batch_size=batch_size)
+            report = retention.prune(
+                conn, older_than, dry_run=dry_run, batch_size=batch_size, blob_grace=blob_grace
+            )
         else:
             archive = retention.EventArchive(Path(archive_events))
             try:
@@ -1093,7 +1109,13 @@ def prune_cmd(
                         "bytes) left by an interrupted prune; those events were not deleted",
                         err=True,
                     )
-                report = retention.prune(conn, older_than, archive=archive, batch_size=batch_size)
+                report = retention.prune(
+                    conn,
+                    older_than,
+                    archive=archive,
+                    batch_size=batch_size,
+                    blob_grace=blob_grace,
+                )
     click.echo(report.summary())
     if report.archived:
         click.echo(f"archived {report.archived:,} events to {archive_events}")

@@ -4,7 +4,10 @@ A workflow can go once it finished before the cutoff, unless it is a bundle of a
 bundle goes only with its whole model run, once that run finished before the cutoff and every
 one of its bundles did too (a running model run's history is its decision input). Unfinished
 workflows are never touched. Events, claims and workflow counts have no foreign keys, so they
-are deleted explicitly by workflow_id (which covers job events) and by model_run_id.
+are deleted explicitly by workflow_id (which covers job events) and by model_run_id. The files
+records name (workflow_files, job_outputs, model_run_files) go explicitly too, before their
+owners and in the same transactions; the blobs they named go last, once nothing names them and
+nobody used them within the blob grace period (smifdb.store.blobs.delete_unreferenced).
 
 Work is done in short transactions of at most ``batch_size`` workflows and ``max_jobs`` jobs (a
 bigger workflow loses its jobs over several transactions, its row last). Each transaction locks
@@ -33,10 +36,14 @@ from typing import IO
 
 import psycopg
 
+from smifdb.store import blobs
 from smifdb.store.queue import array
 
 MAX_JOBS = 20_000  # jobs deleted per transaction, at most
 MAX_DURATION = timedelta(days=36_500)
+# An unreferenced blob younger than this is kept: it may be an upload whose record (a workflow
+# being submitted, a job's outputs) is about to commit.
+BLOB_GRACE = timedelta(hours=1)
 
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 604_800}
 _DURATION = re.compile(r"(?:\d+[smhdw])+", re.ASCII)
@@ -128,6 +135,12 @@ DELETE FROM job_edges WHERE parent_id = ANY(ARRAY(
     SELECT id FROM jobs WHERE workflow_id = ANY(%(ids)s::bigint[])))
 """
 DELETE_WORKFLOW_JOBS = "DELETE FROM jobs WHERE workflow_id = ANY(%(ids)s::bigint[])"
+# The files they name (their blobs stay until prune_blobs finds them unreferenced).
+DELETE_WORKFLOW_FILES = "DELETE FROM workflow_files WHERE workflow_id = ANY(%(ids)s::bigint[])"
+DELETE_WORKFLOW_OUTPUTS = """
+DELETE FROM job_outputs WHERE job_id = ANY(ARRAY(
+    SELECT id FROM jobs WHERE workflow_id = ANY(%(ids)s::bigint[])))
+"""
 DELETE_WORKFLOWS = "DELETE FROM workflows WHERE id = ANY(%(ids)s::bigint[])"
 # A finished workflow's leases (all closed) and finished counts go with its row.
 DELETE_WORKFLOW_CLAIMS = "DELETE FROM claims WHERE workflow_id = ANY(%(ids)s::bigint[])"
@@ -144,9 +157,11 @@ WITH out AS (DELETE FROM job_edges WHERE parent_id = ANY(%(jobs)s::bigint[]) RET
 SELECT (SELECT count(*) FROM out) + (SELECT count(*) FROM inc)
 """
 DELETE_JOBS = "DELETE FROM jobs WHERE id = ANY(%(jobs)s::bigint[])"
+DELETE_JOB_OUTPUTS = "DELETE FROM job_outputs WHERE job_id = ANY(%(jobs)s::bigint[])"
 
 # A model run's own events (its bundles' events went with the bundles).
 DELETE_MODEL_RUN_EVENTS = "DELETE FROM events WHERE model_run_id = ANY(%(ids)s::bigint[])"
+DELETE_MODEL_RUN_FILES = "DELETE FROM model_run_files WHERE model_run_id = ANY(%(ids)s::bigint[])"
 DELETE_MODEL_RUNS = "DELETE FROM model_runs WHERE id = ANY(%(ids)s::bigint[])"
 
 # -- counting (--dry-run) ---------------------------------------------------------------
@@ -175,6 +190,8 @@ class PruneReport:
     edges: int = 0
     events: int = 0
     archived: int = 0
+    blobs: int = 0  # unreferenced blobs, and their bytes
+    blob_bytes: int = 0
     transactions: int = 0
     seconds: float = 0.0
 
@@ -187,6 +204,9 @@ class PruneReport:
         )
         if not self.dry_run:
             line += f" ({self.transactions:,} transactions)"
+        line += f"; {verb} {self.blobs:,} unreferenced blob(s), {self.blob_bytes:,} bytes"
+        if self.dry_run:
+            line += " (unreferenced now, before the records above go)"
         return line
 
 
@@ -284,8 +304,10 @@ def prune(
     archive: EventArchive | None = None,
     batch_size: int = 100,
     max_jobs: int = MAX_JOBS,
+    blob_grace: timedelta = BLOB_GRACE,
 ) -> PruneReport:
-    """Delete (or with ``dry_run`` count) what finished more than ``older_than`` ago.
+    """Delete (or with ``dry_run`` count) what finished more than ``older_than`` ago, then the
+    blobs nothing names any more and nobody used within ``blob_grace``.
 
     The cutoff is taken once, from the database's clock.
     """
@@ -315,6 +337,10 @@ def prune(
         else:
             pruner.delete(LOCK_BUNDLES, {"model_runs": ids})
             pruner.delete_model_runs(ids)
+    if dry_run:
+        report.blobs, report.blob_bytes = blobs.count_unreferenced(conn, grace=blob_grace)
+    else:
+        report.blobs, report.blob_bytes = blobs.delete_unreferenced(conn, grace=blob_grace)
     report.seconds = time.perf_counter() - started
     return report
 
@@ -370,6 +396,8 @@ class _Pruner:
                 if whole:
                     ids = {"ids": array(take)}
                     events = self._delete_events(DELETE_WORKFLOW_EVENTS, ids)
+                    conn.execute(DELETE_WORKFLOW_OUTPUTS, ids)
+                    conn.execute(DELETE_WORKFLOW_FILES, ids)
                     report.edges += conn.execute(DELETE_WORKFLOW_EDGES, ids).rowcount
                     report.jobs += conn.execute(DELETE_WORKFLOW_JOBS, ids).rowcount
                     conn.execute(DELETE_WORKFLOW_CLAIMS, ids)
@@ -388,6 +416,7 @@ class _Pruner:
             return True
         params = {"id": workflow_id, "jobs": array(job_ids[: self.max_jobs])}
         events = self._delete_events(DELETE_JOB_EVENTS, params)
+        self.conn.execute(DELETE_JOB_OUTPUTS, params)
         self.report.edges += self.conn.execute(DELETE_JOB_EDGES, params).fetchone()[0]
         self.report.jobs += self.conn.execute(DELETE_JOBS, params).rowcount
         self._archive(events)
@@ -402,6 +431,7 @@ class _Pruner:
                 return
             args = {"ids": array(empty)}
             events = self._delete_events(DELETE_MODEL_RUN_EVENTS, args)
+            self.conn.execute(DELETE_MODEL_RUN_FILES, args)
             self.report.model_runs += self.conn.execute(DELETE_MODEL_RUNS, args).rowcount
             self._archive(events)
         self.report.transactions += 1
