@@ -87,12 +87,12 @@ def submit(dsn: str, folder: Path, run: str, *extra: str) -> int:
 
 
 @pytest.mark.parametrize("mode", ["smif step processes", "--in-process"])
-def test_energy_water_cp_cr_matches_serial_smif(mode, sample, tmp_path, dsn, conn, procs) -> None:
+def test_shared_project_energy_water_cp_cr_matches_serial_smif(mode, sample, tmp_path, dsn, conn, procs) -> None:
     expected = project(sample, tmp_path, "serial")
     serial(expected, "energy_water_cp_cr")
     folder = project(sample, tmp_path, "smifdb")
     extra = [mode] if mode.startswith("--") else []
-    model_run_id = submit(dsn, folder, "energy_water_cp_cr", *extra)
+    model_run_id = submit(dsn, folder, "energy_water_cp_cr", "--shared-project", *extra)
     procs.start("--slots", "2", name="r1")
     procs.start("--slots", "2", name="r2")
     procs.manager(name="manager")
@@ -118,13 +118,13 @@ def test_energy_water_cp_cr_matches_serial_smif(mode, sample, tmp_path, dsn, con
     assert spans[1][0] < spans[0][1], "independent timesteps should overlap in time"
 
 
-def test_energy_central_matches_serial_smif_with_the_manager_killed(
+def test_shared_project_energy_central_matches_serial_smif_with_the_manager_killed(
     sample, tmp_path, dsn, conn, procs
 ) -> None:
     expected = project(sample, tmp_path, "serial")
     serial(expected, "energy_central")
     folder = project(sample, tmp_path, "smifdb")
-    model_run_id = submit(dsn, folder, "energy_central")
+    model_run_id = submit(dsn, folder, "energy_central", "--shared-project")
     procs.start("--slots", "2", name="r1")
     procs.start("--slots", "2", name="r2")
     manager = procs.manager(name="m1")
@@ -141,11 +141,11 @@ def test_energy_central_matches_serial_smif_with_the_manager_killed(
     assert assert_same_results(expected / "results", folder / "results") == 12
 
 
-def test_warm_start_skips_finished_jobs(sample, tmp_path, dsn, conn, procs) -> None:
+def test_shared_project_warm_start_skips_finished_jobs(sample, tmp_path, dsn, conn, procs) -> None:
     folder = project(sample, tmp_path, "warm")
     serial(folder, "energy_water_cp_cr")
     before = {p: p.read_bytes() for p in (folder / "results").rglob("*.csv")}
-    model_run_id = submit(dsn, folder, "energy_water_cp_cr", "--warm")
+    model_run_id = submit(dsn, folder, "energy_water_cp_cr", "--warm", "--shared-project")
     procs.start("--slots", "2", name="r1")
     procs.manager(name="manager")
     assert wait_model_run(conn, model_run_id) == "succeeded"

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 from smifdb import snapshot, workspace
 from smifdb.cache import PRISTINE_MTIME_NS
 from smifdb.execute import Attempt, run_process
-from smifdb.store import blobs, modelruns
+from smifdb.store import blobs
 from smifdb.store.blobs import FileEntry
 from smifdb.store.queue import Outcome
 
@@ -109,6 +109,8 @@ class Smif:
     def prepare(self, attempt: Attempt) -> None:
         payload, files = attempt.job.payload, attempt.files
         run_id = payload["model_run_id"]
+
+        from smifdb.store import modelruns  # it imports the spec, which imports the kinds
 
         def read(conn: Any) -> tuple[list[FileEntry], list[FileEntry]]:
             project, _ = snapshot.split(blobs.model_run_files(conn, run_id))
