@@ -144,6 +144,7 @@ class Attempt:
     stop_reason: str | None = None  # 'timeout' | 'cancelled' | 'released'
     kill_at: float | None = None  # when a stopped attempt's process group gets SIGKILL
     process: subprocess.Popen | None = None
+    files: Any = None  # the runner's JobFiles (smifdb.files): its cache and data connections
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property

@@ -106,6 +106,14 @@ class Runner:
         self.host, self.pid = socket.gethostname(), os.getpid()  # who holds the name
         self.name_taken = False  # another process started under our name while we were silent
         self.watchdog = Watchdog()
+        # Stopgap wiring until the lead's (issue 16): the cache and attempt folders under
+        # SMIFDB_HOME; data connections open only when a job has files.
+        from smifdb.cache import Cache
+        from smifdb.files import JobFiles
+        from smifdb.pgserver import default_home
+
+        home = default_home()
+        self.files = JobFiles(dsn, Cache(home / "cache"), home / "work")
         self.policy = JobPolicy(
             python_allow=config.python_allow,
             max_result_bytes=config.max_result_bytes,
@@ -423,7 +431,10 @@ class Runner:
         if not jobs:
             return
         attempts = [
-            Attempt(job, self.name, self.config.log_dir, self.watchdog, self.policy) for job in jobs
+            Attempt(
+                job, self.name, self.config.log_dir, self.watchdog, self.policy, files=self.files
+            )
+            for job in jobs
         ]
         for attempt in attempts:
             job = attempt.job
