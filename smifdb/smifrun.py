@@ -29,6 +29,7 @@ from smifdb.decisions import (
 from smifdb.spec import Dag, SpecError, parse
 
 INTERFACES = ("local_csv", "local_binary")
+SNAPSHOT_JOB_ATTEMPTS = 3  # attempts of each job of a snapshot run (a lost runner costs one)
 
 
 def _quiet_smif() -> None:
@@ -207,6 +208,9 @@ class SmifModelRun:
             }
             if not self.shared_project:
                 assert self.model_run_id is not None
+                # Each attempt has a fresh folder and stores its outputs only on success, so a
+                # job whose runner was lost (or failed) runs again cleanly elsewhere.
+                job["max_attempts"] = SNAPSHOT_JOB_ATTEMPTS
                 job["smif"] = {
                     "model_run_id": self.model_run_id,
                     "model_run": self.name,
