@@ -43,7 +43,7 @@ def test_a_job_of_no_known_kind_is_refused_naming_the_kinds(conn, dsn, tmp_path)
     result = CliRunner().invoke(main, ["--dsn", dsn, "submit", str(path)])
     assert result.exit_code == 2, result.output
     assert "job 'a': unknown field(s) teleport" in result.output
-    assert "job 'a': give exactly one of 'command' or 'python'" in result.output
+    assert "job 'a': give exactly one of 'command', 'python' or 'smif'" in result.output
     assert "job 'b': 'args' goes with 'python', not 'command'" in result.output
     assert conn.execute("SELECT count(*) FROM workflows").fetchone()[0] == 0  # nothing written
 
@@ -103,7 +103,7 @@ def test_a_new_kind_is_one_module_and_one_registry_line(monkeypatch, tmp_path) -
     with pytest.raises(spec.SpecError) as refused:
         spec.parse({"jobs": [{"key": "a", "command": "true", "times": 2}, {"key": "b"}]})
     assert "job 'a': 'times' goes with 'echo', not 'command'" in str(refused.value)
-    assert "give exactly one of 'command', 'python' or 'echo'" in str(refused.value)
+    assert "give exactly one of 'command', 'python', 'smif' or 'echo'" in str(refused.value)
 
     Echo.calls.clear()
     outcome = kinds.run_attempt(_attempt("echo", {"text": "hi", "times": 2}, tmp_path))
