@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 import psycopg
 
-from smifdb import __version__, db, errors, logs, store
+from smifdb import __version__, db, errors, logs, snapshot, store
 from smifdb.execute import (
     DEFAULT_PYTHON_ALLOW,
     MAX_LOG_BYTES,
@@ -855,7 +855,13 @@ def _model_run_options(f):
             "--in-process",
             is_flag=True,
             help="Run smif jobs as Python calls inside the runners instead of `smif step` "
-            "processes (saves about a second of start-up per job).",
+            "processes (saves about a second of start-up per job); needs --shared-project.",
+        ),
+        click.option(
+            "--shared-project",
+            is_flag=True,
+            help="Do not snapshot the project: runners and managers use PROJECT_DIR by its "
+            "path (a shared filesystem), and results are written into its results/.",
         ),
     ]
     return _stack(f, options)
@@ -864,6 +870,11 @@ def _model_run_options(f):
 def _submit_model_run(conn, kw: dict) -> tuple[int, int]:
     if kw["decide"] and kw["warm"]:
         raise BadInput("--warm applies to smif model runs, not to --decide")
+    if kw["decide"] and kw["shared_project"]:
+        raise BadInput(
+            "--shared-project applies to smif model runs: a --decide run always reads "
+            "PROJECT_DIR by its path"
+        )
     model_run_id, workflow_id = submit_model_run(
         conn,
         kw["project_dir"],
@@ -874,6 +885,7 @@ def _submit_model_run(conn, kw: dict) -> tuple[int, int]:
         priority=kw["priority"],
         interface=kw["interface"],
         in_process=kw["in_process"],
+        shared_project=kw["shared_project"],
     )
     click.echo(
         f"submitted model run {model_run_id} {kw['run_name']!r}: bundle 0 is workflow "
@@ -952,6 +964,33 @@ def modelrun_cancel(ctx: click.Context, run: str) -> None:
         click.echo(f"model run {model_run.id} already finished ({model_run.status})")
         sys.exit(1)
     click.echo(f"cancelled model run {model_run.id} and {fragments} unfinished bundle(s)")
+
+
+@modelrun_group.command("export")
+@click.argument("run")
+@click.argument("dest", type=click.Path(file_okay=False, path_type=Path))
+@click.option("--force", is_flag=True, help="Write into DEST even if it is not empty.")
+@click.pass_context
+def modelrun_export(ctx: click.Context, run: str, dest: Path, force: bool) -> None:
+    """Write the results of model run RUN (an id or a name) to DEST, as serial `smif run`
+    writes them under results/: DEST/<run name>/... Each file is verified against its hash
+    and appears whole."""
+    if dest.exists() and not dest.is_dir():
+        raise BadInput(f"{dest} exists and is not a folder")
+    if dest.is_dir() and any(dest.iterdir()) and not force:
+        raise BadInput(f"{dest} is not empty: give an empty or new folder, or --force")
+    with db.connect(_dsn(ctx)) as conn:
+        store.check_schema(conn)
+        model_run = modelruns.get(conn, run)
+        if model_run.kind != "smif":
+            raise BadInput(f"model run {model_run.id} is not a smif model run: it has no results")
+        if model_run.options.get("shared_project", True):
+            raise BadInput(
+                f"model run {model_run.id} ran with --shared-project: its results are in "
+                f"{model_run.project_dir}/results, not in the database"
+            )
+        count = snapshot.export(conn, modelruns.result_files(conn, model_run.id), dest)
+    click.echo(f"exported {count} file(s) of model run {model_run.id} to {dest}", err=True)
 
 
 @modelrun_group.command("run")

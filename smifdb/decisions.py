@@ -5,7 +5,9 @@ memory), and is given the finished bundles' history from the tables. Two kinds:
 
 - ``python``: a user entry point ``module:function(history) -> DAG spec | None``;
 - ``smif``: a smif project's decision loop, replayed over the finished bundles
-  (see ``smifdb.smifrun``).
+  (see ``smifdb.smifrun``): in the project folder itself (``--shared-project``), or, by
+  default, in the manager's mirror of the model run's snapshot and stored results
+  (``SnapshotDecider``), whose decision-state files it then stores.
 """
 
 from __future__ import annotations
@@ -15,8 +17,11 @@ import sys
 from pathlib import Path
 from typing import Any, Protocol
 
-from smifdb import errors
+import psycopg
+
+from smifdb import errors, snapshot
 from smifdb.spec import PYTHON_TARGET, Dag, SpecError, parse, with_base_dir
+from smifdb.store import blobs, modelruns
 from smifdb.store.modelruns import ModelRun
 
 
@@ -39,6 +44,10 @@ class DecisionError(errors.BadInput, RuntimeError):
 class Decider(Protocol):
     def next_bundle(self, history: list[dict[str, Any]]) -> Dag | None:
         """The DAG of bundle ``len(history)``, or None when the decision loop has ended."""
+
+    def record(self, conn: psycopg.Connection) -> None:
+        """Within the transaction that submits the bundle (or ends the run): store what
+        deciding wrote that later steps read."""
 
 
 def project_dir(path: str | Path) -> Path:
@@ -72,6 +81,9 @@ class PythonDecider:
             raise ModelRunError(f"decision entry point {self.entry!r} is not callable")
         return obj
 
+    def record(self, conn: psycopg.Connection) -> None:
+        pass
+
     def next_bundle(self, history: list[dict[str, Any]]) -> Dag | None:
         bundle = len(history)
         try:
@@ -91,8 +103,51 @@ class PythonDecider:
         return with_base_dir(dag, self.folder)
 
 
-def decider_for(model_run: ModelRun) -> Decider:
-    """Rebuild a model run's decider from its row."""
+def mirror_root(model_run_id: int) -> Path:
+    """Where this machine's managers keep their copy of a snapshot model run's folder."""
+    from smifdb.pgserver import default_home
+
+    return default_home() / "manager" / f"model-run-{model_run_id}"
+
+
+class SnapshotDecider:
+    """A smif decision loop replayed in the manager's mirror of a model run: its snapshot and
+    its stored results, refreshed from the store before every step, so it needs no project
+    folder. The decision-state files the replay writes are stored with the model run (an
+    upsert: a replay writes the same bytes again)."""
+
+    def __init__(self, conn: psycopg.Connection, model_run: ModelRun) -> None:
+        self.model_run = model_run
+        self.mirror = snapshot.Mirror(mirror_root(model_run.id))
+        project, _ = snapshot.split(blobs.model_run_files(conn, model_run.id))
+        if not project:
+            raise ModelRunError(f"model run {model_run.id} has no stored project snapshot")
+        from smifdb.smifrun import SmifModelRun, require_smif  # smif is an optional extra
+
+        require_smif()  # before downloading anything
+        outputs = modelruns.result_files(conn, model_run.id, jobs_only=True)
+        self.job_outputs = {e.path for e in outputs}
+        self.mirror.sync(conn, [*project, *modelruns.result_files(conn, model_run.id)])
+        self.run = SmifModelRun.open(self.mirror.folder, model_run.name, **model_run.options)
+        self.run.model_run_id = model_run.id
+
+    def prepare(self) -> dict[str, Any]:
+        return self.run.prepare()
+
+    def next_bundle(self, history: list[dict[str, Any]]) -> Dag | None:
+        return self.run.next_bundle(history)
+
+    def record(self, conn: psycopg.Connection) -> None:
+        found = [f for f in self.mirror.written() if f[0] not in self.job_outputs]
+        if found:
+            entries = snapshot.store_written(conn, found)
+            blobs.add_model_run_files(conn, self.model_run.id, entries, replace=True)
+
+
+def decider_for(model_run: ModelRun, conn: psycopg.Connection) -> Decider:
+    """Rebuild a model run's decider from its row (and, for a snapshot run, the store)."""
+    if model_run.kind == "smif" and not model_run.options.get("shared_project", True):
+        return SnapshotDecider(conn, model_run)
     folder = project_dir(model_run.project_dir)
     if model_run.kind == "python":
         assert model_run.decide is not None

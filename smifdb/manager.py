@@ -27,17 +27,18 @@ from typing import Any
 
 import psycopg
 
-from smifdb import db, logs, store
+from smifdb import db, logs, snapshot, store
 from smifdb.db import DB_ERRORS, Backoff
 from smifdb.decisions import (
     DeciderUnavailable,
     DecisionError,
     ModelRunError,
     PythonDecider,
+    SnapshotDecider,
     decider_for,
     project_dir,
 )
-from smifdb.store import FINISHED_CHANNEL, modelruns, queue
+from smifdb.store import FINISHED_CHANNEL, blobs, modelruns, queue
 from smifdb.store import runners as runner_rows
 from smifdb.store.modelruns import ModelRun
 
@@ -181,7 +182,9 @@ def advance(conn: psycopg.Connection, model_run: ModelRun, *, actor: str) -> str
         return ended
     history = modelruns.history(conn, model_run.id)
     try:
-        dag = decider_for(model_run).next_bundle(history)
+        decider = decider_for(model_run, conn)
+        dag = decider.next_bundle(history)
+        decider.record(conn)  # decision states, with the bundle they lead to (or the end)
     except DeciderUnavailable:
         raise
     except (ModelRunError, DecisionError) as exc:
@@ -226,24 +229,44 @@ def submit_model_run(
     priority: int = 0,
     interface: str = "local_csv",
     in_process: bool = False,
+    shared_project: bool = False,
     submitted_by: int | None = None,
 ) -> tuple[int, int]:
     """Record a model run and submit its first bundle, all in one transaction.
 
-    ModelRunError or DecisionError if the project, the model run or its decision module is
-    unusable; then nothing is written. Returns (model run id, first workflow id).
+    A smif run is snapshotted first (unless ``shared_project``): the project's files are
+    uploaded, each blob in a transaction of its own (what is stored already is not sent
+    again), and the model run's manifest is written with the run. ModelRunError or
+    DecisionError if the project, the model run or its decision module is unusable; then no
+    model run is written (blobs uploaded before stay unreferenced, for prune). Returns
+    (model run id, first workflow id).
     """
     folder = project_dir(project)
+    entries: list = []
     if decide is not None:
         decider: Any = PythonDecider(decide, folder, name)
         kind, options = "python", {}
     else:
         from smifdb.smifrun import SmifModelRun
 
+        # Checked in the submitter's folder first: a bad project is refused before uploading.
         decider = SmifModelRun.open(
-            folder, name, interface=interface, warm=warm, in_process=in_process
+            folder,
+            name,
+            interface=interface,
+            warm=warm,
+            in_process=in_process,
+            shared_project=shared_project,
         )
-        kind, options = "smif", {"interface": interface, "warm": warm, "in_process": in_process}
+        kind = "smif"
+        options = {
+            "interface": interface,
+            "warm": warm,
+            "in_process": in_process,
+            "shared_project": shared_project,
+        }
+        if not shared_project:
+            entries = snapshot.upload(conn, folder)
     with conn.transaction():
         model_run_id = modelruns.create(
             conn,
@@ -256,11 +279,20 @@ def submit_model_run(
             actor=actor,
             submitted_by=submitted_by,
         )
+        if entries:
+            blobs.add_model_run_files(conn, model_run_id, entries)
+            model_run = modelruns.get(conn, model_run_id)
+            if warm and (previous := modelruns.previous(conn, model_run)) is not None:
+                # Its results by reference: the same blobs under the same paths.
+                done = modelruns.result_files(conn, previous)
+                blobs.add_model_run_files(conn, model_run_id, done)
+            decider = SnapshotDecider(conn, model_run)
         if kind == "smif":  # only now that no live run of this name can be clobbered
             modelruns.set_options(conn, model_run_id, decider.prepare())
         dag = decider.next_bundle([])
         if dag is None:
             raise DecisionError(f"the decision module of {name!r} gave no first bundle")
+        decider.record(conn)
         model_run = modelruns.get(conn, model_run_id)
         workflow_id = modelruns.submit_bundle(conn, model_run, 0, dag, actor=actor)
     return model_run_id, workflow_id

@@ -29,6 +29,7 @@ from smifdb.decisions import (
 from smifdb.spec import Dag, SpecError, parse
 
 INTERFACES = ("local_csv", "local_binary")
+SNAPSHOT_JOB_ATTEMPTS = 3  # attempts of each job of a snapshot run (a lost runner costs one)
 
 
 def _quiet_smif() -> None:
@@ -54,6 +55,17 @@ def _store(folder: Path, interface: str) -> Any:
     )
 
 
+def require_smif() -> None:
+    """DeciderUnavailable unless smif can be imported here."""
+    try:
+        import smif  # noqa: F401
+    except ImportError as exc:
+        raise DeciderUnavailable(
+            "smif is not installed here; install the extra: "
+            'PIP_CONSTRAINT=constraints/smif.txt pip install "smifdb[smif]"'
+        ) from exc
+
+
 class SmifModelRun:
     def __init__(
         self,
@@ -64,10 +76,12 @@ class SmifModelRun:
         warm: bool,
         warm_start_timestep: int | None,
         in_process: bool = False,
+        shared_project: bool = True,
     ) -> None:
         self.folder, self.name, self.store = folder, name, store
         self.interface, self.warm, self.warm_start_timestep = interface, warm, warm_start_timestep
-        self.in_process = in_process
+        self.in_process, self.shared_project = in_process, shared_project
+        self.model_run_id: int | None = None  # a snapshot run's jobs name it (set once recorded)
 
     @classmethod
     def open(
@@ -78,17 +92,21 @@ class SmifModelRun:
         warm: bool = False,
         warm_start_timestep: int | None = None,
         in_process: bool = False,
+        shared_project: bool = True,
     ) -> SmifModelRun:
-        """Check the project and model run exist and build; ModelRunError if not."""
-        try:
-            import smif  # noqa: F401
-        except ImportError as exc:
-            raise DeciderUnavailable(
-                "smif is not installed here; install the extra: "
-                'PIP_CONSTRAINT=constraints/smif.txt pip install "smifdb[smif]"'
-            ) from exc
+        """Check the project and model run exist and build; ModelRunError if not.
+
+        ``shared_project``: jobs run in ``folder`` itself, which every runner must see at that
+        path; otherwise ``folder`` is a copy of the model run's snapshot (the manager's, or
+        the submitter's project before it is stored) and jobs are of the ``smif`` kind."""
+        require_smif()
         from smif.exception import SmifDataNotFoundError
 
+        if in_process and not shared_project:
+            raise ModelRunError(
+                "--in-process runs smif inside the runners on the project folder itself: it "
+                "needs --shared-project"
+            )
         if interface not in INTERFACES:
             raise ModelRunError(f"unknown smif interface {interface!r}: use one of {INTERFACES}")
         if not (folder / "config").is_dir():
@@ -104,7 +122,9 @@ class SmifModelRun:
                 known = []
             hint = f"; model runs in this project: {', '.join(known)}" if known else ""
             raise UnknownModelRun(f"unknown smif model run {name!r} in {folder}{hint}") from exc
-        run = cls(folder, name, store, interface, warm, warm_start_timestep, in_process)
+        run = cls(
+            folder, name, store, interface, warm, warm_start_timestep, in_process, shared_project
+        )
         run._build()  # configuration errors surface now, not in the manager
         return run
 
@@ -136,7 +156,11 @@ class SmifModelRun:
             "warm": self.warm,
             "warm_start_timestep": self.warm_start_timestep,
             "in_process": self.in_process,
+            "shared_project": self.shared_project,
         }
+
+    def record(self, conn: Any) -> None:
+        """Nothing to store: the replay wrote into the shared project folder itself."""
 
     def next_bundle(self, history: list[dict[str, Any]]) -> Dag | None:
         from smif.controller.modelrun import ModelRunner
@@ -182,7 +206,21 @@ class SmifModelRun:
                 "timestep": timestep,
                 "decision": decision,
             }
-            if self.in_process:
+            if not self.shared_project:
+                assert self.model_run_id is not None
+                # Each attempt has a fresh folder and stores its outputs only on success, so a
+                # job whose runner was lost (or failed) runs again cleanly elsewhere.
+                job["max_attempts"] = SNAPSHOT_JOB_ATTEMPTS
+                job["smif"] = {
+                    "model_run_id": self.model_run_id,
+                    "model_run": self.name,
+                    "model": model,
+                    "operation": operation,
+                    "timestep": timestep,
+                    "decision": decision,
+                    "interface": self.interface,
+                }
+            elif self.in_process:
                 job["python"] = "smifdb.smifrun:run_job"
                 job["args"] = {
                     "project": str(self.folder),

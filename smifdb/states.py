@@ -10,6 +10,6 @@ JOB_STATUSES = (
     "cancelled",
 )
 WORKFLOW_STATUSES = ("pending", "running", "succeeded", "failed", "cancelled")
-JOB_KINDS = ("command", "python")
+JOB_KINDS = ("command", "python", "smif")
 RUNNER_STATES = ("registered", "active", "draining", "stopped", "lost")
 MODEL_RUN_KINDS = ("smif", "python")

@@ -13,6 +13,7 @@ import glob
 import os
 import shutil
 import stat
+import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,10 @@ def remove(folder: Path) -> None:
     if folder.is_symlink():
         folder.unlink()
     elif folder.exists():
-        shutil.rmtree(folder, onexc=writable)
+        if sys.version_info >= (3, 12):
+            shutil.rmtree(folder, onexc=writable)
+        else:  # onerror: the same call, deprecated from 3.12
+            shutil.rmtree(folder, onerror=writable)
 
 
 def collect(folder: Path, patterns: Sequence[Pattern]) -> list[tuple[str, Path, int]]:

@@ -39,11 +39,11 @@ def test_every_kind_field_is_in_the_openapi_job_schema_and_the_spec_docs() -> No
 
 def test_a_job_of_no_known_kind_is_refused_naming_the_kinds(conn, dsn, tmp_path) -> None:
     path = tmp_path / "dag.yaml"
-    path.write_text("jobs:\n  - {key: a, smif: run}\n  - {key: b, command: 'true', args: {}}\n")
+    path.write_text("jobs:\n  - {key: a, teleport: run}\n  - {key: b, command: 'true', args: {}}\n")
     result = CliRunner().invoke(main, ["--dsn", dsn, "submit", str(path)])
     assert result.exit_code == 2, result.output
-    assert "job 'a': unknown field(s) smif" in result.output
-    assert "job 'a': give exactly one of 'command' or 'python'" in result.output
+    assert "job 'a': unknown field(s) teleport" in result.output
+    assert "job 'a': give exactly one of 'command', 'python' or 'smif'" in result.output
     assert "job 'b': 'args' goes with 'python', not 'command'" in result.output
     assert conn.execute("SELECT count(*) FROM workflows").fetchone()[0] == 0  # nothing written
 
@@ -54,9 +54,9 @@ def _attempt(kind: str, payload: dict[str, Any], tmp_path: Path) -> Attempt:
 
 
 def test_a_claimed_job_of_a_kind_this_runner_does_not_know_fails_clearly(tmp_path) -> None:
-    outcome = kinds.run_attempt(_attempt("smif", {"project": "p"}, tmp_path))
+    outcome = kinds.run_attempt(_attempt("teleport", {"project": "p"}, tmp_path))
     assert outcome.status == "failed"
-    assert outcome.error == "job kind 'smif' is unknown to this runner"
+    assert outcome.error == "job kind 'teleport' is unknown to this runner"
     assert outcome.max_attempts == 3  # another runner may know it: the retry is kept
 
 
@@ -103,7 +103,7 @@ def test_a_new_kind_is_one_module_and_one_registry_line(monkeypatch, tmp_path) -
     with pytest.raises(spec.SpecError) as refused:
         spec.parse({"jobs": [{"key": "a", "command": "true", "times": 2}, {"key": "b"}]})
     assert "job 'a': 'times' goes with 'echo', not 'command'" in str(refused.value)
-    assert "give exactly one of 'command', 'python' or 'echo'" in str(refused.value)
+    assert "give exactly one of 'command', 'python', 'smif' or 'echo'" in str(refused.value)
 
     Echo.calls.clear()
     outcome = kinds.run_attempt(_attempt("echo", {"text": "hi", "times": 2}, tmp_path))

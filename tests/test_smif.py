@@ -1,5 +1,10 @@
 """The real smif sample project through smifdb, compared file by file with serial `smif run`.
 
+By default a model run is a snapshot in the database: its runners and managers here run in a
+private mount namespace with an empty tmpfs over the submitter's project folder, so they cannot
+read it, and its results come back with `smifdb modelrun export`. The shared-folder mode
+(`--shared-project`) keeps its own tests.
+
 Needs the smif extra (PIP_CONSTRAINT=constraints/smif.txt pip install ".[test,smif]"); CI
 installs it. PYTHONHASHSEED is fixed for both sides: smif writes each decision state from a
 Python set, so even two serial `smif run`s differ in row order without it.
@@ -10,6 +15,7 @@ from __future__ import annotations
 import filecmp
 import os
 import shutil
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -40,9 +46,86 @@ def sample(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def procs(dsn: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Runners]:
     monkeypatch.setenv("PYTHONHASHSEED", "0")  # inherited by runners and managers
+    monkeypatch.setenv("SMIFDB_HOME", str(tmp_path / "home"))
     r = Runners(dsn, tmp_path)
     yield r
     r.close()
+
+
+class Elsewhere(Runners):
+    """Runners and managers that cannot see ``hidden`` (the submitter's project folder): each
+    starts in a mount namespace of its own with an empty tmpfs mounted over it, and each is a
+    machine of its own (its SMIFDB_HOME: cache, attempt folders, manager mirror)."""
+
+    def __init__(self, dsn: str, tmp: Path, hidden: Path) -> None:
+        super().__init__(dsn, tmp)
+        self.hidden = hidden
+
+    def spawn(self, *args: str, log_name: str) -> subprocess.Popen:
+        log = open(self.tmp / f"{log_name}.log", "ab")  # noqa: SIM115 - closed with the process
+        home = self.tmp / "machines" / log_name
+        home.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.Popen(
+            [*hide(self.hidden), PY, "-m", "smifdb.cli", "--dsn", self.dsn, *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**ENV, "SMIFDB_HOME": str(home)},
+        )
+        self.procs.append(proc)
+        return proc
+
+    def home(self, name: str) -> Path:
+        return self.tmp / "machines" / name
+
+
+def hide(folder: Path) -> list[str]:
+    """A command prefix: run the rest where ``folder`` is an empty tmpfs (checked empty)."""
+    script = 'mount -t tmpfs none "$1" && [ -z "$(ls -A "$1")" ] && shift && exec "$@"'
+    return ["unshare", "-m", "sh", "-c", script, "sh", str(folder)]
+
+
+def require_namespaces(tmp_path: Path) -> None:
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "seen").write_text("x")
+    try:
+        result = subprocess.run([*hide(probe), "true"], capture_output=True, text=True)
+    except FileNotFoundError as exc:
+        result = subprocess.CompletedProcess([], 1, "", str(exc))
+    if result.returncode != 0:
+        why = f"unshare -m with a tmpfs mount is unavailable here: {result.stderr.strip()}"
+        if os.environ.get("SMIFDB_TEST_REQUIRE_SMIF"):  # CI runs these: a failure there
+            pytest.fail(why)
+        pytest.skip(why)
+
+
+@pytest.fixture
+def elsewhere(
+    dsn: str, sample: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[tuple[Path, Elsewhere]]:
+    """(the submitter's copy of the sample project, processes that cannot see it)."""
+    require_namespaces(tmp_path)
+    monkeypatch.setenv("PYTHONHASHSEED", "0")
+    monkeypatch.setenv("SMIFDB_HOME", str(tmp_path / "submitter"))
+    folder = project(sample, tmp_path, "submitted")
+    r = Elsewhere(dsn, tmp_path, folder)
+    yield folder, r
+    r.close()
+
+
+def tree(folder: Path) -> dict[str, tuple[int, int]]:
+    """Every file under ``folder`` with its size and mtime: what "never written" compares."""
+    return {
+        str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+        if p.is_file()
+    }
+
+
+def export(dsn: str, model_run_id: int, dest: Path) -> Path:
+    result = smifdb(dsn, "modelrun", "export", str(model_run_id), str(dest))
+    assert result.returncode == 0, result.stderr
+    return dest
 
 
 def project(sample: Path, tmp_path: Path, name: str) -> Path:
@@ -77,7 +160,15 @@ def wait_model_run(conn: psycopg.Connection, model_run_id: int, timeout: float =
         m = modelruns.get(conn, model_run_id)
         return m.status if m.finished else None
 
-    return wait_for(ended, timeout=timeout, what=f"model run {model_run_id}")
+    status = wait_for(ended, timeout=timeout, what=f"model run {model_run_id}")
+    if status != "succeeded":  # say why, in the assertion that follows
+        rows = conn.execute(
+            "SELECT j.key, j.error, j.log_tail FROM jobs j JOIN workflows w"
+            " ON w.id = j.workflow_id WHERE w.model_run_id = %s AND j.error IS NOT NULL",
+            [model_run_id],
+        ).fetchall()
+        status += f" ({modelruns.get(conn, model_run_id).error}; jobs: {rows[:3]})"
+    return status
 
 
 def submit(dsn: str, folder: Path, run: str, *extra: str) -> int:
@@ -87,12 +178,14 @@ def submit(dsn: str, folder: Path, run: str, *extra: str) -> int:
 
 
 @pytest.mark.parametrize("mode", ["smif step processes", "--in-process"])
-def test_energy_water_cp_cr_matches_serial_smif(mode, sample, tmp_path, dsn, conn, procs) -> None:
+def test_shared_project_energy_water_cp_cr_matches_serial_smif(
+    mode, sample, tmp_path, dsn, conn, procs
+) -> None:
     expected = project(sample, tmp_path, "serial")
     serial(expected, "energy_water_cp_cr")
     folder = project(sample, tmp_path, "smifdb")
     extra = [mode] if mode.startswith("--") else []
-    model_run_id = submit(dsn, folder, "energy_water_cp_cr", *extra)
+    model_run_id = submit(dsn, folder, "energy_water_cp_cr", "--shared-project", *extra)
     procs.start("--slots", "2", name="r1")
     procs.start("--slots", "2", name="r2")
     procs.manager(name="manager")
@@ -118,13 +211,13 @@ def test_energy_water_cp_cr_matches_serial_smif(mode, sample, tmp_path, dsn, con
     assert spans[1][0] < spans[0][1], "independent timesteps should overlap in time"
 
 
-def test_energy_central_matches_serial_smif_with_the_manager_killed(
+def test_shared_project_energy_central_matches_serial_smif_with_the_manager_killed(
     sample, tmp_path, dsn, conn, procs
 ) -> None:
     expected = project(sample, tmp_path, "serial")
     serial(expected, "energy_central")
     folder = project(sample, tmp_path, "smifdb")
-    model_run_id = submit(dsn, folder, "energy_central")
+    model_run_id = submit(dsn, folder, "energy_central", "--shared-project")
     procs.start("--slots", "2", name="r1")
     procs.start("--slots", "2", name="r2")
     manager = procs.manager(name="m1")
@@ -141,11 +234,11 @@ def test_energy_central_matches_serial_smif_with_the_manager_killed(
     assert assert_same_results(expected / "results", folder / "results") == 12
 
 
-def test_warm_start_skips_finished_jobs(sample, tmp_path, dsn, conn, procs) -> None:
+def test_shared_project_warm_start_skips_finished_jobs(sample, tmp_path, dsn, conn, procs) -> None:
     folder = project(sample, tmp_path, "warm")
     serial(folder, "energy_water_cp_cr")
     before = {p: p.read_bytes() for p in (folder / "results").rglob("*.csv")}
-    model_run_id = submit(dsn, folder, "energy_water_cp_cr", "--warm")
+    model_run_id = submit(dsn, folder, "energy_water_cp_cr", "--warm", "--shared-project")
     procs.start("--slots", "2", name="r1")
     procs.manager(name="manager")
     assert wait_model_run(conn, model_run_id) == "succeeded"
@@ -255,3 +348,158 @@ def test_smif_app_api_starts_and_watches_a_real_model_run(sample, tmp_path, dsn,
         assert status["status"] == "done" and status["bundles"] == 4
         listed = client.get("/api/v1/model_runs/?status=done").json()["data"]
         assert [r["name"] for r in listed] == ["energy_central"]
+
+
+# -- snapshot model runs: no shared folder ------------------------------------------------
+
+
+def test_energy_water_cp_cr_runs_where_the_project_folder_is_not(
+    sample, tmp_path, dsn, conn, elsewhere
+) -> None:
+    folder, procs = elsewhere
+    expected = project(sample, tmp_path, "serial")
+    serial(expected, "energy_water_cp_cr")
+    before = tree(folder)
+    model_run_id = submit(dsn, folder, "energy_water_cp_cr")
+    procs.start("--slots", "2", name="r1")
+    procs.start("--slots", "2", name="r2")
+    procs.manager(name="manager")
+    assert wait_model_run(conn, model_run_id) == "succeeded"
+    kinds = conn.execute(
+        "SELECT array_agg(DISTINCT j.kind::text) FROM jobs j JOIN workflows w"
+        " ON w.id = j.workflow_id WHERE w.model_run_id = %s",
+        [model_run_id],
+    ).fetchone()[0]
+    assert kinds == ["smif"]
+    dest = export(dsn, model_run_id, tmp_path / "export")
+    assert assert_same_results(expected / "results", dest) == 21
+    assert tree(folder) == before, "the submitter's folder was written"
+    assert not (folder / "results").exists() or not any((folder / "results").rglob("*.csv"))
+    # Each runner materialised the project once, however many of its jobs ran.
+    for name in ("r1", "r2"):
+        projects = list((procs.home(name) / "cache" / "projects").glob(f"{model_run_id}-*"))
+        assert len(projects) <= 1, projects
+
+
+def test_energy_central_runs_where_the_project_folder_is_not_with_the_manager_killed(
+    sample, tmp_path, dsn, conn, elsewhere
+) -> None:
+    folder, procs = elsewhere
+    expected = project(sample, tmp_path, "serial")
+    serial(expected, "energy_central")
+    model_run_id = submit(dsn, folder, "energy_central")
+    procs.start("--slots", "2", name="r1")
+    procs.start("--slots", "2", name="r2")
+    manager = procs.manager(name="m1")
+    wait_for(lambda: modelruns.get(conn, model_run_id).bundles >= 2, what="bundle 1", timeout=120)
+    manager.kill()
+    manager.wait()
+    procs.manager(name="m2")  # another machine: its mirror starts empty
+    assert wait_model_run(conn, model_run_id) == "succeeded"
+    reasons = [
+        e["reason"] for e in modelruns.events(conn, model_run_id) if e["workflow_id"] is not None
+    ]
+    assert reasons == [f"bundle {b} submitted" for b in range(4)]
+    states = conn.execute(
+        "SELECT count(*) FROM model_run_files WHERE model_run_id = %s"
+        " AND path LIKE 'results/%%/state_%%'",
+        [model_run_id],
+    ).fetchone()[0]
+    assert states > 0, "the decision states the manager wrote were not stored"
+    dest = export(dsn, model_run_id, tmp_path / "export")
+    assert assert_same_results(expected / "results", dest) == 12
+
+
+def test_warm_start_from_the_store(sample, tmp_path, dsn, conn, elsewhere) -> None:
+    folder, procs = elsewhere
+    expected = project(sample, tmp_path, "serial")
+    serial(expected, "energy_water_cp_cr")
+    first = submit(dsn, folder, "energy_water_cp_cr")
+    procs.start("--slots", "2", name="r1")
+    procs.manager(name="manager")
+    assert wait_model_run(conn, first) == "succeeded"
+    blobs_before = conn.execute("SELECT count(*) FROM blobs").fetchone()[0]
+    second = submit(dsn, folder, "energy_water_cp_cr", "--warm")
+    # An unchanged project uploads nothing again; its results are the first run's blobs.
+    assert conn.execute("SELECT count(*) FROM blobs").fetchone()[0] == blobs_before
+    assert wait_model_run(conn, second) == "succeeded"
+    keys = {
+        r[0]
+        for r in conn.execute(
+            "SELECT j.key FROM jobs j JOIN workflows w ON w.id = j.workflow_id"
+            " WHERE w.model_run_id = %s",
+            [second],
+        )
+    }
+    assert keys == {
+        "energy_water_cp_cr_before_model_run_energy_demand",
+        "energy_water_cp_cr_before_model_run_water_supply",
+    }
+    dest = export(dsn, second, tmp_path / "export")
+    assert assert_same_results(expected / "results", dest) == 21
+
+
+def test_a_runner_killed_while_it_materialises_a_smif_job_is_rescued(
+    sample, tmp_path, dsn, conn, elsewhere
+) -> None:
+    folder, procs = elsewhere
+    # A big data file makes materialising take long enough to be caught in the act.
+    (folder / "data" / "big.bin").write_bytes(os.urandom(96 << 20))
+    expected = project(sample, tmp_path, "serial")
+    serial(expected, "energy_water_cp_cr")
+    model_run_id = submit(dsn, folder, "energy_water_cp_cr")
+    victim = procs.start("--slots", "2", name="victim")
+    cache = procs.home("victim") / "cache"
+
+    def downloading() -> bool:
+        return any(cache.rglob("*.part")) if cache.is_dir() else False
+
+    wait_for(downloading, what="the runner to download the snapshot", timeout=120)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    running = conn.execute(
+        "SELECT count(*) FROM jobs j JOIN workflows w ON w.id = j.workflow_id"
+        " WHERE w.model_run_id = %s AND j.status = 'running'",
+        [model_run_id],
+    ).fetchone()[0]
+    assert running >= 1, "the runner was killed before it claimed a job"
+    procs.start("--slots", "2", name="r2")
+    procs.manager(name="manager")
+    assert wait_model_run(conn, model_run_id) == "succeeded"
+    rescued = conn.execute(
+        "SELECT count(*) FROM events e JOIN jobs j ON j.id = e.job_id"
+        " JOIN workflows w ON w.id = j.workflow_id"
+        " WHERE w.model_run_id = %s AND e.reason LIKE '%%rescued%%'",
+        [model_run_id],
+    ).fetchone()[0]
+    assert rescued >= 1
+    dest = export(dsn, model_run_id, tmp_path / "export")
+    assert assert_same_results(expected / "results", dest) == 21
+
+
+def test_bad_export_and_snapshot_input_exit_2(sample, tmp_path, dsn, conn, procs) -> None:
+    folder = project(sample, tmp_path, "bad-export")
+    unknown = smifdb(dsn, "modelrun", "export", "no_such_run", str(tmp_path / "out"))
+    assert unknown.returncode == 2 and "no model run 'no_such_run'" in unknown.stderr
+    assert not (tmp_path / "out").exists()
+    shared = submit(dsn, folder, "energy_central", "--shared-project")
+    refused = smifdb(dsn, "modelrun", "export", str(shared), str(tmp_path / "out"))
+    assert refused.returncode == 2 and "ran with --shared-project" in refused.stderr
+    smifdb(dsn, "modelrun", "cancel", str(shared))
+    snap = submit(dsn, folder, "energy_central")
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    not_empty = smifdb(dsn, "modelrun", "export", str(snap), str(full))
+    assert not_empty.returncode == 2 and "is not empty" in not_empty.stderr
+    assert [p.name for p in full.iterdir()] == ["keep.txt"]
+    in_process = smifdb(
+        dsn, "modelrun", "submit", str(folder), "energy_water_cp_cr", "--in-process"
+    )
+    assert in_process.returncode == 2 and "needs --shared-project" in in_process.stderr
+    (folder / "models" / "outside").symlink_to(tmp_path)
+    before = conn.execute("SELECT count(*) FROM model_runs").fetchone()
+    link = smifdb(dsn, "modelrun", "submit", str(folder), "energy_water_cp_cr")
+    assert link.returncode == 2 and "symbolic link out of the project" in link.stderr
+    assert "Traceback" not in link.stderr + in_process.stderr + not_empty.stderr
+    assert conn.execute("SELECT count(*) FROM model_runs").fetchone() == before

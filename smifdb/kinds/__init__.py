@@ -17,7 +17,7 @@ from typing import Any, Protocol
 
 from smifdb import errors, states, workspace
 from smifdb.execute import Attempt
-from smifdb.kinds import command, python
+from smifdb.kinds import command, python, smif
 from smifdb.store.queue import Outcome
 
 
@@ -56,7 +56,7 @@ class Kind(Protocol):
         ...
 
 
-KINDS: dict[str, Kind] = {k.name: k for k in (command.KIND, python.KIND)}
+KINDS: dict[str, Kind] = {k.name: k for k in (command.KIND, python.KIND, smif.KIND)}
 if tuple(KINDS) != states.JOB_KINDS:  # a kind the database cannot store, or one it lacks
     raise RuntimeError(f"job kinds {tuple(KINDS)} differ from states.JOB_KINDS {states.JOB_KINDS}")
 

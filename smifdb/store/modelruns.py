@@ -19,6 +19,7 @@ from smifdb import errors
 from smifdb.spec import Dag
 from smifdb.store import FINISHED_JOBS, MODEL_RUN_CHANNEL, control, notify
 from smifdb.store.auth import User, require_owner
+from smifdb.store.blobs import FileEntry
 from smifdb.store.submit import submit_dag
 
 
@@ -137,6 +138,27 @@ SELECT coalesce(sum(extract(epoch FROM j.finished_at - j.started_at)), 0)::float
        extract(epoch FROM max(j.finished_at) - min(j.started_at))::float
 FROM workflows w JOIN jobs j ON j.workflow_id = w.id
 WHERE w.model_run_id = %s AND j.started_at IS NOT NULL AND j.finished_at IS NOT NULL
+"""
+# What a model run's results folder holds now: the results/ files recorded with the model run
+# (warm-start results, decision states) and the outputs of its succeeded jobs, one per path (a
+# job's output over a recorded file of the same path; a later job over an earlier one).
+_RESULT_FILES = """
+SELECT DISTINCT ON (path) path, encode(sha256, 'hex'), size, mode FROM (
+    SELECT f.path, f.sha256, f.size, f.mode, 0 AS source, 0::bigint AS job_id
+    FROM model_run_files f
+    WHERE f.model_run_id = %(id)s AND starts_with(f.path, 'results/')
+    UNION ALL
+    SELECT o.path, o.sha256, o.size, o.mode, 1, j.id
+    FROM workflows w JOIN jobs j ON j.workflow_id = w.id JOIN job_outputs o ON o.job_id = j.id
+    WHERE w.model_run_id = %(id)s AND j.status = 'succeeded'
+) r
+WHERE NOT %(jobs_only)s OR r.source = 1
+ORDER BY path, source DESC, job_id DESC
+"""
+# The newest earlier model run of this name and project, whose results a warm start reuses.
+_PREVIOUS = """
+SELECT id FROM model_runs WHERE name = %s AND project_dir = %s AND id < %s
+ORDER BY id DESC LIMIT 1
 """
 _EVENTS = """
 SELECT at, workflow_id, from_status, to_status, actor, reason FROM events
@@ -337,6 +359,21 @@ def cancel(
 def bundles(conn: psycopg.Connection, model_run_id: int) -> list[dict]:
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(_BUNDLES, [model_run_id]).fetchall()
+
+
+def result_files(
+    conn: psycopg.Connection, model_run_id: int, *, jobs_only: bool = False
+) -> list[FileEntry]:
+    """The files of a model run's results/ folder as they stand: its recorded results/ files
+    and its succeeded jobs' outputs (``jobs_only``: those alone), one entry per path."""
+    rows = conn.execute(_RESULT_FILES, {"id": model_run_id, "jobs_only": jobs_only})
+    return [FileEntry(path, sha, size, mode) for path, sha, size, mode in rows]
+
+
+def previous(conn: psycopg.Connection, model_run: ModelRun) -> int | None:
+    """The id of the newest earlier model run of the same name and project, if any."""
+    row = conn.execute(_PREVIOUS, (model_run.name, model_run.project_dir, model_run.id)).fetchone()
+    return None if row is None else row[0]
 
 
 def work_and_makespan(conn: psycopg.Connection, model_run_id: int) -> tuple[float, float | None]:
