@@ -1202,12 +1202,6 @@ def _loopback(host: str) -> bool:
     help="The smif project whose model runs /api/v1/model_runs/ starts.",
 )
 @click.option(
-    "--data-dir",
-    type=click.Path(file_okay=False),
-    help="Where DAFNI workflow instances keep step inputs and outputs; runners must see the "
-    "same path. Default: SMIFDB_HOME/dafni.",
-)
-@click.option(
     "--allowed-host",
     "allowed_hosts",
     multiple=True,
@@ -1243,7 +1237,6 @@ def api_serve(
     port: int,
     workers: int,
     project: str | None,
-    data_dir: str | None,
     allowed_hosts: tuple[str, ...],
     public_url: str | None,
     metrics_token: str | None,
@@ -1283,7 +1276,6 @@ def api_serve(
         store.check_schema(conn)
     os.environ[server.DSN_VAR] = dsn
     os.environ[server.PROJECT_VAR] = str(Path(project).resolve()) if project else ""
-    os.environ[server.DATA_VAR] = str(Path(data_dir).resolve()) if data_dir else ""
     os.environ[server.SECURITY_VAR] = json.dumps(
         {
             "allowed_hosts": list(allowed_hosts),

@@ -14,7 +14,6 @@ import re
 import shlex
 import uuid
 from collections.abc import Callable, Mapping
-from pathlib import Path
 from typing import Any
 
 from smifdb import errors
@@ -313,21 +312,19 @@ def instance_dag(
     workflow: Mapping,
     parameter_set: Mapping,
     models: Mapping[str, Mapping],
-    data_dir: Path,
 ) -> dict:
     """The smifdb DAG spec of one execution: one job per step, keyed by step id.
 
-    Every folder a step's command makes or links is checked to be the step's own, directly
-    under the instance's folder (SpecError if not): a stored definition that predates the
-    step id rule, or a symlinked data folder, cannot aim a step's files elsewhere."""
-    root = (data_dir / str(instance_id)).resolve()
+    A model step is a command job in a private folder on whichever runner takes it: its input
+    steps' stored outputs are materialised under ``<step id>/outputs/`` and linked as
+    ``inputs/<step id>``; what it leaves in ``outputs/`` is stored as its outputs. Nothing
+    passes through a folder the runners share."""
     name = workflow["metadata"]["display_name"]
     jobs = []
     for step_id, step in workflow["spec"]["steps"].items():
-        folder = _step_folder(root, step_id)
         inputs = step.get("inputs", [])
-        for source in inputs:
-            _step_folder(root, source)
+        for source in (step_id, *inputs):
+            _check_step_id(source, as_input=source != step_id)
         job: dict[str, Any] = {"key": step_id, "after": _needs(step), "model": step["name"]}
         if step["kind"] == "model":
             model = models[step["model_version"]]
@@ -339,42 +336,50 @@ def instance_dag(
                 pname: _env_value(values.get(pname, p.get("default", "")))
                 for pname, p in model_parameters(model).items()
             }
-            env |= {
-                "DAFNI_INSTANCE_ID": str(instance_id),
-                "DAFNI_STEP_ID": step_id,
-                "INPUTS_DIR": str(folder / "inputs"),
-                "OUTPUTS_DIR": str(folder / "outputs"),
-            }
-            job |= {"command": _step_command(model["spec"], folder, root, inputs), "env": env}
+            env |= {"DAFNI_INSTANCE_ID": str(instance_id), "DAFNI_STEP_ID": step_id}
+            job |= {"command": _step_command(model["spec"], inputs), "env": env}
+            job |= {"inputs": inputs, "outputs": [STEP_OUTPUTS]}
             job["operation"] = "simulate"
             if model["spec"].get("timeout"):
                 job["timeout"] = model["spec"]["timeout"]
         else:
             job |= {
                 "python": "smifdb.dafni:publish",
-                "args": {"instance_dir": str(root), "step_id": step_id, "inputs": inputs},
+                "args": {"step_id": step_id, "inputs": inputs},
                 "operation": step["kind"],
             }
         jobs.append(job)
     return {"name": f"dafni: {name}", "jobs": jobs}
 
 
-def _step_folder(root: Path, step_id: str) -> Path:
-    folder = (root / step_id).resolve()
-    if not STEP_ID.match(step_id) or folder.parent != root or folder.name != step_id:
-        raise SpecError([f"step id {step_id!r} is not a safe folder name under {root}"])
-    return folder
+# Everything a model step leaves in outputs/ (a folder stands for the files under it).
+STEP_OUTPUTS = "outputs"
+# The step's own folders: an input step of these names would land among them.
+STEP_FOLDERS = ("inputs", "outputs")
 
 
-def _step_command(spec: Mapping, folder: Path, root: Path, inputs: list[str]) -> str:
-    """Make the step's folders and link its input steps' outputs, then run the model."""
+def _check_step_id(step_id: str, *, as_input: bool = False) -> None:
+    """A step id becomes a folder name in the job's folder: a plain name, and an input
+    step's never one of the step's own folders."""
+    if not STEP_ID.match(step_id):
+        raise SpecError([f"step id {step_id!r} is not a safe folder name"])
+    if as_input and step_id in STEP_FOLDERS:
+        raise SpecError(
+            [f"step id {step_id!r} cannot be another step's input: it names a step's own folder"]
+        )
+
+
+def _step_command(spec: Mapping, inputs: list[str]) -> str:
+    """Make the step's folders and link its input steps' outputs, then run the model.
+
+    Runs in the job's private folder, where each input step's outputs are under
+    ``<step id>/outputs/`` (absent if it left none)."""
     q = shlex.quote
-    lines = [f"mkdir -p {q(str(folder / 'inputs'))} {q(str(folder / 'outputs'))}"]
-    lines += [
-        f"ln -sfn {q(str(root / source / 'outputs'))} {q(str(folder / 'inputs' / source))}"
-        for source in inputs
-    ]
-    lines.append(f"cd {q(str(folder))}")
+    lines = ["mkdir -p inputs outputs"]
+    for source in inputs:
+        lines.append(f"mkdir -p {q(source + '/outputs')}")
+        lines.append(f"ln -sfn {q('../' + source + '/outputs')} {q('inputs/' + source)}")
+    lines.append('export INPUTS_DIR="$PWD/inputs" OUTPUTS_DIR="$PWD/outputs"')
     if "smif" in spec:
         smif = spec["smif"]
         lines.append(f"exec smif run -d {q(smif['project'])} {q(smif['model_run'])}")
@@ -383,16 +388,11 @@ def _step_command(spec: Mapping, folder: Path, root: Path, inputs: list[str]) ->
     return "\n".join(lines)
 
 
-def publish(instance_dir: str, step_id: str, inputs: list[str]) -> dict:
-    """A publisher step: list what its input steps wrote, as the dataset it would publish."""
-    files = []
-    for source in inputs:
-        outputs = Path(instance_dir) / source / "outputs"
-        if outputs.is_dir():
-            files += [
-                str(p.relative_to(Path(instance_dir)))
-                for p in sorted(outputs.rglob("*"))
-                if p.is_file()
-            ]
+def publish(step_id: str, inputs: list[str], instance_dir: str | None = None) -> dict:
+    """A publisher step: the identifiers of the dataset it would publish.
+
+    Its files are its input steps' stored outputs, listed when the instance is read (they
+    are rows, not a folder); ``instance_dir`` is accepted, and ignored, from jobs queued by
+    an older smifdb."""
     ids = {k: str(uuid.uuid4()) for k in ("dataset_id", "metadata_id", "version_id")}
-    return {**ids, "files": files, "folder": str(Path(instance_dir) / step_id)}
+    return ids

@@ -137,7 +137,7 @@ def add_user(
 @pytest.fixture
 def server(dsn: str, tmp_path: Path) -> Iterator[ApiServer]:
     assert add_user(dsn).returncode == 0
-    s = ApiServer(create_app(dsn, data_dir=tmp_path / "data"))
+    s = ApiServer(create_app(dsn))
     yield s
     s.stop()
 
@@ -165,6 +165,26 @@ def upload_model(user_session, tmp_path: Path, definition: dict = MODEL) -> str:
     minio_api.upload_file_to_minio(user_session, urls["definition"], path)
     minio_api.upload_file_to_minio(user_session, urls["image"], image)
     return models_api.model_version_ingest(user_session, upload_id, "first")["version_id"]
+
+
+def stored_outputs(user, base: str, instance_id: str, raw: dict) -> dict[str, dict[str, bytes]]:
+    """Each model step's stored outputs, read through the API: the step lists, their files,
+    and the produced asset's list (which must name the same files)."""
+    got: dict[str, dict[str, bytes]] = {}
+    for step in raw["step_status"]:
+        url = f"{base}/workflows/instances/{instance_id}/steps/{step}/outputs/"
+        for row in user.get_request(url=url)["files"]:
+            body = user.get_request(url=row["url"], content_type="", stream=True)
+            assert body.headers["content-disposition"].startswith("attachment;")
+            assert body.headers["etag"] == f'"{row["sha256"]}"'
+            got.setdefault(step, {})[row["path"]] = body.content
+            assert len(body.content) == row["size"]
+    for asset in raw["produced_assets"].values():
+        listed = user.get_request(url=asset["files_url"])["files"]
+        assert {(f["step_id"], f["path"]) for f in listed} == {
+            (step, path) for step, files in got.items() for path in files
+        }
+    return got
 
 
 def test_dafni_cli_upload_list_get_execute_poll_to_succeeded(dafni, tmp_path, procs) -> None:
@@ -218,9 +238,12 @@ def test_dafni_cli_upload_list_get_execute_poll_to_succeeded(dafni, tmp_path, pr
     assert instance.finished_time >= instance.submission_time
     assert list(instance.produced_assets) == ["publish"]
     assert raw["produced_assets"]["publish"]["kind"] == "publisher"
-    data = tmp_path / "data" / instance_id
-    assert (data / "count" / "outputs" / "n.txt").read_text().strip() == "21"
-    assert (data / "double" / "outputs" / "n.txt").read_text().strip() == "42"
+    # The steps' outputs and the published asset's files, through the API, by dafni-cli's
+    # own session (its token on every request).
+    assert stored_outputs(user, dafni, instance_id, raw) == {
+        "count": {"outputs/n.txt": b"21\n"},
+        "double": {"outputs/n.txt": b"42\n"},
+    }
 
     workflow = parse_workflow(workflows_api.get_workflow(user, version_id))
     assert [i.instance_id for i in workflow.instances] == [instance_id]
@@ -319,7 +342,7 @@ def test_dafni_cli_command_line_against_the_shim(dafni, tmp_path, procs) -> None
 @pytest.fixture
 def client(dsn: str, tmp_path: Path) -> Iterator[TestClient]:
     assert add_user(dsn).returncode == 0
-    app = create_app(dsn, data_dir=tmp_path / "data", max_body=20_000)
+    app = create_app(dsn, max_body=20_000)
     with credentials.client(app) as c:
         yield c
 
@@ -946,11 +969,11 @@ def _files(root: Path) -> set[Path]:
     return {p for p in root.rglob("*")}
 
 
-def test_step_ids_are_safe_names_and_no_step_writes_outside_the_data_dir(
+def test_step_ids_are_safe_names_and_no_step_writes_outside_its_folder(
     client, conn, procs, tmp_path
 ) -> None:
     """A step id "../../victim/file.txt" made `mkdir -p`, the step's command and `ln -sfn`
-    act outside the data folder. Refused at upload; a definition stored before the rule is
+    act outside the step's folder. Refused at upload; a definition stored before the rule is
     refused at execution; real runs of safe ids (dots and dashes too) stay inside."""
     headers = bearer(client)
     model_version = register(client, headers, MODEL)
@@ -1002,12 +1025,110 @@ def test_step_ids_are_safe_names_and_no_step_writes_outside_the_data_dir(
     procs.start("--slots", "2", "--exit-when-idle", name="runner").wait(60)
     raw = client.get(f"/workflows/instances/{instance_id}/", headers=headers).json()
     assert raw["overall_status"] == "Succeeded", raw
-    data = tmp_path / "data" / instance_id
-    assert (data / "double.v-2" / "outputs" / "n.txt").read_text().strip() == "2"
-    assert (data / "double.v-2" / "inputs" / "count").resolve() == data / "count" / "outputs"
+    files = f"/workflows/instances/{instance_id}/steps/double.v-2/outputs/"
+    listed = client.get(files, headers=headers).json()["files"]
+    assert [f["path"] for f in listed] == ["outputs/n.txt"]
+    assert client.get(listed[0]["url"], headers=headers).content == b"2\n"
     assert victim.read_text() == "precious" and not victim.is_symlink()
     written = _files(tmp_path) - outside
-    assert written and all(
-        p.is_relative_to(tmp_path / "data") or "logs" in p.parts or p.name.endswith(".log")
-        for p in written
-    ), written
+    assert all("logs" in p.parts or p.name.endswith(".log") for p in written), written
+
+
+def _run_instance(client, headers, procs, steps: dict) -> tuple[str, dict]:
+    model_version = register(client, headers, MODEL)
+    steps = {
+        k: {**v, "model_version": model_version} if v["kind"] == "model" else v
+        for k, v in steps.items()
+    }
+    definition = {**workflow_definition(model_version), "spec": {"steps": steps}}
+    version = client.post("/workflows/upload/", json={"definition": definition}, headers=headers)
+    assert version.status_code == 201, version.text
+    ps = {**parameter_set(version.json()["id"]), "spec": {}}
+    ps_id = client.post("/workflows/parameter-set/upload/", json=ps, headers=headers).json()["id"]
+    run = client.post(f"/workflows/execute/{version.json()['id']}/{ps_id}/", headers=headers)
+    assert run.status_code == 201, run.text
+    instance_id = run.json()["instance_id"]
+    procs.start("--slots", "2", "--exit-when-idle", name="runner").wait(60)
+    raw = client.get(f"/workflows/instances/{instance_id}/", headers=headers).json()
+    assert raw["overall_status"] == "Succeeded", raw
+    return instance_id, raw
+
+
+def test_step_outputs_are_paged_streamed_and_guarded(client, procs) -> None:
+    """Step outputs and a produced asset's files: keyset pages with a Link, each file an
+    attachment with its sha256 as ETag; unknown steps, paths and cursors are JSON 4xx."""
+    headers = bearer(client)
+    step = {"kind": "model", "name": "count", "dependencies": []}
+    steps = {
+        "a": step,
+        "b": step,
+        "publish": {
+            "kind": "publisher",
+            "name": "p",
+            "dependencies": ["a", "b"],
+            "inputs": ["a", "b"],
+        },
+    }
+    instance_id, raw = _run_instance(client, headers, procs, steps)
+    base = f"/workflows/instances/{instance_id}"
+    produced = raw["produced_assets"]["publish"]["files_url"]
+    assert produced.endswith(f"{base}/produced/publish/")
+    first = client.get(f"{base}/produced/publish/?limit=1", headers=headers)
+    assert first.status_code == 200, first.text
+    page = first.json()
+    assert [(f["step_id"], f["path"]) for f in page["files"]] == [("a", "outputs/n.txt")]
+    assert page["next"] and 'rel="next"' in first.headers["link"]
+    second = client.get(
+        f"{base}/produced/publish/?limit=1&cursor={page['next']}", headers=headers
+    ).json()
+    assert [(f["step_id"], f["path"]) for f in second["files"]] == [("b", "outputs/n.txt")]
+    assert second["next"] is None
+
+    url = page["files"][0]["url"]
+    got = client.get(url, headers=headers)
+    assert got.status_code == 200 and got.content == b"1\n"
+    assert got.headers["content-type"] == "application/octet-stream"
+    assert got.headers["x-content-type-options"] == "nosniff"
+    assert got.headers["content-length"] == "2"
+    etag = got.headers["etag"]
+    assert client.get(url, headers={**headers, "If-None-Match": etag}).status_code == 304
+
+    # Another list's cursor, unknown steps and paths, a step that produces nothing, no token.
+    other = client.get(f"{base}/steps/a/outputs/?cursor={page['next']}", headers=headers)
+    assert "bad cursor" in problem(other, 400)
+    assert "has no step 'zz'" in problem(
+        client.get(f"{base}/steps/zz/outputs/", headers=headers), 404
+    )
+    for path in ("outputs/none.txt", "outputs/../outputs/n.txt", "%2e%2e/x"):
+        assert "has no output" in problem(
+            client.get(f"{base}/steps/a/outputs/{path}", headers=headers), 404
+        )
+    assert "produces no asset" in problem(client.get(f"{base}/produced/a/", headers=headers), 404)
+    gone = "/workflows/instances/00000000-0000-4000-8000-000000000000/steps/a/outputs/"
+    assert "no workflow instance" in problem(client.get(gone, headers=headers), 404)
+    assert client.get(url).status_code == 401
+
+
+def test_an_input_step_cannot_take_a_step_folder_name(client, conn, procs) -> None:
+    """An input step named 'outputs' would land in the reading step's own outputs/."""
+    headers = bearer(client)
+    model_version = register(client, headers, MODEL)
+    steps = {
+        "outputs": {"kind": "model", "name": "o", "model_version": model_version},
+        "reader": {
+            "kind": "model",
+            "name": "r",
+            "dependencies": ["outputs"],
+            "inputs": ["outputs"],
+            "model_version": model_version,
+        },
+    }
+    definition = {**workflow_definition(model_version), "spec": {"steps": steps}}
+    version = client.post("/workflows/upload/", json={"definition": definition}, headers=headers)
+    assert version.status_code == 201, version.text
+    ps = {**parameter_set(version.json()["id"]), "spec": {}}
+    ps_id = client.post("/workflows/parameter-set/upload/", json=ps, headers=headers).json()["id"]
+    before = counts(conn)
+    run = client.post(f"/workflows/execute/{version.json()['id']}/{ps_id}/", headers=headers)
+    assert "cannot be another step's input" in problem(run, 400)
+    assert counts(conn) == before

@@ -40,7 +40,7 @@ def fuzz_dsn(pg_server: str, template_db: str) -> Iterator[str]:
 
 @pytest.fixture(scope="module")
 def server(fuzz_dsn: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[ApiServer]:
-    app = create_app(fuzz_dsn, data_dir=tmp_path_factory.mktemp("data"), max_body=50_000)
+    app = create_app(fuzz_dsn, max_body=50_000)
     s = ApiServer(app)
     yield s
     s.stop()

@@ -44,7 +44,7 @@ TABLES = (
 
 @pytest.fixture
 def app(dsn: str, tmp_path: Path):
-    return create_app(dsn, data_dir=tmp_path / "data")
+    return create_app(dsn)
 
 
 @pytest.fixture
@@ -367,7 +367,7 @@ def test_failed_sign_ins_are_throttled_across_api_processes(dsn, tmp_path) -> No
     token_path = "/realms/Production/protocol/openid-connect/token/"
     form = {"grant_type": "password", "username": "alice", "password": "guess"}
     # Two apps on one database: two API processes, throttled alike.
-    one, two = (create_app(dsn, data_dir=tmp_path / "data") for _ in range(2))
+    one, two = (create_app(dsn) for _ in range(2))
     with credentials.client(one) as a, credentials.client(two) as b:
         for attempt in range(auth.FREE_FAILURES["user"]):
             client = a if attempt % 2 else b

@@ -16,7 +16,6 @@ from smifdb import store
 from smifdb.api import cpu, dafni, dashboard, metrics, openapi, session, v1
 from smifdb.api.errors import HANDLERS
 from smifdb.api.security import Guard, Settings
-from smifdb.pgserver import default_home
 
 MAX_BODY = 1_000_000  # bytes
 # scrypt (~70 ms of CPU each) in at most half the cores: a flood of sign-ins leaves the others
@@ -28,7 +27,6 @@ def create_app(
     dsn: str,
     *,
     project_dir: str | Path | None = None,
-    data_dir: str | Path | None = None,
     max_body: int = MAX_BODY,
     pool_size: int = 8,
     dead_after: float = 30.0,
@@ -40,8 +38,7 @@ def create_app(
 ) -> Starlette:
     """An app bound to one database (and optionally one smif project for the smif app API).
 
-    ``data_dir`` is where DAFNI workflow instances keep each step's inputs and outputs; runners
-    must see it at the same path (a shared filesystem on a cluster). ``allowed_hosts`` (besides
+    ``allowed_hosts`` (besides
     loopback names and ``bind_host``) are the Host headers it answers; ``public_url`` is where
     clients reach it, for the URLs it hands out (docs/security.md). ``parse_threads`` bounds
     how many big bodies are decoded, validated and written at once (smifdb.api.cpu).
@@ -86,7 +83,6 @@ def create_app(
         lifespan=lifespan,
     )
     app.state.project_dir = str(Path(project_dir).resolve()) if project_dir else None
-    app.state.data_dir = str(Path(data_dir or default_home() / "dafni").resolve())
     app.state.max_body = max_body
     app.state.security = settings
     app.state.dead_after = dead_after

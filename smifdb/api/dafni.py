@@ -11,8 +11,8 @@ from __future__ import annotations
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import psycopg
 from starlette.requests import Request
@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from smifdb import dafni, errors, store
-from smifdb.api import session
+from smifdb.api import downloads, session
 from smifdb.api.cpu import maybe_heavy
 from smifdb.api.errors import ApiError, decode, read_body, read_json
 from smifdb.api.pool import in_db
@@ -64,6 +64,11 @@ def _own_url(request: Request) -> str:
     host, port = request.scope.get("server") or ("127.0.0.1", 80)
     host = f"[{host}]" if ":" in host else host
     return f"{request.url.scheme}://{host}:{port}"
+
+
+def _base(request: Request) -> str:
+    """The base of the URLs this server hands out."""
+    return request.app.state.security.public_url or _own_url(request)
 
 
 def _uuid(request: Request, name: str, what: str) -> uuid.UUID:
@@ -326,7 +331,7 @@ async def model_validate(request: Request) -> JSONResponse:
 async def model_upload_start(request: Request) -> JSONResponse:
     user = _user(request)
     upload_id = await _db(request, rows.start_model_upload, user)
-    base = request.app.state.security.public_url or _own_url(request)
+    base = _base(request)
     urls = {part: f"{base}/models/upload/{upload_id}/{part}/" for part in ("definition", "image")}
     return _json({"id": str(upload_id), "urls": urls}, 201)
 
@@ -547,7 +552,9 @@ async def parameter_set_upload(request: Request) -> JSONResponse:
 # -- instances ------------------------------------------------------------------------------
 
 
-def _instance_record(conn: psycopg.Connection, instance_id: uuid.UUID, user: auth.User) -> dict:
+def _instance_record(
+    conn: psycopg.Connection, instance_id: uuid.UUID, user: auth.User, request: Request
+) -> dict:
     instance = rows.instance(conn, instance_id)
     if instance is None:
         raise ApiError(404, f"no workflow instance {instance_id}")
@@ -565,6 +572,7 @@ def _instance_record(conn: psycopg.Connection, instance_id: uuid.UUID, user: aut
             "metadata_id": job["result"]["metadata_id"],
             "version_id": job["result"]["version_id"],
             "kind": steps[key]["kind"],
+            "files_url": f"{_base(request)}/workflows/instances/{instance_id}/produced/{key}/",
         }
         for key, job in jobs.items()
         if job["status"] == "succeeded"
@@ -609,7 +617,7 @@ def _instance_record(conn: psycopg.Connection, instance_id: uuid.UUID, user: aut
 async def instance_get(request: Request) -> JSONResponse:
     user = _user(request)
     instance_id = _uuid(request, "instance_id", "workflow instance")
-    return _json(await _db(request, _instance_record, instance_id, user))
+    return _json(await _db(request, _instance_record, instance_id, user, request))
 
 
 async def execute(request: Request) -> JSONResponse:
@@ -623,7 +631,6 @@ async def execute(request: Request) -> JSONResponse:
     key = request.headers.get("idempotency-key")
     if key is not None and not 0 < len(key) <= 200:
         raise ApiError(400, "an Idempotency-Key must be 1 to 200 characters")
-    data_dir = Path(request.app.state.data_dir)
 
     def run(conn: psycopg.Connection) -> tuple[dict, bool]:
         workflow = _workflow_row(conn, version_id)
@@ -640,7 +647,7 @@ async def execute(request: Request) -> JSONResponse:
 
         def build(instance_id: uuid.UUID):
             spec = dafni.instance_dag(
-                instance_id, workflow["definition"], parameter_set["definition"], models, data_dir
+                instance_id, workflow["definition"], parameter_set["definition"], models
             )
             return parse(spec)  # a definition that validated but cannot run: a 400
 
@@ -653,7 +660,7 @@ async def execute(request: Request) -> JSONResponse:
             build=build,
             actor=store.actor_name(f"api:{user.name}"),
         )
-        record = _instance_record(conn, instance_id, user)
+        record = _instance_record(conn, instance_id, user, request)
         if not created and (
             record["workflow_version"]["id"] != str(version_id)
             or record["parameter_set"]["id"] != str(parameter_set_id)
@@ -663,6 +670,59 @@ async def execute(request: Request) -> JSONResponse:
 
     record, created = await _db(request, run)
     return _json(record, 201 if created else 200)
+
+
+def _instance_step(
+    conn: psycopg.Connection, instance_id: uuid.UUID, step_id: str
+) -> tuple[int, Mapping]:
+    """(the instance's workflow id, the step's definition); 404 for an unknown one."""
+    instance = rows.instance(conn, instance_id)
+    if instance is None:
+        raise ApiError(404, f"no workflow instance {instance_id}")
+    steps = rows.workflow(conn, instance["workflow_version_id"])["definition"]["spec"]["steps"]
+    if step_id not in steps:
+        raise ApiError(404, f"workflow instance {instance_id} has no step {step_id[:200]!r}")
+    return instance["workflow_id"], steps[step_id]
+
+
+def _output_url(request: Request, instance_id: uuid.UUID) -> Callable[[str, str], str]:
+    base = f"{_base(request)}/workflows/instances/{instance_id}/steps"
+    return lambda step, path: f"{base}/{quote(step, safe='')}/outputs/{quote(path)}"
+
+
+async def step_outputs(request: Request) -> Response:
+    """What a model step left in its ``outputs/`` folder, stored: a page of files."""
+    instance_id = _uuid(request, "instance_id", "workflow instance")
+    step_id = request.path_params["step_id"]
+    workflow_id, _ = await _db(request, _instance_step, instance_id, step_id)
+    return await downloads.outputs_page(
+        request, workflow_id, [step_id], _output_url(request, instance_id), _files
+    )
+
+
+async def step_output(request: Request) -> Response:
+    instance_id = _uuid(request, "instance_id", "workflow instance")
+    step_id = request.path_params["step_id"]
+    workflow_id, _ = await _db(request, _instance_step, instance_id, step_id)
+    path = request.path_params["path"]
+    return await downloads.output_file(request, workflow_id, step_id, path)
+
+
+async def produced_files(request: Request) -> Response:
+    """The files of a publisher or visualisation step's dataset: its input steps' outputs."""
+    instance_id = _uuid(request, "instance_id", "workflow instance")
+    step_id = request.path_params["step_id"]
+    workflow_id, step = await _db(request, _instance_step, instance_id, step_id)
+    if step["kind"] not in ("publisher", "visualisation"):
+        raise ApiError(404, f"step {step_id!r} is a {step['kind']} step: it produces no asset")
+    inputs = step.get("inputs", [])
+    return await downloads.outputs_page(
+        request, workflow_id, inputs, _output_url(request, instance_id), _files
+    )
+
+
+def _files(found: list[dict]) -> dict:
+    return {"files": [{"step_id": row.pop("job"), **row} for row in found]}
 
 
 def _routes(handlers: list[tuple[str, Callable, str]]) -> list[Route]:
@@ -693,6 +753,13 @@ ROUTES = _routes(
         ("/workflows/parameter-set/upload/", parameter_set_upload, "POST"),
         ("/workflows/execute/{version_id}/{parameter_set_id}/", execute, "POST"),
         ("/workflows/instances/{instance_id}/", instance_get, "GET"),
+        ("/workflows/instances/{instance_id}/steps/{step_id}/outputs/", step_outputs, "GET"),
+        (
+            "/workflows/instances/{instance_id}/steps/{step_id}/outputs/{path:path}",
+            step_output,
+            "GET",
+        ),
+        ("/workflows/instances/{instance_id}/produced/{step_id}/", produced_files, "GET"),
         ("/workflows/{version_id}/", workflow_get, "GET"),
         ("/workflows/{version_id}/", workflow_delete, "DELETE"),
         ("/workflows/{parent_id}/upload/", workflow_upload, "POST"),

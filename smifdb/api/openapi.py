@@ -430,6 +430,39 @@ PATHS: dict[str, dict[str, dict]] = {
             errors=(404,),
         )
     },
+    "/workflows/instances/{instance_id}/steps/{step_id}/outputs/": {
+        "get": _op(
+            "a page of the files a model step left in outputs/, each with its download URL",
+            tag=DAFNI,
+            params=[_path("instance_id", UUID), _path("step_id", {"type": "string"}), *PAGE],
+            auth=True,
+            errors=(400, 404),
+        )
+    },
+    "/workflows/instances/{instance_id}/steps/{step_id}/outputs/{path}": {
+        "get": _op(
+            "one output file of a model step, streamed as an attachment (ETag: its sha256)",
+            tag=DAFNI,
+            params=[
+                _path("instance_id", UUID),
+                _path("step_id", {"type": "string"}),
+                _path("path", {"type": "string"}, "the file's path, as listed"),
+            ],
+            ok=(200, "the file's bytes (application/octet-stream)"),
+            auth=True,
+            errors=(404,),
+        )
+    },
+    "/workflows/instances/{instance_id}/produced/{step_id}/": {
+        "get": _op(
+            "a page of the files of a publisher or visualisation step's asset: its input "
+            "steps' outputs, each with its download URL",
+            tag=DAFNI,
+            params=[_path("instance_id", UUID), _path("step_id", {"type": "string"}), *PAGE],
+            auth=True,
+            errors=(400, 404),
+        )
+    },
     "/workflows/{version_id}/": {
         "get": _op(
             "a workflow version with parameter sets and instances",

@@ -17,11 +17,13 @@ from typing import Any
 from starlette.requests import Request
 
 from smifdb.api.errors import ApiError
+from smifdb.limits import MAX_KEY_LENGTH
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
 MAX_ID = 2**63 - 1
 MAX_TEXT_KEY = 200  # runner names are at most 200 characters
+MAX_PATH_KEY = 4096  # a stored file's path, as a page's last one
 
 
 def limit(request: Request) -> int:
@@ -34,19 +36,25 @@ def limit(request: Request) -> int:
     return int(text)
 
 
-def encode(kind: str, key: int | str) -> str:
+def encode(kind: str, key: int | str | tuple[str, str]) -> str:
     raw = json.dumps([kind, key], separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def cursor(request: Request, kind: str, key_type: type[int] | type[str] = int) -> Any:
-    """The key a ``?cursor=`` of this list names, or None without one; 400 for any other."""
+def cursor(request: Request, kind: str, key_type: type[int] | type[str] | type[tuple] = int) -> Any:
+    """The key a ``?cursor=`` of this list names, or None without one; 400 for any other.
+
+    ``tuple``: a pair of strings, such as a job's key and a file's path."""
     text = request.query_params.get("cursor")
     if text is None:
         return None
     key = _decode(text, kind)
     if key_type is int:
         ok = type(key) is int and 0 < key <= MAX_ID
+    elif key_type is tuple:
+        ok = isinstance(key, list) and len(key) == 2 and all(isinstance(k, str) for k in key)
+        ok = ok and 0 < len(key[0]) <= MAX_KEY_LENGTH and 0 < len(key[1]) <= MAX_PATH_KEY
+        key = tuple(key) if ok else key
     else:
         ok = isinstance(key, str) and 0 < len(key) <= MAX_TEXT_KEY
     if not ok:
@@ -55,7 +63,7 @@ def cursor(request: Request, kind: str, key_type: type[int] | type[str] = int) -
 
 
 def _decode(text: str, kind: str) -> Any:
-    if len(text) > 1024:
+    if len(text) > 8192:
         raise _bad_cursor(text)
     try:
         raw = base64.b64decode(text + "=" * (-len(text) % 4), altchars=b"-_", validate=True)

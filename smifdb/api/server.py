@@ -11,7 +11,6 @@ from smifdb.api import create_app
 
 DSN_VAR = "SMIFDB_API_DSN"
 PROJECT_VAR = "SMIFDB_API_PROJECT"
-DATA_VAR = "SMIFDB_API_DATA_DIR"
 # allowed_hosts, bind_host, public_url, metrics_token (JSON): the environment, not argv, so
 # the metrics token is not shown by ps.
 SECURITY_VAR = "SMIFDB_API_SECURITY"
@@ -21,6 +20,5 @@ def app_from_env() -> Starlette:
     return create_app(
         os.environ[DSN_VAR],
         project_dir=os.environ.get(PROJECT_VAR) or None,
-        data_dir=os.environ.get(DATA_VAR) or None,
         **json.loads(os.environ.get(SECURITY_VAR) or "{}"),
     )

@@ -24,11 +24,12 @@ import re
 import stat
 import struct
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import psycopg
 
@@ -369,17 +370,31 @@ def read_chunks(conn: psycopg.Connection, sha256: str) -> Iterator[bytes]:
     transaction, bounded memory). Checked as it goes: BlobCorrupt, naming the blob and the
     chunk, if a chunk is missing or sizes disagree, and if the whole fails its hash, raised
     before the last chunk is yielded (a consumer never gets all of a corrupt blob)."""
+    return read_chunks_with(lambda: contextlib.nullcontext(conn), sha256)
+
+
+def read_chunks_with(
+    borrow: Callable[[], AbstractContextManager[psycopg.Connection]], sha256: str
+) -> Iterator[bytes]:
+    """read_chunks, with a connection borrowed (``borrow()``) for each statement only: a
+    client that reads slowly holds no connection between batches."""
     key = check_sha256(sha256)
-    row = conn.execute(BLOB, [key]).fetchone()
+
+    def query(sql: str, params: list[Any], **kw: Any) -> list[tuple[Any, ...]]:
+        with borrow() as conn:
+            return conn.execute(sql, params, **kw).fetchall()
+
+    found = query(BLOB, [key])
+    row = found[0] if found else None
     if row is None:
         raise BlobMissing(f"blob {sha256} is not stored")
     size, chunks = row
     digest, total, seq = hashlib.sha256(), 0, 0
     held: bytes | None = None
     while seq < chunks:
-        rows = conn.execute(READ_CHUNKS, [key, seq, READ_AHEAD], binary=True).fetchall()
+        rows = query(READ_CHUNKS, [key, seq, READ_AHEAD], binary=True)
         if not rows or rows[0][0] != seq:
-            if conn.execute(BLOB, [key]).fetchone() is None:
+            if not query(BLOB, [key]):
                 raise BlobMissing(f"blob {sha256} was deleted while it was read")
             raise BlobCorrupt(f"blob {sha256} is corrupt: chunk {seq} of {chunks} is missing")
         for n, data in rows:

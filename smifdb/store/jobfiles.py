@@ -45,6 +45,19 @@ def outputs_by_key(
     ]
 
 
+_OUTPUT = """
+SELECT o.path, encode(o.sha256, 'hex'), o.size, o.mode
+FROM jobs j JOIN job_outputs o ON o.job_id = j.id
+WHERE j.workflow_id = %s AND j.key = %s AND o.path = %s
+"""
+
+
+def output(conn: psycopg.Connection, workflow_id: int, key: str, path: str) -> FileEntry | None:
+    """The recorded output ``path`` of job ``key``, if there is one."""
+    row = conn.execute(_OUTPUT, [workflow_id, key, path]).fetchone()
+    return FileEntry(*row) if row else None
+
+
 def job_inputs(
     conn: psycopg.Connection, workflow_id: int, *, files: bool, inputs: Sequence[str]
 ) -> list[tuple[str, FileEntry]]:
