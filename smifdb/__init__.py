@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -18,18 +19,27 @@ def submit(
     spec: Mapping[str, Any] | Dag,
     *,
     name: str | None = None,
+    base: str | Path | None = None,
 ) -> int:
     """Validate ``spec`` and submit it as one new workflow; return the workflow id.
 
-    Nothing is written unless the whole spec is valid (SpecError lists every problem).
+    Nothing is written unless the whole spec is valid (SpecError lists every problem). Its
+    ``files:`` are taken from ``base`` (default: the current folder) and uploaded first.
     """
     from smifdb import db, store
-    from smifdb.store.submit import submit_dag
+    from smifdb.spec import source_files
+    from smifdb.store import blobs
+    from smifdb.store.submit import put_files, submit_dag
 
     dag = spec if isinstance(spec, Dag) else parse(spec, name=name)
+    sources = source_files(dag, Path(base or Path.cwd())) if dag.files else []
+
+    def write(conn: psycopg.Connection) -> int:
+        store.check_schema(conn)
+        entries = put_files(conn, sources, max_bytes=blobs.max_file_bytes()) if sources else []
+        return submit_dag(conn, dag, actor=store.actor_name("api"), files=entries)
+
     if isinstance(conn_or_dsn, str):
         with db.connect(conn_or_dsn) as conn:
-            store.check_schema(conn)
-            return submit_dag(conn, dag, actor=store.actor_name("api"))
-    store.check_schema(conn_or_dsn)
-    return submit_dag(conn_or_dsn, dag, actor=store.actor_name("api"))
+            return write(conn)
+    return write(conn_or_dsn)

@@ -28,12 +28,13 @@ from smifdb.manager import Manager, ManagerConfig, submit_model_run
 from smifdb.pgserver import Cluster, ServerError, default_home
 from smifdb.progress import ModelRunProgress, ProgressPrinter, model_run_summary, summary
 from smifdb.runner import Runner, RunnerConfig, default_name
-from smifdb.spec import load_file, load_text, parse, with_base_dir
-from smifdb.store import FINISHED_CHANNEL, auth, control, modelruns, read
+from smifdb.spec import Dag, load_file, load_text, parse, source_files, with_base_dir
+from smifdb.store import FINISHED_CHANNEL, auth, control, jobfiles, modelruns, read
 from smifdb.store import prune as retention
 from smifdb.store import runners as runner_rows
 from smifdb.store import views as view_rows
-from smifdb.store.submit import submit_dag
+from smifdb.store.blobs import MAX_FILE_BYTES_ENV
+from smifdb.store.submit import put_files, submit_dag
 from smifdb.tables import Column, seconds, table, timestamp
 
 
@@ -206,23 +207,44 @@ def db_url(ctx: click.Context) -> None:
 # -- workflows --------------------------------------------------------------------------
 
 
-def _read_dag(file: str, name: str | None):
-    """A spec file's jobs run in the file's folder unless they say otherwise (like make)."""
+def _read_dag(file: str, name: str | None) -> tuple[Dag, list[tuple[Path, str]]]:
+    """A spec file's jobs run in the file's folder unless they say otherwise (like make), or
+    in a private folder if they have files; its ``files:`` are taken from its folder (the
+    current one for standard input), each checked here, before anything is written."""
     if file == "-":
-        return parse(load_text(sys.stdin.read(), "standard input"), name=name)
-    return with_base_dir(parse(load_file(file), name=name), Path(file).resolve().parent)
+        dag, base = parse(load_text(sys.stdin.read(), "standard input"), name=name), Path.cwd()
+    else:
+        base = Path(file).resolve().parent
+        dag = with_base_dir(parse(load_file(file), name=name), base)
+    return dag, source_files(dag, base) if dag.files else []
+
+
+def _submit(conn: psycopg.Connection, dag: Dag, sources: list, max_file_bytes: int) -> int:
+    """Upload a spec's files (those stored already are not sent again), then write its
+    workflow and their names in one transaction."""
+    entries = put_files(conn, sources, max_bytes=max_file_bytes) if sources else []
+    return submit_dag(conn, dag, actor=store.actor_name("cli"), files=entries)
 
 
 @main.command("submit")
 @click.argument("file", type=click.Path(dir_okay=False, allow_dash=True))
 @click.option("--name", help="Workflow name (default: the spec's 'name').")
+@click.option(
+    "--max-file-bytes",
+    type=Bytes(),
+    envvar=MAX_FILE_BYTES_ENV,
+    default="4G",
+    show_default=True,
+    help=f"A file of the spec's 'files:' larger than this is refused (also ${MAX_FILE_BYTES_ENV}).",
+)
 @click.pass_context
-def submit_cmd(ctx: click.Context, file: str, name: str | None) -> None:
-    """Validate a YAML or JSON DAG FILE and submit it; print the new workflow id."""
-    dag = _read_dag(file, name)
+def submit_cmd(ctx: click.Context, file: str, name: str | None, max_file_bytes: int) -> None:
+    """Validate a YAML or JSON DAG FILE and submit it, with the files its 'files:' names;
+    print the new workflow id."""
+    dag, sources = _read_dag(file, name)
     with db.connect(_dsn(ctx)) as conn:
         store.check_schema(conn)
-        workflow_id = submit_dag(conn, dag, actor=store.actor_name("cli"))
+        workflow_id = _submit(conn, dag, sources, max_file_bytes)
     ready = sum(1 for j in dag.jobs if not j.after)
     click.echo(
         f"submitted workflow {workflow_id} {dag.name!r}: {len(dag.jobs)} jobs, "
@@ -613,6 +635,63 @@ def wait_cmd(ctx: click.Context, workflow_id: int, timeout: float | None) -> Non
         sys.exit(0 if read.finished_status(conn, workflow_id) == "succeeded" else 1)
 
 
+_OUTPUT_COLUMNS: list[Column] = [
+    ("JOB", lambda r: r["job"]),
+    ("PATH", lambda r: r["path"]),
+    ("SIZE", lambda r: r["size"]),
+    ("SHA256", lambda r: r["sha256"]),
+]
+
+
+@main.command("outputs")
+@click.argument("workflow_id", type=int)
+@click.option("--job", "keys", metavar="KEY", multiple=True, help="Only this job's (repeatable).")
+@click.option(
+    "--export",
+    "dest",
+    type=click.Path(file_okay=False, path_type=Path),
+    help="Write each file to DEST/<job key>/<path> instead of listing them.",
+)
+@click.option("--force", is_flag=True, help="With --export: write into DEST even if not empty.")
+@click.option("--json", "as_json", is_flag=True, help="List as JSON lines.")
+@click.pass_context
+def outputs_cmd(
+    ctx: click.Context,
+    workflow_id: int,
+    keys: tuple[str, ...],
+    dest: Path | None,
+    force: bool,
+    as_json: bool,
+) -> None:
+    """List the stored outputs of workflow WORKFLOW_ID's jobs (job, path, size, sha256), or
+    --export them. Each exported file is verified against its hash and appears whole."""
+    if dest is not None:
+        if dest.exists() and not dest.is_dir():
+            raise BadInput(f"{dest} exists and is not a folder")
+        if dest.is_dir() and any(dest.iterdir()) and not force:
+            raise BadInput(f"{dest} is not empty: give an empty or new folder, or --force")
+    with db.connect(_dsn(ctx)) as conn:
+        store.check_schema(conn)
+        if read.get_workflow(conn, workflow_id) is None:
+            raise BadInput(f"no workflow {workflow_id}")
+        if keys and (unknown := jobfiles.unknown_keys(conn, workflow_id, keys)):
+            raise BadInput(f"workflow {workflow_id} has no job {', '.join(map(repr, unknown))}")
+        found = jobfiles.iter_outputs(conn, workflow_id, keys or None)
+        if dest is not None:
+            count = snapshot.export_outputs(conn, found, dest)
+            click.echo(f"exported {count} file(s) of workflow {workflow_id} to {dest}", err=True)
+            return
+        rows = (
+            {"job": key, "path": e.path, "size": e.size, "sha256": e.sha256} for key, e in found
+        )
+        if as_json:
+            for row in rows:
+                click.echo(json.dumps(row))
+            return
+        listed = list(rows)
+        click.echo(table(listed, _OUTPUT_COLUMNS) if listed else "no outputs")
+
+
 @main.command("cancel")
 @click.argument("workflow_id", type=int)
 @click.option("--job", "job_key", help="Cancel only this job (and everything downstream of it).")
@@ -646,7 +725,7 @@ def run_cmd(ctx: click.Context, file: str, workflow_name: str | None, **kw) -> N
     _setup_logging("warning")
     _check_timing(kw)
     _python_allow(kw["python_allow"])  # before submitting
-    dag = _read_dag(file, workflow_name)
+    dag, sources = _read_dag(file, workflow_name)
     # The spec's author runs it: its own callables run, in its workflow only (the runner
     # claims nothing else), as exact names; other workflows' jobs never reach this runner.
     spec_callables = python_kind.callables(dag.jobs)
@@ -654,7 +733,7 @@ def run_cmd(ctx: click.Context, file: str, workflow_name: str | None, **kw) -> N
     _log_dir(kw["log_dir"])  # before submitting: nothing would run a workflow left behind
     with db.connect(dsn) as conn:
         store.check_schema(conn)
-        workflow_id = submit_dag(conn, dag, actor=store.actor_name("cli"))
+        workflow_id = _submit(conn, dag, sources, kw["max_file_bytes"])
         click.echo(f"submitted workflow {workflow_id} {dag.name!r}: {len(dag.jobs)} jobs", err=True)
         config = _runner_config(
             f"run-{default_name()}", spec_callables, workflow_id=workflow_id, **kw

@@ -216,3 +216,25 @@ def export(conn: psycopg.Connection, entries: Sequence[FileEntry], dest: Path) -
         blobs.get_file(conn, entry.sha256, path, mode=entry.mode)
         count += 1
     return count
+
+
+def export_outputs(
+    conn: psycopg.Connection, found: Iterable[tuple[str, FileEntry]], dest: Path
+) -> int:
+    """Write each job's outputs (job key, entry) to ``dest/<key>/<path>``, each file verified
+    and renamed into place whole. Returns the number of files written."""
+    count = 0
+    for key, entry in found:
+        try:
+            folder = blobs.check_path(key)
+        except errors.BadInput:
+            folder = None
+        if folder != key:
+            raise SnapshotError(f"job key {key!r} cannot name a folder in {dest}")
+        path = dest / folder / blobs.check_path(entry.path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if path.is_dir():
+            raise SnapshotError(f"{path} is a folder, where the outputs hold a file")
+        blobs.get_file(conn, entry.sha256, path, mode=entry.mode)
+        count += 1
+    return count

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping
+import os
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import networkx as nx
 import yaml
 
 from smifdb import errors, kinds
+from smifdb.kinds import command as command_kind
 from smifdb.kinds import python as python_kind
 from smifdb.limits import (
     MAX_KEY_LENGTH,
@@ -43,7 +45,8 @@ COMMON_JOB_FIELDS = frozenset(
         "decision",
     }
 )
-TOP_FIELDS = {"name", "jobs"}
+TOP_FIELDS = {"name", "jobs", "files"}
+MAX_WORKFLOW_FILES = 100_000  # files one workflow's `files:` may hold
 
 
 class SpecError(errors.BadInput, ValueError):
@@ -81,6 +84,7 @@ class Dag:
     name: str
     jobs: list[Job]
     edges: list[tuple[str, str]] = field(default_factory=list)  # (parent key, child key)
+    files: tuple[str, ...] = ()  # the spec's `files:`, as given (see source_files)
 
 
 def load_file(path: str | Path) -> Any:
@@ -220,6 +224,7 @@ def parse(raw: Any, name: str | None = None) -> Dag:
         raise SpecError(problems)
     for where, problem in text_problems(raw):
         problems.append(f"{where}: the string {problem}, which PostgreSQL cannot store")
+    files = _check_files(raw.get("files", []), problems)
 
     jobs: list[Job] = []
     seen: set[str] = set()
@@ -234,6 +239,7 @@ def parse(raw: Any, name: str | None = None) -> Dag:
         seen.add(job.key)
         jobs.append(job)
 
+    jobs = [_with_inputs(job, seen, bool(files), problems) for job in jobs]
     graph = nx.DiGraph()
     graph.add_nodes_from(j.key for j in jobs)
     edges: list[tuple[str, str]] = []
@@ -251,7 +257,110 @@ def parse(raw: Any, name: str | None = None) -> Dag:
         problems.append("dependency cycle: " + " -> ".join(cycle + cycle[:1]))
     if problems:
         raise SpecError(problems)
-    return Dag(name=name, jobs=jobs, edges=edges)
+    return Dag(name=name, jobs=jobs, edges=edges, files=files)
+
+
+def _check_files(given: Any, problems: list[str]) -> tuple[str, ...]:
+    if isinstance(given, str):
+        given = [given]
+    if not isinstance(given, list) or not all(isinstance(p, str) and p for p in given):
+        problems.append("'files' must be a list of paths (files or folders)")
+        return ()
+    for path in given:
+        if "\0" in path:
+            problems.append(f"files: {path!r} contains a NUL character")
+    return tuple(dict.fromkeys(given))
+
+
+def _with_inputs(job: Job, keys: set[str], files: bool, problems: list[str]) -> Job:
+    """A job's inputs are jobs it waits for; a command job of a workflow with files gets them
+    in its (private) folder, so its ``cwd`` must lie in that folder."""
+    inputs = job.payload.get("inputs", ())
+    for key in inputs:
+        if key == job.key:
+            problems.append(f"job {job.key!r} takes its own outputs as an input")
+        elif key not in keys:
+            problems.append(f"job {job.key!r} takes the outputs of unknown job {key!r}")
+    payload = job.payload
+    if files and job.kind == command_kind.KIND.name:
+        payload = {**payload, "files": True}
+        if "cwd" in payload and (why := command_kind.cwd_problem(payload["cwd"])):
+            problems.append(f"job {job.key!r}: 'cwd' {why}")
+    waits = (k for k in inputs if k in keys and k != job.key)
+    after = tuple(dict.fromkeys((*job.after, *waits)))
+    return replace(job, payload=payload, after=after)
+
+
+def source_files(dag: Dag, base: Path) -> list[tuple[Path, str]]:
+    """The files of a spec's ``files:`` as (folder, path under it: the file's path in every
+    job's folder), each path once,
+    or SpecError listing every problem (a path that is missing, or collides with another or
+    with an input job's folder). ``base`` is the spec's folder: a given path inside it keeps
+    its path relative to it, one outside (absolute) is its basename."""
+    problems: list[str] = []
+    base = Path(os.path.abspath(base))
+    found: dict[str, tuple[Path, str]] = {}  # path in the jobs' folders: (root, as given)
+    for given in dag.files:
+        path = Path(os.path.abspath(base / given))
+        if not path.exists():
+            problems.append(f"files: {given} does not exist ({path})")
+            continue
+        root = base if path.is_relative_to(base) else path.parent
+        real_root = root.resolve()
+        top = path.relative_to(root).as_posix()
+        if path.is_dir():
+            walked = sorted(_walk(path))
+        elif path.is_file():
+            walked = [path]
+        else:
+            problems.append(f"files: {given} is neither a regular file nor a folder ({path})")
+            continue
+        for file in walked:
+            rel = file.relative_to(root).as_posix()
+            if not file.resolve().is_relative_to(real_root):
+                problems.append(
+                    f"files: {rel} (of {given}) leads out of {root} (to {file.resolve()})"
+                )
+            elif not file.resolve().is_file():
+                problems.append(f"files: {rel} (of {given}) is not a regular file")
+            elif rel in found and found[rel][1] != given:
+                problems.append(
+                    f"files: {given} and {found[rel][1]} would both be {rel} in the jobs' folders"
+                )
+            else:
+                found.setdefault(rel, (root, given))
+        if len(found) > MAX_WORKFLOW_FILES:
+            raise SpecError([f"files: more than {MAX_WORKFLOW_FILES} files ({top})"])
+    paths = set(found)
+    for rel in found:  # a file where another path needs a folder
+        parts = rel.split("/")
+        for i in range(1, len(parts)):
+            if "/".join(parts[:i]) in paths:
+                problems.append(
+                    f"files: {'/'.join(parts[:i])} is a file, and {rel} needs it a folder"
+                )
+    tops = {rel.split("/", 1)[0] for rel in found}
+    for job in dag.jobs:
+        for key in job.payload.get("inputs", ()):
+            if key in tops:
+                problems.append(
+                    f"job {job.key!r}: the outputs of input {key!r} would land in ./{key}/, "
+                    f"which the workflow's files use"
+                )
+    if problems:
+        raise SpecError(problems)
+    return [(root, rel) for rel, (root, _) in sorted(found.items())]
+
+
+def _walk(folder: Path) -> Iterator[Path]:
+    """Every file under ``folder`` (symbolic links to files included, to folders not)."""
+    for dirpath, dirs, names in os.walk(folder):
+        here = Path(dirpath)
+        for name in dirs:
+            if (here / name).is_symlink():
+                yield here / name  # refused by the caller unless it is a file
+        for name in names:
+            yield here / name
 
 
 def with_base_dir(dag: Dag, base: Path) -> Dag:

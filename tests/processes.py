@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
 import sys
@@ -46,6 +47,32 @@ def wait_for(predicate: Callable[[], object], timeout: float = 30, what: str = "
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def hide(folder: Path) -> list[str]:
+    """A command prefix: run the rest where ``folder`` is an empty tmpfs (checked empty)."""
+    script = 'mount -t tmpfs none "$1" && [ -z "$(ls -A "$1")" ] && shift && exec "$@"'
+    return ["unshare", "-m", "sh", "-c", script, "sh", str(folder)]
+
+
+def require_namespaces(tmp_path: Path) -> None:
+    """Skip, with the reason, where ``unshare -m`` cannot hide a folder; fail instead where
+    CI says these tests must run (SMIFDB_TEST_REQUIRE_NAMESPACES, or _SMIF)."""
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "seen").write_text("x")
+    try:
+        result = subprocess.run([*hide(probe), "true"], capture_output=True, text=True)
+    except FileNotFoundError as exc:
+        result = subprocess.CompletedProcess([], 1, "", str(exc))
+    if result.returncode != 0:
+        import pytest
+
+        why = f"unshare -m with a tmpfs mount is unavailable here: {result.stderr.strip()}"
+        required = ("SMIFDB_TEST_REQUIRE_NAMESPACES", "SMIFDB_TEST_REQUIRE_SMIF")
+        if any(os.environ.get(name) for name in required):  # CI runs these: a failure there
+            pytest.fail(why)
+        pytest.skip(why)
 
 
 class Runners:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from processes import PY, Runners, cli, wait_for
+from processes import PY, Runners, cli, hide, require_namespaces, wait_for
 
 from smifdb.store import modelruns
 
@@ -76,27 +76,6 @@ class Elsewhere(Runners):
 
     def home(self, name: str) -> Path:
         return self.tmp / "machines" / name
-
-
-def hide(folder: Path) -> list[str]:
-    """A command prefix: run the rest where ``folder`` is an empty tmpfs (checked empty)."""
-    script = 'mount -t tmpfs none "$1" && [ -z "$(ls -A "$1")" ] && shift && exec "$@"'
-    return ["unshare", "-m", "sh", "-c", script, "sh", str(folder)]
-
-
-def require_namespaces(tmp_path: Path) -> None:
-    probe = tmp_path / "probe"
-    probe.mkdir()
-    (probe / "seen").write_text("x")
-    try:
-        result = subprocess.run([*hide(probe), "true"], capture_output=True, text=True)
-    except FileNotFoundError as exc:
-        result = subprocess.CompletedProcess([], 1, "", str(exc))
-    if result.returncode != 0:
-        why = f"unshare -m with a tmpfs mount is unavailable here: {result.stderr.strip()}"
-        if os.environ.get("SMIFDB_TEST_REQUIRE_SMIF"):  # CI runs these: a failure there
-            pytest.fail(why)
-        pytest.skip(why)
 
 
 @pytest.fixture

@@ -216,7 +216,14 @@ def _dag(body: bytes) -> Dag:
     """Decode and validate a submitted spec: CPU-bound (~0.2 s for 1 MB), so run in cpu.heavy."""
     if not body.strip():
         raise ApiError(400, "a JSON body is required")
-    return parse(decode(body))  # a SpecError is a 400 listing every problem
+    dag = parse(decode(body))  # a SpecError is a 400 listing every problem
+    if dag.files:
+        raise ApiError(
+            400,
+            "'files' cannot be submitted over the API yet: it has no route to upload them; "
+            "submit this spec with `smifdb submit` (jobs' 'inputs' and 'outputs' are fine here)",
+        )
+    return dag
 
 
 async def workflow_submit(request: Request) -> JSONResponse:

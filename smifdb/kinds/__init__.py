@@ -89,7 +89,8 @@ def parse(
     payload = kind.parse(raw, where, problems)
     for name in sorted((owned or spec_fields()).intersection(raw) - kind.spec_fields):
         owners = " or ".join(repr(k.name) for k in KINDS.values() if name in k.spec_fields)
-        problems.append(f"{where}: {name!r} goes with {owners}, not {kind.name!r}")
+        why = getattr(kind, "refuses", {}).get(name, "")
+        problems.append(f"{where}: {name!r} goes with {owners}, not {kind.name!r}{why}")
     return None if payload is None or len(problems) > start else (kind.name, payload)
 
 

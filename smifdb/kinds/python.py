@@ -24,6 +24,12 @@ class Python:
     name = "python"
     # cwd and env are accepted (and stored) as ever, though a call in a thread uses neither.
     spec_fields = frozenset({"python", "args"}) | common.FIELDS
+    # Why other kinds' fields are not this one's, where a reason helps (kinds.parse).
+    refuses: ClassVar[dict[str, str]] = dict.fromkeys(
+        ("inputs", "outputs"),
+        ": a python job runs in the runner's own thread, with no folder of its own for files "
+        "(use a command job)",
+    )
     spec_schema: ClassVar[dict[str, Any]] = {
         "python": {"type": "string", "examples": ["smifdb.examples:noop"]},
         "args": {"type": "object"},

@@ -6,7 +6,7 @@ file goes: a workflow's own files, and its jobs' recorded outputs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import psycopg
 
@@ -56,6 +56,29 @@ def output(conn: psycopg.Connection, workflow_id: int, key: str, path: str) -> F
     """The recorded output ``path`` of job ``key``, if there is one."""
     row = conn.execute(_OUTPUT, [workflow_id, key, path]).fetchone()
     return FileEntry(*row) if row else None
+
+
+_KNOWN_KEYS = "SELECT key FROM jobs WHERE workflow_id = %s AND key = ANY(%s)"
+
+
+def unknown_keys(conn: psycopg.Connection, workflow_id: int, keys: Sequence[str]) -> list[str]:
+    """Which of these job keys the workflow has no job of, in the order given."""
+    known = {r[0] for r in conn.execute(_KNOWN_KEYS, [workflow_id, list(keys)])}
+    return [k for k in dict.fromkeys(keys) if k not in known]
+
+
+def iter_outputs(
+    conn: psycopg.Connection, workflow_id: int, keys: Sequence[str] | None = None, page: int = 1000
+) -> Iterator[tuple[str, FileEntry]]:
+    """Every recorded output of a workflow's jobs (those named, if given), a keyset page
+    per statement: no long transaction, memory of one page, however many there are."""
+    after = None
+    while True:
+        found = outputs_by_key(conn, workflow_id, keys, after=after, limit=page)
+        yield from found
+        if len(found) < page:
+            return
+        after = (found[-1][0], found[-1][1].path)
 
 
 def job_inputs(

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
+from itertools import groupby
+from pathlib import Path
 
 import psycopg
 
 from smifdb.spec import Dag
-from smifdb.store import READY_CHANNEL, notify
+from smifdb.store import READY_CHANNEL, blobs, notify
+from smifdb.store.blobs import FileEntry
 
 _INSERT_WORKFLOW = """
 INSERT INTO workflows (name, model_run, bundle, model_run_id, job_count, submitted_by)
@@ -41,10 +45,13 @@ def submit_dag(
     bundle: int | None = None,
     model_run_id: int | None = None,
     submitted_by: int | None = None,
+    files: Sequence[FileEntry] = (),
 ) -> int:
     """Write a validated DAG as one transaction, bulk-loaded with COPY; return the workflow id.
 
-    ``submitted_by`` is the API user's id (None from the CLI, which database roles govern)."""
+    ``submitted_by`` is the API user's id (None from the CLI, which database roles govern).
+    ``files``: the stored files of its spec's ``files:`` (put_files), named in the same
+    transaction."""
     parents: dict[str, int] = {}
     for _, child in dag.edges:
         parents[child] = parents.get(child, 0) + 1
@@ -95,7 +102,34 @@ def submit_dag(
             with cur.copy(_COPY_EVENTS) as copy:
                 for job, status in zip(dag.jobs, statuses, strict=True):
                     copy.write_row((workflow_id, key_to_id[job.key], status, actor, "submitted"))
+        blobs.add_workflow_files(conn, workflow_id, files)
         conn.execute(_INSERT_EVENT, (workflow_id, None, None, "pending", None, actor, "submitted"))
         if "ready" in statuses:
             notify(conn, READY_CHANNEL, workflow_id)
     return workflow_id
+
+
+def put_files(
+    conn: psycopg.Connection,
+    sources: Sequence[tuple[Path, str]],
+    *,
+    max_bytes: int = blobs.DEFAULT_MAX_FILE_BYTES,
+) -> list[FileEntry]:
+    """Store the files of a spec's ``files:`` (smifdb.spec.source_files: (folder, path under
+    it)), before the workflow is written: every size checked first (FileTooLarge lists those
+    over ``max_bytes``), then each blob a transaction of its own, a file stored
+    already only touched (prune's grace then covers it until submit_dag names it)."""
+    too_large = [
+        f"{root / rel} is {size:,} bytes"
+        for root, rel in sources
+        if (size := (root / rel).stat().st_size) > max_bytes
+    ]
+    if too_large:
+        raise blobs.FileTooLarge(
+            f"files over the limit of {max_bytes:,} bytes per file (raise it with "
+            f"--max-file-bytes or {blobs.MAX_FILE_BYTES_ENV}): {'; '.join(too_large[:20])}"
+        )
+    entries: list[FileEntry] = []
+    for root, group in groupby(sources, key=lambda s: s[0]):
+        entries += blobs.put_tree(conn, root, [rel for _, rel in group], max_bytes=max_bytes)
+    return entries

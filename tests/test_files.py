@@ -1,0 +1,408 @@
+"""Files for command jobs: a workflow's ``files:``, jobs' ``inputs:`` and ``outputs:``,
+through the blob store, run by real runners that cannot see the submitter's folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+import yaml
+from processes import PY, Runners, cli, hide, require_namespaces, wait_for
+
+from smifdb.store import queue, read
+
+ISSUE_SPEC = {
+    "name": "files",
+    "files": ["data"],
+    "jobs": [
+        {
+            "key": "a",
+            "command": "mkdir -p out && echo 21 > out/n.txt && cp data/in.txt out/copy.txt",
+            "outputs": ["out/*.txt"],
+        },
+        {
+            "key": "b",
+            "command": 'cat a/out/n.txt && cmp data/in.txt a/out/copy.txt && echo "dir=$SMIFDB_JOB_DIR"',
+            "after": ["a"],
+            "inputs": ["a"],
+        },
+    ],
+}
+
+
+class Machines(Runners):
+    """Runners each a machine of its own: its SMIFDB_HOME (cache, job folders)."""
+
+    prefix: tuple[str, ...] = ()
+
+    def start(self, *args: str, name: str | None = None) -> subprocess.Popen:
+        return super().start(*args, *(() if "--slots" in args else ("--slots", "1")), name=name)
+
+    def spawn(self, *args: str, log_name: str) -> subprocess.Popen:
+        log = open(self.tmp / f"{log_name}.log", "ab")  # noqa: SIM115 - closed with the process
+        proc = subprocess.Popen(
+            [*self.prefix, PY, "-m", "smifdb.cli", "--dsn", self.dsn, *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "SMIFDB_HOME": str(self.home(log_name))},
+        )
+        self.procs.append(proc)
+        return proc
+
+    def home(self, name: str) -> Path:
+        return self.tmp / "machines" / name
+
+
+class Hidden(Machines):
+    """Machines that cannot see ``hidden`` (the submitter's folder): each runner in a mount
+    namespace of its own with an empty tmpfs over it."""
+
+    def __init__(self, dsn: str, tmp: Path, hidden: Path) -> None:
+        super().__init__(dsn, tmp)
+        self.prefix = tuple(hide(hidden))
+
+
+@pytest.fixture
+def machines(dsn: str, tmp_path: Path) -> Iterator[Machines]:
+    r = Machines(dsn, tmp_path)
+    yield r
+    r.close()
+
+
+def write_spec(folder: Path, spec: dict, name: str = "spec.yaml") -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def submit(dsn: str, spec_file: Path, *args: str) -> int:
+    result = cli(dsn, "submit", str(spec_file), *args)
+    assert result.returncode == 0, result.stderr
+    return int(result.stdout.strip())
+
+
+def finish(conn: psycopg.Connection, wf: int, timeout: float = 60) -> str:
+    return wait_for(lambda: read.finished_status(conn, wf), timeout, f"workflow {wf}")
+
+
+def jobs(conn: psycopg.Connection, wf: int) -> dict[str, dict]:
+    cur = conn.cursor(row_factory=psycopg.rows.dict_row)
+    rows = cur.execute(
+        "SELECT id, key, status::text AS status, attempts, error, log_tail FROM jobs"
+        " WHERE workflow_id = %s",
+        [wf],
+    ).fetchall()
+    return {r["key"]: r for r in rows}
+
+
+def stored(conn: psycopg.Connection, wf: int) -> dict[str, dict[str, tuple[int, str, int]]]:
+    """Each job's recorded outputs: path -> (attempt, sha256, size)."""
+    found: dict[str, dict[str, tuple[int, str, int]]] = {}
+    for key, path, attempt, sha, size in conn.execute(
+        "SELECT j.key, o.path, o.attempt, encode(o.sha256, 'hex'), o.size FROM job_outputs o"
+        " JOIN jobs j ON j.id = o.job_id WHERE j.workflow_id = %s",
+        [wf],
+    ):
+        found.setdefault(key, {})[path] = (attempt, sha, size)
+    return found
+
+
+def workflow_count(conn: psycopg.Connection) -> int:
+    return conn.execute("SELECT count(*) FROM workflows").fetchone()[0]
+
+
+def incomplete_blobs(conn: psycopg.Connection) -> list:
+    """Blobs whose chunks are not all there (none may be, ever)."""
+    return conn.execute(
+        "SELECT encode(b.sha256, 'hex') FROM blobs b WHERE b.chunks <> ("
+        " SELECT count(*) FROM blob_chunks c WHERE c.sha256 = b.sha256)"
+        " OR b.size <> (SELECT coalesce(sum(length(c.data)), 0) FROM blob_chunks c"
+        " WHERE c.sha256 = b.sha256)"
+    ).fetchall()
+
+
+def tree(folder: Path) -> dict[str, bytes]:
+    return {
+        p.relative_to(folder).as_posix(): p.read_bytes() for p in folder.rglob("*") if p.is_file()
+    }
+
+
+# -- the issue's DAG, on a runner that cannot see the submitter's folder ---------------------
+
+
+def test_issue_dag_runs_where_the_submitters_folder_is_hidden(dsn, conn, tmp_path) -> None:
+    require_namespaces(tmp_path)
+    submitter = tmp_path / "submitter"
+    (submitter / "data" / "deep").mkdir(parents=True)
+    (submitter / "data" / "in.txt").write_bytes(os.urandom(3000))
+    (submitter / "data" / "deep" / "run.sh").write_text("#!/bin/sh\necho ran\n")
+    (submitter / "data" / "deep" / "run.sh").chmod(0o755)
+    wf = submit(dsn, write_spec(submitter, ISSUE_SPEC))
+    r = Hidden(dsn, tmp_path, submitter)
+    try:
+        r.start("--slots", "2", name="elsewhere")
+        assert finish(conn, wf) == "succeeded", r.output("elsewhere")
+    finally:
+        r.close()
+    rows = jobs(conn, wf)
+    assert rows["b"]["log_tail"].splitlines()[0] == "21"
+    folder = r.home("elsewhere") / "cache" / "work" / f"job-{rows['b']['id']}.1"
+    assert f"dir={folder}" in rows["b"]["log_tail"]
+    assert not folder.exists()  # the attempt's folder is removed after it
+    assert set(stored(conn, wf)) == {"a"}
+    assert sorted(stored(conn, wf)["a"]) == ["out/copy.txt", "out/n.txt"]
+
+    dest = tmp_path / "export"
+    result = cli(dsn, "outputs", str(wf), "--export", str(dest))
+    assert result.returncode == 0, result.stderr
+    assert tree(dest) == {
+        "a/out/n.txt": b"21\n",
+        "a/out/copy.txt": (submitter / "data" / "in.txt").read_bytes(),
+    }
+    listed = cli(dsn, "outputs", str(wf), "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows_listed = [json.loads(line) for line in listed.stdout.splitlines()]
+    assert [(x["job"], x["path"], x["size"]) for x in rows_listed] == [
+        ("a", "out/copy.txt", 3000),
+        ("a", "out/n.txt", 3),
+    ]
+
+
+def test_workflow_files_keep_their_paths_and_exec_bits(dsn, conn, machines, tmp_path) -> None:
+    """A folder keeps its path under the spec's folder, a file outside it is its basename,
+    and the executable bit travels."""
+    outside = tmp_path / "elsewhere" / "tool.sh"
+    outside.parent.mkdir()
+    outside.write_text("#!/bin/sh\necho tool\n")
+    outside.chmod(0o755)
+    folder = tmp_path / "spec"
+    (folder / "data" / "sub").mkdir(parents=True)
+    (folder / "data" / "sub" / "x.txt").write_text("x")
+    (folder / "top.txt").write_text("top")
+    spec = {
+        "files": ["data", str(outside), "top.txt"],
+        "jobs": [
+            {
+                "key": "j",
+                "command": "./tool.sh && cat data/sub/x.txt top.txt && test ! -e spec.yaml",
+                "cwd": ".",
+            }
+        ],
+    }
+    wf = submit(dsn, write_spec(folder, spec))
+    machines.start()
+    assert finish(conn, wf) == "succeeded", jobs(conn, wf)["j"]
+    assert jobs(conn, wf)["j"]["log_tail"] == "tool\nxtop"
+
+
+# -- bad input: exit 2 naming it, nothing written --------------------------------------------
+
+
+def _bad(tmp_path: Path, spec: dict) -> Path:
+    folder = tmp_path / "bad"
+    (folder / "data").mkdir(parents=True, exist_ok=True)
+    (folder / "data" / "f.txt").write_text("f")
+    return write_spec(folder, spec)
+
+
+BAD = {
+    "a missing files: path": (
+        {"files": ["data", "nope"], "jobs": [{"key": "a", "command": "true"}]},
+        "files: nope does not exist",
+    ),
+    "a glob with '..'": (
+        {"jobs": [{"key": "a", "command": "true", "outputs": ["out/../../x"]}]},
+        "outputs[0]: the glob 'out/../../x' leaves the job's folder ('..')",
+    ),
+    "an absolute output glob": (
+        {"jobs": [{"key": "a", "command": "true", "outputs": [{"glob": "/etc/*"}]}]},
+        "outputs[0]: the glob '/etc/*' is absolute",
+    ),
+    "an unknown input key": (
+        {"jobs": [{"key": "a", "command": "true", "inputs": ["zz"]}]},
+        "job 'a' takes the outputs of unknown job 'zz'",
+    ),
+    "a python job with outputs": (
+        {"jobs": [{"key": "a", "python": "smifdb.examples:noop", "outputs": ["x"]}]},
+        "'outputs' goes with 'command', not 'python': a python job runs in the runner's own",
+    ),
+    "an absolute cwd in a private folder": (
+        {"files": ["data"], "jobs": [{"key": "a", "command": "true", "cwd": "/tmp"}]},
+        "'cwd' '/tmp' is absolute: give a path relative to the job's private folder",
+    ),
+    "files that collide": (
+        {"files": ["data", "data/f.txt"], "jobs": [{"key": "a", "command": "true"}]},
+        "would both be data/f.txt",
+    ),
+    "an input landing on the files": (
+        {
+            "files": ["data"],
+            "jobs": [
+                {"key": "data", "command": "true", "outputs": ["x"]},
+                {"key": "b", "command": "true", "inputs": ["data"]},
+            ],
+        },
+        "the outputs of input 'data' would land in ./data/",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_files_input_is_refused_before_anything_is_written(dsn, conn, tmp_path, case) -> None:
+    spec, message = BAD[case]
+    result = cli(dsn, "submit", str(_bad(tmp_path, spec)))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert workflow_count(conn) == 0
+    assert conn.execute("SELECT count(*) FROM blobs").fetchone()[0] == 0
+
+
+def test_a_file_over_the_limit_is_exit_2_and_nothing_is_written(dsn, conn, tmp_path) -> None:
+    path = _bad(tmp_path, {"files": ["data"], "jobs": [{"key": "a", "command": "true"}]})
+    (path.parent / "data" / "big.bin").write_bytes(b"x" * 5000)
+    result = cli(dsn, "submit", str(path), "--max-file-bytes", "4K")
+    assert result.returncode == 2, result.stderr
+    assert "big.bin is 5,000 bytes" in result.stderr and "--max-file-bytes" in result.stderr
+    result = cli(dsn, "submit", str(path), env={**os.environ, "SMIFDB_MAX_FILE_BYTES": "4096"})
+    assert result.returncode == 2 and "big.bin is 5,000 bytes" in result.stderr
+    assert workflow_count(conn) == 0
+    assert conn.execute("SELECT count(*) FROM blobs").fetchone()[0] == 0
+
+
+def test_outputs_are_refused_at_collection(dsn, conn, machines, tmp_path) -> None:
+    """A symlink out of the folder and a glob matching nothing fail the attempt, with nothing
+    recorded; an optional glob matching nothing succeeds."""
+    secret = tmp_path / "secret.txt"
+    secret.write_text("secret")
+    spec = {
+        "jobs": [
+            {
+                "key": "link",
+                "command": f"mkdir out && echo ok > out/ok.txt && ln -s {secret} out/s.txt",
+                "outputs": ["out/*"],
+            },
+            {"key": "none", "command": "echo ok > ok.txt", "outputs": ["ok.txt", "out/*.csv"]},
+            {
+                "key": "optional",
+                "command": "echo ok > ok.txt",
+                "outputs": ["ok.txt", {"glob": "out/*.csv", "optional": True}],
+            },
+        ]
+    }
+    wf = submit(dsn, write_spec(tmp_path / "spec", spec))
+    machines.start("--slots", "3")
+    assert finish(conn, wf) == "failed"
+    rows = jobs(conn, wf)
+    assert rows["link"]["status"] == "failed"
+    assert (
+        f"output out/s.txt points outside the job's folder (to {secret})" in rows["link"]["error"]
+    )
+    assert rows["none"]["status"] == "failed"
+    assert "output 'out/*.csv' matched no file in the job's folder" in rows["none"]["error"]
+    assert rows["optional"]["status"] == "succeeded"
+    assert stored(conn, wf) == {
+        "optional": {"ok.txt": (1, stored(conn, wf)["optional"]["ok.txt"][1], 3)}
+    }
+
+
+# -- fencing --------------------------------------------------------------------------------
+
+
+def test_a_stale_attempts_outputs_are_never_recorded(dsn, conn, machines, tmp_path) -> None:
+    spec = {"jobs": [{"key": "a", "command": "echo real > o.txt", "outputs": ["o.txt"]}]}
+    wf = submit(dsn, write_spec(tmp_path / "spec", spec))
+    machines.start()
+    assert finish(conn, wf) == "succeeded"
+    before = stored(conn, wf)
+    job = jobs(conn, wf)["a"]
+    sha = before["a"]["o.txt"][1]
+    fake = [{"path": "forged.txt", "sha256": sha, "size": 5, "mode": 0o644}]
+    for attempt, owner in ((1, "someone-else"), (2, "r0"), (0, "r0")):
+        outcome = queue.Outcome(
+            job_id=job["id"],
+            workflow_id=wf,
+            attempt=attempt,
+            owner=owner,
+            status="succeeded",
+            outputs=fake,
+        )
+        queue.finish(conn, "test", [outcome])
+    assert stored(conn, wf) == before
+    assert jobs(conn, wf)["a"]["status"] == "succeeded"
+
+
+# -- a runner killed while it moves files ---------------------------------------------------
+
+
+def _data_query(conn: psycopg.Connection, pattern: str) -> bool:
+    """Is a runner's data connection running a statement like ``pattern`` now?"""
+    return bool(
+        conn.execute(
+            "SELECT 1 FROM pg_stat_activity WHERE application_name = 'smifdb runner data'"
+            " AND state = 'active' AND query ILIKE %s",
+            [pattern],
+        ).fetchone()
+    )
+
+
+def test_sigkill_while_uploading_a_big_output(dsn, conn, machines, tmp_path) -> None:
+    """The rescued job succeeds; its outputs are the recorded attempt's, each blob whole."""
+    spec = {
+        "jobs": [
+            {
+                "key": "big",
+                "command": "mkdir out && head -c 200000000 /dev/urandom > out/big.bin"
+                " && echo $SMIFDB_JOB_DIR > out/who.txt",
+                "outputs": ["out"],
+                "max_attempts": 1,
+            }
+        ]
+    }
+    wf = submit(dsn, write_spec(tmp_path / "spec", spec))
+    first = machines.start(name="first")
+    wait_for(lambda: _data_query(conn, "%COPY%blob_chunks%"), 60, "the upload")
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    machines.start(name="rescuer")
+    assert finish(conn, wf, timeout=120) == "succeeded", machines.output("rescuer")
+    job = jobs(conn, wf)["big"]
+    assert job["attempts"] == 2  # a lost runner's attempt does not count against max_attempts
+    outputs = stored(conn, wf)["big"]
+    assert sorted(outputs) == ["out/big.bin", "out/who.txt"]
+    assert {attempt for attempt, _, _ in outputs.values()} == {job["attempts"]}
+    assert outputs["out/big.bin"][2] == 200_000_000
+    assert incomplete_blobs(conn) == []
+    dest = tmp_path / "export"
+    assert cli(dsn, "outputs", str(wf), "--export", str(dest)).returncode == 0
+    assert "rescuer" in (dest / "big" / "out" / "who.txt").read_text()
+
+
+def test_sigkill_while_materialising_a_big_input(dsn, conn, machines, tmp_path) -> None:
+    folder = tmp_path / "spec"
+    (folder / "data").mkdir(parents=True)
+    with open(folder / "data" / "big.bin", "wb") as f:
+        f.write(os.urandom(1 << 20) * 200)
+    spec = {
+        "files": ["data"],
+        "jobs": [
+            {"key": "use", "command": "cmp -s data/big.bin data/big.bin && wc -c < data/big.bin"}
+        ],
+    }
+    wf = submit(dsn, write_spec(folder, spec))
+    first = machines.start(name="first")
+    wait_for(lambda: _data_query(conn, "%blob_chunks%"), 60, "the download")
+    time.sleep(0.3)
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    machines.start(name="rescuer")
+    assert finish(conn, wf, timeout=120) == "succeeded", machines.output("rescuer")
+    assert jobs(conn, wf)["use"]["log_tail"].strip() == str(200 << 20)
+    assert incomplete_blobs(conn) == []
