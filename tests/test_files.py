@@ -10,6 +10,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import psycopg
 import pytest
@@ -404,3 +405,185 @@ def test_sigkill_while_materialising_a_big_input(dsn, conn, machines, tmp_path) 
     assert finish(conn, wf, timeout=120) == "succeeded", machines.output("rescuer")
     assert jobs(conn, wf)["use"]["log_tail"].strip() == str(200 << 20)
     assert incomplete_blobs(conn) == []
+
+
+# -- the API --------------------------------------------------------------------------------
+
+
+def _api_error(response, status: int) -> str:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"].startswith("application/json")
+    return response.json()["error"]["message"]
+
+
+def test_api_lists_pages_and_streams_outputs(dsn, conn, machines, tmp_path) -> None:
+    """A viewer reads a job's outputs: keyset pages with a Link, each file an attachment
+    with its sha256 as ETag, never rendered; unknown ones are JSON 404s; no token is 401."""
+    import credentials
+
+    from smifdb.api import create_app
+
+    html = b"<html><script>alert(1)</script></html>"
+    spec = {
+        "jobs": [
+            {
+                "key": "a",
+                "command": "mkdir out && echo 1 > out/1.txt && echo 2 > out/2.txt"
+                f" && printf '%s' '{html.decode()}' > out/page.html",
+                "outputs": ["out"],
+            }
+        ]
+    }
+    wf = submit(dsn, write_spec(tmp_path / "spec", spec))
+    machines.start()
+    assert finish(conn, wf) == "succeeded", jobs(conn, wf)["a"]
+    app = create_app(dsn)
+    viewer = credentials.user_token(dsn, "vic", role="viewer")
+    runner = credentials.user_token(dsn, "node", role="runner")
+    base = f"/api/v1/workflows/{wf}/jobs/a/outputs"
+    with credentials.client(app, viewer) as client:
+        first = client.get(f"{base}?limit=2")
+        assert first.status_code == 200, first.text
+        page = first.json()
+        assert [f["path"] for f in page["data"]] == ["out/1.txt", "out/2.txt"]
+        assert page["next"] and 'rel="next"' in first.headers["link"]
+        second = client.get(f"{base}?limit=2&cursor={page['next']}").json()
+        assert [f["path"] for f in second["data"]] == ["out/page.html"]
+        assert second["next"] is None
+        row = second["data"][0]
+        assert row["size"] == len(html) and row["job"] == "a" and len(row["sha256"]) == 64
+        url = urlsplit(row["url"]).path
+        assert url == f"{base}/out/page.html"
+        got = client.get(url)
+        assert got.status_code == 200 and got.content == html
+        assert got.headers["content-type"] == "application/octet-stream"
+        assert got.headers["x-content-type-options"] == "nosniff"
+        assert got.headers["content-disposition"].startswith('attachment; filename="page.html"')
+        assert got.headers["content-length"] == str(len(html))
+        assert got.headers["etag"] == f'"{row["sha256"]}"'
+        assert client.get(url, headers={"If-None-Match": got.headers["etag"]}).status_code == 304
+
+        assert "has no job 'zz'" in _api_error(
+            client.get(f"/api/v1/workflows/{wf}/jobs/zz/outputs"), 404
+        )
+        assert "no workflow 999" in _api_error(
+            client.get("/api/v1/workflows/999/jobs/a/outputs"), 404
+        )
+        for path in ("out/none.txt", "out/%2e%2e/out/1.txt", "%2e%2e/x"):
+            assert "has no output" in _api_error(client.get(f"{base}/{path}"), 404)
+        other = client.get(f"/api/v1/workflows/{wf}/jobs?cursor={page['next']}")
+        assert other.status_code == 400
+        # files: over HTTP is refused (no upload route), inputs/outputs are not.
+        refused = client.post("/api/v1/workflows/", json={"files": ["data"], **spec})
+        assert refused.status_code == 403  # a viewer submits nothing, whatever the spec
+    operator = credentials.user_token(dsn, "olive", role="operator")
+    with credentials.client(app, operator) as client:
+        refused = client.post("/api/v1/workflows/", json={"files": ["data"], **spec})
+        assert "'files' cannot be submitted over the API" in _api_error(refused, 400)
+        assert client.post("/api/v1/workflows/", json=spec).status_code == 201
+    with credentials.client(app) as anonymous:
+        assert anonymous.get(base).status_code == 401
+        assert anonymous.get(url).status_code == 401
+    with credentials.client(app, runner) as client:
+        assert client.get(base).status_code == 403
+        assert client.get(url).status_code == 403
+
+
+# -- the cache and the blob store -----------------------------------------------------------
+
+
+def blob_bytes(conn: psycopg.Connection) -> int:
+    return conn.execute("SELECT coalesce(sum(length(data)), 0) FROM blob_chunks").fetchone()[0]
+
+
+def test_two_workflows_sharing_an_input_store_it_once(dsn, conn, tmp_path) -> None:
+    folder = tmp_path / "spec"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "big.bin").write_bytes(os.urandom(50 << 20))
+    spec = {"files": ["data"], "jobs": [{"key": "a", "command": "true"}]}
+    first = submit(dsn, write_spec(folder, spec))
+    assert blob_bytes(conn) == 50 << 20
+    other = tmp_path / "other"
+    (other / "inputs").mkdir(parents=True)
+    os.link(folder / "data" / "big.bin", other / "inputs" / "same.bin")
+    second = submit(dsn, write_spec(other, {**spec, "files": ["inputs"]}))
+    assert blob_bytes(conn) == 50 << 20
+    assert conn.execute("SELECT count(*) FROM blobs").fetchone()[0] == 1
+    named = conn.execute(
+        "SELECT workflow_id, path FROM workflow_files ORDER BY workflow_id"
+    ).fetchall()
+    assert named == [(first, "data/big.bin"), (second, "inputs/same.bin")]
+
+
+def _cache_objects(home: Path) -> list[Path]:
+    return sorted(p for p in (home / "cache" / "objects").rglob("*") if p.is_file())
+
+
+def test_a_file_many_jobs_need_is_fetched_once_per_machine(dsn, conn, machines, tmp_path) -> None:
+    """Every job's folder links one cached object: same inode, fetched once."""
+    folder = tmp_path / "spec"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "in.bin").write_bytes(os.urandom(1 << 20))
+    spec = {
+        "files": ["data"],
+        "jobs": [{"key": f"j{i}", "command": "stat -c %i data/in.bin"} for i in range(6)],
+    }
+    wf = submit(dsn, write_spec(folder, spec))
+    machines.start("--slots", "3", name="m")
+    assert finish(conn, wf) == "succeeded"
+    inodes = {row["log_tail"].strip() for row in jobs(conn, wf).values()}
+    objects = _cache_objects(machines.home("m"))
+    assert len(objects) == 1 and inodes == {str(objects[0].stat().st_ino)}
+
+
+def test_a_cache_over_its_cap_evicts_the_least_recently_used(dsn, conn, machines, tmp_path) -> None:
+    runner = None
+    shas = []
+    for name in ("first", "second"):
+        folder = tmp_path / name
+        (folder / "data").mkdir(parents=True)
+        (folder / "data" / "in.bin").write_bytes(os.urandom(700 << 10))
+        spec = {"files": ["data"], "jobs": [{"key": "a", "command": "cat data/in.bin >/dev/null"}]}
+        wf = submit(dsn, write_spec(folder, spec))
+        runner = runner or machines.start("--cache-max-bytes", "1M", name="m")
+        assert finish(conn, wf) == "succeeded"
+        shas.append(
+            conn.execute(
+                "SELECT encode(sha256, 'hex') FROM workflow_files WHERE workflow_id = %s", [wf]
+            ).fetchone()[0]
+        )
+    assert [p.name for p in _cache_objects(machines.home("m"))] == [shas[1]]
+
+
+def test_a_full_cache_disk_fails_the_attempt_and_keeps_the_cache_sound(
+    dsn, conn, machines, tmp_path
+) -> None:
+    """A 1 MiB tmpfs as --cache-dir and a 5 MiB input: the attempt fails, saying so; the
+    cache holds no temporary file, and a job whose input fits runs there after."""
+    cache = tmp_path / "tiny"
+    cache.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "none", str(cache)])
+    if mounted.returncode != 0:
+        if os.environ.get("SMIFDB_TEST_REQUIRE_NAMESPACES"):
+            pytest.fail("cannot mount a tmpfs (CI runs as root)")
+        pytest.skip("mounting a tmpfs needs root")
+    try:
+        big, small = tmp_path / "big", tmp_path / "small"
+        for folder, size in ((big, 5 << 20), (small, 1000)):
+            (folder / "data").mkdir(parents=True)
+            (folder / "data" / "in.bin").write_bytes(os.urandom(size))
+        job = {"key": "a", "command": "wc -c < data/in.bin"}
+        wf = submit(dsn, write_spec(big, {"files": ["data"], "jobs": [job]}))
+        machines.start("--cache-dir", str(cache), name="m")
+        assert finish(conn, wf) == "failed"
+        error = jobs(conn, wf)["a"]["error"]
+        assert "in the runner's cache" in error and "no space left on the device" in error
+        assert [p for p in cache.rglob("*") if p.is_file()] == []
+        wf = submit(dsn, write_spec(small, {"files": ["data"], "jobs": [job]}))
+        assert finish(conn, wf) == "succeeded"
+        assert jobs(conn, wf)["a"]["log_tail"].strip() == "1000"
+        leftovers = [p.name for p in cache.rglob("*") if p.is_file() and p.name.startswith(".")]
+        assert leftovers == []
+    finally:
+        machines.close()
+        subprocess.run(["umount", "-l", str(cache)])

@@ -23,6 +23,16 @@ from smifdb.store import blobs, jobfiles
 from smifdb.store.blobs import FileEntry
 
 
+def public_base(request: Request) -> str:
+    """The base of the URLs this server hands out: its public URL, or its address as it
+    listens (never the Host header, which a client chooses)."""
+    if public := request.app.state.security.public_url:
+        return public
+    host, port = request.scope.get("server") or ("127.0.0.1", 80)
+    host = f"[{host}]" if ":" in host else host
+    return f"{request.url.scheme}://{host}:{port}"
+
+
 def _row(key: str, entry: FileEntry, url: str) -> dict[str, Any]:
     return {"job": key, "path": entry.path, "size": entry.size, "sha256": entry.sha256, "url": url}
 

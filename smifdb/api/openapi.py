@@ -213,6 +213,28 @@ PATHS: dict[str, dict[str, dict]] = {
             errors=(400, 404),
         )
     },
+    "/api/v1/workflows/{workflow_id}/jobs/{key}/outputs": {
+        "get": _op(
+            "a page of a job's stored outputs (job, path, size, sha256), each with its "
+            "download URL, in path order",
+            tag=V1,
+            params=[WORKFLOW_ID, _path("key", {"type": "string"}, "the job's key"), *PAGE],
+            errors=(400, 404),
+        )
+    },
+    "/api/v1/workflows/{workflow_id}/jobs/{key}/outputs/{path}": {
+        "get": _op(
+            "one stored output of a job, streamed as an attachment (ETag: its sha256)",
+            tag=V1,
+            params=[
+                WORKFLOW_ID,
+                _path("key", {"type": "string"}, "the job's key"),
+                _path("path", {"type": "string"}, "the file's path, as listed"),
+            ],
+            ok=(200, "the file's bytes (application/octet-stream)"),
+            errors=(404,),
+        )
+    },
     "/api/v1/workflows/{workflow_id}/cancel": {
         "post": _op("cancel a workflow", tag=V1, params=[WORKFLOW_ID], errors=(404, 409))
     },

@@ -9,19 +9,20 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any, TypeVar
+from urllib.parse import quote
 
 import psycopg
 from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from smifdb import store
-from smifdb.api import cpu, paging
+from smifdb.api import cpu, downloads, paging
 from smifdb.api.errors import ApiError, decode, read_body, read_json
 from smifdb.api.pool import in_db
 from smifdb.manager import submit_model_run
 from smifdb.spec import Dag, parse
-from smifdb.store import control, modelruns, read
+from smifdb.store import control, jobfiles, modelruns, read
 from smifdb.store import runners as runner_rows
 from smifdb.store.submit import submit_dag
 
@@ -261,6 +262,33 @@ async def workflow_jobs(request: Request) -> JSONResponse:
     return await paged(request, f"workflow {workflow_id} jobs", "id", jobs)
 
 
+def _workflow_job(conn: psycopg.Connection, workflow_id: int, key: str) -> None:
+    _workflow(conn, workflow_id)
+    if jobfiles.unknown_keys(conn, workflow_id, [key]):
+        raise ApiError(404, f"workflow {workflow_id} has no job {key[:200]!r}")
+
+
+async def job_outputs(request: Request) -> Response:
+    """A page of a job's stored outputs, in path order, each with its download URL."""
+    workflow_id, key = ident(request, "workflow_id"), request.path_params["key"]
+    await in_db(request, _workflow_job, workflow_id, key)
+    base = f"{downloads.public_base(request).rstrip('/')}/api/v1/workflows/{workflow_id}/jobs"
+
+    def url(job: str, path: str) -> str:
+        return f"{base}/{quote(job, safe='')}/outputs/{quote(path)}"
+
+    return await downloads.outputs_page(
+        request, workflow_id, [key], url, lambda rows: {"data": rows, "error": {}}
+    )
+
+
+async def job_output(request: Request) -> Response:
+    """One stored output of a job, streamed as an attachment (ETag: its sha256)."""
+    workflow_id, key = ident(request, "workflow_id"), request.path_params["key"]
+    await in_db(request, _workflow_job, workflow_id, key)
+    return await downloads.output_file(request, workflow_id, key, request.path_params["path"])
+
+
 async def workflow_cancel(request: Request) -> JSONResponse:
     workflow_id = ident(request, "workflow_id")
 
@@ -330,6 +358,8 @@ ROUTES = [
     Route("/api/v1/workflows/", workflow_submit, methods=["POST"]),
     Route("/api/v1/workflows/{workflow_id:int}", workflow_get),
     Route("/api/v1/workflows/{workflow_id:int}/jobs", workflow_jobs),
+    Route("/api/v1/workflows/{workflow_id:int}/jobs/{key}/outputs", job_outputs),
+    Route("/api/v1/workflows/{workflow_id:int}/jobs/{key}/outputs/{path:path}", job_output),
     Route("/api/v1/workflows/{workflow_id:int}/cancel", workflow_cancel, methods=["POST"]),
     Route("/api/v1/jobs/{job_id:int}", job_get),
     Route("/api/v1/jobs/{job_id:int}/result", job_result),
