@@ -13,6 +13,7 @@ Python set, so even two serial `smif run`s differ in row order without it.
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import os
 import shutil
 import signal
@@ -503,3 +504,35 @@ def test_bad_export_and_snapshot_input_exit_2(sample, tmp_path, dsn, conn, procs
     assert link.returncode == 2 and "symbolic link out of the project" in link.stderr
     assert "Traceback" not in link.stderr + in_process.stderr + not_empty.stderr
     assert conn.execute("SELECT count(*) FROM model_runs").fetchone() == before
+
+
+def test_a_runner_cache_under_its_cap_drops_the_older_project(
+    sample, tmp_path, dsn, conn, procs
+) -> None:
+    """Two model runs' projects do not fit under --cache-max-bytes together: the first one's
+    folder, and the objects only it linked, go when the second's is made; the second's, in use
+    by its jobs, stays (though it alone fills the cap) and its run completes."""
+    bigs = {}
+    for name in ("first", "second"):
+        folder = project(sample, tmp_path, name)
+        data = os.urandom(4 << 20)
+        (folder / "data" / "big.bin").write_bytes(data)
+        bigs[name] = (folder, hashlib.sha256(data).hexdigest())
+    cache = tmp_path / "home" / "cache"
+    procs.start("--slots", "2", "--cache-max-bytes", "5M", name="r1")
+    procs.manager(name="manager")
+
+    def projects() -> list[str]:
+        return sorted(p.name.split("-")[0] for p in (cache / "projects").glob("[!.]*"))
+
+    def has(sha256: str) -> bool:
+        return (cache / "objects" / sha256[:2] / sha256).exists()
+
+    one = submit(dsn, bigs["first"][0], "energy_water_cp_cr")
+    assert wait_model_run(conn, one) == "succeeded"
+    assert projects() == [str(one)] and has(bigs["first"][1])
+    two = submit(dsn, bigs["second"][0], "energy_water_cp_cr")
+    assert wait_model_run(conn, two) == "succeeded"
+    assert projects() == [str(two)]
+    assert not has(bigs["first"][1]) and has(bigs["second"][1])
+    assert not list((cache / "projects").glob(".*-*")), "a folder set aside was left"
