@@ -2,8 +2,9 @@
 that needs nothing of the submitter's folder.
 
 ``prepare`` materialises the model run's snapshot once per machine into the runner's cache
-(``CACHE/projects/<model run>-<digest>/``, built beside and renamed into place whole), then
-makes the attempt's own folder: its top-level entries (config, data, models, …) are symbolic
+(``CACHE/projects/<model run>-<digest>/``, built beside and renamed into place whole; held
+against the cache's eviction until the attempt ends, see smifdb.cache), then makes the
+attempt's own folder: its top-level entries (config, data, models, …) are symbolic
 links into that copy, and its ``results/`` holds every stored result of the model run so far.
 Results in the folder this job writes (its model and decision iteration) are copies; the others
 are hard links into the cache, which the job only reads. Every placed file carries the cache's
