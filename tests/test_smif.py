@@ -372,6 +372,22 @@ def test_energy_water_cp_cr_runs_where_the_project_folder_is_not(
         [model_run_id],
     ).fetchone()[0]
     assert kinds == ["smif"]
+    # Each job's outputs are what it wrote (its model and decision iteration), stored once:
+    # never the results of others or of its own earlier timesteps it was given to read.
+    outputs = conn.execute(
+        "SELECT j.model, j.decision, o.path FROM job_outputs o JOIN jobs j ON j.id = o.job_id"
+        " JOIN workflows w ON w.id = j.workflow_id WHERE w.model_run_id = %s",
+        [model_run_id],
+    ).fetchall()
+    assert len(outputs) == len({path for _, _, path in outputs}) == 18  # and 3 decision states
+    states = conn.execute(
+        "SELECT count(*) FROM model_run_files WHERE model_run_id = %s AND path LIKE 'results/%%'",
+        [model_run_id],
+    ).fetchone()[0]
+    assert states == 3
+    for model, decision, path in outputs:
+        iteration = "none" if decision is None else decision
+        assert path.startswith(f"results/energy_water_cp_cr/{model}/decision_{iteration}/")
     dest = export(dsn, model_run_id, tmp_path / "export")
     assert assert_same_results(expected / "results", dest) == 21
     assert tree(folder) == before, "the submitter's folder was written"
