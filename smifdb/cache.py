@@ -46,6 +46,7 @@ PRISTINE_MTIME_NS = 1_000_000_000 * 1_000_000_000  # 2001-09-09, before any job 
 DEFAULT_MAX_BYTES = 20 << 30
 FOLDERS = "projects"
 FOLDER_LOCK = ".lock"  # in each folder: LOCK_SH while an attempt uses it
+RESCAN_SECONDS = 60.0  # over the cap with all in use: rescan at most this often unless it changes
 
 Fetch = Callable[[str, Path, int], None]  # (sha256, destination, mode): one verified blob
 
@@ -60,6 +61,7 @@ class CacheError(errors.Error):
 class _Usage:
     bytes: int = 0
     scanned: bool = False
+    stuck: tuple[int, float] | None = None  # (bytes, when): eviction ended over the cap
 
 
 class Cache:
@@ -217,7 +219,7 @@ class Cache:
             if not self._usage.scanned:
                 self._usage.bytes = self._measure(self._scan(), self._scan_folders())
                 self._usage.scanned = True
-            if self._usage.bytes <= self.max_bytes:
+            if self._usage.bytes <= self.max_bytes or self._stuck():
                 return 0
             objects, folders = self._scan(), self._scan_folders()
             total = self._measure(objects, folders)
@@ -257,7 +259,18 @@ class Cache:
                                 if obj.path.stat().st_nlink == 1:  # no job's folder links it
                                     heapq.heappush(queue, (obj.used_ns, 1, str(obj.path), obj))
             self._usage.bytes = total - freed
+            over = self._usage.bytes > self.max_bytes
+            self._usage.stuck = (self._usage.bytes, time.monotonic()) if over else None
             return freed
+
+    def _stuck(self) -> bool:
+        """Did the last eviction end over the cap, everything left in use, with nothing fetched
+        since, not long ago? Then a scan (a walk of every folder) would most likely find nothing
+        to remove: what is released meanwhile goes at the next fetch, or after RESCAN_SECONDS."""
+        stuck = self._usage.stuck
+        if stuck is None or stuck[0] != self._usage.bytes:
+            return False
+        return time.monotonic() - stuck[1] < RESCAN_SECONDS  # others' folders may be free now
 
     @staticmethod
     def _measure(objects: list[_Object], folders: list[_Folder]) -> int:

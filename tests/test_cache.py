@@ -79,9 +79,14 @@ def test_eviction_removes_the_least_recently_used_folder_not_one_in_use(tmp_path
     finally:
         holder.kill()
         holder.wait()
-    # Once its last user ended (here: was SIGKILLed, so the kernel dropped its lock) it goes.
-    assert cache.evict() == 3 * MB
+    # Nothing fetched since it ended over the cap: no rescan (a walk of every folder) yet.
+    assert cache.evict() == 0
+    # Once its last user ended (here: was SIGKILLed, so the kernel dropped its lock), the next
+    # fetch makes room: the folder goes, with its object; what was just fetched stays.
+    third, third_data = blob(tmp_path, "third.bin", MB // 2)
+    cache.ensure([third], fetcher({third.sha256: third_data}))
     assert not b.exists() and not cache.path(new).exists()
+    assert cache.path(third).exists()
 
 
 def test_an_object_linked_from_a_folder_is_kept_and_pinned_objects_stay(tmp_path) -> None:
