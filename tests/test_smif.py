@@ -525,9 +525,9 @@ def test_bad_export_and_snapshot_input_exit_2(sample, tmp_path, dsn, conn, procs
 def test_a_runner_cache_under_its_cap_drops_the_older_project(
     sample, tmp_path, dsn, conn, procs
 ) -> None:
-    """Two model runs' projects do not fit under --cache-max-bytes together: the first one's
-    folder, and the objects only it linked, go when the second's is made; the second's, in use
-    by its jobs, stays (though it alone fills the cap) and its run completes."""
+    """Projects of 4.5 MB under --cache-max-bytes 4M: the first one's folder, and the objects
+    only it linked, go when the second's is made; the second's, held by each job that uses
+    it, stays though it alone exceeds the cap, and its run completes."""
     bigs = {}
     for name in ("first", "second"):
         folder = project(sample, tmp_path, name)
@@ -535,7 +535,7 @@ def test_a_runner_cache_under_its_cap_drops_the_older_project(
         (folder / "data" / "big.bin").write_bytes(data)
         bigs[name] = (folder, hashlib.sha256(data).hexdigest())
     cache = tmp_path / "home" / "cache"
-    procs.start("--slots", "2", "--cache-max-bytes", "5M", name="r1")
+    procs.start("--slots", "2", "--cache-max-bytes", "4M", name="r1")  # < one project
     procs.manager(name="manager")
 
     def projects() -> list[str]:
