@@ -152,6 +152,7 @@ class Attempt:
     process: subprocess.Popen | None = None
     files: JobFiles | None = None  # the runner's data plane: cache, data connections
     folder: Path | None = None  # the attempt's private folder, if its kind made one
+    held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # closed at its end
     _lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property

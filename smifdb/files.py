@@ -8,6 +8,7 @@ the runner's claim and heartbeat connections: a runner whose jobs have no files 
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -89,17 +90,21 @@ class JobFiles:
 
     def fetch(self, entries: Iterable[FileEntry]) -> None:
         """Every entry in the cache, each blob downloaded at most once per machine."""
+        with self.holding(entries):
+            pass
 
-        def download(sha256: str, dest: Path, mode: int) -> None:
-            self.with_conn(lambda conn: blobs.get_file(conn, sha256, dest, mode=mode))
+    def holding(self, entries: Iterable[FileEntry]) -> contextlib.AbstractContextManager[None]:
+        """``fetch``, and keep this runner's cache evictions off them until the block ends."""
+        return self.cache.holding(entries, self._download)
 
-        self.cache.ensure(entries, download)
+    def _download(self, sha256: str, dest: Path, mode: int) -> None:
+        self.with_conn(lambda conn: blobs.get_file(conn, sha256, dest, mode=mode))
 
     def materialise(self, placed: Sequence[tuple[str, FileEntry]], folder: Path) -> None:
         """Fetch (folder under ``folder``, file) pairs and link them into place."""
-        self.fetch(entry for _, entry in placed)
-        for under, entry in placed:
-            self.cache.materialise([entry], folder, under)
+        with self.holding(entry for _, entry in placed):
+            for under, entry in placed:
+                self.cache.materialise([entry], folder, under)
 
     # -- outputs ----------------------------------------------------------------------------
 

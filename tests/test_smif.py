@@ -13,6 +13,7 @@ Python set, so even two serial `smif run`s differ in row order without it.
 from __future__ import annotations
 
 import filecmp
+import hashlib
 import os
 import shutil
 import signal
@@ -350,6 +351,22 @@ def test_energy_water_cp_cr_runs_where_the_project_folder_is_not(
         [model_run_id],
     ).fetchone()[0]
     assert kinds == ["smif"]
+    # Each job's outputs are what it wrote (its model and decision iteration), stored once:
+    # never the results of others or of its own earlier timesteps it was given to read.
+    outputs = conn.execute(
+        "SELECT j.model, j.decision, o.path FROM job_outputs o JOIN jobs j ON j.id = o.job_id"
+        " JOIN workflows w ON w.id = j.workflow_id WHERE w.model_run_id = %s",
+        [model_run_id],
+    ).fetchall()
+    assert len(outputs) == len({path for _, _, path in outputs}) == 18  # and 3 decision states
+    states = conn.execute(
+        "SELECT count(*) FROM model_run_files WHERE model_run_id = %s AND path LIKE 'results/%%'",
+        [model_run_id],
+    ).fetchone()[0]
+    assert states == 3
+    for model, decision, path in outputs:
+        iteration = "none" if decision is None else decision
+        assert path.startswith(f"results/energy_water_cp_cr/{model}/decision_{iteration}/")
     dest = export(dsn, model_run_id, tmp_path / "export")
     assert assert_same_results(expected / "results", dest) == 21
     assert tree(folder) == before, "the submitter's folder was written"
@@ -482,3 +499,35 @@ def test_bad_export_and_snapshot_input_exit_2(sample, tmp_path, dsn, conn, procs
     assert link.returncode == 2 and "symbolic link out of the project" in link.stderr
     assert "Traceback" not in link.stderr + in_process.stderr + not_empty.stderr
     assert conn.execute("SELECT count(*) FROM model_runs").fetchone() == before
+
+
+def test_a_runner_cache_under_its_cap_drops_the_older_project(
+    sample, tmp_path, dsn, conn, procs
+) -> None:
+    """Projects of 4.5 MB under --cache-max-bytes 4M: the first one's folder, and the objects
+    only it linked, go when the second's is made; the second's, held by each job that uses
+    it, stays though it alone exceeds the cap, and its run completes."""
+    bigs = {}
+    for name in ("first", "second"):
+        folder = project(sample, tmp_path, name)
+        data = os.urandom(4 << 20)
+        (folder / "data" / "big.bin").write_bytes(data)
+        bigs[name] = (folder, hashlib.sha256(data).hexdigest())
+    cache = tmp_path / "home" / "cache"
+    procs.start("--slots", "2", "--cache-max-bytes", "4M", name="r1")  # < one project
+    procs.manager(name="manager")
+
+    def projects() -> list[str]:
+        return sorted(p.name.split("-")[0] for p in (cache / "projects").glob("[!.]*"))
+
+    def has(sha256: str) -> bool:
+        return (cache / "objects" / sha256[:2] / sha256).exists()
+
+    one = submit(dsn, bigs["first"][0], "energy_water_cp_cr")
+    assert wait_model_run(conn, one) == "succeeded"
+    assert projects() == [str(one)] and has(bigs["first"][1])
+    two = submit(dsn, bigs["second"][0], "energy_water_cp_cr")
+    assert wait_model_run(conn, two) == "succeeded"
+    assert projects() == [str(two)]
+    assert not has(bigs["first"][1]) and has(bigs["second"][1])
+    assert not list((cache / "projects").glob(".*-*")), "a folder set aside was left"

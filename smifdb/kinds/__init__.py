@@ -113,8 +113,11 @@ def run_attempt(attempt: Attempt) -> Outcome:
                 return attempt.stopped_outcome()
             return attempt.outcome("failed", error=exc.message, reason=type(exc).__name__)
         finally:
-            if attempt.folder is not None and not os.environ.get("SMIFDB_KEEP_JOB_FOLDERS"):
-                workspace.remove(attempt.folder)
+            try:
+                if attempt.folder is not None and not os.environ.get("SMIFDB_KEEP_JOB_FOLDERS"):
+                    workspace.remove(attempt.folder)
+            finally:
+                attempt.held.close()  # e.g. a cached project's lock, once nothing links into it
     except Exception as exc:
         return attempt.outcome("failed", error=f"runner error: {exc!r}", reason="runner error")
 

@@ -2,8 +2,9 @@
 that needs nothing of the submitter's folder.
 
 ``prepare`` materialises the model run's snapshot once per machine into the runner's cache
-(``CACHE/projects/<model run>-<digest>/``, built beside and renamed into place whole), then
-makes the attempt's own folder: its top-level entries (config, data, models, …) are symbolic
+(``CACHE/projects/<model run>-<digest>/``, built beside and renamed into place whole; held
+against the cache's eviction until the attempt ends, see smifdb.cache), then makes the
+attempt's own folder: its top-level entries (config, data, models, …) are symbolic
 links into that copy, and its ``results/`` holds every stored result of the model run so far.
 Results in the folder this job writes (its model and decision iteration) are copies; the others
 are hard links into the cache, which the job only reads. Every placed file carries the cache's
@@ -25,7 +26,7 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 from smifdb import snapshot, workspace
-from smifdb.cache import PRISTINE_MTIME_NS
+from smifdb.cache import PRISTINE_MTIME_NS, CacheError
 from smifdb.execute import Attempt, run_process
 from smifdb.store import blobs
 from smifdb.store.blobs import FileEntry
@@ -125,47 +126,72 @@ class Smif:
         for top in sorted({e.path.split("/", 1)[0] for e in project}):
             os.symlink(source / top, folder / top)
         own = _own_folder(payload)
-        files.fetch(results)
-        for entry in results:
-            dest = folder / entry.path
-            if entry.path.startswith(own):  # this job may write it: never a link
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copyfile(files.cache.path(entry), dest)
-                os.chmod(dest, entry.mode)
-            else:
-                files.cache.materialise([entry], folder)
-            _pristine(dest)
+        with files.holding(results):  # not evicted before they are placed
+            for entry in results:
+                dest = folder / entry.path
+                if entry.path.startswith(own):  # this job may write it: never a link
+                    dest.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copyfile(files.cache.path(entry), dest)
+                    os.chmod(dest, entry.mode)
+                else:
+                    files.cache.materialise([entry], folder)
+                _pristine(dest)
         (folder / snapshot.RESULTS).mkdir(exist_ok=True)
 
     def _project(self, attempt: Attempt, run_id: int, project: list[FileEntry]) -> Path:
-        """The snapshot's folder in the cache, made now if it is absent or was written to."""
-        files = attempt.files
-        root = files.cache.root / "projects"
-        final = root / f"{run_id}-{snapshot.digest(project)}"
-        if final.is_dir():
-            if _intact(final, project):
+        """The snapshot's folder in the cache, made now if it is absent or was written to, and
+        held (against the cache's eviction) until the attempt ends."""
+        cache = attempt.files.cache
+        final = cache.folders / f"{run_id}-{snapshot.digest(project)}"
+        for _ in range(5):  # another slot's eviction may take a folder between two looks
+            fd = cache.use_folder(final)
+            if fd is not None:
+                if _intact(final, project):
+                    attempt.held.callback(os.close, fd)
+                    return final
+                os.close(fd)
+                if not cache.remove_folder(final):  # written to, and in use: a copy of its own
+                    final = final.with_name(f"{final.name}.{uuid.uuid4().hex[:8]}")
+            fd = self._build(attempt, final, project)
+            if fd is not None:
+                attempt.held.callback(os.close, fd)
                 return final
-            stale = root / f".stale-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-            with contextlib.suppress(FileNotFoundError):  # another slot may have moved it
-                final.rename(stale)
-                workspace.remove(stale)
-        files.fetch(project)
+        raise CacheError(
+            f"the project of model run {run_id} was evicted from the runner's cache "
+            f"{cache.root} as soon as it was made: raise --cache-max-bytes"
+        )
+
+    def _build(self, attempt: Attempt, final: Path, project: list[FileEntry]) -> int | None:
+        """Materialise ``final`` beside it and rename it into place, held; None if another slot
+        (or runner) made it first."""
+        files = attempt.files
+        root = final.parent
         root.mkdir(parents=True, exist_ok=True)
         _remove_abandoned(root)
         building = root / f".build-{os.getpid()}-{uuid.uuid4().hex[:8]}-{final.name}"
+        fd = None
         try:
-            building.mkdir()
-            files.cache.materialise(project, building)
+            with files.holding(project):
+                building.mkdir()
+                files.cache.materialise(project, building)
             for entry in project:
                 _pristine(building / entry.path)
+            fd = files.cache.lock_new_folder(building)
             try:
                 building.rename(final)
-            except OSError:  # another slot (or runner) made it first: theirs is as good
+            except OSError:  # theirs is as good
                 if not final.is_dir():
                     raise
+                os.close(fd)
+                return None
+            return fd
+        except BaseException:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            raise
         finally:
             workspace.remove(building)
-        return final
 
     def run(self, attempt: Attempt) -> Outcome:
         payload = attempt.job.payload
