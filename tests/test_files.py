@@ -204,6 +204,33 @@ def test_workflow_files_keep_their_paths_and_exec_bits(dsn, conn, machines, tmp_
     assert jobs(conn, wf)["j"]["log_tail"] == "tool\nxtop"
 
 
+def test_inputs_imply_after_and_each_attempt_gets_a_fresh_folder(
+    dsn, conn, machines, tmp_path
+) -> None:
+    """A job given only ``inputs`` waits for them; a retry does not see its failed attempt's
+    files."""
+    spec = {
+        "jobs": [
+            {"key": "p", "command": "sleep 1 && echo made > o.txt", "outputs": ["o.txt"]},
+            {
+                "key": "c",
+                "command": 'cat p/o.txt && test ! -e mark && touch mark && [ "$SMIFDB_ATTEMPT" = 2 ]',
+                "inputs": ["p"],
+                "outputs": [{"glob": "mark", "optional": True}],
+                "max_attempts": 2,
+                "retry_backoff": 0,
+            },
+        ]
+    }
+    wf = submit(dsn, write_spec(tmp_path / "spec", spec))
+    machines.start("--slots", "2")
+    assert finish(conn, wf) == "succeeded", jobs(conn, wf)
+    assert jobs(conn, wf)["c"]["attempts"] == 2
+    assert jobs(conn, wf)["c"]["log_tail"].startswith("made")
+    assert sorted(stored(conn, wf)["c"]) == ["mark"]
+    assert stored(conn, wf)["c"]["mark"][0] == 2
+
+
 # -- bad input: exit 2 naming it, nothing written --------------------------------------------
 
 
