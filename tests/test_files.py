@@ -341,6 +341,72 @@ def test_outputs_are_refused_at_collection(dsn, conn, machines, tmp_path) -> Non
     }
 
 
+def test_an_output_over_the_runners_limit_or_a_corrupt_input_fails_the_attempt(
+    dsn, conn, machines, tmp_path
+) -> None:
+    """Nothing is recorded as outputs, and the error says what happened."""
+    folder = tmp_path / "spec"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "in.bin").write_bytes(os.urandom(3000))
+    big = {"key": "big", "command": "head -c 2048 /dev/zero > o.bin", "outputs": ["o.bin"]}
+    spec = {"jobs": [big, {"key": "small", "command": "echo 1 > o.txt", "outputs": ["o.txt"]}]}
+    wf = submit(dsn, write_spec(folder, spec))
+    corrupt = submit(
+        dsn,
+        write_spec(
+            folder,
+            {"files": ["data"], "jobs": [{"key": "read", "command": "cat data/in.bin"}]},
+            "corrupt.yaml",
+        ),
+    )
+    conn.execute(
+        "UPDATE blob_chunks SET data = set_byte(data, 99, get_byte(data, 99) # 255)"
+        " WHERE sha256 = (SELECT sha256 FROM workflow_files WHERE workflow_id = %s)",
+        [corrupt],
+    )
+    machines.start("--max-file-bytes", "1K", "--slots", "2")
+    assert finish(conn, wf) == "failed" and finish(conn, corrupt) == "failed"
+    rows = jobs(conn, wf)
+    assert (
+        "output o.bin is 2048 bytes, more than the runner's --max-file-bytes (1024)"
+        in (rows["big"]["error"])
+    )
+    assert rows["small"]["status"] == "succeeded"
+    assert set(stored(conn, wf)) == {"small"}
+    error = jobs(conn, corrupt)["read"]["error"]
+    assert "is corrupt" in error and "blob " in error
+    assert stored(conn, corrupt) == {}
+
+
+def test_outputs_cli_lists_filters_exports_and_refuses(dsn, conn, machines, tmp_path) -> None:
+    spec = {
+        "jobs": [
+            {"key": "a", "command": "echo a > x.txt", "outputs": ["x.txt"]},
+            {"key": "b", "command": "mkdir -p d && echo b > d/y.txt", "outputs": ["d"]},
+        ]
+    }
+    wf = submit(dsn, write_spec(tmp_path / "spec", spec))
+    machines.start()
+    assert finish(conn, wf) == "succeeded"
+    table = cli(dsn, "outputs", str(wf))
+    assert table.returncode == 0 and table.stdout.split()[:4] == ["JOB", "PATH", "SIZE", "SHA256"]
+    only_b = cli(dsn, "outputs", str(wf), "--job", "b", "--json")
+    assert [json.loads(line)["path"] for line in only_b.stdout.splitlines()] == ["d/y.txt"]
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "keep").write_text("k")
+    for args, message in (
+        (["999"], "no workflow 999"),
+        ([str(wf), "--job", "zz"], f"workflow {wf} has no job 'zz'"),
+        ([str(wf), "--export", str(dest)], "is not empty: give an empty or new folder, or --force"),
+    ):
+        result = cli(dsn, "outputs", *args)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    result = cli(dsn, "outputs", str(wf), "--export", str(dest), "--force", "--job", "a")
+    assert result.returncode == 0, result.stderr
+    assert tree(dest) == {"keep": b"k", "a/x.txt": b"a\n"}
+
+
 # -- fencing --------------------------------------------------------------------------------
 
 
