@@ -231,6 +231,22 @@ def test_inputs_imply_after_and_each_attempt_gets_a_fresh_folder(
     assert stored(conn, wf)["c"]["mark"][0] == 2
 
 
+def test_smifdb_run_uploads_files_too(dsn, conn, tmp_path) -> None:
+    folder = tmp_path / "spec"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "in.txt").write_text("hello")
+    spec = {
+        "files": ["data"],
+        "jobs": [{"key": "a", "command": "cat data/in.txt > o.txt", "outputs": ["o.txt"]}],
+    }
+    env = {**os.environ, "SMIFDB_HOME": str(tmp_path / "home")}
+    result = cli(dsn, "run", str(write_spec(folder, spec)), "--slots", "1", env=env)
+    assert result.returncode == 0, result.stderr
+    dest = tmp_path / "export"
+    assert cli(dsn, "outputs", "1", "--export", str(dest)).returncode == 0
+    assert tree(dest) == {"a/o.txt": b"hello"}
+
+
 # -- bad input: exit 2 naming it, nothing written --------------------------------------------
 
 
