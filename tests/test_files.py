@@ -664,6 +664,22 @@ def test_a_cache_over_its_cap_evicts_the_least_recently_used(dsn, conn, machines
     assert [p.name for p in _cache_objects(machines.home("m"))] == [shas[1]]
 
 
+def test_inputs_larger_than_the_cache_cap_fail_clearly(dsn, conn, machines, tmp_path) -> None:
+    """Evicting down to the cap would remove a job's own inputs before they are linked."""
+    folder = tmp_path / "spec"
+    (folder / "data").mkdir(parents=True)
+    for name in ("x.bin", "y.bin"):
+        (folder / "data" / name).write_bytes(os.urandom(700 << 10))
+    spec = {"files": ["data"], "jobs": [{"key": "a", "command": "true"}]}
+    wf = submit(dsn, write_spec(folder, spec))
+    machines.start("--cache-max-bytes", "1M", name="m")
+    assert finish(conn, wf) == "failed"
+    error = jobs(conn, wf)["a"]["error"]
+    assert (
+        "the job's inputs are 1,433,600 bytes, more than this runner's --cache-max-bytes" in error
+    )
+
+
 def test_a_full_cache_disk_fails_the_attempt_and_keeps_the_cache_sound(
     dsn, conn, machines, tmp_path
 ) -> None:
