@@ -204,6 +204,49 @@ def test_workflow_files_keep_their_paths_and_exec_bits(dsn, conn, machines, tmp_
     assert jobs(conn, wf)["j"]["log_tail"] == "tool\nxtop"
 
 
+def test_inputs_imply_after_and_each_attempt_gets_a_fresh_folder(
+    dsn, conn, machines, tmp_path
+) -> None:
+    """A job given only ``inputs`` waits for them; a retry does not see its failed attempt's
+    files."""
+    spec = {
+        "jobs": [
+            {"key": "p", "command": "sleep 1 && echo made > o.txt", "outputs": ["o.txt"]},
+            {
+                "key": "c",
+                "command": 'cat p/o.txt && test ! -e mark && touch mark && [ "$SMIFDB_ATTEMPT" = 2 ]',
+                "inputs": ["p"],
+                "outputs": [{"glob": "mark", "optional": True}],
+                "max_attempts": 2,
+                "retry_backoff": 0,
+            },
+        ]
+    }
+    wf = submit(dsn, write_spec(tmp_path / "spec", spec))
+    machines.start("--slots", "2")
+    assert finish(conn, wf) == "succeeded", jobs(conn, wf)
+    assert jobs(conn, wf)["c"]["attempts"] == 2
+    assert jobs(conn, wf)["c"]["log_tail"].startswith("made")
+    assert sorted(stored(conn, wf)["c"]) == ["mark"]
+    assert stored(conn, wf)["c"]["mark"][0] == 2
+
+
+def test_smifdb_run_uploads_files_too(dsn, conn, tmp_path) -> None:
+    folder = tmp_path / "spec"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "in.txt").write_text("hello")
+    spec = {
+        "files": ["data"],
+        "jobs": [{"key": "a", "command": "cat data/in.txt > o.txt", "outputs": ["o.txt"]}],
+    }
+    env = {**os.environ, "SMIFDB_HOME": str(tmp_path / "home")}
+    result = cli(dsn, "run", str(write_spec(folder, spec)), "--slots", "1", env=env)
+    assert result.returncode == 0, result.stderr
+    dest = tmp_path / "export"
+    assert cli(dsn, "outputs", "1", "--export", str(dest)).returncode == 0
+    assert tree(dest) == {"a/o.txt": b"hello"}
+
+
 # -- bad input: exit 2 naming it, nothing written --------------------------------------------
 
 
@@ -312,6 +355,72 @@ def test_outputs_are_refused_at_collection(dsn, conn, machines, tmp_path) -> Non
     assert stored(conn, wf) == {
         "optional": {"ok.txt": (1, stored(conn, wf)["optional"]["ok.txt"][1], 3)}
     }
+
+
+def test_an_output_over_the_runners_limit_or_a_corrupt_input_fails_the_attempt(
+    dsn, conn, machines, tmp_path
+) -> None:
+    """Nothing is recorded as outputs, and the error says what happened."""
+    folder = tmp_path / "spec"
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "in.bin").write_bytes(os.urandom(3000))
+    big = {"key": "big", "command": "head -c 2048 /dev/zero > o.bin", "outputs": ["o.bin"]}
+    spec = {"jobs": [big, {"key": "small", "command": "echo 1 > o.txt", "outputs": ["o.txt"]}]}
+    wf = submit(dsn, write_spec(folder, spec))
+    corrupt = submit(
+        dsn,
+        write_spec(
+            folder,
+            {"files": ["data"], "jobs": [{"key": "read", "command": "cat data/in.bin"}]},
+            "corrupt.yaml",
+        ),
+    )
+    conn.execute(
+        "UPDATE blob_chunks SET data = set_byte(data, 99, get_byte(data, 99) # 255)"
+        " WHERE sha256 = (SELECT sha256 FROM workflow_files WHERE workflow_id = %s)",
+        [corrupt],
+    )
+    machines.start("--max-file-bytes", "1K", "--slots", "2")
+    assert finish(conn, wf) == "failed" and finish(conn, corrupt) == "failed"
+    rows = jobs(conn, wf)
+    assert (
+        "output o.bin is 2048 bytes, more than the runner's --max-file-bytes (1024)"
+        in (rows["big"]["error"])
+    )
+    assert rows["small"]["status"] == "succeeded"
+    assert set(stored(conn, wf)) == {"small"}
+    error = jobs(conn, corrupt)["read"]["error"]
+    assert "is corrupt" in error and "blob " in error
+    assert stored(conn, corrupt) == {}
+
+
+def test_outputs_cli_lists_filters_exports_and_refuses(dsn, conn, machines, tmp_path) -> None:
+    spec = {
+        "jobs": [
+            {"key": "a", "command": "echo a > x.txt", "outputs": ["x.txt"]},
+            {"key": "b", "command": "mkdir -p d && echo b > d/y.txt", "outputs": ["d"]},
+        ]
+    }
+    wf = submit(dsn, write_spec(tmp_path / "spec", spec))
+    machines.start()
+    assert finish(conn, wf) == "succeeded"
+    table = cli(dsn, "outputs", str(wf))
+    assert table.returncode == 0 and table.stdout.split()[:4] == ["JOB", "PATH", "SIZE", "SHA256"]
+    only_b = cli(dsn, "outputs", str(wf), "--job", "b", "--json")
+    assert [json.loads(line)["path"] for line in only_b.stdout.splitlines()] == ["d/y.txt"]
+    dest = tmp_path / "out"
+    dest.mkdir()
+    (dest / "keep").write_text("k")
+    for args, message in (
+        (["999"], "no workflow 999"),
+        ([str(wf), "--job", "zz"], f"workflow {wf} has no job 'zz'"),
+        ([str(wf), "--export", str(dest)], "is not empty: give an empty or new folder, or --force"),
+    ):
+        result = cli(dsn, "outputs", *args)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    result = cli(dsn, "outputs", str(wf), "--export", str(dest), "--force", "--job", "a")
+    assert result.returncode == 0, result.stderr
+    assert tree(dest) == {"keep": b"k", "a/x.txt": b"a\n"}
 
 
 # -- fencing --------------------------------------------------------------------------------
@@ -553,6 +662,22 @@ def test_a_cache_over_its_cap_evicts_the_least_recently_used(dsn, conn, machines
             ).fetchone()[0]
         )
     assert [p.name for p in _cache_objects(machines.home("m"))] == [shas[1]]
+
+
+def test_inputs_larger_than_the_cache_cap_fail_clearly(dsn, conn, machines, tmp_path) -> None:
+    """Evicting down to the cap would remove a job's own inputs before they are linked."""
+    folder = tmp_path / "spec"
+    (folder / "data").mkdir(parents=True)
+    for name in ("x.bin", "y.bin"):
+        (folder / "data" / name).write_bytes(os.urandom(700 << 10))
+    spec = {"files": ["data"], "jobs": [{"key": "a", "command": "true"}]}
+    wf = submit(dsn, write_spec(folder, spec))
+    machines.start("--cache-max-bytes", "1M", name="m")
+    assert finish(conn, wf) == "failed"
+    error = jobs(conn, wf)["a"]["error"]
+    assert (
+        "the job's inputs are 1,433,600 bytes, more than this runner's --cache-max-bytes" in error
+    )
 
 
 def test_a_full_cache_disk_fails_the_attempt_and_keeps_the_cache_sound(

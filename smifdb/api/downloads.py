@@ -7,6 +7,7 @@ at all, holds no database connection, and memory stays at one batch whatever the
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 from urllib.parse import quote
@@ -47,7 +48,9 @@ async def outputs_page(
     """A page of the recorded outputs of a workflow's jobs ``keys``, in key and path order:
     each with its download URL (``url_for(key, path)``), the next page's cursor in ``next``
     and a ``Link`` header. ``envelope`` wraps the rows in the body its API uses."""
-    kind = f"outputs:{workflow_id}"
+    # A cursor is good for this list only: this workflow, these jobs.
+    jobs = hashlib.sha256("\0".join(keys).encode()).hexdigest()[:16]
+    kind = f"outputs:{workflow_id}:{jobs}"
     limit, after = paging.limit(request), paging.cursor(request, kind, tuple)
 
     def read(conn: Any) -> list[tuple[str, FileEntry]]:

@@ -190,6 +190,15 @@ class Command:
                 files=bool(payload.get("files")),
                 inputs=payload.get("inputs", ()),
             )
+            # The cache evicts down to its cap after a fetch, before the links are made.
+            objects = {(e.sha256, bool(e.mode & 0o111)): e.size for _, e in placed}
+            total = sum(objects.values())
+            if total > files.cache.max_bytes:
+                raise JobFilesError(
+                    f"the job's inputs are {total:,} bytes, more than this runner's "
+                    f"--cache-max-bytes ({files.cache.max_bytes:,}): run it on a runner with "
+                    "a larger cache"
+                )
             files.materialise(placed, folder)
         except OSError as exc:
             raise JobFilesError(f"cannot make the job's folder on this runner: {exc}") from exc
