@@ -161,11 +161,11 @@ BAD_SPECS = {
     ),
     "both command and python": (
         {"jobs": [{"key": "a", "command": "true", "python": "m:f"}]},
-        "exactly one of 'command' or 'python'",
+        "exactly one of 'command', 'python' or 'smif'",
     ),
     "neither command nor python": (
         {"jobs": [{"key": "a"}]},
-        "exactly one of 'command' or 'python'",
+        "exactly one of 'command', 'python' or 'smif'",
     ),
     "empty job list": ({"name": "x", "jobs": []}, "'jobs' must be a non-empty list"),
     "wrong type priority": (

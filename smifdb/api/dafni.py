@@ -59,18 +59,6 @@ def _user(request: Request) -> auth.User:
     return request.user
 
 
-def _own_url(request: Request) -> str:
-    """This server's address as it listens (not the Host header, which a client chooses)."""
-    host, port = request.scope.get("server") or ("127.0.0.1", 80)
-    host = f"[{host}]" if ":" in host else host
-    return f"{request.url.scheme}://{host}:{port}"
-
-
-def _base(request: Request) -> str:
-    """The base of the URLs this server hands out."""
-    return request.app.state.security.public_url or _own_url(request)
-
-
 def _uuid(request: Request, name: str, what: str) -> uuid.UUID:
     value = request.path_params[name]
     try:
@@ -331,7 +319,7 @@ async def model_validate(request: Request) -> JSONResponse:
 async def model_upload_start(request: Request) -> JSONResponse:
     user = _user(request)
     upload_id = await _db(request, rows.start_model_upload, user)
-    base = _base(request)
+    base = downloads.public_base(request)
     urls = {part: f"{base}/models/upload/{upload_id}/{part}/" for part in ("definition", "image")}
     return _json({"id": str(upload_id), "urls": urls}, 201)
 
@@ -572,7 +560,7 @@ def _instance_record(
             "metadata_id": job["result"]["metadata_id"],
             "version_id": job["result"]["version_id"],
             "kind": steps[key]["kind"],
-            "files_url": f"{_base(request)}/workflows/instances/{instance_id}/produced/{key}/",
+            "files_url": f"{downloads.public_base(request)}/workflows/instances/{instance_id}/produced/{key}/",
         }
         for key, job in jobs.items()
         if job["status"] == "succeeded"
@@ -686,7 +674,7 @@ def _instance_step(
 
 
 def _output_url(request: Request, instance_id: uuid.UUID) -> Callable[[str, str], str]:
-    base = f"{_base(request)}/workflows/instances/{instance_id}/steps"
+    base = f"{downloads.public_base(request)}/workflows/instances/{instance_id}/steps"
     return lambda step, path: f"{base}/{quote(step, safe='')}/outputs/{quote(path)}"
 
 
