@@ -141,6 +141,9 @@ class Runner:
         self.unsettled: set[int] = set()
         self.cycled_at = 0.0  # when the last cycle committed (monotonic)
         self.next_deadline = float("inf")  # no attempt times out before this (monotonic)
+        self.beat_at: float | None = None  # when our last heartbeat was written (monotonic)
+        self.held_back = False  # not claiming for want of a fresh heartbeat
+        self.warned_stale = False  # ... and said so
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -282,6 +285,8 @@ class Runner:
             if self._finished():
                 return
             free = 0 if self.stopping.is_set() else self.config.slots - self.busy
+            if free > 0 and not self._alive():
+                free = 0
             if self.config.batch:
                 free = min(free, self.config.batch)
             claimed = self._cycle(free) if (self.pending or free > 0) else 0
@@ -301,6 +306,28 @@ class Runner:
             if self._idle_exit():
                 return
             self.wake.wait(self._wait_time())
+
+    def _alive(self) -> bool:
+        """Claim only while our heartbeat is fresh: a runner that cannot heartbeat is declared
+        lost by its peers after dead_after, and the jobs it claimed, even those that then
+        succeed, are taken from it. So the first claim waits for the first heartbeat, and a
+        runner whose heartbeat connection is refused (max_connections, a pooler's cap) says
+        so and claims nothing until it can heartbeat again."""
+        at, now = self.beat_at, time.monotonic()
+        dead_after, beat = self.config.dead_after, self.config.heartbeat
+        fresh = at is not None and now - at < min(dead_after, max(dead_after / 2, 2 * beat))
+        if fresh and self.held_back and at is not None and self.warned_stale:
+            log.warning("heartbeat written again: claiming jobs again", extra={"runner": self.name})
+            self.warned_stale = False
+        elif not fresh and not self.warned_stale and at is not None:
+            log.warning(
+                "no heartbeat for %.1f s: not claiming jobs until one is written",
+                now - at,
+                extra={"runner": self.name},
+            )
+            self.warned_stale = True
+        self.held_back = not fresh
+        return fresh
 
     def _linger(self) -> float:
         """Seconds to wait for more attempts to end before recording, batching the writes.
@@ -662,10 +689,14 @@ class Runner:
 
     def _listen(self) -> None:
         backoff = Backoff()
+        failing = False
         while not self.closed.is_set():
             try:
                 with db.connect(self.dsn, connect_timeout=5) as conn:
                     store.listen(conn, READY_CHANNEL, CANCEL_CHANNEL, FINISHED_CHANNEL)
+                    if failing:
+                        log.warning("listening for ready jobs again", extra={"runner": self.name})
+                        failing = False
                     backoff.reset()
                     self.wake.set()  # anything could have happened while we were not listening
                     while not self.closed.is_set():
@@ -673,7 +704,15 @@ class Runner:
                             if note.channel == CANCEL_CHANNEL:
                                 self.check_now.set()
                             self.wake.set()
-            except DB_ERRORS:
+            except DB_ERRORS as exc:
+                if not failing:
+                    log.warning(
+                        "cannot listen for ready jobs: %s; polling every %.1f s instead",
+                        _first_line(exc),
+                        self.config.poll,
+                        extra={"runner": self.name},
+                    )
+                    failing = True
                 self.closed.wait(backoff.next())
 
     # -- heartbeat ------------------------------------------------------------------------
@@ -682,6 +721,7 @@ class Runner:
         conn: psycopg.Connection | None = None
         backoff = Backoff()
         up_since = 0.0
+        failing = False
         next_rescue = time.monotonic() + self.config.heartbeat * random.uniform(1, 3)
         while not self.closed.is_set():
             self.watchdog.revive()  # whether or not the database answers
@@ -691,6 +731,9 @@ class Runner:
                     up_since = time.monotonic()
                     backoff.reset()
                 self._beat(conn)
+                if failing:
+                    log.warning("heartbeat connection restored", extra={"runner": self.name})
+                    failing = False
                 # Rescue only after being connected for dead_after: after an outage, peers
                 # need that long to heartbeat again before they can be told apart from the dead.
                 now = time.monotonic()
@@ -698,7 +741,14 @@ class Runner:
                     self._rescue(conn)
                     next_rescue = now + self.config.heartbeat * random.uniform(3, 6)
                 wait = self.config.heartbeat
-            except DB_ERRORS:
+            except DB_ERRORS as exc:
+                if not failing:
+                    log.warning(
+                        "cannot heartbeat: %s; claiming no jobs until it can (running ones go on)",
+                        _first_line(exc),
+                        extra={"runner": self.name},
+                    )
+                    failing = True
                 if conn is not None:
                     with contextlib.suppress(Exception):
                         conn.close()
@@ -723,6 +773,9 @@ class Runner:
         if not ours:
             self._name_taken()
             return
+        first, self.beat_at = self.beat_at is None, time.monotonic()
+        if first or self.held_back:
+            self.wake.set()  # the main loop may claim now
         if self.stopping.is_set():
             runner_rows.set_state(conn, self.name, self.host, self.pid, "draining")
         ids = sorted(attempts)
@@ -763,3 +816,7 @@ class Runner:
         if report.recorded:
             log.warning("rescued %d job(s) from dead runners", len(report.recorded))
             logs.taken_back(log, report.taken, "rescued")
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]

@@ -4,13 +4,14 @@ smifdb_admin can and cannot do, and migrating without CREATEROLE or with other d
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
-from processes import Runners, cli
+from processes import Runners, cli, wait_for
 from psycopg import conninfo, sql
 
 import smifdb
@@ -240,3 +241,37 @@ def test_roles_on_a_fresh_server(tmp_path: Path, caplog) -> None:
         migrate.upgrade(b)
         migrate.downgrade(b, "base")
         assert roles() == set()
+
+
+def test_a_runner_short_of_connections_claims_nothing_and_says_why(
+    dsn, conn, login, pg_server, tmp_path
+) -> None:
+    """Issue 17's saturation bug: a runner that got its claim connection but not its heartbeat
+    one claimed and ran jobs without ever heartbeating, so its peers declared it lost and its
+    succeeded jobs ended failed. Now it claims nothing until it can heartbeat, and says why."""
+    wf = smifdb.submit(conn, {"jobs": [{"key": f"j{i}", "command": "true"} for i in range(4)]})
+    runner_dsn = login("smifdb_runner", dsn)
+    role = sql.Identifier(conninfo.conninfo_to_dict(runner_dsn)["user"])
+    with _superuser(pg_server) as su:
+        su.execute(sql.SQL("ALTER ROLE {} CONNECTION LIMIT 1").format(role))
+    runners = Runners(runner_dsn, tmp_path)
+    try:
+        proc = runners.start("--slots", "2", "--exit-when-idle", name="short")
+        wait_for(lambda: "cannot heartbeat" in runners.output("short"), 20, "the warning")
+        time.sleep(2)  # longer than --dead-after: the old runner had run every job by now
+        statuses = "SELECT status::text, count(*) FROM jobs WHERE workflow_id = %s GROUP BY 1"
+        assert dict(conn.execute(statuses, [wf]).fetchall()) == {"ready": 4}
+        out = runners.output("short")
+        assert "too many connections" in out and "claiming no jobs until it can" in out, out
+        assert "cannot listen for ready jobs" in out, out
+        assert proc.poll() is None  # jobs are ready: not idle, it waits
+
+        with _superuser(pg_server) as su:
+            su.execute(sql.SQL("ALTER ROLE {} CONNECTION LIMIT 5").format(role))
+        assert proc.wait(timeout=60) == 0, runners.output("short")
+    finally:
+        runners.close()
+    assert dict(conn.execute(statuses, [wf]).fetchall()) == {"succeeded": 4}
+    assert "heartbeat connection restored" in runners.output("short")
+    lost = "SELECT count(*) FROM events WHERE workflow_id = %s AND reason LIKE 'rescued%%'"
+    assert conn.execute(lost, [wf]).fetchone()[0] == 0
