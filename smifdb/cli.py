@@ -340,6 +340,13 @@ def _runner_options(f):
             help="Seconds between polls when no notification arrives.",
         ),
         click.option(
+            "--no-listen",
+            "no_listen",
+            is_flag=True,
+            help="Poll only (every --poll): no LISTEN, no session state and no server-side "
+            "prepared statements, for a PgBouncer in transaction pooling mode.",
+        ),
+        click.option(
             "--heartbeat",
             type=Seconds(0.05),
             default=2.0,
@@ -477,6 +484,7 @@ def _runner_config(name: str | None, allow: tuple[str, ...] = (), **kw) -> Runne
         batch=kw["batch"],
         grace=kw["grace"],
         poll=kw["poll"],
+        listen=not kw.get("no_listen", False),
         heartbeat=kw["heartbeat"],
         dead_after=kw["dead_after"],
         lease=kw["lease"],

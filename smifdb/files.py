@@ -56,7 +56,12 @@ class JobFiles:
                     min_size=0,
                     max_size=self._size,
                     max_idle=IDLE_SECONDS,
-                    kwargs={"autocommit": True, "application_name": "smifdb runner data"},
+                    # No prepared statements: a transaction-pooling PgBouncer may serve them.
+                    kwargs={
+                        "autocommit": True,
+                        "application_name": "smifdb runner data",
+                        "prepare_threshold": None,
+                    },
                     open=True,
                     name="smifdb-data",
                 )

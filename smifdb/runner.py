@@ -1,12 +1,15 @@
 """The runner: claim ready jobs, run them outside any transaction, record how they ended.
 
-Three threads share nothing but in-memory job state; each has its own connection:
+Two threads share nothing but in-memory job state; each has its own connection:
 
 - the main loop claims up to the free slots in one short transaction, starts attempts in a
   thread pool, and records finished attempts in batches (one transaction per batch);
-- the listener LISTENs for ready work and cancellations and wakes the other two;
 - the heartbeat updates the runner's row, renews long leases, stops cancelled attempts and
-  rescues jobs of dead runners.
+  rescues jobs of dead runners; between beats its connection LISTENs for ready work and
+  cancellations and wakes the main loop (unless ``listen`` is off: then the main loop polls,
+  and no session state is kept, as PgBouncer's transaction pooling needs).
+
+Jobs with files open data connections of their own (smifdb.files), only while they move files.
 
 Database outages are survived: attempts keep running, outcomes queue up in memory, and every
 thread reconnects with backoff. Recording is fenced by lease owner and attempt, so whatever is
@@ -79,6 +82,7 @@ class RunnerConfig:
     cache_dir: Path = field(default_factory=lambda: default_home() / "cache")  # files, folders
     cache_max_bytes: int = DEFAULT_CACHE_BYTES  # the cache evicts least recently used past this
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # a bigger output file fails its attempt
+    listen: bool = True  # LISTEN between heartbeats; off: poll only (transaction pooling)
 
     @property
     def scope(self) -> queue.Scope:
@@ -183,10 +187,7 @@ class Runner:
             self.config.slots,
             extra={"runner": self.name, "slots": self.config.slots},
         )
-        threads = [
-            threading.Thread(target=self._listen, name="listener", daemon=True),
-            threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True),
-        ]
+        threads = [threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)]
         for t in threads + self.workers:
             t.start()
         try:
@@ -641,7 +642,7 @@ class Runner:
 
     def _connect_main(self) -> None:
         """First connection: errors here are the caller's (bad DSN, unmigrated schema...)."""
-        self.conn = db.connect(self.dsn, connect_timeout=10)
+        self.conn = self._connect()
 
     def _db_ready(self) -> bool:
         if self.conn is not None and not self.conn.closed:
@@ -649,7 +650,7 @@ class Runner:
         if time.monotonic() < self.retry_at:
             return False
         try:
-            self.conn = db.connect(self.dsn, connect_timeout=5)
+            self.conn = self._connect()
             if not runner_rows.heartbeat(self.conn, self.name, self.host, self.pid):
                 # Cut off past dead_after, and another process took the name: the jobs leased
                 # to it now are that process's, not ours to hand back.
@@ -685,36 +686,6 @@ class Runner:
         self._enforce_deadlines()
         self.wake.wait(max(self.retry_at - time.monotonic(), 0.05))
 
-    # -- listener -------------------------------------------------------------------------
-
-    def _listen(self) -> None:
-        backoff = Backoff()
-        failing = False
-        while not self.closed.is_set():
-            try:
-                with db.connect(self.dsn, connect_timeout=5) as conn:
-                    store.listen(conn, READY_CHANNEL, CANCEL_CHANNEL, FINISHED_CHANNEL)
-                    if failing:
-                        log.warning("listening for ready jobs again", extra={"runner": self.name})
-                        failing = False
-                    backoff.reset()
-                    self.wake.set()  # anything could have happened while we were not listening
-                    while not self.closed.is_set():
-                        for note in conn.notifies(timeout=0.25):  # exits within 0.25 s
-                            if note.channel == CANCEL_CHANNEL:
-                                self.check_now.set()
-                            self.wake.set()
-            except DB_ERRORS as exc:
-                if not failing:
-                    log.warning(
-                        "cannot listen for ready jobs: %s; polling every %.1f s instead",
-                        _first_line(exc),
-                        self.config.poll,
-                        extra={"runner": self.name},
-                    )
-                    failing = True
-                self.closed.wait(backoff.next())
-
     # -- heartbeat ------------------------------------------------------------------------
 
     def _heartbeat_loop(self) -> None:
@@ -727,7 +698,10 @@ class Runner:
             self.watchdog.revive()  # whether or not the database answers
             try:
                 if conn is None or conn.closed:
-                    conn = db.connect(self.dsn, connect_timeout=5)
+                    conn = self._connect()
+                    if self.config.listen:
+                        store.listen(conn, READY_CHANNEL, CANCEL_CHANNEL, FINISHED_CHANNEL)
+                        self.wake.set()  # anything could have happened while we were not listening
                     up_since = time.monotonic()
                     backoff.reset()
                 self._beat(conn)
@@ -740,6 +714,9 @@ class Runner:
                 if now >= next_rescue and now - up_since >= self.config.dead_after:
                     self._rescue(conn)
                     next_rescue = now + self.config.heartbeat * random.uniform(3, 6)
+                if self.config.listen:
+                    self._hear(conn, time.monotonic() + self.config.heartbeat)
+                    continue
                 wait = self.config.heartbeat
             except DB_ERRORS as exc:
                 if not failing:
@@ -758,6 +735,27 @@ class Runner:
             self.check_now.clear()
         if conn is not None:
             conn.close()
+
+    def _hear(self, conn: psycopg.Connection, until: float) -> None:
+        """Until the next beat: wake the main loop on each notification; a cancel, or a stop,
+        ends the wait (the next beat stops the cancelled attempts). Checks for a stop every
+        0.25 s, since notifies() cannot wait on an Event."""
+        while not self.closed.is_set() and not self.check_now.is_set():
+            left = until - time.monotonic()
+            if left <= 0:
+                break
+            for note in conn.notifies(timeout=min(left, 0.25)):
+                self.wake.set()
+                if note.channel == CANCEL_CHANNEL:
+                    return
+        self.check_now.clear()
+
+    def _connect(self) -> psycopg.Connection:
+        """Without LISTEN the runner keeps no session state, and no prepared statements
+        (which a transaction-pooling PgBouncer before 1.21 cannot carry between clients)."""
+        if self.config.listen:
+            return db.connect(self.dsn, connect_timeout=5)
+        return db.connect(self.dsn, connect_timeout=5, prepare_threshold=None)
 
     def _beat(self, conn: psycopg.Connection) -> None:
         with self.lock:

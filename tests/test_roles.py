@@ -263,7 +263,6 @@ def test_a_runner_short_of_connections_claims_nothing_and_says_why(
         assert dict(conn.execute(statuses, [wf]).fetchall()) == {"ready": 4}
         out = runners.output("short")
         assert "too many connections" in out and "claiming no jobs until it can" in out, out
-        assert "cannot listen for ready jobs" in out, out
         assert proc.poll() is None  # jobs are ready: not idle, it waits
 
         with _superuser(pg_server) as su:
@@ -275,3 +274,35 @@ def test_a_runner_short_of_connections_claims_nothing_and_says_why(
     assert "heartbeat connection restored" in runners.output("short")
     lost = "SELECT count(*) FROM events WHERE workflow_id = %s AND reason LIKE 'rescued%%'"
     assert conn.execute(lost, [wf]).fetchone()[0] == 0
+
+
+@pytest.mark.parametrize("listen", [True, False])
+def test_a_direct_runner_holds_two_connections(dsn, conn, login, tmp_path, listen) -> None:
+    """The claim loop's and the heartbeat's (which LISTENs between beats); --no-listen polls
+    instead, so a chain still runs, woken by --poll."""
+    spec = {
+        "jobs": [
+            {"key": "a", "command": "sleep 2"},
+            {"key": "b", "command": "true", "after": ["a"]},
+        ]
+    }
+    wf = smifdb.submit(conn, spec)
+    runner_dsn = login("smifdb_runner", dsn)
+    role = conninfo.conninfo_to_dict(runner_dsn)["user"]
+    runners = Runners(runner_dsn, tmp_path)
+    extra = () if listen else ("--no-listen",)
+    try:
+        proc = runners.start("--slots", "4", "--exit-when-idle", *extra, name="two")
+        running = "SELECT count(*) FROM jobs WHERE workflow_id = %s AND status = 'running'"
+        wait_for(lambda: conn.execute(running, [wf]).fetchone()[0] == 1, 20, "job a to run")
+        held = "SELECT count(*) FROM pg_stat_activity WHERE usename = %s"
+        counts = set()
+        for _ in range(5):
+            counts.add(conn.execute(held, [role]).fetchone()[0])
+            time.sleep(0.2)
+        assert counts == {2}, counts
+        assert proc.wait(timeout=60) == 0, runners.output("two")
+    finally:
+        runners.close()
+    statuses = dict(conn.execute("SELECT key, status::text FROM jobs WHERE workflow_id = %s", [wf]))
+    assert statuses == {"a": "succeeded", "b": "succeeded"}
