@@ -15,15 +15,13 @@ the 90% mark, from the events log.
 from __future__ import annotations
 
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import psycopg
 from common import database, machine, parser
-from throughput import SMIFDB_TABLES, completion_times, start_clean, steady_rate
+from throughput import SMIFDB_TABLES, completion_times, spawn_runners, start_clean, steady_rate
 
 import smifdb
 from smifdb.spec import parse, with_base_dir
@@ -60,33 +58,14 @@ def run(dsn: str, n: int, files: bool, runners: int, slots: int, tmp: Path, trun
         wf = smifdb.submit(conn, with_base_dir(parse(spec(n, files)), base), base=base)
         conn.execute("ANALYZE jobs, ready_jobs")
     t0 = time.perf_counter()
-    procs = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "smifdb.cli",
-                "--dsn",
-                dsn,
-                "runner",
-                "run",
-                "--name",
-                f"bench-{i}-{time.monotonic_ns()}",
-                "--slots",
-                str(slots),
-                "--exit-when-idle",
-                "--log-level",
-                "warning",
-                "--log-dir",
-                str(tmp / "logs"),
-                "--cache-dir",
-                str(tmp / f"cache-{i}"),
-                "--poll",
-                "0.5",
-            ]
-        )
-        for i in range(runners)
-    ]
+    procs = spawn_runners(
+        dsn,
+        runners,
+        slots,
+        None,
+        str(tmp / "logs"),
+        lambda i: ["--cache-dir", str(tmp / f"cache-{i}")],
+    )
     for p in procs:
         p.wait()
     wall = time.perf_counter() - t0

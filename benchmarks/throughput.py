@@ -21,6 +21,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psycopg
@@ -53,7 +54,16 @@ _PGQUEUER_DONE = (
 )
 
 
-def spawn_runners(dsn: str, runners: int, slots: int, batch: int, logs: str) -> list:
+def spawn_runners(
+    dsn: str,
+    runners: int,
+    slots: int,
+    batch: int | None,
+    logs: str,
+    extra: Callable[[int], list[str]] = lambda i: [],
+) -> list:
+    """``runners`` runner processes that exit once idle; ``batch`` None: all free slots per
+    claim; ``extra(i)``: more options for runner ``i``."""
     return [
         subprocess.Popen(
             [
@@ -68,8 +78,7 @@ def spawn_runners(dsn: str, runners: int, slots: int, batch: int, logs: str) -> 
                 f"bench-{i}-{time.monotonic_ns()}",
                 "--slots",
                 str(slots),
-                "--batch",
-                str(batch),
+                *(["--batch", str(batch)] if batch is not None else []),
                 "--exit-when-idle",
                 "--log-level",
                 "warning",
@@ -77,6 +86,7 @@ def spawn_runners(dsn: str, runners: int, slots: int, batch: int, logs: str) -> 
                 logs,
                 "--poll",
                 "0.5",
+                *extra(i),
             ],
         )
         for i in range(runners)

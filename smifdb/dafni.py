@@ -3,7 +3,7 @@
 DAFNI runs each model step as a container with its parameters as environment variables,
 inputs under /data/inputs and outputs under /data/outputs. Here a model version names what a
 runner executes instead of an image: a shell ``command`` (parameters in its environment, run in
-the step's own folder with ``inputs/`` and ``outputs/``) or a ``smif`` model run. Publisher and
+a private folder on the runner with ``inputs/`` and ``outputs/``) or a ``smif`` model run. Publisher and
 visualisation steps become small Python jobs that record what their input steps produced.
 """
 
@@ -323,8 +323,9 @@ def instance_dag(
     jobs = []
     for step_id, step in workflow["spec"]["steps"].items():
         inputs = step.get("inputs", [])
-        for source in (step_id, *inputs):
-            _check_step_id(source, as_input=source != step_id)
+        _check_step_id(step_id)
+        for source in inputs:
+            _check_step_id(source, as_input=True)
         job: dict[str, Any] = {"key": step_id, "after": _needs(step), "model": step["name"]}
         if step["kind"] == "model":
             model = models[step["model_version"]]
@@ -394,5 +395,4 @@ def publish(step_id: str, inputs: list[str], instance_dir: str | None = None) ->
     Its files are its input steps' stored outputs, listed when the instance is read (they
     are rows, not a folder); ``instance_dir`` is accepted, and ignored, from jobs queued by
     an older smifdb."""
-    ids = {k: str(uuid.uuid4()) for k in ("dataset_id", "metadata_id", "version_id")}
-    return ids
+    return {k: str(uuid.uuid4()) for k in ("dataset_id", "metadata_id", "version_id")}
