@@ -510,21 +510,61 @@ def runner_group() -> None:
     is_flag=True,
     help="Exit 0 once nothing is waiting, ready or running anywhere.",
 )
+@click.option(
+    "--api",
+    "api_urls",
+    metavar="URL[,URL…]",
+    help="Reach the queue through these API processes instead of the database (no DSN "
+    "needed): tried in turn, failing over. The token comes from $SMIFDB_API_TOKEN or "
+    "--token-file and must be of role runner.",
+)
+@click.option(
+    "--token-file",
+    type=click.Path(dir_okay=False),
+    help="File holding the runner's API token (read again if the API refuses it).",
+)
 @_wait_for_database
 @_log_options
 @click.pass_context
-def runner_run(ctx: click.Context, name: str | None, log_level: str, log_format: str, **kw) -> None:
+def runner_run(
+    ctx: click.Context,
+    name: str | None,
+    log_level: str,
+    log_format: str,
+    api_urls: str | None,
+    token_file: str | None,
+    **kw,
+) -> None:
     """Claim ready jobs and run them, until stopped (SIGTERM/SIGINT drain gracefully)."""
     if name is not None:
         runner_rows.check_name(name)
+    if token_file and not api_urls:
+        raise BadInput("--token-file is for a runner with --api")
     _setup_logging(log_level, log_format)
-    config = _runner_config(name, **kw)
-    dsn = _dsn(ctx)
-    _check_database(dsn, kw["wait_for_database"])
-    runner = Runner(dsn, config)
+    if api_urls:
+        if ctx.get_parameter_source("poll") is click.core.ParameterSource.DEFAULT:
+            kw["poll"] = 30.0  # the API's wait answers when work is ready: polls are a fallback
+        config = _runner_config(name, **kw)
+        runner = _http_runner(api_urls, token_file, config, kw["wait_for_database"])
+    else:
+        config = _runner_config(name, **kw)
+        dsn = _dsn(ctx)
+        _check_database(dsn, kw["wait_for_database"])
+        runner = Runner(dsn, config)
     runner.install_signal_handlers()
     code = runner.run()  # RunnerNameInUse, like every smifdb.errors.Error: exit 2
     _exit(code, runner)
+
+
+def _http_runner(urls: str, token_file: str | None, config: RunnerConfig, wait: float) -> Runner:
+    """A runner that reaches only the API: checked reachable (within ``wait``) and its token
+    accepted before it starts."""
+    from smifdb.transport import http
+
+    token = http.Token(file=Path(token_file) if token_file else None)
+    api = http.Api([u for u in urls.split(",") if u.strip()], token)
+    http.check(api, wait)
+    return Runner(None, config, transport=http.HttpTransport(api), data=http.HttpData(api))
 
 
 def _exit(code: int, runner: Runner) -> None:

@@ -1,18 +1,22 @@
 """The runner: claim ready jobs, run them outside any transaction, record how they ended.
 
-Two threads share nothing but in-memory job state; each has its own connection:
+Two threads share nothing but in-memory job state; each has its own channel to the queue
+(smifdb.transport: a PostgreSQL connection, or requests to the API for a runner that reaches
+only the API; the runner is the same either way):
 
 - the main loop claims up to the free slots in one short transaction, starts attempts in a
   thread pool, and records finished attempts in batches (one transaction per batch);
 - the heartbeat updates the runner's row, renews long leases, stops cancelled attempts and
-  rescues jobs of dead runners; between beats its connection LISTENs for ready work and
-  cancellations and wakes the main loop (unless ``listen`` is off: then the main loop polls,
-  and no session state is kept, as PgBouncer's transaction pooling needs).
+  rescues jobs of dead runners; between beats a direct runner's heartbeat connection LISTENs
+  for ready work and cancellations and wakes the main loop (unless ``listen`` is off: then the
+  main loop polls, and no session state is kept, as PgBouncer's transaction pooling needs).
+  An HTTP runner has a third thread instead, long-polling the API's ``wait``.
 
-Jobs with files open data connections of their own (smifdb.files), only while they move files.
+Jobs with files move them through smifdb.files (data connections of their own, opened only
+while they move files, or the API's blob routes).
 
-Database outages are survived: attempts keep running, outcomes queue up in memory, and every
-thread reconnects with backoff. Recording is fenced by lease owner and attempt, so whatever is
+Outages are survived: attempts keep running, outcomes queue up in memory, and every thread
+reconnects with backoff. Recording is fenced by lease owner and attempt, so whatever is
 written late or twice changes nothing it should not.
 """
 
@@ -30,13 +34,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import psycopg
 
-from smifdb import db, kinds, logs, store
+from smifdb import kinds, logs
 from smifdb.cache import DEFAULT_MAX_BYTES as DEFAULT_CACHE_BYTES
 from smifdb.cache import Cache
-from smifdb.db import DB_ERRORS, Backoff
+from smifdb.db import Backoff
 from smifdb.execute import (
     DEFAULT_PYTHON_ALLOW,
     MAX_LOG_BYTES,
@@ -44,15 +49,18 @@ from smifdb.execute import (
     Attempt,
     JobPolicy,
 )
-from smifdb.files import JobFiles
+from smifdb.files import JobFiles, Source
 from smifdb.pgserver import default_home
-from smifdb.store import CANCEL_CHANNEL, FINISHED_CHANNEL, READY_CHANNEL, queue, read
-from smifdb.store import runners as runner_rows
+from smifdb.store import CANCEL_CHANNEL, queue
 from smifdb.store.blobs import DEFAULT_MAX_FILE_BYTES
 from smifdb.store.queue import Outcome
+from smifdb.transport import ERRORS, Channel, Refused, Unstorable
+from smifdb.transport.direct import DirectChannel, DirectTransport
 from smifdb.watchdog import Watchdog
 
 log = logging.getLogger("smifdb.runner")
+UNSTORABLE = (psycopg.DataError, psycopg.errors.ProgramLimitExceeded, Unstorable)
+WAIT = 25.0  # seconds an HTTP runner's wait for work lasts (the API answers sooner if it can)
 LINGER = 0.002  # seconds an outcome may wait for others to share its transaction
 SETTLE_AFTER = 1.0  # most seconds a recheck or a claim to close waits for the next cycle
 
@@ -90,8 +98,20 @@ class RunnerConfig:
 
 
 class Runner:
-    def __init__(self, dsn: str, config: RunnerConfig) -> None:
-        self.dsn = dsn
+    def __init__(
+        self,
+        dsn: str | None,
+        config: RunnerConfig,
+        *,
+        transport: DirectTransport | Any = None,
+        data: Source | None = None,
+    ) -> None:
+        """A direct runner from ``dsn``; or one over ``transport`` (smifdb.transport.http's)
+        whose files come from ``data``."""
+        if transport is None:
+            assert dsn is not None
+            transport = DirectTransport(dsn, listen=config.listen)
+        self.transport = transport
         self.config = config
         self.name = config.name
         self.lock = threading.Lock()
@@ -114,14 +134,15 @@ class Runner:
             threading.Thread(target=self._work, name=f"slot-{i}", daemon=True)
             for i in range(config.slots)
         ]
-        self.conn: psycopg.Connection | None = None
+        self.conn: Channel | None = None  # the main loop's channel
         self.host, self.pid = socket.gethostname(), os.getpid()  # who holds the name
         self.name_taken = False  # another process started under our name while we were silent
+        self.token_refused = False  # the API refused our token for dead_after: stopped
         self.watchdog = Watchdog()
         # Jobs' files: the cache and the attempts' folders share one file system (hard links);
         # data connections open only once a job has files.
         self.files = JobFiles(
-            dsn,
+            data if data is not None else dsn,  # type: ignore[arg-type]
             Cache(config.cache_dir, config.cache_max_bytes),
             config.cache_dir / "work",
             max_file_bytes=config.max_file_bytes,
@@ -156,21 +177,13 @@ class Runner:
         self.config.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._connect_main()
         assert self.conn is not None
-        runner_rows.start(
-            self.conn,
+        # Jobs still leased to this name belong to a dead earlier process of the same name.
+        self.name, report = self.conn.register(
             self.name,
             host=self.host,
             pid=self.pid,
             slots=self.config.slots,
             dead_after=self.config.dead_after,
-        )
-        # Jobs still leased to this name belong to a dead earlier process of the same name.
-        report = queue.rescue(
-            self.conn,
-            self.name,
-            dead_after=self.config.dead_after,
-            owner=self.name,
-            force=True,
             max_losses=self.config.max_runner_losses,
         )
         if report.recorded:
@@ -188,6 +201,8 @@ class Runner:
             extra={"runner": self.name, "slots": self.config.slots},
         )
         threads = [threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)]
+        if hasattr(self.transport, "api"):  # an HTTP runner: long polls for work
+            threads.append(threading.Thread(target=self._wait_loop, name="wait", daemon=True))
         for t in threads + self.workers:
             t.start()
         try:
@@ -198,7 +213,7 @@ class Runner:
             raise
         finally:
             self._shutdown(threads)
-        return 1 if self.name_taken else 0
+        return 1 if self.name_taken or self.token_refused else 0
 
     def request_stop(self, immediate: bool = False) -> None:
         """Stop claiming; running attempts get the grace period (none if ``immediate``)."""
@@ -247,17 +262,18 @@ class Runner:
         self.check_now.set()
         for t in threads:
             t.join(timeout=5)
-        with contextlib.suppress(*DB_ERRORS):
+        with contextlib.suppress(*ERRORS):
             if self.conn is not None:
                 with self.lock:
                     counts = self._take_counts()
-                runner_rows.heartbeat(self.conn, self.name, self.host, self.pid, **counts)
+                self.conn.beat(self.name, self.host, self.pid, counts)
                 if self.release_at_exit:  # before `stopped`, which would let peers rescue them
                     batch = self.release_at_exit
-                    self._recorded(batch, queue.finish(self.conn, self.name, batch))
+                    report = self.conn.cycle(self.name, batch, defer_settle=False)
+                    self._recorded(batch, report)
                 self._settle(now=True)
             if self.conn is not None:
-                runner_rows.set_state(self.conn, self.name, self.host, self.pid, "stopped")
+                self.conn.set_state(self.name, self.host, self.pid, "stopped")
         for _ in self.workers:
             self.todo.put(None)
         self.watchdog.close()
@@ -297,7 +313,7 @@ class Runner:
             if self.on_tick is not None:
                 try:
                     self.on_tick()
-                except (*DB_ERRORS, OSError) as exc:  # a display must never stop the jobs
+                except (*ERRORS, OSError) as exc:  # a display must never stop the jobs
                     log.debug("progress display failed: %s", exc)
             if free > 0 and claimed == free:
                 continue  # more may be ready: claim again as soon as slots free up
@@ -356,8 +372,8 @@ class Runner:
         closing, recheck = self.closing, self.unsettled  # cleared once the commit succeeds
         try:
             try:
-                report = queue.finish(
-                    self.conn,
+                assert self.conn is not None
+                report = self.conn.cycle(
                     self.name,
                     batch,
                     claim_n=max(free, 0),
@@ -365,13 +381,12 @@ class Runner:
                     scope=self.config.scope,
                     close=closing,
                     recheck=recheck,
-                    defer_settle=True,
                 )
                 self.closing, self.unsettled = [], report.unsettled
                 self.cycled_at = time.monotonic()
-            except (psycopg.DataError, psycopg.errors.ProgramLimitExceeded):
+            except UNSTORABLE:
                 report, batch = self._record_apart(batch)  # each one settled after its commit
-        except DB_ERRORS:
+        except ERRORS:
             with self.lock:
                 self.pending = batch + self.pending
             self._lost_connection()
@@ -392,15 +407,8 @@ class Runner:
         if cycle_coming and not now and time.monotonic() - self.cycled_at < SETTLE_AFTER:
             return
         try:
-            report = queue.finish(
-                self.conn,
-                self.name,
-                [],
-                close=self.closing,
-                recheck=self.unsettled,
-                defer_settle=True,
-            )
-        except DB_ERRORS:
+            report = self.conn.cycle(self.name, [], close=self.closing, recheck=self.unsettled)
+        except ERRORS:
             self._lost_connection()
             return
         self.closing, self.unsettled = [], report.unsettled
@@ -431,14 +439,11 @@ class Runner:
         if not wanted or self.active or self.pending or self.conn is None:
             return False
         try:
-            if wf is not None:
-                self.workflow_done = read.finished_status(self.conn, wf)
+            if wf is not None or mr is not None:
+                self.workflow_done = self.conn.finished(self.config.scope)
                 return self.workflow_done is not None
-            if mr is not None:
-                self.workflow_done = read.model_run_finished_status(self.conn, mr)
-                return self.workflow_done is not None
-            return not queue.anything_unfinished(self.conn)
-        except DB_ERRORS:
+            return not self.conn.anything_unfinished()
+        except ERRORS:
             self._lost_connection()
             return False
 
@@ -453,8 +458,8 @@ class Runner:
         if self.conn is not None and not self.stopping.is_set():
             if now >= self.next_retry_check:  # at most once a poll interval
                 try:
-                    due = queue.seconds_until_next_retry(self.conn)
-                except DB_ERRORS:
+                    due = self.conn.next_retry()
+                except ERRORS:
                     self._lost_connection()
                     return min(wait, max(self.retry_at - now, 0.01))
                 self.next_retry_due = now + due if due is not None else float("inf")
@@ -620,14 +625,16 @@ class Runner:
         total, written = queue.FinishReport(), []
         for outcome in batch:
             try:
-                report = queue.finish(self.conn, self.name, [outcome])
-            except (psycopg.DataError, psycopg.errors.ProgramLimitExceeded) as exc:
-                why = f"the outcome could not be stored: {exc.diag.message_primary or exc}"
+                report = self.conn.cycle(self.name, [outcome], defer_settle=False)
+            except UNSTORABLE as exc:
+                diag = getattr(exc, "diag", None)
+                detail = (diag.message_primary if diag is not None else None) or exc
+                why = f"the outcome could not be stored: {detail}"
                 log.error(
                     "job %d: %s", outcome.job_id, why, extra=logs.job_fields(outcome, "unstorable")
                 )
                 outcome = outcome.without_data(why)
-                report = queue.finish(self.conn, self.name, [outcome])
+                report = self.conn.cycle(self.name, [outcome], defer_settle=False)
             written.append(outcome)
             total.recorded += report.recorded
             total.finished_workflows.update(report.finished_workflows)
@@ -651,21 +658,20 @@ class Runner:
             return False
         try:
             self.conn = self._connect()
-            if not runner_rows.heartbeat(self.conn, self.name, self.host, self.pid):
+            released = self.conn.reconnect(self.name, self.host, self.pid, self._known_job_ids())
+            if released is None:
                 # Cut off past dead_after, and another process took the name: the jobs leased
                 # to it now are that process's, not ours to hand back.
                 self._name_taken()
                 return True
-            known = self._known_job_ids()
-            released = queue.release_unknown(self.conn, self.name, known)
-        except DB_ERRORS as exc:
+        except ERRORS as exc:
             if self.conn is not None:
                 self.conn.close()
             self.conn = None
             self.retry_at = time.monotonic() + self.backoff.next()
             log.debug("database still unreachable: %s", exc)
             return False
-        log.warning("reconnected to the database")
+        log.warning("reconnected to the %s", self._where)
         logs.taken_back(log, released.taken, "released")
         self.backoff.reset()
         return True
@@ -676,7 +682,9 @@ class Runner:
 
     def _lost_connection(self) -> None:
         if self.conn is not None:
-            log.warning("lost the database connection; running jobs continue, results are kept")
+            log.warning(
+                "lost the %s connection; running jobs continue, results are kept", self._where
+            )
             with contextlib.suppress(Exception):
                 self.conn.close()
         self.conn = None
@@ -688,8 +696,12 @@ class Runner:
 
     # -- heartbeat ------------------------------------------------------------------------
 
+    @property
+    def _where(self) -> str:
+        return "API" if hasattr(self.transport, "api") else "database"
+
     def _heartbeat_loop(self) -> None:
-        conn: psycopg.Connection | None = None
+        conn: Channel | None = None
         backoff = Backoff()
         up_since = 0.0
         failing = False
@@ -699,8 +711,8 @@ class Runner:
             try:
                 if conn is None or conn.closed:
                     conn = self._connect()
-                    if self.config.listen:
-                        store.listen(conn, READY_CHANNEL, CANCEL_CHANNEL, FINISHED_CHANNEL)
+                    if isinstance(conn, DirectChannel) and self.transport.listens:
+                        conn.listen()
                         self.wake.set()  # anything could have happened while we were not listening
                     up_since = time.monotonic()
                     backoff.reset()
@@ -714,11 +726,13 @@ class Runner:
                 if now >= next_rescue and now - up_since >= self.config.dead_after:
                     self._rescue(conn)
                     next_rescue = now + self.config.heartbeat * random.uniform(3, 6)
-                if self.config.listen:
+                if isinstance(conn, DirectChannel) and self.transport.listens:
                     self._hear(conn, time.monotonic() + self.config.heartbeat)
                     continue
                 wait = self.config.heartbeat
-            except DB_ERRORS as exc:
+            except ERRORS as exc:
+                if isinstance(exc, Refused):
+                    self._refused()
                 if not failing:
                     log.warning(
                         "cannot heartbeat: %s; claiming no jobs until it can (running ones go on)",
@@ -736,7 +750,7 @@ class Runner:
         if conn is not None:
             conn.close()
 
-    def _hear(self, conn: psycopg.Connection, until: float) -> None:
+    def _hear(self, conn: DirectChannel, until: float) -> None:
         """Until the next beat: wake the main loop on each notification; a cancel, or a stop,
         ends the wait (the next beat stops the cancelled attempts). Checks for a stop every
         0.25 s, since notifies() cannot wait on an Event."""
@@ -744,41 +758,60 @@ class Runner:
             left = until - time.monotonic()
             if left <= 0:
                 break
-            for note in conn.notifies(timeout=min(left, 0.25)):
+            for channel in conn.hear(min(left, 0.25)):
                 self.wake.set()
-                if note.channel == CANCEL_CHANNEL:
+                if channel == CANCEL_CHANNEL:
                     return
         self.check_now.clear()
 
-    def _connect(self) -> psycopg.Connection:
-        """Without LISTEN the runner keeps no session state, and no prepared statements
-        (which a transaction-pooling PgBouncer before 1.21 cannot carry between clients)."""
-        if self.config.listen:
-            return db.connect(self.dsn, connect_timeout=5)
-        return db.connect(self.dsn, connect_timeout=5, prepare_threshold=None)
+    def _connect(self) -> Channel:
+        return self.transport.connect()
 
-    def _beat(self, conn: psycopg.Connection) -> None:
+    def _wait_loop(self) -> None:
+        """An HTTP runner's ear: the API's wait answers when work may be ready (its one LISTEN
+        heard of it), and this wakes the main loop, as a direct runner's LISTEN does."""
+        after: str | None = None
+        backoff = Backoff()
+        while not self.closed.is_set():
+            try:
+                answer = self.transport.connect().wait(after, WAIT)
+            except ERRORS:
+                self.closed.wait(backoff.next())
+                after = None
+                continue
+            backoff.reset()
+            after = answer["token"]
+            if answer["woken"]:
+                self.wake.set()
+            if answer["cancel"]:
+                self.check_now.set()
+
+    def _beat(self, conn: Channel) -> None:
         with self.lock:
             counts = self._take_counts()
             attempts = dict(self.active)
         try:
-            ours = runner_rows.heartbeat(conn, self.name, self.host, self.pid, **counts)
-        except DB_ERRORS:
+            beat = conn.beat(
+                self.name,
+                self.host,
+                self.pid,
+                counts,
+                draining=self.stopping.is_set(),
+                job_ids=sorted(attempts),
+                lease=self.config.lease,
+            )
+        except ERRORS:
             with self.lock:
                 for key, n in counts.items():
                     self.counts[key] += n
             raise
-        if not ours:
+        if not beat.ours:
             self._name_taken()
             return
         first, self.beat_at = self.beat_at is None, time.monotonic()
         if first or self.held_back:
             self.wake.set()  # the main loop may claim now
-        if self.stopping.is_set():
-            runner_rows.set_state(conn, self.name, self.host, self.pid, "draining")
-        ids = sorted(attempts)
-        queue.renew_leases(conn, self.name, ids, self.config.lease)
-        for job_id in queue.cancel_requested(conn, self.name, ids):
+        for job_id in beat.cancel:
             attempt = attempts[job_id]
             if not attempt.stop_reason:
                 log.info(
@@ -787,6 +820,21 @@ class Runner:
                     extra=self._job_fields(attempt.job, "cancelling"),
                 )
                 self._stop_attempt(attempt, "cancelled")
+
+    def _refused(self) -> None:
+        """The API refuses our token (revoked, expired): once that has lasted dead_after our
+        jobs are being rescued by peers, so stop; nothing we record would be accepted."""
+        since = getattr(self.transport.api, "refused_since", None)
+        if since is None or time.monotonic() - since < self.config.dead_after:
+            return
+        if not self.token_refused:
+            log.error(
+                "the API has refused this runner's token for %.0f s: stopping",
+                time.monotonic() - since,
+                extra={"runner": self.name},
+            )
+        self.token_refused = True
+        self.request_stop(immediate=True)
 
     def _name_taken(self) -> None:
         """Another process runs under our name: it has taken back the jobs we held when it
@@ -801,16 +849,12 @@ class Runner:
         self.name_taken = True
         self.request_stop(immediate=True)
 
-    def _rescue(self, conn: psycopg.Connection) -> None:
-        lost = runner_rows.mark_lost(conn, self.config.dead_after)
+    def _rescue(self, conn: Channel) -> None:
+        lost, report = conn.rescue(
+            self.name, dead_after=self.config.dead_after, max_losses=self.config.max_runner_losses
+        )
         if lost:
             log.warning("runner(s) %s stopped heartbeating", ", ".join(lost))
-        report = queue.rescue(
-            conn,
-            self.name,
-            dead_after=self.config.dead_after,
-            max_losses=self.config.max_runner_losses,
-        )
         if report.recorded:
             log.warning("rescued %d job(s) from dead runners", len(report.recorded))
             logs.taken_back(log, report.taken, "rescued")

@@ -566,6 +566,8 @@ def test_viewers_and_runners_change_nothing_on_any_route(app, dsn, conn) -> None
                 if public or path == "/logout":
                     continue
                 for role, token in tokens.items():
+                    if role == "runner" and path.startswith("/api/runner/"):
+                        continue  # the runner protocol is what a runner token is for
                     response = c.request(method, path, json=DAG, headers=bearer(token))
                     assert response.status_code == 403, (role, method, path, response.text)
                     checked += 1

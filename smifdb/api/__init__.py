@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import os
 from collections.abc import AsyncIterator, Iterable
@@ -13,9 +14,10 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
 from smifdb import store
-from smifdb.api import cpu, dafni, dashboard, metrics, openapi, session, v1
+from smifdb.api import cpu, dafni, dashboard, metrics, openapi, runners, session, v1
 from smifdb.api.errors import HANDLERS
 from smifdb.api.security import Guard, Settings
+from smifdb.api.wakeup import Wakeup
 
 MAX_BODY = 1_000_000  # bytes
 # scrypt (~70 ms of CPU each) in at most half the cores: a flood of sign-ins leaves the others
@@ -64,15 +66,18 @@ def create_app(
             store.check_schema(conn)
         app.state.pool = pool
         app.state.hash_limiter = anyio.CapacityLimiter(HASHING_THREADS)
+        app.state.wakeup = Wakeup(dsn)  # listens once a runner waits
         try:
             yield
         finally:
+            app.state.wakeup.close()
             pool.close()
 
     app = Starlette(
         routes=[
             *session.ROUTES,
             *v1.ROUTES,
+            *runners.ROUTES,
             *dafni.ROUTES,
             *openapi.ROUTES,
             *metrics.ROUTES,
@@ -87,4 +92,5 @@ def create_app(
     app.state.security = settings
     app.state.dead_after = dead_after
     app.state.parse_limiter = cpu.limiter(parse_threads)
+    app.state.runner_requests = collections.Counter()  # this process's, for /metrics
     return app

@@ -1,8 +1,10 @@
 """Prometheus metrics at /metrics, read from the database on each scrape.
 
-The API keeps no state and runs as many copies as you like, so nothing is counted in process
-memory: each scrape reads one snapshot (smifdb.store.metrics) and renders it through a
-collector in a registry made for that request. Runners need not be reachable. When the
+The API keeps no state and runs as many copies as you like, so what the queue holds is never
+counted in process memory: each scrape reads one snapshot (smifdb.store.metrics) and renders
+it through a collector in a registry made for that request. The one exception is about the
+process itself: how many runner-protocol requests it has answered, by operation
+(``smifdb_api_runner_requests_total``), as each scraped process's own counter. Runners need not be reachable. When the
 database is not, the answer is still 200 with ``smifdb_up 0``, as Prometheus exporters do.
 """
 
@@ -146,6 +148,21 @@ def _per_runner(runners: list[rows.Runner]) -> Iterator[Metric]:
     yield from (slots, busy, age, attempts, claims)
 
 
+class RequestsCollector:
+    def __init__(self, counts: dict[str, int]) -> None:
+        self.counts = counts
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(
+            "smifdb_api_runner_requests",
+            "runner-protocol requests this API process has answered, by operation",
+            labels=["op"],
+        )
+        for op, n in sorted(self.counts.items()):
+            family.add_metric([op], n)
+        yield family
+
+
 def read(request: Request) -> tuple[rows.Snapshot | None, float]:
     """A snapshot and the seconds it took; None if the database could not be read."""
     start = time.perf_counter()
@@ -162,6 +179,7 @@ async def metrics(request: Request) -> Response:
     snap, seconds = await run_in_threadpool(read, request)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(SnapshotCollector(snap, seconds))
+    registry.register(RequestsCollector(dict(request.app.state.runner_requests)))
     encode, content_type = choose_encoder(request.headers.get("accept", ""))
     return Response(
         encode(registry), headers={"Content-Type": content_type, "Cache-Control": "no-store"}

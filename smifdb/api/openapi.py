@@ -69,6 +69,7 @@ REASONS = {
     409: "conflicts with the current state",
     413: "request body too large",
     415: "the body must be sent as application/json",
+    422: "PostgreSQL refused an outcome as data: record it apart",
     429: "too many failed sign-ins: wait Retry-After seconds",
 }
 
@@ -572,6 +573,36 @@ PATHS: dict[str, dict[str, dict]] = {
         }
     },
 }
+
+
+def _runner_paths() -> dict[str, dict[str, dict]]:
+    """The runner protocol (smifdb.api.runners): tokens of role runner only."""
+    from smifdb.api import runners
+
+    tag = "runner protocol"
+    paths: dict[str, dict[str, dict]] = {
+        f"{runners.PREFIX}/{op}": {
+            "post": _op(summary, tag=tag, body=ANY_OBJECT, errors=(400, 413, 409, 422))
+        }
+        for op, (_, summary) in runners.OPS.items()
+    }
+    sha = [_path("sha256", {"type": "string", "pattern": "^[0-9a-f]{64}$"})]
+    paths[f"{runners.PREFIX}/blobs/{{sha256}}"] = {
+        "get": _op("a blob's bytes, streamed", tag=tag, params=sha, errors=(400, 404)),
+        "put": _op(
+            "store a blob (its sha256 checked against the name)",
+            tag=tag,
+            params=sha,
+            body={"type": "string", "format": "binary"},
+            body_type="application/octet-stream",
+            ok=(204, "stored"),
+            errors=(400, 413),
+        ),
+    }
+    return paths
+
+
+PATHS.update(_runner_paths())
 
 
 def document() -> dict:

@@ -47,7 +47,7 @@ ANY_ROLE = re.compile(r"/logout|/api/auth/me")
 RUNNER_PROTOCOL = re.compile(r"/api/runner/.*")
 # Bodies here must be JSON (a cross-site form can send only form and text/plain bodies);
 # DAFNI's routes keep the types dafni-cli sends.
-JSON_BODIES = re.compile(r"/api/.*")
+JSON_BODIES = re.compile(r"/api/(?!runner/v1/blobs/).*")  # runners upload blobs as they are
 
 
 @dataclass(frozen=True)
@@ -227,6 +227,8 @@ def _role_refusal(user: auth.User, method: str, path: str) -> str | None:
         return None
     if user.role == "runner":
         return None if RUNNER_PROTOCOL.fullmatch(path) else "a runner token may only run jobs"
+    if RUNNER_PROTOCOL.fullmatch(path):
+        return f"user {user.name!r} is a {user.role}: only a runner token may run jobs"
     if method not in SAFE_METHODS and user.role == "viewer":
         return f"user {user.name!r} is a viewer: it may only read"
     return None

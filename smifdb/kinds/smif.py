@@ -28,7 +28,6 @@ from typing import Any, ClassVar
 from smifdb import snapshot, workspace
 from smifdb.cache import PRISTINE_MTIME_NS, CacheError
 from smifdb.execute import Attempt, run_process
-from smifdb.store import blobs
 from smifdb.store.blobs import FileEntry
 from smifdb.store.queue import Outcome
 
@@ -111,13 +110,7 @@ class Smif:
         payload, files = attempt.job.payload, attempt.files
         run_id = payload["model_run_id"]
 
-        from smifdb.store import modelruns  # it imports the spec, which imports the kinds
-
-        def read(conn: Any) -> tuple[list[FileEntry], list[FileEntry]]:
-            project, _ = snapshot.split(blobs.model_run_files(conn, run_id))
-            return project, modelruns.result_files(conn, run_id)
-
-        project, results = files.with_conn(read)
+        project, results = files.model_run_inputs(run_id)
         if not project:
             raise RuntimeError(f"model run {run_id} has no stored project snapshot")
         source = self._project(attempt, run_id, project)

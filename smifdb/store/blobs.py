@@ -160,6 +160,10 @@ def check_path(path: str) -> str:
     return normal
 
 
+def is_sha256(value: object) -> bool:
+    return isinstance(value, str) and _HEX.fullmatch(value) is not None
+
+
 def check_sha256(sha256: str) -> bytes:
     """The 32 bytes of a sha256 given as 64 lowercase hex characters; BadInput else."""
     if not isinstance(sha256, str) or not _HEX.fullmatch(sha256):

@@ -92,3 +92,16 @@ def job_inputs(
     if inputs:
         found += outputs_by_key(conn, workflow_id, inputs)
     return found
+
+
+def model_run_inputs(
+    conn: psycopg.Connection, model_run_id: int
+) -> tuple[list[FileEntry], list[FileEntry]]:
+    """What a smif job's folder holds: its model run's project snapshot (not the results the
+    snapshot was taken with), and the results stored since."""
+    from smifdb import snapshot  # (it imports the spec, which imports the kinds)
+    from smifdb.store import modelruns
+    from smifdb.store.blobs import model_run_files
+
+    project, _ = snapshot.split(model_run_files(conn, model_run_id))
+    return project, modelruns.result_files(conn, model_run_id)

@@ -1,0 +1,177 @@
+"""Runners that reach only the API (--api URL and a token of role runner): real processes in a
+mount namespace where the database's socket folder and the submitter's folder are empty."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from credentials import user_token
+from processes import FAST, PY, free_port, hide, require_namespaces, wait_for
+from psycopg import conninfo
+from test_files import finish, jobs, stored, submit, write_spec
+
+FAN = {
+    "name": "fan",
+    "files": ["data"],
+    "jobs": [
+        {
+            "key": "split",
+            "command": "mkdir -p out && cp data/in.txt out/part.txt",
+            "outputs": ["out/*"],
+        },
+        *(
+            {
+                "key": f"w{i}",
+                "command": f"mkdir -p out && (cat split/out/part.txt; echo {i}) > out/r.txt",
+                "after": ["split"],
+                "inputs": ["split"],
+                "outputs": ["out/*"],
+            }
+            for i in range(4)
+        ),
+        {
+            "key": "join",
+            "command": "cat w0/out/r.txt w1/out/r.txt w2/out/r.txt w3/out/r.txt",
+            "after": [f"w{i}" for i in range(4)],
+            "inputs": [f"w{i}" for i in range(4)],
+        },
+    ],
+}
+
+
+def api_serve(dsn: str, tmp: Path) -> tuple[str, subprocess.Popen]:
+    port = free_port()
+    log = open(tmp / "api.log", "ab")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(
+        [PY, "-m", "smifdb.cli", "--dsn", dsn, "api", "serve", "--port", str(port)],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        import socket
+
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", port)) == 0
+
+    wait_for(up, what="the API to listen")
+    return url, proc
+
+
+def http_runner(url: str, token: str, tmp: Path, name: str, hidden: list[Path], *args: str):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SMIFDB_", "PG"))}
+    env["SMIFDB_API_TOKEN"] = token
+    prefix: list[str] = []
+    for folder in hidden:
+        prefix += hide(folder)
+    log = open(tmp / f"{name}.log", "ab")  # noqa: SIM115 - closed with the process
+    return subprocess.Popen(
+        [
+            *prefix,
+            PY,
+            "-m",
+            "smifdb.cli",
+            "runner",
+            "run",
+            "--api",
+            url,
+            "--name",
+            name,
+            "--cache-dir",
+            str(tmp / name / "cache"),
+            "--log-dir",
+            str(tmp / name / "logs"),
+            *FAST,
+            *args,
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env=env,
+        cwd=tmp,
+    )
+
+
+def socket_folder(dsn: str) -> list[Path]:
+    host = conninfo.conninfo_to_dict(dsn).get("host") or ""
+    return [Path(host)] if host.startswith("/") else []
+
+
+def test_http_runners_run_a_fan_out_fan_in_dag_with_files_without_the_database(
+    dsn, conn, tmp_path
+) -> None:
+    require_namespaces(tmp_path)
+    submitter = tmp_path / "submitter"
+    (submitter / "data").mkdir(parents=True)
+    (submitter / "data" / "in.txt").write_text("payload\n")
+    wf = submit(dsn, write_spec(submitter, FAN))
+    url, api = api_serve(dsn, tmp_path)
+    token = user_token(dsn, "node", role="runner")
+    work = tmp_path / "machines"
+    work.mkdir()
+    hidden = [submitter, *socket_folder(dsn)]
+    runners = [http_runner(url, token, work, f"h{i}", hidden, "--slots", "2") for i in range(2)]
+    try:
+        assert finish(conn, wf, 90) == "succeeded", (work / "h0.log").read_text()
+        rows = jobs(conn, wf)
+        assert rows["join"]["log_tail"].splitlines() == [
+            line for i in range(4) for line in ("payload", str(i))
+        ]
+        assert all(r["attempts"] == 1 for r in rows.values())
+        assert sorted(stored(conn, wf)) == ["split", "w0", "w1", "w2", "w3"]
+        names = {r[0] for r in conn.execute("SELECT name FROM runners")}
+        assert names == {"node/h0", "node/h1"}
+        # No runner process connected to PostgreSQL: every session is the API's.
+        apps = {
+            r[0]
+            for r in conn.execute(
+                "SELECT DISTINCT application_name FROM pg_stat_activity WHERE datname = current_database()"
+                " AND pid <> pg_backend_pid()"
+            )
+        }
+        assert not any("runner" in a for a in apps), apps
+    finally:
+        for p in runners:
+            p.terminate()
+        for p in runners:
+            p.wait(30)
+        api.kill()
+        api.wait()
+    for p in runners:
+        assert p.returncode == 0
+
+
+def test_a_runner_token_is_needed(dsn, tmp_path) -> None:
+    url, api = api_serve(dsn, tmp_path)
+    try:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SMIFDB_")}
+        bad = subprocess.run(
+            [PY, "-m", "smifdb.cli", "runner", "run", "--api", url, "--slots", "1"],
+            capture_output=True,
+            text=True,
+            env={**env, "SMIFDB_API_TOKEN": "nope"},
+            timeout=60,
+        )
+        assert bad.returncode == 2 and "refused" in bad.stderr, bad.stderr
+        admin = user_token(dsn, "boss", role="admin")
+        wrong = subprocess.run(
+            [PY, "-m", "smifdb.cli", "runner", "run", "--api", url, "--slots", "1"],
+            capture_output=True,
+            text=True,
+            env={**env, "SMIFDB_API_TOKEN": admin},
+            timeout=60,
+        )
+        assert wrong.returncode == 2 and "runner" in wrong.stderr, wrong.stderr
+        none = subprocess.run(
+            [PY, "-m", "smifdb.cli", "runner", "run", "--api", url, "--slots", "1"],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=60,
+        )
+        assert none.returncode == 2 and "SMIFDB_API_TOKEN" in none.stderr, none.stderr
+    finally:
+        api.kill()
+        api.wait()
