@@ -175,3 +175,80 @@ def test_a_runner_token_is_needed(dsn, tmp_path) -> None:
     finally:
         api.kill()
         api.wait()
+
+
+def slow_jobs(n: int, seconds: float) -> dict:
+    return {
+        "name": "slow",
+        "jobs": [
+            {"key": f"j{i}", "command": f"sleep {seconds}", "max_attempts": 3} for i in range(n)
+        ],
+    }
+
+
+def running_under(conn, owner: str, n: int) -> bool:
+    return (
+        conn.execute(
+            "SELECT count(*) FROM jobs WHERE status = 'running' AND lease_owner = %s", [owner]
+        ).fetchone()[0]
+        == n
+    )
+
+
+def test_sigkill_of_an_http_runner_mid_job_rescues_its_jobs(dsn, conn, tmp_path) -> None:
+    wf = submit(dsn, write_spec(tmp_path / "spec", slow_jobs(2, 3)))
+    url, api = api_serve(dsn, tmp_path)
+    token = user_token(dsn, "node", role="runner")
+    doomed = http_runner(url, token, tmp_path, "h0", [], "--slots", "2")
+    other = None
+    try:
+        wait_for(lambda: running_under(conn, "node/h0", 2), 60, "both jobs on h0")
+        doomed.kill()
+        doomed.wait()
+        other = http_runner(url, token, tmp_path, "h1", [], "--slots", "2")
+        assert finish(conn, wf, 90) == "succeeded", (tmp_path / "h1.log").read_text()
+        rows = jobs(conn, wf)
+        assert all(r["status"] == "succeeded" and r["attempts"] == 2 for r in rows.values())
+        assert "rescued" in (tmp_path / "h1.log").read_text()
+    finally:
+        for p in (doomed, other):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        api.kill()
+        api.wait()
+
+
+def test_a_revoked_token_stops_its_runner_and_its_jobs_are_rescued(dsn, conn, tmp_path) -> None:
+    from smifdb import db
+    from smifdb.store import auth
+
+    wf = submit(dsn, write_spec(tmp_path / "spec", slow_jobs(1, 4)))
+    url, api = api_serve(dsn, tmp_path)
+    revoked = user_token(dsn, "gone", role="runner")
+    kept = user_token(dsn, "kept", role="runner")
+    victim = http_runner(url, revoked, tmp_path, "v", [], "--slots", "1")
+    rescuer = None
+    try:
+        wait_for(lambda: running_under(conn, "gone/v", 1), 60, "the job on the revoked runner")
+        with db.connect(dsn) as c:
+            for row in auth.api_tokens(c, "gone"):
+                auth.revoke_api_token(c, row["id"])
+        rescuer = http_runner(url, kept, tmp_path, "k", [], "--slots", "1")
+        assert victim.wait(30) == 1  # refused for --dead-after: it stops
+        assert finish(conn, wf, 90) == "succeeded"
+        row = jobs(conn, wf)["j0"]
+        assert row["attempts"] == 2
+        owner = conn.execute(
+            "SELECT lease_owner FROM jobs WHERE workflow_id = %s", [wf]
+        ).fetchone()[0]
+        assert owner in (None, "kept/k")
+        log = (tmp_path / "v.log").read_text()
+        assert "refused the runner's token (401)" in log and "stopping" in log, log
+    finally:
+        for p in (victim, rescuer):
+            if p is not None and p.poll() is None:
+                p.kill()
+                p.wait()
+        api.kill()
+        api.wait()
