@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import time
 from pathlib import Path
 
 from credentials import user_token
@@ -41,8 +42,8 @@ FAN = {
 }
 
 
-def api_serve(dsn: str, tmp: Path) -> tuple[str, subprocess.Popen]:
-    port = free_port()
+def api_serve(dsn: str, tmp: Path, port: int | None = None) -> tuple[str, subprocess.Popen]:
+    port = port or free_port()
     log = open(tmp / "api.log", "ab")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(
         [PY, "-m", "smifdb.cli", "--dsn", dsn, "api", "serve", "--port", str(port)],
@@ -250,5 +251,31 @@ def test_a_revoked_token_stops_its_runner_and_its_jobs_are_rescued(dsn, conn, tm
             if p is not None and p.poll() is None:
                 p.kill()
                 p.wait()
+        api.kill()
+        api.wait()
+
+
+def test_the_api_killed_and_restarted_mid_run_loses_nothing(dsn, conn, tmp_path) -> None:
+    wf = submit(dsn, write_spec(tmp_path / "spec", slow_jobs(4, 3)))
+    port = free_port()
+    url, api = api_serve(dsn, tmp_path, port)
+    token = user_token(dsn, "node", role="runner")
+    runner = http_runner(url, token, tmp_path, "h0", [], "--slots", "4")
+    try:
+        wait_for(lambda: running_under(conn, "node/h0", 4), 60, "all jobs running")
+        api.kill()  # SIGKILL, mid-run: the jobs finish while no API answers
+        api.wait()
+
+        time.sleep(4)
+        _, api = api_serve(dsn, tmp_path, port)
+        assert finish(conn, wf, 90) == "succeeded", (tmp_path / "h0.log").read_text()
+        rows = jobs(conn, wf)
+        assert all(r["attempts"] == 1 for r in rows.values())  # nothing rerun or lost
+        assert runner.poll() is None, "the runner died with the API"
+        assert "lost the API connection" in (tmp_path / "h0.log").read_text()
+    finally:
+        if runner.poll() is None:
+            runner.kill()
+            runner.wait()
         api.kill()
         api.wait()
