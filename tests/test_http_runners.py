@@ -13,6 +13,8 @@ from processes import FAST, PY, free_port, hide, require_namespaces, wait_for
 from psycopg import conninfo
 from test_files import finish, jobs, stored, submit, write_spec
 
+from smifdb.api import POOL_SIZE
+
 FAN = {
     "name": "fan",
     "files": ["data"],
@@ -277,5 +279,64 @@ def test_the_api_killed_and_restarted_mid_run_loses_nothing(dsn, conn, tmp_path)
         if runner.poll() is None:
             runner.kill()
             runner.wait()
+        api.kill()
+        api.wait()
+
+
+def runner_requests(url: str) -> dict[str, float]:
+    import urllib.request
+
+    text = urllib.request.urlopen(f"{url}/metrics", timeout=30).read().decode()
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("smifdb_api_runner_requests_total{"):
+            op = line.split('op="', 1)[1].split('"', 1)[0]
+            found[op] = float(line.rsplit(" ", 1)[1])
+    return found
+
+
+def test_idle_http_runners_add_no_connections_and_claim_nothing(dsn, conn, tmp_path) -> None:
+    """30 idle HTTP runners: PostgreSQL sees the API's sessions only, and while nothing is
+    ready they send no claim or other query, only heartbeats and long polls."""
+    url, api = api_serve(dsn, tmp_path)
+    token = user_token(dsn, "node", role="runner")
+    others = (
+        "SELECT application_name FROM pg_stat_activity"
+        " WHERE datname = current_database() AND pid <> pg_backend_pid()"
+    )
+    # The API's pool and its one listening connection, once a runner has waited.
+    idle = ("--slots", "1", "--heartbeat", "1", "--dead-after", "5", "--poll", "30")
+    first = http_runner(url, token, tmp_path, "r0", [], *idle)
+    procs = [first]
+    try:
+        wait_for(lambda: runner_requests(url).get("wait", 0) >= 2, 60, "a first wait")
+        time.sleep(2)
+        procs += [http_runner(url, token, tmp_path, f"r{i}", [], *idle) for i in range(1, 30)]
+        wait_for(
+            lambda: (
+                conn.execute("SELECT count(*) FROM runners WHERE state = 'active'").fetchone()[0]
+                == 30
+            ),
+            120,
+            "30 runners",
+        )
+        time.sleep(3)  # each has claimed nothing, settled, and waits
+        # Only the API's bounded pool and its one listener: nothing per runner.
+        sessions = [row[0] for row in conn.execute(others)]
+        assert set(sessions) <= {"smifdb api", "smifdb api wakeup"}, sessions
+        assert len(sessions) <= POOL_SIZE + 1, sessions
+        assert all(p.poll() is None for p in procs)
+        start = runner_requests(url)
+        time.sleep(5)
+        end = runner_requests(url)
+        grew = {op: end.get(op, 0) - start.get(op, 0) for op in end}
+        idle_ops = {"heartbeat", "wait", "rescue"}
+        assert {op for op, n in grew.items() if n} <= idle_ops, grew
+        assert grew.get("heartbeat", 0) >= 30  # each runner still beats
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
         api.kill()
         api.wait()

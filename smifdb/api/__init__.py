@@ -23,6 +23,7 @@ MAX_BODY = 1_000_000  # bytes
 # scrypt (~70 ms of CPU each) in at most half the cores: a flood of sign-ins leaves the others
 # to every other route.
 HASHING_THREADS = max(1, (os.cpu_count() or 2) // 2)
+POOL_SIZE = 8  # connections per API process, however many clients and runners it serves
 
 
 def create_app(
@@ -30,7 +31,7 @@ def create_app(
     *,
     project_dir: str | Path | None = None,
     max_body: int = MAX_BODY,
-    pool_size: int = 8,
+    pool_size: int = POOL_SIZE,
     dead_after: float = 30.0,
     allowed_hosts: Iterable[str] = (),
     bind_host: str | None = None,
@@ -58,7 +59,7 @@ def create_app(
             dsn,
             min_size=1,
             max_size=pool_size,
-            kwargs={"autocommit": True},
+            kwargs={"autocommit": True, "application_name": "smifdb api"},
             open=False,
         )
         pool.open(wait=True, timeout=30)

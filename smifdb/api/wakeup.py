@@ -93,7 +93,9 @@ class Wakeup:
         backoff, failing = Backoff(), False
         while not self._closed.is_set():
             try:
-                with db.connect(self.dsn, connect_timeout=5) as conn:
+                with db.connect(
+                    self.dsn, connect_timeout=5, application_name="smifdb api wakeup"
+                ) as conn:
                     store.listen(conn, READY_CHANNEL, CANCEL_CHANNEL, FINISHED_CHANNEL)
                     self._wake(cancel=True)  # anything may have happened while not listening
                     if failing:
