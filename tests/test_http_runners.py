@@ -8,12 +8,15 @@ import subprocess
 import time
 from pathlib import Path
 
+import psycopg
 from credentials import user_token
 from processes import FAST, PY, free_port, hide, require_namespaces, wait_for
 from psycopg import conninfo
 from test_files import finish, jobs, stored, submit, write_spec
 
+from smifdb import migrate
 from smifdb.api import POOL_SIZE
+from smifdb.pgserver import ThrowawayCluster
 
 FAN = {
     "name": "fan",
@@ -340,3 +343,52 @@ def test_idle_http_runners_add_no_connections_and_claim_nothing(dsn, conn, tmp_p
             p.wait()
         api.kill()
         api.wait()
+
+
+def test_postgres_restarted_under_http_runners_loses_nothing(tmp_path) -> None:
+    """The database stops mid-run: the API answers 5xx, the runners keep their outcomes and
+    wait; once it is back every job is recorded once, in its first attempt."""
+    server = ThrowawayCluster()
+    dsn = server.start()
+    try:
+        migrate.upgrade(dsn)
+        wf = submit(dsn, write_spec(tmp_path / "spec", slow_jobs(4, 3)))
+        url, api = api_serve(dsn, tmp_path)
+        token = user_token(dsn, "node", role="runner")
+        runner = http_runner(url, token, tmp_path, "h0", [], "--slots", "4")
+        try:
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                wait_for(lambda: running_under(conn, "node/h0", 4), 60, "all jobs running")
+            server.cluster.stop(mode="fast")  # every session of the API ends
+            time.sleep(5)  # the jobs finish while the database is down
+            server.cluster.start()
+            with psycopg.connect(dsn, autocommit=True) as conn:
+                assert finish(conn, wf, 90) == "succeeded", (tmp_path / "h0.log").read_text()
+                assert all(r["attempts"] == 1 for r in jobs(conn, wf).values())
+            assert runner.poll() is None, "the runner died with the database"
+        finally:
+            for p in (runner, api):
+                p.kill()
+                p.wait()
+    finally:
+        server.stop()
+
+
+def test_a_runner_with_two_urls_fails_over_when_one_api_dies(dsn, conn, tmp_path) -> None:
+    wf = submit(dsn, write_spec(tmp_path / "spec", slow_jobs(6, 2)))
+    first, api1 = api_serve(dsn, tmp_path)
+    second, api2 = api_serve(dsn, tmp_path)
+    token = user_token(dsn, "node", role="runner")
+    runner = http_runner(url := f"{first},{second}", token, tmp_path, "h0", [], "--slots", "3")
+    try:
+        wait_for(lambda: running_under(conn, "node/h0", 3), 60, "three jobs running")
+        api1.kill()  # the runner's first URL refuses connections from now on
+        api1.wait()
+        assert finish(conn, wf, 90) == "succeeded", (tmp_path / "h0.log").read_text()
+        assert all(r["attempts"] == 1 for r in jobs(conn, wf).values())
+        assert runner.poll() is None, url
+        assert runner_requests(second).get("cycle", 0) > 0  # its outcomes went to the second
+    finally:
+        for p in (runner, api2):
+            p.kill()
+            p.wait()
