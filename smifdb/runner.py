@@ -202,7 +202,8 @@ class Runner:
         )
         threads = [threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)]
         if hasattr(self.transport, "api"):  # an HTTP runner: long polls for work
-            threads.append(threading.Thread(target=self._wait_loop, name="wait", daemon=True))
+            # Not joined at exit: its request may wait WAIT seconds, and it ends by itself.
+            threading.Thread(target=self._wait_loop, name="wait", daemon=True).start()
         for t in threads + self.workers:
             t.start()
         try:
