@@ -21,6 +21,7 @@ import pytest
 import yaml
 from processes import FAST, PY, ApiServer, hide, require_namespaces, wait_for
 from starlette.testclient import TestClient
+from test_http_runners import http_runner, socket_folder
 
 from smifdb.api import create_app
 from smifdb.store import auth
@@ -186,7 +187,12 @@ def stored_outputs(user, base: str, instance_id: str, raw: dict) -> dict[str, di
     return got
 
 
-def test_dafni_cli_upload_list_get_execute_poll_to_succeeded(dafni, tmp_path, procs) -> None:
+@pytest.mark.parametrize("transport", ["direct", "http"])
+def test_dafni_cli_upload_list_get_execute_poll_to_succeeded(
+    dafni, tmp_path, procs, transport
+) -> None:
+    """… run by a direct runner, or by an HTTP runner that reaches neither the database nor
+    any file here: only the API's URL, with a runner token."""
     user = session.DAFNISession.login("alice", PASSWORD)
     model_version = upload_model(user, tmp_path)
     models = parse_models(models_api.get_all_models(user))
@@ -225,13 +231,18 @@ def test_dafni_cli_upload_list_get_execute_poll_to_succeeded(dafni, tmp_path, pr
     # The runner as on another machine: the folder of every file here (dafni-cli's, the
     # server's) is an empty tmpfs in its mount namespace; steps' data reach it by the store.
     require_namespaces(tmp_path)
-    runner_log = open(tmp_path / "runner.log", "ab")  # noqa: SIM115 - closed at the end
-    argv = ["runner", "run", "--slots", "2", "--cache-dir", str(tmp_path / "cache"), *FAST]
-    runner = subprocess.Popen(
-        [*hide(tmp_path), PY, "-m", "smifdb.cli", "--dsn", procs.dsn, *argv],
-        stdout=runner_log,
-        stderr=subprocess.STDOUT,
-    )
+    if transport == "http":
+        token = credentials.user_token(procs.dsn, "node", role="runner")
+        hidden = [tmp_path, *socket_folder(procs.dsn)]
+        runner = http_runner(dafni, token, tmp_path, "h0", hidden, "--slots", "2")
+    else:
+        runner_log = open(tmp_path / "runner.log", "ab")  # noqa: SIM115 - closed at the end
+        argv = ["runner", "run", "--slots", "2", "--cache-dir", str(tmp_path / "cache"), *FAST]
+        runner = subprocess.Popen(
+            [*hide(tmp_path), PY, "-m", "smifdb.cli", "--dsn", procs.dsn, *argv],
+            stdout=runner_log,
+            stderr=subprocess.STDOUT,
+        )
     procs.procs.append(runner)
 
     def finished():

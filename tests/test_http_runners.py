@@ -70,6 +70,7 @@ def api_serve(dsn: str, tmp: Path, port: int | None = None) -> tuple[str, subpro
 def http_runner(url: str, token: str, tmp: Path, name: str, hidden: list[Path], *args: str):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SMIFDB_", "PG"))}
     env["SMIFDB_API_TOKEN"] = token
+    env["HOME"] = str(tmp / name / "home")  # a machine of its own, and no SMIFDB_HOME
     prefix: list[str] = []
     for folder in hidden:
         prefix += hide(folder)

@@ -24,7 +24,9 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from credentials import user_token
 from processes import PY, Runners, cli, hide, require_namespaces, wait_for
+from test_http_runners import api_serve, http_runner, socket_folder
 
 from smifdb.store import modelruns
 
@@ -375,6 +377,32 @@ def test_energy_water_cp_cr_runs_where_the_project_folder_is_not(
     for name in ("r1", "r2"):
         projects = list((procs.home(name) / "cache" / "projects").glob(f"{model_run_id}-*"))
         assert len(projects) <= 1, projects
+
+
+def test_energy_water_cp_cr_through_http_runners_alone(
+    sample, tmp_path, dsn, conn, elsewhere
+) -> None:
+    """Runners that reach only the API (no DSN, the database's socket folder and the project
+    hidden) run a smif model run to the same results as serial smif."""
+    folder, procs = elsewhere
+    expected = project(sample, tmp_path, "serial")
+    serial(expected, "energy_water_cp_cr")
+    model_run_id = submit(dsn, folder, "energy_water_cp_cr")
+    url, api = api_serve(dsn, tmp_path)
+    token = user_token(dsn, "node", role="runner")
+    hidden = [folder, *socket_folder(dsn)]
+    runners = [http_runner(url, token, tmp_path, f"h{i}", hidden, "--slots", "2") for i in (1, 2)]
+    procs.procs += [*runners, api]
+    procs.manager(name="manager")
+    assert wait_model_run(conn, model_run_id) == "succeeded"
+    owners = conn.execute(
+        "SELECT DISTINCT e.claimed_by FROM events e JOIN workflows w ON w.id = e.workflow_id"
+        " WHERE w.model_run_id = %s AND e.to_status = 'succeeded' AND e.job_id IS NOT NULL",
+        [model_run_id],
+    ).fetchall()
+    assert owners and {r[0] for r in owners} <= {"node/h1", "node/h2"}, owners
+    dest = export(dsn, model_run_id, tmp_path / "export")
+    assert assert_same_results(expected / "results", dest) == 21
 
 
 def test_energy_central_runs_where_the_project_folder_is_not_with_the_manager_killed(
