@@ -14,11 +14,13 @@ import pytest
 import requests
 from conftest import create_database, drop_database
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
 from processes import ApiServer
 from starlette.routing import Mount, Route
 
-from smifdb.api import create_app, openapi
+import smifdb
+from smifdb.api import create_app, openapi, runners
 from smifdb.store import auth
 
 schemathesis = pytest.importorskip("schemathesis", reason="schemathesis is in the test extra")
@@ -309,3 +311,148 @@ def test_every_field_of_every_definition_given_odd_values(server, token) -> None
         tried += 1
     call("GET", f"/workflows/{version}/", "after the parameter sets")
     assert tried > 500
+
+
+# -- the runner protocol, fuzzed with a runner token and its own field names -----------------
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+SMALL_IDS = st.integers(0, 8)  # the ids of the jobs and workflow submitted below
+NAMES = st.sampled_from(["fuzzrunner/r", "fuzzrunner/", "other/r", "r", "fuzzrunner/\x00"])
+OUTCOME = st.fixed_dictionaries(
+    {
+        "job_id": SMALL_IDS | JSON,
+        "workflow_id": SMALL_IDS | JSON,
+        "attempt": SMALL_IDS | JSON,
+        "owner": NAMES | JSON,
+        "status": st.sampled_from(["succeeded", "failed", "cancelled", "released", "x"]) | JSON,
+    },
+    optional={
+        name: JSON | SMALL_IDS
+        for name in (
+            "max_attempts",
+            "retry_backoff",
+            "result",
+            "exit_code",
+            "error",
+            "log_tail",
+            "reason",
+            "key",
+            "claimed_at",
+            "claim_id",
+            "outputs",
+            "bogus",
+        )
+    },
+)
+FIELDS = {
+    "runner": NAMES | JSON,
+    "host": st.text(max_size=300) | JSON,
+    "pid": SMALL_IDS | JSON,
+    "slots": SMALL_IDS | JSON,
+    "dead_after": st.floats() | JSON,
+    "max_losses": SMALL_IDS | JSON,
+    "counts": st.dictionaries(st.text(max_size=8), SMALL_IDS | JSON, max_size=3) | JSON,
+    "attempts": st.dictionaries(st.text(max_size=4), SMALL_IDS | JSON, max_size=3) | JSON,
+    "lease": st.floats() | JSON,
+    "outcomes": st.lists(OUTCOME, max_size=3) | JSON,
+    "claim": SMALL_IDS | JSON,
+    "workflow_id": SMALL_IDS | JSON,
+    "model_run_id": SMALL_IDS | JSON,
+    "close": st.lists(SMALL_IDS) | JSON,
+    "recheck": st.lists(SMALL_IDS) | JSON,
+    "known": st.lists(SMALL_IDS) | JSON,
+    "defer_settle": st.booleans() | JSON,
+    "state": st.sampled_from(["draining", "stopped", "active", "lost"]) | JSON,
+    "files": st.booleans() | JSON,
+    "inputs": st.lists(st.text(max_size=8), max_size=3) | JSON,
+    "sha256": st.lists(st.text("0123456789abcdef", min_size=64, max_size=64), max_size=3) | JSON,
+}
+
+
+# A body every operation accepts; each example replaces or drops some of its fields.
+BASE = {
+    "runner": "fuzzrunner/r",
+    "host": "fuzzhost",
+    "pid": 1,
+    "slots": 2,
+    "lease": 30,
+    "claim": 1,
+    "outcomes": [],
+    "known": [],
+    "state": "draining",
+    "workflow_id": 1,
+    "model_run_id": None,
+    "inputs": [],
+    "sha256": [],
+}
+
+
+@pytest.fixture(scope="module")
+def runner_token(fuzz_dsn: str, server: ApiServer) -> str:
+    """A runner token and its registered runner, and a small workflow whose job and workflow
+    ids the fuzzer aims at."""
+    with psycopg.connect(fuzz_dsn, autocommit=True) as conn:
+        auth.add_user(conn, "fuzzrunner", PASSWORD, role="runner")
+        smifdb.submit(conn, {"jobs": [{"key": f"j{i}", "command": "true"} for i in range(6)]})
+        token = auth.create_api_token(conn, "fuzzrunner", name="fuzz", seconds=None)[1]
+    answer = requests.post(
+        f"{server.url}{runners.PREFIX}/register",
+        json=BASE,
+        headers={"Authorization": f"Bearer {token}"},
+        timeout=30,
+    )
+    assert answer.ok, answer.text
+    return token
+
+
+@pytest.mark.parametrize("op", sorted(runners.OPS))
+def test_the_runner_protocol_never_gives_a_5xx(server, runner_token, op) -> None:
+    """Bodies built from the protocol's own field names, with values right and wrong, from a
+    runner's token: a JSON answer or a JSON 4xx, never a 5xx; and the server still answers.
+    Each operation must also succeed for some of them (else the fuzzer only met the checks)."""
+    headers = {"Authorization": f"Bearer {runner_token}"}
+    url = f"{server.url}{runners.PREFIX}/{op}"
+    changed = st.fixed_dictionaries({}, optional=FIELDS | {"bogus": JSON})
+    dropped = st.sets(st.sampled_from(sorted(BASE)), max_size=3)
+    body = st.tuples(changed, dropped).map(
+        lambda pair: {k: v for k, v in {**BASE, **pair[0]}.items() if k not in pair[1]}
+    )
+    if op == "wait":  # without a timeout it waits 25 s, as it should
+        body = st.tuples(body, st.floats(0, 0.05) | st.text(max_size=4) | JSON).map(
+            lambda pair: {**pair[0], "timeout": pair[1] if pair[1] is not None else 0}
+        )
+    seen: dict[int, int] = {}
+
+    @given(data=body)
+    @settings(
+        max_examples=EXAMPLES * 2,
+        deadline=None,
+        suppress_health_check=list(HealthCheck),
+        derandomize=True,
+        database=None,
+    )
+    def fuzz(data) -> None:
+        try:
+            payload = json.dumps(data, allow_nan=False).encode()
+        except ValueError:  # NaN: the hostile-bodies test sends those
+            return
+        response = requests.post(
+            url, data=payload, headers={**headers, "Content-Type": "application/json"}, timeout=30
+        )
+        where = f"POST {op} {payload[:300]!r}"
+        assert response.status_code < 500, (
+            f"{where} -> {response.status_code}: {response.text[:500]}"
+        )
+        assert response.headers["content-type"].startswith("application/json"), where
+        assert isinstance(response.json(), dict), where
+        seen[response.status_code] = seen.get(response.status_code, 0) + 1
+
+    fuzz()
+    assert seen.get(200, 0) >= 3, seen
+    assert requests.post(f"{server.url}{runners.PREFIX}/hello", json={}, headers=headers).ok
