@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import logging
+import re
 from http import HTTPStatus
 from typing import Any
 
@@ -12,7 +14,7 @@ from starlette.responses import JSONResponse
 
 from smifdb import errors
 from smifdb.api.cpu import maybe_heavy
-from smifdb.limits import MAX_YAML_BODY, LimitError, load_json, load_yaml
+from smifdb.limits import MAX_DEPTH, MAX_YAML_BODY, LimitError, load_yaml
 
 log = logging.getLogger(__name__)
 
@@ -84,20 +86,59 @@ async def read_body(request: Request, *, max_bytes: int) -> bytes:
     return b"".join(chunks)
 
 
-def _encodable(value: Any) -> Any:
-    """JSON allows escaped lone surrogates ("\\ud800"), which no UTF-8 column can store.
-    Walked without recursion: load_json and load_yaml bound the depth, not the width."""
-    todo = [value]
-    while todo:
-        item = todo.pop()
-        if isinstance(item, str):
-            item.encode()
-        elif isinstance(item, dict):
-            todo += item.keys()
-            todo += item.values()
-        elif isinstance(item, list):
-            todo += item
+def _encodable(value: Any, *, strings: bool = True) -> Any:
+    """JSON allows escaped lone surrogates ("\\ud800"), which no UTF-8 column can store;
+    nor may anything nest past MAX_DEPTH. Walked level by level without recursion, checking
+    both (strings only if ``strings``)."""
+    level, depth = [value], 0
+    while level:
+        containers = []
+        for item in level:
+            if isinstance(item, dict):
+                if strings:
+                    _strings(item)
+                    _strings(item.values())
+                containers += [v for v in item.values() if type(v) in _CONTAINERS]
+            elif isinstance(item, list):
+                if strings:
+                    _strings(item)
+                containers += [v for v in item if type(v) in _CONTAINERS]
+            elif strings and isinstance(item, str):
+                item.encode()
+        if containers and (depth := depth + 1) >= MAX_DEPTH:
+            raise LimitError(f"nested more than {MAX_DEPTH} levels deep")
+        level = containers
     return value
+
+
+_CONTAINERS = (dict, list)
+
+
+def _strings(items: Any) -> None:
+    for item in items:
+        if type(item) is str:
+            item.encode()
+
+
+def _load_json(body: bytes) -> Any:
+    """json.loads, then _encodable's walk where the text could need it: a surrogate can only
+    come from a \\uD8xx-\\uDFxx escape, and only more brackets than MAX_DEPTH can nest that
+    deep. (Cheaper than load_json's pre-scan, which files and specs still use: a runner's
+    batch of outcomes is decoded in half the time.)"""
+    encoding = json.detect_encoding(body)
+    # Strict UTF-8 (json.loads would pass surrogates encoded in it); others, as json.loads.
+    text = body.decode(encoding, "strict" if encoding == "utf-8" else "surrogatepass")
+    try:
+        value = _DECODER.decode(text)
+    except RecursionError:  # the C parser's own limit, far past MAX_DEPTH
+        raise LimitError(f"nested more than {MAX_DEPTH} levels deep") from None
+    escapes = encoding != "utf-8" or _SURROGATE_ESCAPE.search(body) is not None
+    if escapes or body.count(b"[") + body.count(b"{") > MAX_DEPTH:
+        _encodable(value, strings=escapes)
+    return value
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 
 class _Constant(ValueError):
@@ -108,11 +149,14 @@ def _no_constant(name: str) -> Any:
     raise _Constant(f"{name} is not JSON (nor storable as jsonb)")
 
 
+_DECODER = json.JSONDecoder(parse_constant=_no_constant)  # made once: json.loads makes one a call
+
+
 def decode(body: bytes, *, yaml_too: bool = False) -> Any:
     """JSON (or, for definitions sent as files, YAML) text as values; 400 if it is neither,
     or nests too deep, or holds NaN or Infinity; 413 if YAML aliases expand it too far."""
     try:
-        return _encodable(load_json(body, parse_constant=_no_constant))
+        return _load_json(body)
     except UnicodeEncodeError as exc:
         raise ApiError(400, "the body has an unpaired surrogate (\\ud800-\\udfff)") from exc
     except LimitError as exc:
