@@ -62,7 +62,8 @@ def require_smif() -> None:
     except ImportError as exc:
         raise DeciderUnavailable(
             "smif is not installed here; install the extra: "
-            'PIP_CONSTRAINT=constraints/smif.txt pip install "smifdb[smif]"'
+            "PIP_CONSTRAINT=constraints/smif.txt PIP_BUILD_CONSTRAINT=constraints/smif.txt "
+            'pip install "smifdb[smif]"'
         ) from exc
 
 

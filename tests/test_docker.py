@@ -487,7 +487,7 @@ def test_dockerfile_copies_what_the_build_needs(dockerfile: list) -> None:
     known = set(PYPROJECT["project"]["optional-dependencies"])
     for group in extras:
         assert set(group.split(",")) <= known, group
-    for constraint in re.findall(r"PIP_CONSTRAINT=(\S+)", runs):
+    for constraint in re.findall(r"PIP_(?:BUILD_)?CONSTRAINT=(\S+)", runs):
         assert is_copied(constraint) and (ROOT / constraint).is_file(), constraint
     # The build arg that switches the extra on is declared and used.
     args = {rest.split("=")[0] for k, rest in dockerfile if k == "ARG"}
