@@ -33,6 +33,10 @@ class UnknownModelRun(errors.NotFound, ModelRunError):
     """The project has no model run of that name."""
 
 
+class NotAProject(ModelRunError):
+    """The folder is missing, or not a smif project: nothing about any one model run."""
+
+
 class DeciderUnavailable(ModelRunError):
     """This process lacks what the decider needs (the smif extra); another process may not."""
 
@@ -53,7 +57,7 @@ class Decider(Protocol):
 def project_dir(path: str | Path) -> Path:
     folder = Path(path).resolve()
     if not folder.is_dir():
-        raise ModelRunError(f"project directory {path} does not exist")
+        raise NotAProject(f"project directory {path} does not exist")
     return folder
 
 

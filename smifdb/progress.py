@@ -27,6 +27,26 @@ def _duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
+def console(run: dict, events: list[dict], jobs: list[dict]) -> str:
+    """A model run's console, as the smif app shows a run's output: its status changes, then
+    its last jobs with their logs' tails, newest last."""
+    lines = [f"model run {run['name']} (smifdb model run {run['id']}): {run['status']}"]
+    for e in events:
+        where = f" bundle workflow {e['workflow_id']}" if e["workflow_id"] else ""
+        change = f"{e['from_status'] or 'new'} -> {e['to_status']}"
+        reason = f": {e['reason']}" if e["reason"] else ""
+        lines.append(f"{e['at']:%Y-%m-%d %H:%M:%S}{where} {change}{reason} ({e['actor']})")
+    for j in jobs:
+        ended = f" exit {j['exit_code']}" if j["exit_code"] is not None else ""
+        lines.append(f"[bundle {j['bundle']}] {j['key']}: {j['status']}{ended}")
+        if j["error"]:
+            lines.append(f"    {j['error']}")
+        lines += [f"    {line}" for line in (j["log_tail"] or "").splitlines()]
+    if run["error"]:
+        lines.append(f"error: {run['error']}")
+    return "\n".join(lines) + "\n"
+
+
 def render(p: Progress, width: int = 28) -> str:
     fraction = p.done / p.job_count if p.job_count else 1.0
     filled = int(fraction * width)

@@ -24,6 +24,7 @@ from smifdb.decisions import (
     DeciderUnavailable,
     DecisionError,
     ModelRunError,
+    NotAProject,
     UnknownModelRun,
 )
 from smifdb.spec import Dag, SpecError, parse
@@ -53,6 +54,12 @@ def _store(folder: Path, interface: str) -> Any:
         data_store=data(str(folder)),
         model_base_folder=str(folder),
     )
+
+
+def is_project(folder: str | Path) -> bool:
+    """Whether ``folder`` holds a smif project's configuration (else it serves only generic
+    model runs, whose decision modules live there)."""
+    return (Path(folder) / "config").is_dir()
 
 
 def require_smif() -> None:
@@ -110,8 +117,8 @@ class SmifModelRun:
             )
         if interface not in INTERFACES:
             raise ModelRunError(f"unknown smif interface {interface!r}: use one of {INTERFACES}")
-        if not (folder / "config").is_dir():
-            raise ModelRunError(f"{folder} is not a smif project (no config/ folder)")
+        if not is_project(folder):
+            raise NotAProject(f"{folder} is not a smif project (no config/ folder)")
         _quiet_smif()
         store = _store(folder, interface)
         try:

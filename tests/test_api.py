@@ -110,7 +110,7 @@ def test_bad_input_gets_json_4xx_and_writes_nothing(client, conn) -> None:
         post("/api/v1/model_runs/x/start", json={"args": {}}), 400
     )
     status = data(client.get("/api/v1/model_runs/never_started/status"))
-    assert status == {"status": "unstarted"}
+    assert status == {"status": "unstarted", "output": ""}
 
 
 def test_smif_app_api_starts_watches_and_kills_a_model_run(dsn, tmp_path, procs) -> None:

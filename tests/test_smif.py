@@ -5,7 +5,8 @@ private mount namespace with an empty tmpfs over the submitter's project folder,
 read it, and its results come back with `smifdb modelrun export`. The shared-folder mode
 (`--shared-project`) keeps its own tests.
 
-Needs the smif extra (PIP_CONSTRAINT=constraints/smif.txt pip install ".[test,smif]"); CI
+Needs the smif extra (PIP_CONSTRAINT=constraints/smif.txt PIP_BUILD_CONSTRAINT=constraints/smif.txt
+pip install ".[test,smif]"); CI
 installs it. PYTHONHASHSEED is fixed for both sides: smif writes each decision state from a
 Python set, so even two serial `smif run`s differ in row order without it.
 """
@@ -312,7 +313,8 @@ def test_smif_app_api_starts_and_watches_a_real_model_run(sample, tmp_path, dsn,
     token = credentials.user_token(dsn, "modeller", role="operator")
     with credentials.client(create_app(dsn, project_dir=folder), token) as client:
         assert client.get("/api/v1/model_runs/energy_central/status").json()["data"] == {
-            "status": "unstarted"
+            "status": "unstarted",
+            "output": "",
         }
         started = client.post("/api/v1/model_runs/energy_central/start", json={"args": {}})
         assert started.status_code == 201, started.text

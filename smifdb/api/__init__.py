@@ -14,7 +14,18 @@ from starlette.applications import Starlette
 from starlette.middleware import Middleware
 
 from smifdb import store
-from smifdb.api import cpu, dafni, dashboard, metrics, openapi, runners, session, v1
+from smifdb.api import (
+    cpu,
+    dafni,
+    dashboard,
+    metrics,
+    openapi,
+    results,
+    runners,
+    session,
+    smifapp,
+    v1,
+)
 from smifdb.api.errors import HANDLERS
 from smifdb.api.security import Guard, Settings
 from smifdb.api.wakeup import Wakeup
@@ -74,21 +85,24 @@ def create_app(
             app.state.wakeup.close()
             pool.close()
 
+    project = str(Path(project_dir).resolve()) if project_dir else None
     app = Starlette(
         routes=[
             *session.ROUTES,
+            *results.ROUTES,
+            *smifapp.ROUTES,  # before v1's: they answer model runs' GETs for a project
             *v1.ROUTES,
             *runners.ROUTES,
             *dafni.ROUTES,
             *openapi.ROUTES,
             *metrics.ROUTES,
-            *dashboard.ROUTES,
+            *dashboard.routes(dashboard.smif_bundle(project)),
         ],
         middleware=[Middleware(Guard, settings=settings)],
         exception_handlers=HANDLERS,
         lifespan=lifespan,
     )
-    app.state.project_dir = str(Path(project_dir).resolve()) if project_dir else None
+    app.state.project_dir = project
     app.state.max_body = max_body
     app.state.security = settings
     app.state.dead_after = dead_after

@@ -156,17 +156,30 @@ V1, DAFNI, AUTH = "smif app and workflows", "DAFNI workflow API", "tokens"
 PATHS: dict[str, dict[str, dict]] = {
     "/api/v1/model_runs/": {
         "get": _op(
-            "model runs, newest of each name, newest first (a page)",
+            "with a project: every configured model run, as smif lists them, each with its "
+            "newest smifdb run under 'smifdb' (?status= computed for each); without one, the "
+            "model runs started here, newest of each name first (a page)",
             tag=V1,
             params=[_query("status", {"enum": SMIF_STATUSES}), *PAGE],
             errors=(400,),
         )
     },
     "/api/v1/model_runs/{name}": {
-        "get": _op("a model run: bundles and audit log", tag=V1, params=[NAME], errors=(404,))
+        "get": _op(
+            "a configured model run as smif answers it, with 'smifdb' (without a project: "
+            "the run started here, with bundles and audit log)",
+            tag=V1,
+            params=[NAME],
+            errors=(404,),
+        )
     },
     "/api/v1/model_runs/{name}/status": {
-        "get": _op("a model run's status in smif's words", tag=V1, params=[NAME])
+        "get": _op(
+            "smif's {status, output}: status in smif's words, output its progress and its "
+            "last jobs' log tails, newest last",
+            tag=V1,
+            params=[NAME],
+        )
     },
     "/api/v1/model_runs/{name}/start": {
         "post": _op(
@@ -180,12 +193,13 @@ PATHS: dict[str, dict[str, dict]] = {
                         "type": "object",
                         "properties": {
                             "warm_start": {"type": "boolean"},
+                            "verbosity": {},
                             "output_format": {"enum": ["local_csv", "local_binary"]},
                         },
                     }
                 },
             },
-            ok=(201, "started"),
+            ok=(201, "started, or recorded failed with the reason (as smif app does)"),
             errors=(400, 404, 409, 413),
         )
     },
@@ -603,6 +617,116 @@ def _runner_paths() -> dict[str, dict[str, dict]]:
 
 
 PATHS.update(_runner_paths())
+
+
+def _results_paths() -> dict[str, dict[str, dict]]:
+    """A smif model run's results (smifdb.api.results): what smif wrote, and one file's values."""
+    tag = "results"
+    base = "/api/v1/model_runs/{name}/results"
+    text = {"type": "string"}
+    values = [
+        NAME,
+        _path("model", text, "sector model name"),
+        _path("output", text, "output name"),
+        {**_query("timestep", {"type": "integer"}), "description": "needed if several"},
+        {**_query("decision", {"type": "integer", "minimum": 0}), "description": "default: last"},
+        {**_query("format", {"type": "string", "enum": ["json", "csv"]}), "description": "json"},
+        *PAGE,
+    ]
+    return {
+        f"{base}/": {
+            "get": _op(
+                "every output file of the newest run of this name, by (model, output), with "
+                "the output's dims, unit and dtype, and each file's timestep and decision",
+                tag=tag,
+                params=[NAME],
+                errors=(404, 409),
+            )
+        },
+        f"{base}/{{model}}/{{output}}": {
+            "get": _op(
+                "one output's values at one timestep and decision: rows of its dimensions' "
+                "coordinates and the value, in pages (JSON), or all as CSV (?format=csv)",
+                tag=tag,
+                params=values,
+                errors=(400, 404, 409),
+            )
+        },
+    }
+
+
+PATHS.update(_results_paths())
+
+
+def _smif_app_paths() -> dict[str, dict[str, dict]]:
+    """The smif app's configuration API (smifdb.api.smifapp): smif's own answers and shapes,
+    through smif's store; writes answer 201/200 with message "failed" where smif does."""
+    item = {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}
+    config_name = _path("name", {"type": "string"}, "the configuration's name")
+    paths: dict[str, dict[str, dict]] = {
+        "/api/v1/smif/": {"get": _op("smif's version", tag=SMIF)},
+        "/api/v1/smif/{key}": {
+            "get": _op(
+                "smif's version ('version': the bare string)",
+                tag=SMIF,
+                params=[_path("key", {"type": "string"})],
+            )
+        },
+        "/dashboard/": {"get": _page_get("the dashboard")},
+        "/dashboard": {"get": _page_get("to /dashboard/", ok=(308, "to /dashboard/"))},
+        "/favicon.ico": {"get": _page_get("the icon")},
+    }
+    for kind in ("model_runs", "sos_models", "sector_models", "scenarios", "dimensions"):
+        words = kind.replace("_", " ")
+        base = f"/api/v1/{kind}/"
+        paths.setdefault(base, {})["post"] = _op(
+            f"create one of the project's {words} (smif's store)",
+            tag=SMIF,
+            body=item,
+            ok=(201, "written, or smif's refusal with message 'failed'"),
+            errors=(400, 413),
+        )
+        one = paths.setdefault(f"{base}{{name}}", {})
+        one["put"] = _op(
+            f"update one of the project's {words}",
+            tag=SMIF,
+            params=[config_name],
+            body=item,
+            ok=(200, "written, or smif's refusal with message 'failed'"),
+            errors=(400, 409, 413),
+        )
+        one["delete"] = _op(
+            f"delete one of the project's {words}",
+            tag=SMIF,
+            params=[config_name],
+            errors=(400, 404, 409),
+        )
+        if kind != "model_runs":  # model runs' GETs are documented with smifdb's state
+            paths[base]["get"] = _op(f"the project's {words}, as smif answers", tag=SMIF)
+            one["get"] = _op(
+                f"one of the project's {words} (smif's error in the envelope if none)",
+                tag=SMIF,
+                params=[config_name],
+            )
+    return paths
+
+
+def _page_get(summary: str, ok: tuple[int, str] = (200, "HTML page")) -> dict:
+    return {
+        "summary": summary,
+        "tags": ["dashboard"],
+        "security": [{"bearer": []}, {"session": []}],
+        "responses": {
+            str(ok[0]): {"description": ok[1]},
+            "303": {"description": "to the login page"},
+            "401": _error(REASONS[401]),
+        },
+    }
+
+
+SMIF = "smif app"
+for _path_name, _ops in _smif_app_paths().items():
+    PATHS.setdefault(_path_name, {}).update(_ops)
 
 
 def document() -> dict:

@@ -41,7 +41,8 @@ PUBLIC: tuple[tuple[frozenset[str], re.Pattern[str]], ...] = tuple(
     )
 )
 METRICS = (frozenset({"GET", "HEAD"}), re.compile(r"/metrics"))
-PAGES = re.compile(r"/")  # browser pages that send a signed-out user to the login page
+# Browser pages that send a signed-out user to the login page: the dashboard, smif's app.
+PAGES = re.compile(r"/|/dashboard/?|/jobs(/.*)?|/configure(/.*)?")
 # Any role with valid credentials may end its own session.
 ANY_ROLE = re.compile(r"/logout|/api/auth/me")
 RUNNER_PROTOCOL = re.compile(r"/api/runner/.*")

@@ -16,11 +16,19 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from smifdb import store
+from smifdb import progress, store
 from smifdb.api import cpu, downloads, paging
 from smifdb.api.errors import ApiError, decode, read_body, read_json
 from smifdb.api.pool import in_db
+from smifdb.decisions import (
+    DeciderUnavailable,
+    DecisionError,
+    ModelRunError,
+    NotAProject,
+    UnknownModelRun,
+)
 from smifdb.manager import submit_model_run
+from smifdb.smifrun import INTERFACES
 from smifdb.spec import Dag, parse
 from smifdb.store import control, jobfiles, modelruns, read
 from smifdb.store import runners as runner_rows
@@ -28,6 +36,7 @@ from smifdb.store.submit import submit_dag
 
 T = TypeVar("T")
 MAX_ID = 2**63 - 1
+OUTPUT_JOBS = 50  # jobs whose log tails a model run's status output shows
 # The smif app's words for a model run's state.
 SMIF_STATUS = {
     None: "unstarted",
@@ -143,26 +152,30 @@ async def model_run_get(request: Request) -> JSONResponse:
 
 
 async def model_run_status(request: Request) -> JSONResponse:
+    """smif's ``{status, output}`` (output: the run's progress and its last jobs' log tails,
+    newest last), with smifdb's counts beside them."""
     name = request.path_params["name"]
-    run = await in_db(request, _latest, name, request.app.state.project_dir)
-    if run is None:
-        return ok({"status": "unstarted"})
-    return ok(
-        {
+
+    def status(conn: psycopg.Connection) -> dict:
+        run = _latest(conn, name, request.app.state.project_dir)
+        if run is None:
+            return {"status": "unstarted", "output": ""}
+        events = modelruns.events(conn, run["id"])
+        jobs = modelruns.job_logs(conn, run["id"], OUTPUT_JOBS)
+        return {
             "status": run["smif_status"],
+            "output": progress.console(run, events, jobs),
             "id": run["id"],
             "bundles": run["bundles"],
             "jobs": run["jobs"],
             "jobs_finished": run["jobs_finished"],
             "error": run["error"],
         }
-    )
+
+    return ok(await in_db(request, status))
 
 
-async def model_run_start(request: Request) -> JSONResponse:
-    project = _project(request)
-    name = request.path_params["name"]
-    body = await body_of(request)
+def _start_args(body: Any) -> tuple[bool, str]:
     args = body.get("args", {}) if isinstance(body, dict) else None
     if not isinstance(args, dict):
         raise ApiError(400, "body must be {'args': {...}}")
@@ -170,22 +183,50 @@ async def model_run_start(request: Request) -> JSONResponse:
     interface = args.get("output_format", "local_csv")
     if not isinstance(warm, bool):
         raise ApiError(400, "args.warm_start must be true or false")
-    if interface not in ("local_csv", "local_binary"):
-        raise ApiError(400, "args.output_format must be 'local_csv' or 'local_binary'")
+    if not isinstance(interface, str) or not interface.isprintable() or len(interface) > 100:
+        raise ApiError(400, "args.output_format must be a name such as 'local_csv'")
+    return warm, interface
 
-    def start(conn: psycopg.Connection) -> tuple[int, int]:
-        return submit_model_run(
-            conn,
-            project,
-            name,
-            actor=actor(request),
-            warm=warm,
-            interface=interface,
-            submitted_by=request.user.id,
-        )
 
-    model_run_id, workflow_id = await in_db(request, start)  # errors map by their class
-    return ok({"id": model_run_id, "workflow_id": workflow_id, "status": "running"}, 201)
+async def model_run_start(request: Request) -> JSONResponse:
+    """Start a configured smif model run. One that cannot start (a bad project or option,
+    a decision module that fails) is recorded failed with the reason, answered 201 as
+    ``smif app`` does, so the app shows it; an unknown or running one is 404 or 409."""
+    project = _project(request)
+    name = request.path_params["name"]
+    warm, interface = _start_args(await body_of(request))
+
+    def start(conn: psycopg.Connection) -> dict:
+        try:
+            if interface not in INTERFACES:
+                raise ModelRunError(
+                    f"output_format {interface!r} is not one of {', '.join(INTERFACES)}"
+                )
+            model_run_id, workflow_id = submit_model_run(
+                conn,
+                project,
+                name,
+                actor=actor(request),
+                warm=warm,
+                interface=interface,
+                submitted_by=request.user.id,
+            )
+        except (UnknownModelRun, NotAProject, DeciderUnavailable):
+            raise  # nothing about this run: 404, 400
+        except (ModelRunError, DecisionError) as exc:
+            model_run_id = modelruns.refused(
+                conn,
+                name=name,
+                project_dir=project,
+                options={"interface": interface, "warm": warm},
+                actor=actor(request),
+                error=str(exc),
+                submitted_by=request.user.id,
+            )
+            return {"id": model_run_id, "workflow_id": None, "status": "failed", "error": str(exc)}
+        return {"id": model_run_id, "workflow_id": workflow_id, "status": "running"}
+
+    return ok(await in_db(request, start), 201)  # other errors map by their class
 
 
 async def model_run_kill(request: Request) -> JSONResponse:
@@ -349,8 +390,6 @@ async def runners_list(request: Request) -> JSONResponse:
 
 
 ROUTES = [
-    Route("/api/v1/model_runs/", model_runs_list),
-    Route("/api/v1/model_runs/{name}", model_run_get),
     Route("/api/v1/model_runs/{name}/status", model_run_status),
     Route("/api/v1/model_runs/{name}/start", model_run_start, methods=["POST"]),
     Route("/api/v1/model_runs/{name}/kill", model_run_kill, methods=["POST"]),

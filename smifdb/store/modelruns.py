@@ -128,6 +128,25 @@ GROUP BY m.id
 ORDER BY m.id DESC
 LIMIT %(limit)s
 """
+# The newest run of each of these names of one project (the smif app's configured runs).
+_NEWEST_OF = f"""
+{_SUMMARY}WHERE m.project_dir = %(project)s AND m.name = ANY(%(names)s)
+  AND NOT EXISTS (
+      SELECT 1 FROM model_runs n
+      WHERE n.name = m.name AND n.id > m.id AND n.project_dir = %(project)s)
+GROUP BY m.id
+"""
+# The last jobs of a model run to have ended or started, with their logs' tails, oldest first.
+_JOB_LOGS = """
+SELECT * FROM (
+    SELECT w.bundle, j.key, j.status::text AS status, j.exit_code, j.error, j.log_tail,
+           j.started_at, j.finished_at
+    FROM workflows w JOIN jobs j ON j.workflow_id = w.id
+    WHERE w.model_run_id = %(id)s AND j.started_at IS NOT NULL
+    ORDER BY coalesce(j.finished_at, j.started_at) DESC, j.id DESC
+    LIMIT %(limit)s
+) last ORDER BY coalesce(finished_at, started_at), bundle, key
+"""
 _BUNDLES = f"""
 SELECT w.bundle, w.id AS workflow_id, w.name, w.status::text AS status, w.job_count,
        w.job_count - {FINISHED_JOBS} AS unfinished_jobs, w.submitted_at, w.finished_at
@@ -203,6 +222,34 @@ def create(
             f"cancel it first (smifdb modelrun cancel {name})"
         ) from exc
     conn.execute(_EVENT, (model_run_id, None, None, "running", actor, "submitted"))
+    return model_run_id
+
+
+def refused(
+    conn: psycopg.Connection,
+    *,
+    name: str,
+    project_dir: str,
+    options: dict[str, Any],
+    actor: str,
+    error: str,
+    submitted_by: int | None = None,
+) -> int:
+    """Record a smif model run that could not start as failed, saying why (as ``smif app``
+    reports a run whose ``smif run`` failed at once): one transaction."""
+    with conn.transaction():
+        model_run_id = create(
+            conn,
+            name=name,
+            kind="smif",
+            project_dir=project_dir,
+            decide=None,
+            options=options,
+            priority=0,
+            actor=actor,
+            submitted_by=submitted_by,
+        )
+        finish(conn, model_run_id, "failed", actor=actor, reason="could not start", error=error)
     return model_run_id
 
 
@@ -323,6 +370,20 @@ def newest(
     params = {"project": project_dir, "statuses": statuses, "limit": limit, "before": before}
     with conn.cursor(row_factory=dict_row) as cur:
         return cur.execute(_NEWEST, params).fetchall()
+
+
+def newest_of(conn: psycopg.Connection, *, project_dir: str, names: list[str]) -> list[dict]:
+    """The newest run of each of ``names`` in the project, with progress (any order)."""
+    params = {"project": project_dir, "names": names}
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(_NEWEST_OF, params).fetchall()
+
+
+def job_logs(conn: psycopg.Connection, model_run_id: int, limit: int) -> list[dict]:
+    """The ``limit`` jobs of a model run that started last, with their log tails, oldest
+    first: the console a model run's status shows."""
+    with conn.cursor(row_factory=dict_row) as cur:
+        return cur.execute(_JOB_LOGS, {"id": model_run_id, "limit": limit}).fetchall()
 
 
 def events(conn: psycopg.Connection, model_run_id: int) -> list[dict]:

@@ -1144,6 +1144,341 @@
     );
   }
 
+  // -- results view: pick a model run, an output and a timestep; a table and an SVG chart ------
+  // Values come from /api/v1/model_runs/{name}/results/… (a page at a time, every page read up
+  // to RESULT_ROWS rows); nothing here polls. Numbers are shown as JavaScript prints them
+  // (the shortest text that reads back as the same double).
+
+  const RESULT_ROWS = 20000; // most rows read for one output's table and chart
+  const TABLE_SHOWN = 1000; // most rows put in the table
+  const CHART_W = 720;
+  const CHART_H = 300;
+  const MARGIN = { top: 16, right: 16, bottom: 64, left: 72 };
+
+  const view = {
+    open: false,
+    outputs: [], // the run's list: {model, output, dims, unit, timesteps, results: [{timestep, decision}]}
+    values: null, // the shown file's values (the API's data)
+    cache: new Map(), // values URL -> data
+    seq: 0, // bumped by each selection: answers to an older one are dropped
+  };
+
+  function valuesPath(run, entry, timestep, decision) {
+    const params = new URLSearchParams({ timestep: String(timestep) });
+    if (decision !== null && decision !== undefined) params.set("decision", String(decision));
+    const name = encodeURIComponent(run);
+    return `/model_runs/${name}/results/${encodeURIComponent(entry.model)}/${encodeURIComponent(entry.output)}?${params}`;
+  }
+
+  async function readValues(path) {
+    if (view.cache.has(path)) return view.cache.get(path);
+    let data = null;
+    let cursor = null;
+    const rows = [];
+    do {
+      const params = new URLSearchParams({ limit: String(MAX_LIMIT) });
+      if (cursor) params.set("cursor", cursor);
+      const body = await apiBody(`${path}&${params}`);
+      data = body.data;
+      rows.push(...data.rows);
+      cursor = body.next ?? null;
+    } while (cursor && rows.length < RESULT_ROWS);
+    const all = { ...data, rows };
+    view.cache.set(path, all);
+    return all;
+  }
+
+  function resultsMessage(text) {
+    setText($("results-message"), text);
+    $("results-message").hidden = !text;
+  }
+
+  function fillSelect(select, options, keep) {
+    const before = keep ?? select.value;
+    select.replaceChildren(...options.map(([value, label]) => h("option", { value }, label)));
+    if (options.some(([value]) => value === before)) select.value = before;
+    select.disabled = options.length === 0;
+  }
+
+  function currentEntry() {
+    return view.outputs[Number.parseInt($("results-output").value, 10)] ?? null;
+  }
+
+  async function openResults(show) {
+    view.open = show;
+    document.body.classList.toggle("results-view", show);
+    $("results-panel").hidden = !show;
+    $("results-toggle").setAttribute("aria-pressed", String(show));
+    if (!show) return;
+    const seq = ++view.seq;
+    try {
+      const page = await apiPage("/model_runs/", MAX_LIMIT);
+      if (seq !== view.seq) return;
+      const names = [...new Set(page.rows.map((r) => r.name).filter(Boolean))].sort();
+      fillSelect($("results-run"), names.map((n) => [n, n]));
+      if (!names.length) {
+        resultsMessage("No model run has been started here yet.");
+        return;
+      }
+      await selectRun();
+    } catch (err) {
+      resultsMessage(`Cannot list model runs: ${err.message}`);
+    }
+  }
+
+  async function selectRun() {
+    const run = $("results-run").value;
+    const seq = ++view.seq;
+    view.outputs = [];
+    fillSelect($("results-output"), []);
+    clearResults();
+    resultsMessage("Loading results…");
+    try {
+      const body = await apiBody(`/model_runs/${encodeURIComponent(run)}/results/`);
+      if (seq !== view.seq) return;
+      view.outputs = body.data;
+      if (!view.outputs.length) {
+        resultsMessage(`Model run ${run} has no results yet.`);
+        return;
+      }
+      fillSelect(
+        $("results-output"),
+        view.outputs.map((o, i) => [String(i), `${o.model} · ${o.output}`]),
+      );
+      selectOutput();
+    } catch (err) {
+      if (seq === view.seq) resultsMessage(`No results for ${run}: ${err.message}`);
+    }
+  }
+
+  function selectOutput() {
+    const entry = currentEntry();
+    if (!entry) return;
+    fillSelect($("results-timestep"), entry.timesteps.map((t) => [String(t), String(t)]));
+    fillSelect($("results-dim"), (entry.dims || []).map((d) => [d, d]));
+    setText($("results-unit"), entry.unit ? `${entry.model} · ${entry.output} (${entry.unit})` : "");
+    selectTimestep();
+  }
+
+  function selectTimestep() {
+    const entry = currentEntry();
+    if (!entry) return;
+    const t = Number($("results-timestep").value);
+    const decisions = entry.results.filter((r) => r.timestep === t).map((r) => r.decision);
+    const last = String(Math.max(...decisions));
+    fillSelect($("results-decision"), decisions.map((d) => [String(d), String(d)]), last);
+    showValues();
+  }
+
+  async function showValues() {
+    const entry = currentEntry();
+    if (!entry) return;
+    const run = $("results-run").value;
+    const path = valuesPath(run, entry, $("results-timestep").value, $("results-decision").value);
+    const seq = ++view.seq;
+    resultsMessage("Loading values…");
+    try {
+      const data = await readValues(path);
+      if (seq !== view.seq) return;
+      view.values = data;
+      const csv = $("results-csv");
+      csv.href = `${API}${path}&format=csv`;
+      csv.hidden = false;
+      renderResultsTable(data);
+      fillSelect(
+        $("results-coord"),
+        data.rows.map((row, i) => [String(i), coordLabel(data, row)]),
+      );
+      resultsMessage(
+        data.total > data.rows.length
+          ? `Showing the first ${data.rows.length} of ${data.total} rows.`
+          : "",
+      );
+      await renderChart(seq);
+    } catch (err) {
+      if (seq === view.seq) resultsMessage(`Cannot read the values: ${err.message}`);
+    }
+  }
+
+  function clearResults() {
+    view.values = null;
+    $("results-table").querySelector("thead tr").replaceChildren();
+    $("results-table").querySelector("tbody").replaceChildren();
+    $("results-chart").replaceChildren();
+    $("results-csv").hidden = true;
+  }
+
+  function valueColumn(data) {
+    return data.columns[data.columns.length - 1];
+  }
+
+  function coordLabel(data, row) {
+    const dims = data.columns.slice(0, -1);
+    return dims.length ? dims.map((d) => String(row[d])).join(" · ") : "(all)";
+  }
+
+  function renderResultsTable(data) {
+    const table = $("results-table");
+    table.dataset.model = data.model;
+    table.dataset.output = data.output;
+    table.dataset.timestep = data.timestep;
+    table.dataset.decision = data.decision;
+    table.querySelector("thead tr").replaceChildren(...data.columns.map((c) => h("th", null, c)));
+    const value = valueColumn(data);
+    table.querySelector("tbody").replaceChildren(
+      ...data.rows.slice(0, TABLE_SHOWN).map((row) =>
+        h(
+          "tr",
+          null,
+          data.columns.map((c) =>
+            c === value
+              ? h("td", { class: "num", "data-value": String(row[c]) }, fmtValue(row[c]))
+              : h("td", null, String(row[c])),
+          ),
+        ),
+      ),
+    );
+  }
+
+  function fmtValue(v) {
+    return v === null || v === undefined ? "" : String(v);
+  }
+
+  async function renderChart(seq) {
+    const data = view.values;
+    if (!data) return;
+    const kind = $("results-chart-kind").value;
+    $("results-dim-label").hidden = kind !== "bars";
+    $("results-coord-label").hidden = kind !== "line";
+    const box = $("results-chart");
+    if (kind === "bars") {
+      box.replaceChildren(barChart(data, $("results-dim").value));
+      return;
+    }
+    const entry = currentEntry();
+    const row = data.rows[Number.parseInt($("results-coord").value, 10)] ?? data.rows[0];
+    const dims = data.columns.slice(0, -1);
+    const run = $("results-run").value;
+    const points = [];
+    for (const t of entry.timesteps) {
+      const at = await readValues(valuesPath(run, entry, t, null)); // each timestep's last decision
+      if (seq !== view.seq) return;
+      const match = at.rows.find((r) => dims.every((d) => r[d] === row[d]));
+      if (match && typeof match[valueColumn(at)] === "number") points.push([t, match[valueColumn(at)]]);
+    }
+    box.replaceChildren(lineChart(points, `${coordLabel(data, row)} over timesteps`));
+  }
+
+  // [min, max] widened to include 0, and about five round ticks across it.
+  function scale(values) {
+    let lo = Math.min(0, ...values);
+    let hi = Math.max(0, ...values);
+    if (lo === hi) hi = lo + 1;
+    const raw = (hi - lo) / 5;
+    const mag = 10 ** Math.floor(Math.log10(raw));
+    const step = [1, 2, 5, 10].map((m) => m * mag).find((s) => s >= raw);
+    lo = Math.floor(lo / step) * step;
+    hi = Math.ceil(hi / step) * step;
+    const ticks = [];
+    for (let v = lo; v <= hi + step / 2; v += step) ticks.push(Number(v.toPrecision(12)));
+    return { lo, hi, ticks };
+  }
+
+  function chartFrame(kind, yScale, title) {
+    const root = svg("svg", {
+      width: CHART_W,
+      height: CHART_H,
+      viewBox: `0 0 ${CHART_W} ${CHART_H}`,
+      role: "img",
+      "aria-label": title,
+      "data-kind": kind,
+    });
+    const plotH = CHART_H - MARGIN.top - MARGIN.bottom;
+    const y = (v) => MARGIN.top + plotH - ((v - yScale.lo) / (yScale.hi - yScale.lo)) * plotH;
+    for (const t of yScale.ticks) {
+      root.append(
+        svg("line", { class: "grid", x1: MARGIN.left, x2: CHART_W - MARGIN.right, y1: y(t), y2: y(t) }),
+        svg("text", { class: "tick", x: MARGIN.left - 6, y: y(t) + 4, "text-anchor": "end" }, String(t)),
+      );
+    }
+    root.append(
+      svg("line", { class: "axis", x1: MARGIN.left, x2: MARGIN.left, y1: MARGIN.top, y2: MARGIN.top + plotH }),
+      svg("line", { class: "axis", x1: MARGIN.left, x2: CHART_W - MARGIN.right, y1: y(0), y2: y(0) }),
+      svg("text", { x: MARGIN.left, y: CHART_H - 6 }, title),
+    );
+    return { root, y, plotW: CHART_W - MARGIN.left - MARGIN.right, plotH };
+  }
+
+  // One bar per coordinate of ``dim``: the value, or the sum over the other dimensions.
+  function barChart(data, dim) {
+    const value = valueColumn(data);
+    const sums = new Map();
+    for (const row of data.rows) {
+      const key = dim ? String(row[dim]) : "(all)";
+      if (typeof row[value] === "number") sums.set(key, (sums.get(key) ?? 0) + row[value]);
+    }
+    const bars = [...sums.entries()];
+    const others = data.columns.length > 2 ? " (summed over the other dimensions)" : "";
+    const frame = chartFrame("bars", scale(bars.map(([, v]) => v)), `${value} by ${dim || "value"}${others}`);
+    const slot = frame.plotW / Math.max(bars.length, 1);
+    bars.forEach(([label, v], i) => {
+      const x = MARGIN.left + i * slot + slot * 0.15;
+      const top = Math.min(frame.y(v), frame.y(0));
+      const rect = svg("rect", {
+        class: "result-bar",
+        x,
+        y: top,
+        width: slot * 0.7,
+        height: Math.max(Math.abs(frame.y(0) - frame.y(v)), 1),
+        "data-label": label,
+        "data-value": String(v),
+      });
+      rect.append(svg("title", null, `${label}: ${v}`));
+      const tx = x + slot * 0.35;
+      const ty = MARGIN.top + frame.plotH + 14;
+      frame.root.append(
+        rect,
+        svg("text", { class: "tick", x: tx, y: ty, "text-anchor": "middle" }, label.length > 14 ? label.slice(0, 13) + "…" : label),
+      );
+    });
+    return frame.root;
+  }
+
+  function lineChart(points, title) {
+    const frame = chartFrame("line", scale(points.map(([, v]) => v)), title);
+    if (!points.length) return frame.root;
+    const ts = points.map(([t]) => t);
+    const t0 = Math.min(...ts);
+    const span = Math.max(...ts) - t0 || 1;
+    const x = (t) => MARGIN.left + 20 + ((t - t0) / span) * (frame.plotW - 40);
+    const d = points.map(([t, v], i) => `${i ? "L" : "M"}${x(t)},${frame.y(v)}`).join(" ");
+    frame.root.append(svg("path", { class: "line", d }));
+    for (const [t, v] of points) {
+      const dot = svg("circle", { class: "point", cx: x(t), cy: frame.y(v), r: 4, "data-timestep": t, "data-value": String(v) });
+      dot.append(svg("title", null, `${t}: ${v}`));
+      frame.root.append(
+        dot,
+        svg("text", { class: "tick", x: x(t), y: MARGIN.top + frame.plotH + 14, "text-anchor": "middle" }, String(t)),
+      );
+    }
+    return frame.root;
+  }
+
+  function startResults() {
+    $("results-toggle").addEventListener("click", () => openResults(!view.open));
+    $("results-close").addEventListener("click", () => openResults(false));
+    $("results-run").addEventListener("change", () => {
+      view.cache.clear();
+      selectRun();
+    });
+    $("results-output").addEventListener("change", selectOutput);
+    $("results-timestep").addEventListener("change", selectTimestep);
+    $("results-decision").addEventListener("change", showValues);
+    for (const id of ["results-chart-kind", "results-dim", "results-coord"]) {
+      $(id).addEventListener("change", () => renderChart(++view.seq));
+    }
+  }
+
   // -- start -----------------------------------------------------------------------------------
 
   function start() {
@@ -1193,6 +1528,7 @@
         document.body.dataset.role = body.data.role;
       })
       .catch(() => {});
+    startResults();
     resetWorkflow();
     readHash();
     poll();
