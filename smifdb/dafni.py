@@ -14,11 +14,14 @@ import re
 import shlex
 import uuid
 from collections.abc import Callable, Mapping
+from dataclasses import replace
+from datetime import UTC, datetime
 from typing import Any
 
 from smifdb import errors
 from smifdb.pgtext import jsonb_problems, text_problem
-from smifdb.spec import SpecError, parse
+from smifdb.spec import Dag, SpecError, parse
+from smifdb.store.blobs import FileEntry
 
 STEP_KINDS = {"model", "publisher", "visualisation"}
 UNSUPPORTED_STEP_KINDS = {"loop", "parameter-iterator"}
@@ -277,8 +280,7 @@ def validate_parameter_set(
                 problems.append(f"{at}.value: must be of type {known[parameter['name']]['type']}")
             if isinstance(parameter, Mapping) and isinstance(parameter.get("name"), str):
                 names.add(parameter["name"])
-        if not isinstance(values.get("dataslots", []), list):
-            problems.append(f"{where}.dataslots: must be a list")
+        problems.extend(_dataslot_problems(values.get("dataslots", []), where))
     for step_id, step in steps.items():
         if step["kind"] != "model":
             continue
@@ -312,13 +314,16 @@ def instance_dag(
     workflow: Mapping,
     parameter_set: Mapping,
     models: Mapping[str, Mapping],
+    dataslot_steps: frozenset[str] = frozenset(),
 ) -> dict:
     """The smifdb DAG spec of one execution: one job per step, keyed by step id.
 
     A model step is a command job in a private folder on whichever runner takes it: its input
     steps' stored outputs are materialised under ``<step id>/outputs/`` and linked as
-    ``inputs/<step id>``; what it leaves in ``outputs/`` is stored as its outputs. Nothing
-    passes through a folder the runners share."""
+    ``inputs/<step id>``; what it leaves in ``outputs/`` is stored as its outputs. The steps of
+    ``dataslot_steps`` get their dataslots' files (the workflow's files, see
+    ``dataslot_files``) copied into place first. Nothing passes through a folder the runners
+    share."""
     name = workflow["metadata"]["display_name"]
     jobs = []
     for step_id, step in workflow["spec"]["steps"].items():
@@ -338,7 +343,9 @@ def instance_dag(
                 for pname, p in model_parameters(model).items()
             }
             env |= {"DAFNI_INSTANCE_ID": str(instance_id), "DAFNI_STEP_ID": step_id}
-            job |= {"command": _step_command(model["spec"], inputs), "env": env}
+            slots = step_id in dataslot_steps
+            job |= {"command": _step_command(model["spec"], inputs, step_id if slots else None)}
+            job["env"] = env
             job |= {"inputs": inputs, "outputs": [STEP_OUTPUTS]}
             job["operation"] = "simulate"
             if model["spec"].get("timeout"):
@@ -351,6 +358,122 @@ def instance_dag(
             }
         jobs.append(job)
     return {"name": f"dafni: {name}", "jobs": jobs}
+
+
+# -- dataslots ------------------------------------------------------------------------------
+
+# Where a workflow's files put each step's dataslot files: a name no step id can take (a step
+# id starts with a letter or digit), so never an input step's folder.
+DATASLOTS = ".dataslots"
+DEFAULT_DATASLOT_PATH = "inputs/"
+
+
+def _dataslot_path(value: Any) -> str | None:
+    """A dataslot path, normalised ('inputs/data/' is 'inputs/data'); None if it is not a
+    relative path inside ``inputs/``, where DAFNI puts a step's data."""
+    if not isinstance(value, str) or "\0" in value or value.startswith("/"):
+        return None
+    parts = [p for p in value.split("/") if p not in ("", ".")]
+    if not parts or parts[0] != "inputs" or ".." in parts:
+        return None
+    return "/".join(parts)
+
+
+def _dataslot_problems(dataslots: Any, where: str) -> list[str]:
+    if not isinstance(dataslots, list):
+        return [f"{where}.dataslots: must be a list"]
+    problems = []
+    for i, slot in enumerate(dataslots):
+        at = f"{where}.dataslots[{i}]"
+        if not isinstance(slot, Mapping):
+            problems.append(f"{at}: must be {{name, path, datasets}}")
+            continue
+        if "path" in slot and _dataslot_path(slot["path"]) is None:
+            problems.append(f"{at}.path: must be a relative path under inputs/, like inputs/data/")
+        datasets = slot.get("datasets", [])
+        if not isinstance(datasets, list) or not all(
+            isinstance(d, str) and _is_uuid(d) for d in datasets
+        ):
+            problems.append(f"{at}.datasets: must be a list of dataset version ids")
+    return problems
+
+
+def dataslots(
+    workflow: Mapping, parameter_set: Mapping, models: Mapping[str, Mapping]
+) -> dict[str, list[tuple[str, list[uuid.UUID]]]]:
+    """What each model step's dataslots hold: step id -> [(path under its folder, dataset
+    version ids)]. A parameter set's dataslot fills the model's slot of its name (its path
+    if it gives none); a model's slot it leaves out keeps its ``default`` datasets."""
+    out: dict[str, list[tuple[str, list[uuid.UUID]]]] = {}
+    for step_id, step in workflow["spec"]["steps"].items():
+        if step["kind"] != "model":
+            continue
+        inputs = models[step["model_version"]]["spec"].get("inputs") or {}
+        slots = {s.get("name"): s for s in inputs.get("dataslots", []) if isinstance(s, Mapping)}
+        given = parameter_set.get("spec", {}).get(step_id, {}).get("dataslots", [])
+        chosen: list[tuple[Any, list]] = []
+        named = set()
+        for slot in given:
+            named.add(slot.get("name"))
+            path = slot.get("path") or slots.get(slot.get("name"), {}).get("path")
+            chosen.append((path or DEFAULT_DATASLOT_PATH, slot.get("datasets", [])))
+        for name, slot in slots.items():
+            default = slot.get("default")
+            if name not in named and isinstance(default, list) and default:
+                chosen.append((slot.get("path") or DEFAULT_DATASLOT_PATH, default))
+        filled = []
+        for path, versions in chosen:
+            normal = _dataslot_path(path)
+            if normal is None:
+                raise SpecError([f"step {step_id!r}: dataslot path {path!r} is not under inputs/"])
+            try:
+                ids = [uuid.UUID(str(v)) for v in versions]
+            except ValueError:
+                raise SpecError(
+                    [
+                        f"step {step_id!r}: dataslot {path!r} names a dataset version that is not an id"
+                    ]
+                ) from None
+            if ids:
+                filled.append((normal, ids))
+        if filled:
+            out[step_id] = filled
+    return out
+
+
+def dataslot_files(
+    slots: Mapping[str, list[tuple[str, list[uuid.UUID]]]],
+    files: Mapping[uuid.UUID, list[FileEntry]],
+) -> list[FileEntry]:
+    """The workflow's files that put each step's dataslot files in place: the files of each
+    dataset version at ``.dataslots/<step id>/<path>/<file>``. Two files at one path (two
+    datasets in one slot with a file of the same name) is a SpecError naming both."""
+    placed: dict[str, tuple[FileEntry, uuid.UUID]] = {}
+    problems = []
+    for step_id, filled in slots.items():
+        for path, versions in filled:
+            for version in versions:
+                for entry in files[version]:
+                    at = f"{DATASLOTS}/{step_id}/{path}/{entry.path}"
+                    if at in placed and placed[at][0].sha256 != entry.sha256:
+                        problems.append(
+                            f"step {step_id!r}: {path}/{entry.path} is in dataset versions "
+                            f"{placed[at][1]} and {version}"
+                        )
+                    placed[at] = (FileEntry(at, entry.sha256, entry.size, entry.mode), version)
+    if problems:
+        raise SpecError(problems)
+    return [entry for entry, _ in placed.values()]
+
+
+def with_files(dag: Dag, keys: frozenset[str]) -> Dag:
+    """The DAG with the jobs ``keys`` given the workflow's files in their folders (the spec's
+    ``files:`` gives them to every command job; only steps with dataslots need them)."""
+    jobs = [
+        replace(job, payload={**job.payload, "files": True}) if job.key in keys else job
+        for job in dag.jobs
+    ]
+    return replace(dag, jobs=jobs)
 
 
 # Everything a model step leaves in outputs/ (a folder stands for the files under it).
@@ -370,13 +493,19 @@ def _check_step_id(step_id: str, *, as_input: bool = False) -> None:
         )
 
 
-def _step_command(spec: Mapping, inputs: list[str]) -> str:
-    """Make the step's folders and link its input steps' outputs, then run the model.
+def _step_command(spec: Mapping, inputs: list[str], dataslots_of: str | None = None) -> str:
+    """Make the step's folders, put its dataslots' files in place and link its input steps'
+    outputs, then run the model.
 
     Runs in the job's private folder, where each input step's outputs are under
-    ``<step id>/outputs/`` (absent if it left none)."""
+    ``<step id>/outputs/`` (absent if it left none), and the dataslot files of step
+    ``dataslots_of`` under ``.dataslots/<step id>/`` (copied, so that a model that changes its
+    inputs never touches the runner's cache)."""
     q = shlex.quote
     lines = ["mkdir -p inputs outputs"]
+    if dataslots_of is not None:
+        slots = q(f"{DATASLOTS}/{dataslots_of}")
+        lines.append(f"if [ -d {slots} ]; then cp -R {slots}/. .; fi")
     for source in inputs:
         lines.append(f"mkdir -p {q(source + '/outputs')}")
         lines.append(f"ln -sfn {q('../' + source + '/outputs')} {q('inputs/' + source)}")
@@ -396,3 +525,111 @@ def publish(step_id: str, inputs: list[str], instance_dir: str | None = None) ->
     are rows, not a folder); ``instance_dir`` is accepted, and ignored, from jobs queued by
     an older smifdb."""
     return {k: str(uuid.uuid4()) for k in ("dataset_id", "metadata_id", "version_id")}
+
+
+# -- dataset metadata (DAFNI's NID) ---------------------------------------------------------
+
+DATASET_SUBJECTS = (
+    "Biota",
+    "Boundaries",
+    "Climate / Meteorology / Atmosphere",
+    "Economy",
+    "Elevation",
+    "Environment",
+    "Farming",
+    "Geoscientific Information",
+    "Health",
+    "Imagery / Base Maps / Earth Cover",
+    "Inland Waters",
+    "Intelligence / Military",
+    "Locations",
+    "Ocean",
+    "Planning / Cadastre",
+    "Society",
+    "Structure",
+    "Transportation",
+    "Utilities / Communication",
+)
+_DATES = (
+    ("dct:created",),
+    ("embargoEndDate",),
+    ("dct:PeriodOfTime", "time:hasBeginning"),
+    ("dct:PeriodOfTime", "time:hasEnd"),
+)
+
+
+def parse_date(value: Any) -> datetime | None:
+    """An ISO 8601 date or date-time as DAFNI's metadata holds them; None if it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _text(metadata: Mapping, key: str) -> bool:
+    return isinstance(metadata.get(key), str) and bool(metadata[key].strip())
+
+
+def validate_dataset_metadata(metadata: Any) -> dict:
+    """Dataset metadata as DAFNI's NID takes it (what ``dafni create dataset-metadata``
+    writes): every problem at once, or the metadata."""
+    what = "dataset metadata"
+    if not isinstance(metadata, Mapping):
+        raise DefinitionError(what, ["metadata: a JSON object is required"])
+    if problems := [f"{where}: {problem}" for where, problem in jsonb_problems(metadata)]:
+        raise DefinitionError(what, problems[:MAX_PROBLEMS])
+    for key in ("dct:title", "dct:description", "dct:language"):
+        if not _text(metadata, key):
+            problems.append(f"{key}: a non-empty string is required")
+    if metadata.get("dct:subject") not in DATASET_SUBJECTS:
+        problems.append(f"dct:subject: must be one of {', '.join(DATASET_SUBJECTS)}")
+    for key, required in (("dcat:keyword", True), ("dcat:theme", False), ("dct:identifier", False)):
+        value = metadata.get(key, None if required else [])
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            problems.append(f"{key}: must be a list of non-empty strings")
+        elif required and not value:
+            problems.append(f"{key}: at least one is required")
+    creators = metadata.get("dct:creator")
+    if not isinstance(creators, list) or not creators:
+        problems.append("dct:creator: at least one creator (organisation or person) is required")
+    else:
+        for i, creator in enumerate(creators):
+            if not isinstance(creator, Mapping) or not _text(creator, "foaf:name"):
+                problems.append(f"dct:creator[{i}]: a foaf:name is required")
+            elif not isinstance(creator.get("@type"), str):
+                problems.append(f"dct:creator[{i}]: an @type is required")
+    contact = metadata.get("dcat:contactPoint")
+    if not isinstance(contact, Mapping) or not _text(contact, "vcard:fn"):
+        problems.append("dcat:contactPoint: a vcard:fn (contact name) is required")
+    elif "@" not in str(contact.get("vcard:hasEmail") or ""):
+        problems.append("dcat:contactPoint: a vcard:hasEmail (email address) is required")
+    license_ = metadata.get("dct:license")
+    if not isinstance(license_, Mapping) or not _text(license_, "@id"):
+        problems.append("dct:license: an @id (the licence's URL) is required")
+    for key in ("dct:spatial", "dct:publisher", "dct:conformsTo", "dct:PeriodOfTime", "project"):
+        if metadata.get(key) is not None and not isinstance(metadata[key], Mapping):
+            problems.append(f"{key}: must be an object")
+    for path in _DATES:
+        value: Any = metadata
+        for key in path:
+            value = value.get(key) if isinstance(value, Mapping) else None
+        if value is not None and parse_date(value) is None:
+            problems.append(f"{'.'.join(path)}: must be an ISO 8601 date, like 2020-01-31")
+    period = metadata.get("dct:PeriodOfTime")
+    if isinstance(period, Mapping):
+        begin, end = (
+            parse_date(period.get("time:hasBeginning")),
+            parse_date(period.get("time:hasEnd")),
+        )
+        if begin and end and begin > end:
+            problems.append("dct:PeriodOfTime: time:hasBeginning is after time:hasEnd")
+    if metadata.get("dafni_version_note") is not None and not isinstance(
+        metadata["dafni_version_note"], str
+    ):
+        problems.append("dafni_version_note: must be a string")
+    if problems:
+        raise DefinitionError(what, problems)
+    return dict(metadata)

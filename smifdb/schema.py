@@ -472,3 +472,85 @@ workflow_files = _files("workflow_files", "workflow_id", "workflows")
 job_outputs = _files("job_outputs", "job_id", "jobs", Column("attempt", Integer, nullable=False))
 # A smif project snapshot and the decision-state files a manager writes.
 model_run_files = _files("model_run_files", "model_run_id", "model_runs")
+
+
+# The DAFNI data catalogue (migration 0012): datasets, their versions, each version's metadata
+# versions and files, and dafni-cli's temporary upload buckets.
+def _owned() -> list[Column]:
+    return [
+        Column("owner", Text, nullable=False),  # the name, for display
+        Column("owner_id", BigInteger, ForeignKey("api_users.id", ondelete="SET NULL")),
+        Column("created_at", TS, nullable=False, server_default=func.now()),
+    ]
+
+
+def _dataset_files(name: str, owner_column: str, owner: str) -> Table:
+    table = Table(
+        name,
+        metadata,
+        Column(owner_column, UUID_, ForeignKey(owner, ondelete="CASCADE"), nullable=False),
+        Column("path", Text, nullable=False),
+        Column("sha256", LargeBinary, ForeignKey("blobs.sha256"), nullable=False),
+        Column("size", BigInteger, nullable=False),
+        Column("media_type", Text, nullable=False, server_default="application/octet-stream"),
+        PrimaryKeyConstraint(owner_column, "path", name=f"{name}_pkey"),
+        CheckConstraint(_PATH_CHECK, name=f"{name}_path_relative"),
+    )
+    Index(f"{name}_sha256_idx", table.c.sha256)  # prune's anti-join
+    return table
+
+
+dafni_datasets = Table(
+    "dafni_datasets",
+    metadata,
+    Column("dataset_id", UUID_, primary_key=True, server_default=NEW_UUID),
+    *_owned(),
+)
+dafni_dataset_versions = Table(
+    "dafni_dataset_versions",
+    metadata,
+    Column("version_id", UUID_, primary_key=True, server_default=NEW_UUID),
+    Column(
+        "dataset_id",
+        UUID_,
+        ForeignKey("dafni_datasets.dataset_id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("reference_url", Text),  # a reference version points at a URL and holds no files
+    *_owned(),
+)
+Index(
+    "dafni_dataset_versions_dataset_idx",
+    dafni_dataset_versions.c.dataset_id,
+    dafni_dataset_versions.c.created_at,
+)
+dafni_dataset_metadata = Table(
+    "dafni_dataset_metadata",
+    metadata,
+    Column("metadata_id", UUID_, primary_key=True, server_default=NEW_UUID),
+    Column(
+        "version_id",
+        UUID_,
+        ForeignKey("dafni_dataset_versions.version_id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("metadata", JSONB, nullable=False),
+    *_owned(),
+)
+Index(
+    "dafni_dataset_metadata_version_idx",
+    dafni_dataset_metadata.c.version_id,
+    dafni_dataset_metadata.c.created_at,
+)
+dafni_dataset_files = _dataset_files(
+    "dafni_dataset_files", "version_id", "dafni_dataset_versions.version_id"
+)
+dafni_dataset_uploads = Table(
+    "dafni_dataset_uploads",
+    metadata,
+    Column("bucket_id", UUID_, primary_key=True, server_default=NEW_UUID),
+    *_owned(),
+)
+dafni_dataset_upload_files = _dataset_files(
+    "dafni_dataset_upload_files", "bucket_id", "dafni_dataset_uploads.bucket_id"
+)

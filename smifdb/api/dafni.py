@@ -20,12 +20,12 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from smifdb import dafni, errors, store
-from smifdb.api import downloads, session
+from smifdb.api import dafni_datasets, downloads, session
 from smifdb.api.cpu import maybe_heavy
 from smifdb.api.errors import ApiError, decode, read_body, read_json
 from smifdb.api.pool import in_db
 from smifdb.spec import parse
-from smifdb.store import auth
+from smifdb.store import auth, datasets
 from smifdb.store import dafni as rows
 
 OVERALL_STATUS = {  # smifdb workflow status -> DAFNI instance status
@@ -633,11 +633,21 @@ async def execute(request: Request) -> JSONResponse:
         if missing := sorted(set(wanted) - set(models)):
             raise ApiError(409, f"model version(s) {', '.join(missing)} were deleted")
 
+        # Each model step's dataslots: their datasets' files, as the instance's own files.
+        slots = dafni.dataslots(workflow["definition"], parameter_set["definition"], models)
+        wanted = [v for filled in slots.values() for _, versions in filled for v in versions]
+        files = dafni.dataslot_files(slots, datasets.version_files(conn, wanted))
+
         def build(instance_id: uuid.UUID):
             spec = dafni.instance_dag(
-                instance_id, workflow["definition"], parameter_set["definition"], models
+                instance_id,
+                workflow["definition"],
+                parameter_set["definition"],
+                models,
+                dataslot_steps=frozenset(slots),
             )
-            return parse(spec)  # a definition that validated but cannot run: a 400
+            # A definition that validated but cannot run: a 400.
+            return dafni.with_files(parse(spec), frozenset(slots))
 
         instance_id, created = rows.execute(
             conn,
@@ -647,6 +657,7 @@ async def execute(request: Request) -> JSONResponse:
             idempotency_key=key,
             build=build,
             actor=store.actor_name(f"api:{user.name}"),
+            files=files,
         )
         record = _instance_record(conn, instance_id, user, request)
         if not created and (
@@ -753,3 +764,4 @@ ROUTES = _routes(
         ("/workflows/{parent_id}/upload/", workflow_upload, "POST"),
     ]
 )
+ROUTES += dafni_datasets.ROUTES  # the data catalogue: NID, search and discovery, buckets

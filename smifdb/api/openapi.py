@@ -658,6 +658,168 @@ def _results_paths() -> dict[str, dict[str, dict]]:
 PATHS.update(_results_paths())
 
 
+def _dataset_paths() -> dict[str, dict[str, dict]]:
+    """DAFNI's data catalogue (smifdb.api.dafni_datasets): the NID, search and discovery and
+    DSS paths dafni-cli's dataset commands call."""
+    tag = "DAFNI datasets"
+    metadata = {
+        "type": "object",
+        "required": ["metadata"],
+        "properties": {"metadata": ANY_OBJECT},
+    }
+    bucket = {"type": "string", "description": "a temporary bucket: temp-<uuid>"}
+    committed = (201, "{datasetId, versionId, metadataId}")
+    dataset, version = _path("dataset_id", UUID), _path("version_id", UUID)
+    file_path = _path("path", {"type": "string"}, "the file's name in the dataset")
+
+    def commit(summary: str, source: str, params: list[dict]) -> dict:
+        body = {
+            "type": "object",
+            "required": ["metadata", source],
+            "properties": {
+                "metadata": ANY_OBJECT,
+                source: bucket if source == "bucketId" else {"type": "string", "format": "uri"},
+            },
+        }
+        return {
+            "post": _op(
+                summary,
+                tag=tag,
+                params=params,
+                body=body,
+                ok=committed,
+                errors=(400, 404, 409, 413),
+            )
+        }
+
+    return {
+        "/catalogue/": {
+            "post": _op(
+                "search the catalogue: each dataset's newest version (search_text, "
+                "date_range {begin, end, data_with_no_date}, offset {start, size})",
+                tag=tag,
+                body={
+                    "type": "object",
+                    "properties": {
+                        "search_text": {"type": "string"},
+                        "date_range": ANY_OBJECT,
+                        "offset": ANY_OBJECT,
+                        "sort_by": {"type": "string", "enum": ["recent"]},
+                    },
+                },
+                errors=(400, 413),
+            )
+        },
+        "/nid/validate/": {
+            "post": _op(
+                "check dataset metadata: 400 lists every problem",
+                tag=tag,
+                body=metadata,
+                errors=(400, 413),
+            )
+        },
+        "/nid/upload/": {
+            "post": _op("a new temporary bucket", tag=tag, ok=(201, "its id, temp-<uuid>")),
+            "patch": _op(
+                "an upload URL for each file name (PUT the file's bytes to it)",
+                tag=tag,
+                body={
+                    "type": "object",
+                    "required": ["bucketId", "datafiles"],
+                    "properties": {
+                        "bucketId": bucket,
+                        "datafiles": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+                errors=(400, 404, 413),
+            ),
+        },
+        "/nid/upload/{bucket_id}/{path}": {
+            "put": _op(
+                "store one file of a temporary bucket (a second PUT replaces it)",
+                tag=tag,
+                params=[_path("bucket_id", UUID), file_path],
+                body={"type": "string", "format": "binary"},
+                body_type="application/octet-stream",
+                ok=(204, "stored"),
+                errors=(400, 404, 413),
+            )
+        },
+        "/assets/{bucket_id}": {
+            "delete": _op(
+                "delete a temporary bucket and its files",
+                tag=tag,
+                params=[_path("bucket_id", UUID)],
+                ok=(204, "deleted"),
+                errors=(404,),
+            )
+        },
+        "/nid/dataset/": commit("commit a bucket as a new dataset", "bucketId", []),
+        "/nid/dataset/{dataset_id}": {
+            **commit("commit a bucket as a new version of a dataset", "bucketId", [dataset]),
+            "delete": _op(
+                "delete a dataset: every version, its metadata and files",
+                tag=tag,
+                params=[dataset],
+                ok=(204, "deleted"),
+                errors=(404,),
+            ),
+        },
+        "/nid/dataset-reference/": commit("a new dataset pointing at a URL", "reference", []),
+        "/nid/dataset-reference/{dataset_id}": commit(
+            "a new version of a dataset, pointing at a URL", "reference", [dataset]
+        ),
+        "/nid/metadata/{version_id}": {
+            "get": _op(
+                "a dataset version: its newest metadata, files (with download URLs) and the "
+                "dataset's version history",
+                tag=tag,
+                params=[version],
+                errors=(404,),
+            )
+        },
+        "/nid/metadata/{metadata_id}": {
+            "delete": _op(
+                "delete a metadata version (never a version's only one: 409)",
+                tag=tag,
+                params=[_path("metadata_id", UUID)],
+                ok=(204, "deleted"),
+                errors=(404, 409),
+            )
+        },
+        "/nid/metadata/{dataset_id}/{version_id}": {
+            "post": _op(
+                "a new metadata version of a dataset version",
+                tag=tag,
+                params=[dataset, version],
+                body=metadata,
+                ok=committed,
+                errors=(400, 404, 413),
+            )
+        },
+        "/nid/version/{version_id}/": {
+            "delete": _op(
+                "delete a dataset version (its dataset too, if it was the last)",
+                tag=tag,
+                params=[version],
+                ok=(204, "deleted"),
+                errors=(404,),
+            )
+        },
+        "/nid/download/{version_id}/{path}": {
+            "get": _op(
+                "one file of a dataset version, streamed as an attachment (ETag: its sha256)",
+                tag=tag,
+                params=[version, file_path],
+                errors=(404,),
+            )
+        },
+    }
+
+
+PATHS.update(_dataset_paths())
+
+
 def _smif_app_paths() -> dict[str, dict[str, dict]]:
     """The smif app's configuration API (smifdb.api.smifapp): smif's own answers and shapes,
     through smif's store; writes answer 201/200 with message "failed" where smif does."""

@@ -46,6 +46,8 @@ PAGES = re.compile(r"/|/dashboard/?|/jobs(/.*)?|/configure(/.*)?")
 # Any role with valid credentials may end its own session.
 ANY_ROLE = re.compile(r"/logout|/api/auth/me")
 RUNNER_PROTOCOL = re.compile(r"/api/runner/.*")
+# POSTs that only read (DAFNI's catalogue search and metadata check): a viewer may send them.
+READING_POSTS = re.compile(r"/catalogue/|/nid/validate/")
 # Bodies here must be JSON (a cross-site form can send only form and text/plain bodies);
 # DAFNI's routes keep the types dafni-cli sends.
 JSON_BODIES = re.compile(r"/api/(?!runner/v1/blobs/).*")  # runners upload blobs as they are
@@ -230,7 +232,7 @@ def _role_refusal(user: auth.User, method: str, path: str) -> str | None:
         return None if RUNNER_PROTOCOL.fullmatch(path) else "a runner token may only run jobs"
     if RUNNER_PROTOCOL.fullmatch(path):
         return f"user {user.name!r} is a {user.role}: only a runner token may run jobs"
-    if method not in SAFE_METHODS and user.role == "viewer":
+    if method not in SAFE_METHODS and user.role == "viewer" and not READING_POSTS.fullmatch(path):
         return f"user {user.name!r} is a viewer: it may only read"
     return None
 

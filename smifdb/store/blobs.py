@@ -123,6 +123,8 @@ WHERE b.last_used_at < now() - %(grace)s::interval
   AND NOT EXISTS (SELECT 1 FROM workflow_files r WHERE r.sha256 = b.sha256)
   AND NOT EXISTS (SELECT 1 FROM job_outputs r WHERE r.sha256 = b.sha256)
   AND NOT EXISTS (SELECT 1 FROM model_run_files r WHERE r.sha256 = b.sha256)
+  AND NOT EXISTS (SELECT 1 FROM dafni_dataset_files r WHERE r.sha256 = b.sha256)
+  AND NOT EXISTS (SELECT 1 FROM dafni_dataset_upload_files r WHERE r.sha256 = b.sha256)
 """
 COUNT_UNREFERENCED = "SELECT count(*), coalesce(sum(b.size), 0)::bigint " + _UNREFERENCED
 # SKIP LOCKED: a blob being touched (missing) or referenced (the FK's KEY SHARE lock) is

@@ -7,7 +7,7 @@ it ran; its status is read from the workflow and its jobs, never copied.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -17,6 +17,7 @@ from psycopg.types.json import Jsonb
 from smifdb import errors
 from smifdb.spec import Dag
 from smifdb.store.auth import User
+from smifdb.store.blobs import FileEntry
 from smifdb.store.submit import submit_dag
 
 
@@ -325,8 +326,10 @@ def execute(
     idempotency_key: str | None,
     build: Callable[[uuid.UUID], Dag],
     actor: str,
+    files: Sequence[FileEntry] = (),
 ) -> tuple[uuid.UUID, bool]:
-    """Submit an instance as one transaction: (instance id, whether it is new).
+    """Submit an instance as one transaction: (instance id, whether it is new). ``files``:
+    the workflow's files (its steps' dataslot files, blobs stored already).
 
     A request repeated with the same idempotency key returns the first instance, also when
     the two race: the loser's whole transaction rolls back on the unique key.
@@ -339,7 +342,7 @@ def execute(
     dag = build(instance_id)
     try:
         with conn.transaction():
-            workflow_id = submit_dag(conn, dag, actor=actor, submitted_by=owner.id)
+            workflow_id = submit_dag(conn, dag, actor=actor, submitted_by=owner.id, files=files)
             conn.execute(
                 _ADD_INSTANCE,
                 {
