@@ -21,7 +21,7 @@ from starlette.routing import Mount, Route
 from starlette.testclient import TestClient
 
 from smifdb.api import create_app
-from smifdb.api.security import PUBLIC, READING_POSTS, SESSION_COOKIE
+from smifdb.api.security import PUBLIC, READING_POSTS, RUNNER_TOKEN_TTL, SESSION_COOKIE
 from smifdb.api.session import MAX_WAITING_SIGN_INS
 from smifdb.spec import parse
 from smifdb.store import auth
@@ -575,3 +575,24 @@ def test_viewers_and_runners_change_nothing_on_any_route(app, dsn, conn) -> None
                     checked += 1
     assert checked >= 2 * 15
     assert snapshot(conn) == before
+
+
+def test_a_revoked_runner_token_is_refused_within_a_second(app, dsn, conn) -> None:
+    """Runner tokens found valid are taken as valid for RUNNER_TOKEN_TTL (no query per
+    runner request); a revoked one, or one whose user is no longer a runner, is then refused.
+    Other routes check the token on every request."""
+    token = user_token(dsn, "shortlived", role="runner")
+    other = user_token(dsn, "demoted", role="runner")
+    with credentials.client(app, token) as c:
+        call = "/api/runner/v1/unfinished"
+        assert c.post(call, json={}).status_code == 200
+        (token_id,) = [t["id"] for t in auth.api_tokens(conn, "shortlived")]
+        auth.revoke_api_token(conn, token_id)
+        revoked = time.monotonic()
+        wait_for(lambda: c.post(call, json={}).status_code == 401, 5, "the revocation")
+        assert time.monotonic() - revoked < RUNNER_TOKEN_TTL + 1.0
+        assert c.get("/api/auth/me").status_code == 401  # not cached off the runner protocol
+        c.headers.update(bearer(other))
+        assert c.post(call, json={}).status_code == 200
+        assert cli(dsn, "api", "user", "set-role", "demoted", "viewer").returncode == 0
+        wait_for(lambda: c.post(call, json={}).status_code == 401, 5, "the role change")
