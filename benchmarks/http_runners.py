@@ -124,6 +124,7 @@ def spawn_http_runners(
                 logs,
                 "--cache-dir",
                 str(Path(logs) / f"cache-{i}"),
+                "--python-in-thread",  # as the direct runners of throughput.py
             ],
             env=env,
         )
@@ -200,6 +201,7 @@ def host(url: str, count: int, slots: int, out: str, logs: str) -> None:
             cache_dir=Path(logs) / "many-cache",
             poll=30.0,
             exit_when_idle=True,
+            python_in_thread=True,
         )
         Runner(None, config, transport=http.HttpTransport(api), data=http.HttpData(api)).run()
 

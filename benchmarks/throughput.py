@@ -86,6 +86,7 @@ def spawn_runners(
                 logs,
                 "--poll",
                 "0.5",
+                "--python-in-thread",  # no-op calls, as pgqueuer's in-process ones
                 *extra(i),
             ],
         )

@@ -36,6 +36,7 @@ from smifdb.store import views as view_rows
 from smifdb.store.blobs import MAX_FILE_BYTES_ENV
 from smifdb.store.submit import put_files, submit_dag
 from smifdb.tables import Column, seconds, table, timestamp
+from smifdb.workers import DEFAULT_MAX_JOBS
 
 
 class Seconds(click.FloatRange):
@@ -424,6 +425,34 @@ def _runner_options(f):
             + ", ".join(DEFAULT_PYTHON_ALLOW)
             + ".",
         ),
+        click.option(
+            "--python-in-thread",
+            is_flag=True,
+            help="Call python jobs in the runner's own threads, not in worker processes: "
+            "faster for trusted no-op jobs, but a timeout or cancel cannot stop such a call, "
+            "and a job that crashes its process takes the runner with it.",
+        ),
+        click.option(
+            "--preload",
+            metavar="MODULE",
+            multiple=True,
+            help="Import this module once in the zygote python jobs' worker processes are "
+            "forked from (repeatable), so no job pays for importing it.",
+        ),
+        click.option(
+            "--worker-max-jobs",
+            type=click.IntRange(1),
+            default=DEFAULT_MAX_JOBS,
+            show_default=True,
+            help="A python job's worker process is replaced after this many jobs.",
+        ),
+        click.option(
+            "--worker-max-memory",
+            type=Bytes(2**20),
+            default="1G",
+            show_default=True,
+            help="...or once its resident memory is past this after a job.",
+        ),
     ]
     return _stack(f, options)
 
@@ -491,6 +520,10 @@ def _runner_config(name: str | None, allow: tuple[str, ...] = (), **kw) -> Runne
         exit_when_idle=kw.get("exit_when_idle", False),
         workflow_id=kw.get("workflow_id"),
         model_run_id=kw.get("model_run_id"),
+        python_in_thread=kw["python_in_thread"],
+        preload=tuple(kw["preload"]),
+        worker_max_jobs=kw["worker_max_jobs"],
+        worker_max_memory=kw["worker_max_memory"],
     )
     if name:
         config.name = name

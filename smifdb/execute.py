@@ -108,6 +108,7 @@ class JobPolicy:
     python_allow: tuple[str, ...] = DEFAULT_PYTHON_ALLOW
     max_result_bytes: int = MAX_RESULT_BYTES
     max_log_bytes: int = MAX_LOG_BYTES
+    workers: Any = None  # smifdb.workers.WorkerPool for python jobs; None: in slot threads
 
 
 def _die_with_runner() -> Callable[[], None] | None:
@@ -152,6 +153,7 @@ class Attempt:
     process: subprocess.Popen | None = None
     files: JobFiles | None = None  # the runner's data plane: cache, data connections
     folder: Path | None = None  # the attempt's private folder, if its kind made one
+    worker: Any = None  # the python worker process running it (smifdb.workers.Worker)
     held: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)  # closed at its end
     _lock: threading.Lock = field(default_factory=threading.Lock)
 

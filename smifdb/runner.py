@@ -38,7 +38,7 @@ from typing import Any
 
 import psycopg
 
-from smifdb import kinds, logs
+from smifdb import kinds, logs, workers
 from smifdb.cache import DEFAULT_MAX_BYTES as DEFAULT_CACHE_BYTES
 from smifdb.cache import Cache
 from smifdb.db import Backoff
@@ -91,6 +91,10 @@ class RunnerConfig:
     cache_max_bytes: int = DEFAULT_CACHE_BYTES  # the cache evicts least recently used past this
     max_file_bytes: int = DEFAULT_MAX_FILE_BYTES  # a bigger output file fails its attempt
     listen: bool = True  # LISTEN between heartbeats; off: poll only (transaction pooling)
+    python_in_thread: bool = False  # python jobs in slot threads, not worker processes
+    preload: tuple[str, ...] = ()  # modules the python workers' zygote imports once
+    worker_max_jobs: int = workers.DEFAULT_MAX_JOBS  # a python worker is replaced after these
+    worker_max_memory: int = workers.DEFAULT_MAX_MEMORY  # ...or past this resident size
 
     @property
     def scope(self) -> queue.Scope:
@@ -147,10 +151,19 @@ class Runner:
             config.cache_dir / "work",
             max_file_bytes=config.max_file_bytes,
         )
+        self.python_workers = None
+        if not config.python_in_thread:
+            self.python_workers = workers.WorkerPool(
+                config.python_allow,
+                preload=config.preload,
+                max_jobs=config.worker_max_jobs,
+                max_memory=config.worker_max_memory,
+            )
         self.policy = JobPolicy(
             python_allow=config.python_allow,
             max_result_bytes=config.max_result_bytes,
             max_log_bytes=config.max_log_bytes,
+            workers=self.python_workers,
         )
         self.backoff = Backoff()
         self.retry_at = 0.0
@@ -278,6 +291,8 @@ class Runner:
         for _ in self.workers:
             self.todo.put(None)
         self.watchdog.close()
+        if self.python_workers is not None:
+            self.python_workers.close()
         self.files.close()
         if self.conn is not None:
             self.conn.close()

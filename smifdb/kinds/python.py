@@ -1,6 +1,8 @@
-"""``python`` jobs: ``module:function(**args)`` called in a runner slot thread, if the runner
-allows that callable (smifdb.execute.allowed_callable). A thread cannot be killed: a stopped
-attempt is recorded at once and its call left to return when it does."""
+"""``python`` jobs: ``module:function(**args)``, if the runner allows that callable
+(smifdb.execute.allowed_callable), called in one of the runner's warm worker processes
+(smifdb.workers): a stopped attempt's worker is killed, and a job that ends its process fails
+only its attempt. With ``--python-in-thread``, called in the slot thread instead: a thread
+cannot be killed, so a stopped attempt is recorded at once and its call left to return."""
 
 from __future__ import annotations
 
@@ -16,6 +18,7 @@ from smifdb.kinds import common
 from smifdb.limits import MAX_DEPTH, too_deep
 from smifdb.pgtext import unstorable
 from smifdb.store.queue import Outcome
+from smifdb.workers import Answer, WorkerDied, WorkerPool
 
 TARGET = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 
@@ -63,6 +66,8 @@ class Python:
         pass
 
     def run(self, attempt: Attempt) -> Outcome:
+        if attempt.policy.workers is not None:
+            return self._in_worker(attempt, attempt.policy.workers)
         payload = attempt.job.payload
         try:
             function = allowed_callable(payload["function"], attempt.policy.python_allow)
@@ -82,9 +87,44 @@ class Python:
             return attempt.stopped_outcome()
         return attempt.outcome("succeeded", result=value, reason="returned")
 
+    def _in_worker(self, attempt: Attempt, pool: WorkerPool) -> Outcome:
+        payload = attempt.job.payload
+        worker = pool.take()
+        attempt.worker = worker
+        if attempt.stop_reason is not None:  # stopped while it was being handed a worker
+            worker.kill()
+        try:
+            answer = worker.call(payload["function"], payload.get("args", {}))
+        except WorkerDied as exc:
+            if attempt.stop_reason is not None:
+                return attempt.stopped_outcome()
+            error = f"the job ended its process: {exc}"
+            return attempt.outcome("failed", error=error, reason="worker died")
+        finally:
+            attempt.worker = None
+            pool.give(worker)
+        return self._answered(attempt, answer)
+
+    def _answered(self, attempt: Attempt, answer: Answer) -> Outcome:
+        if answer.kind == "not_allowed":  # for good, as in a thread
+            error = f"{answer.error} (runner {attempt.owner})"
+            return attempt.outcome("failed", final=True, error=error, reason="callable not allowed")
+        if attempt.stop_reason is not None:
+            return attempt.stopped_outcome(log_tail=answer.tail)
+        if answer.kind == "error":
+            return attempt.outcome(
+                "failed", error=answer.error, log_tail=answer.tail, reason="exception"
+            )
+        return attempt.outcome("succeeded", result=answer.value, reason="returned")
+
     def stop(self, attempt: Attempt, reason: str) -> bool:
-        attempt.stop(reason)  # only marks it: there is no process to signal
-        return False
+        attempt.stop(reason)  # in a thread, only marks it: there is no process to signal
+        if attempt.policy.workers is None:
+            return False
+        worker = attempt.worker
+        if worker is not None:
+            worker.kill()  # its slot thread then records the stopped attempt
+        return True
 
     def collect(self, attempt: Attempt, outcome: Outcome) -> Outcome:
         return outcome

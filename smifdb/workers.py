@@ -1,0 +1,172 @@
+"""Python jobs in warm worker processes: killable, and unable to take the runner down.
+
+A call in a runner's own thread cannot be stopped (a timeout frees the record, not the slot)
+and shares the runner's process (``os._exit`` or a segfault ends the runner). So a runner
+keeps worker processes, at most one per slot, each running one job at a time. They are forked
+by multiprocessing's forkserver, a zygote that has imported the ``--preload`` modules once, so
+a new worker starts in milliseconds with them imported. Stopping a job (timeout, cancel,
+release) kills its worker; a worker that dies (``os._exit``, a signal, the OOM killer) fails
+only its attempt; either way the next job gets a new worker. A worker is also replaced after
+``max_jobs`` jobs or once its resident memory passes ``max_memory`` bytes, so what one job
+leaks or caches does not pile up.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import multiprocessing
+import os
+import signal
+import threading
+import traceback
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from typing import Any
+
+DEFAULT_MAX_JOBS = 1000
+DEFAULT_MAX_MEMORY = 1 << 30  # bytes of resident memory
+_PR_SET_PDEATHSIG = 1
+_PAGE = os.sysconf("SC_PAGE_SIZE")
+
+
+@dataclass(frozen=True)
+class Answer:
+    """What a worker said of one call: ``kind`` is 'ok' (``value``), 'not_allowed' or
+    'error' (``error``, ``tail``: the traceback's end)."""
+
+    kind: str
+    value: Any = None
+    error: str | None = None
+    tail: str | None = None
+
+
+class WorkerDied(Exception):
+    """The worker ended mid-call: killed on purpose, or by what the job did."""
+
+
+def _serve(conn: Connection, allow: tuple[str, ...], tail_bytes: int) -> None:
+    """A worker's loop: call what it is sent, answer, until the runner hangs up."""
+    with contextlib.suppress(OSError, AttributeError):  # die with the zygote, as it with us
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the runner decides when a job stops
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    from smifdb.execute import NotAllowed, allowed_callable
+    from smifdb.pgtext import unstorable
+
+    while True:
+        try:
+            target, args = conn.recv()
+        except (EOFError, OSError):
+            return
+        try:
+            function = allowed_callable(target, allow)
+            value = function(**args)
+            if value is not None and (why := unstorable(value)):
+                raise ValueError(f"the returned value cannot be stored as JSON: {why}")
+            answer = Answer("ok", value)
+        except NotAllowed as exc:
+            answer = Answer("not_allowed", error=str(exc))
+        except BaseException as exc:  # sys.exit() too: it fails the job, not the worker
+            tail = traceback.format_exc()[-tail_bytes:]
+            answer = Answer("error", error=f"{type(exc).__name__}: {exc}"[:2000], tail=tail)
+        try:
+            conn.send(answer)
+        except Exception as exc:  # a value pickle cannot carry
+            conn.send(Answer("error", error=f"the result cannot be sent back: {exc!r}"[:2000]))
+
+
+class Worker:
+    """One worker process and its end of the pipe; used by one slot thread at a time."""
+
+    def __init__(self, context: Any, allow: tuple[str, ...], tail_bytes: int) -> None:
+        self.conn, child = context.Pipe()
+        self.process = context.Process(
+            target=_serve, args=(child, allow, tail_bytes), name="smifdb-worker", daemon=True
+        )
+        self.process.start()
+        child.close()
+        self.jobs = 0
+        self.killed = False
+
+    def call(self, target: str, args: dict[str, Any]) -> Answer:
+        """Run one job here; WorkerDied if the process ends first."""
+        self.jobs += 1
+        try:
+            self.conn.send((target, args))
+            return self.conn.recv()
+        except (EOFError, OSError, BrokenPipeError) as exc:
+            self.process.join(5)
+            raise WorkerDied(self.death()) from exc
+
+    def death(self) -> str:
+        code = self.process.exitcode
+        if self.killed:
+            return "its worker was killed to stop it"
+        if code is not None and code < 0:
+            return f"its worker process died of {signal.Signals(-code).name}"
+        return f"its worker process exited with status {code}"
+
+    def kill(self) -> None:
+        self.killed = True
+        with contextlib.suppress(ProcessLookupError, TypeError):
+            os.kill(self.process.pid, signal.SIGKILL)
+
+    def resident(self) -> int:
+        try:
+            with open(f"/proc/{self.process.pid}/statm") as statm:
+                return int(statm.read().split()[1]) * _PAGE
+        except (OSError, ValueError, IndexError):
+            return 0
+
+    def close(self) -> None:
+        self.kill()
+        self.conn.close()
+        self.process.join(5)
+
+
+class WorkerPool:
+    """A runner's idle workers, taken by a slot for a job and given back after it."""
+
+    def __init__(
+        self,
+        allow: tuple[str, ...],
+        *,
+        preload: tuple[str, ...] = (),
+        max_jobs: int = DEFAULT_MAX_JOBS,
+        max_memory: int = DEFAULT_MAX_MEMORY,
+        tail_bytes: int = 4096,
+    ) -> None:
+        self.allow, self.max_jobs, self.max_memory = allow, max_jobs, max_memory
+        self.tail_bytes = tail_bytes
+        self.context = multiprocessing.get_context("forkserver")
+        # The zygote imports these once; each worker forks from it with them imported.
+        self.context.set_forkserver_preload(["smifdb.workers", "smifdb.execute", *preload])
+        self._idle: list[Worker] = []
+        self._lock = threading.Lock()
+        self.started = 0  # workers started, for logs and tests
+
+    def take(self) -> Worker:
+        with self._lock:
+            while self._idle:
+                worker = self._idle.pop()
+                if worker.process.is_alive():
+                    return worker
+                worker.close()
+            self.started += 1
+        return Worker(self.context, self.allow, self.tail_bytes)
+
+    def give(self, worker: Worker) -> None:
+        """Back to the idle list, unless it is dead, spent or too big: then it ends."""
+        spent = worker.jobs >= self.max_jobs or worker.resident() > self.max_memory
+        if worker.killed or spent or not worker.process.is_alive():
+            worker.close()
+            return
+        with self._lock:
+            self._idle.append(worker)
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for worker in idle:
+            worker.close()
