@@ -8,7 +8,9 @@ a new worker starts in milliseconds with them imported. Stopping a job (timeout,
 release) kills its worker; a worker that dies (``os._exit``, a signal, the OOM killer) fails
 only its attempt; either way the next job gets a new worker. A worker is also replaced after
 ``max_jobs`` jobs or once its resident memory passes ``max_memory`` bytes, so what one job
-leaks or caches does not pile up.
+leaks or caches does not pile up. As with any multiprocessing, a worker imports the parent's
+main module again: code that starts a Runner itself belongs under ``if __name__ ==
+"__main__"``.
 """
 
 from __future__ import annotations
@@ -18,11 +20,14 @@ import ctypes
 import multiprocessing
 import os
 import signal
+import sys
 import threading
 import traceback
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from typing import Any
+
+from smifdb import errors
 
 DEFAULT_MAX_JOBS = 1000
 DEFAULT_MAX_MEMORY = 1 << 30  # bytes of resident memory
@@ -39,6 +44,26 @@ class Answer:
     value: Any = None
     error: str | None = None
     tail: str | None = None
+
+
+class NoWorkers(errors.BadInput):
+    """This process's main module cannot be imported again, as each worker must."""
+
+
+def _check_main() -> None:
+    """Workers import the parent's ``__main__`` again (multiprocessing's rule): `smifdb` and
+    `python -m smifdb.cli` are fine, and so is a script guarded by ``if __name__ ==
+    "__main__"``; code read from standard input is not a file to import."""
+    main = sys.modules.get("__main__")
+    if getattr(main, "__spec__", None) is not None:
+        return
+    path = getattr(main, "__file__", None)
+    if path is not None and not os.path.isfile(path):
+        raise NoWorkers(
+            f"python jobs run in worker processes, which import the main module again, and "
+            f"{path!r} is not a file: run from a file (its code under if __name__ == "
+            f"'__main__'), or call python jobs in threads (--python-in-thread)"
+        )
 
 
 class WorkerDied(Exception):
@@ -137,6 +162,7 @@ class WorkerPool:
         max_memory: int = DEFAULT_MAX_MEMORY,
         tail_bytes: int = 4096,
     ) -> None:
+        _check_main()
         self.allow, self.max_jobs, self.max_memory = allow, max_jobs, max_memory
         self.tail_bytes = tail_bytes
         self.context = multiprocessing.get_context("forkserver")

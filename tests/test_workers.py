@@ -106,3 +106,25 @@ def test_warm_workers_are_reused_and_recycled(conn, runners, crashes) -> None:
     pids = [r["result"] for r in job_rows(conn, wf).values()]
     assert len(set(pids)) == 3, pids  # two jobs a worker, then a new one
     assert proc.pid not in pids
+
+
+def test_a_main_module_that_cannot_be_imported_again_is_a_clear_refusal(tmp_path) -> None:
+    """Workers import the parent's main module again: code read from stdin cannot be."""
+    import subprocess
+
+    from processes import PY
+
+    code = "from smifdb.workers import WorkerPool\nWorkerPool(())\n"
+    out = subprocess.run([PY, "-"], input=code, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 1 and "--python-in-thread" in out.stderr, out.stderr
+    script = tmp_path / "guarded.py"
+    script.write_text(
+        "from smifdb.workers import WorkerPool\n"
+        "if __name__ == '__main__':\n"
+        "    pool = WorkerPool(('smifdb.examples',))\n"
+        "    worker = pool.take()\n"
+        "    print(worker.call('smifdb.examples:sleep', {'seconds': 0}).value)\n"
+        "    pool.close()\n"
+    )
+    out = subprocess.run([PY, str(script)], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.strip() == "0", out.stderr
