@@ -2,6 +2,7 @@
 
     python benchmarks/http_runners.py [--dsn DSN] [--jobs 20000] [--configs 1x64,2x256]
                                       [--many 200] [--many-jobs 20000] [--repeat 3]
+                                      [--api-workers 1]
 
 1. No-op jobs through direct runners and through HTTP runners (`runner run --api`, one API
    process), alternating run by run, same processes, slots and batch: the steady-state rate
@@ -47,7 +48,7 @@ def free_port() -> int:
 class ApiProcess:
     """`smifdb api serve` on a free port, with a runner token for the benchmark's runners."""
 
-    def __init__(self, dsn: str, logs: str) -> None:
+    def __init__(self, dsn: str, logs: str, workers: int = 1) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(Path(logs) / f"api-{self.port}.log", "ab")  # noqa: SIM115
@@ -64,6 +65,8 @@ class ApiProcess:
                 str(self.port),
                 "--log-level",
                 "warning",
+                "--workers",
+                str(workers),
             ],
             stdout=self.log,
             stderr=subprocess.STDOUT,
@@ -276,12 +279,13 @@ def main() -> None:
     p.add_argument("--many", type=int, default=200, help="HTTP runners against one API")
     p.add_argument("--many-jobs", type=int, default=20_000)
     p.add_argument("--chain", type=int, default=1000)
+    p.add_argument("--api-workers", type=int, default=1, help="uvicorn workers of the API")
     args = p.parse_args()
     logs = tempfile.mkdtemp(prefix="smifdb-bench-http-")
     pairs = [tuple(map(int, c.split("x"))) for c in args.configs.split(",")]
     with database(args.dsn) as dsn:
         print(machine(dsn))
-        api = ApiProcess(dsn, logs)
+        api = ApiProcess(dsn, logs, args.api_workers)
         try:
             token = runner_token(dsn)
             side_by_side(dsn, api.url, token, args.jobs, pairs, args.repeat, logs)
