@@ -440,6 +440,12 @@ def _runner_options(f):
             "forked from (repeatable), so no job pays for importing it.",
         ),
         click.option(
+            "--smif-processes",
+            is_flag=True,
+            help="Run smif jobs as `smif step` processes, each starting Python and importing "
+            "smif (about a second), instead of in new workers forked from the warm zygote.",
+        ),
+        click.option(
             "--worker-max-jobs",
             type=click.IntRange(1),
             default=DEFAULT_MAX_JOBS,
@@ -524,6 +530,7 @@ def _runner_config(name: str | None, allow: tuple[str, ...] = (), **kw) -> Runne
         preload=tuple(kw["preload"]),
         worker_max_jobs=kw["worker_max_jobs"],
         worker_max_memory=kw["worker_max_memory"],
+        smif_processes=kw["smif_processes"],
     )
     if name:
         config.name = name

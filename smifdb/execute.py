@@ -109,6 +109,7 @@ class JobPolicy:
     max_result_bytes: int = MAX_RESULT_BYTES
     max_log_bytes: int = MAX_LOG_BYTES
     workers: Any = None  # smifdb.workers.WorkerPool for python jobs; None: in slot threads
+    smif_processes: bool = False  # smif jobs as `smif step` processes, not warm workers
 
 
 def _die_with_runner() -> Callable[[], None] | None:
@@ -366,6 +367,76 @@ def run_process(
     except ValueError as exc:
         return attempt.outcome("failed", error=str(exc), reason="bad result file", **common)
     return attempt.outcome("succeeded", result=result, reason="exit status 0", **common)
+
+
+def run_in_worker(
+    attempt: Attempt, target: str, args: dict[str, Any], *, cwd: str, env: dict[str, str]
+) -> Outcome:
+    """Call ``target(**args)`` as the attempt's own process: a new worker of the runner's
+    pool (forked from its warm zygote, so without a new interpreter's start-up), in ``cwd``,
+    with a command job's environment plus ``env``, its output into the attempt's log. Stopped
+    by killing the worker; a worker that dies fails the attempt."""
+    from smifdb.workers import WorkerDied
+
+    job, policy = attempt.job, attempt.policy
+    folder = attempt.log_dir / f"workflow-{job.workflow_id}"
+    private_folder(folder)
+    log_path = folder / f"{file_stem(job)}.log"
+    os.close(private_file(log_path))
+    environ = {
+        **job_environment(os.environ),
+        "PATH": _PATH,
+        **env,
+        "SMIFDB_JOB_ID": str(job.id),
+        "SMIFDB_JOB_KEY": job.key,
+        "SMIFDB_WORKFLOW_ID": str(job.workflow_id),
+        "SMIFDB_ATTEMPT": str(job.attempt),
+    }
+    setup = {"cwd": cwd, "log": str(log_path), "environ": environ}
+    worker = policy.workers.fresh()
+    attempt.worker = worker
+    if attempt.stop_reason is not None:  # stopped while its worker was starting
+        worker.kill()
+    died = None
+    try:
+        answer = worker.call(target, args, setup)
+    except WorkerDied as exc:
+        answer, died = None, str(exc)
+    finally:
+        attempt.worker = None
+        policy.workers.give(worker)
+    cap_log_file(log_path, policy.max_log_bytes)
+    tail = _tail(log_path)
+    if attempt.stop_reason is not None:
+        return attempt.stopped_outcome(log_tail=tail)
+    if answer is None:
+        error = f"the job ended its process: {died}"
+        return attempt.outcome("failed", error=error, reason="worker died", log_tail=tail)
+    if answer.kind != "ok":
+        final = answer.kind == "not_allowed"
+        log_tail = ((tail or "") + (answer.tail or ""))[-LOG_TAIL_BYTES:] or None
+        reason = "callable not allowed" if final else "exception"
+        return attempt.outcome(
+            "failed", final=final, error=answer.error, reason=reason, log_tail=log_tail
+        )
+    return attempt.outcome("succeeded", result=answer.value, reason="returned", log_tail=tail)
+
+
+def cap_log_file(path: Path, cap: int) -> None:
+    """Keep a log written straight to its file (by a worker) within ``cap`` bytes, as
+    CappedLog keeps a job's piped output: its head, a line saying what was dropped, its tail."""
+    try:
+        if path.stat().st_size <= cap:
+            return
+        capped = path.with_name(path.name + ".capping")
+        with open(path, "rb") as source, open(private_file(capped), "wb") as out:
+            log = CappedLog(out, cap)
+            while chunk := source.read(1 << 20):
+                log.write(chunk)
+            log.close()
+        os.replace(capped, path)
+    except OSError:
+        pass  # the log as it is: its tail is still read from its end
 
 
 def _read_result(path: Path, limit: int) -> Any:

@@ -95,6 +95,7 @@ class RunnerConfig:
     preload: tuple[str, ...] = ()  # modules the python workers' zygote imports once
     worker_max_jobs: int = workers.DEFAULT_MAX_JOBS  # a python worker is replaced after these
     worker_max_memory: int = workers.DEFAULT_MAX_MEMORY  # ...or past this resident size
+    smif_processes: bool = False  # smif jobs as `smif step` processes, not warm workers
 
     @property
     def scope(self) -> queue.Scope:
@@ -155,7 +156,7 @@ class Runner:
         if not config.python_in_thread:
             self.python_workers = workers.WorkerPool(
                 config.python_allow,
-                preload=config.preload,
+                preload=(*workers.default_preload(), *config.preload),
                 max_jobs=config.worker_max_jobs,
                 max_memory=config.worker_max_memory,
             )
@@ -164,6 +165,7 @@ class Runner:
             max_result_bytes=config.max_result_bytes,
             max_log_bytes=config.max_log_bytes,
             workers=self.python_workers,
+            smif_processes=config.smif_processes,
         )
         self.backoff = Backoff()
         self.retry_at = 0.0

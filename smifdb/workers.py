@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.util
 import multiprocessing
 import os
 import signal
@@ -44,6 +45,15 @@ class Answer:
     value: Any = None
     error: str | None = None
     tail: str | None = None
+
+
+def default_preload() -> tuple[str, ...]:
+    """What every zygote imports: smif's step, where smif is installed (a second of imports
+    a smif job would otherwise pay; the zygote starts at a runner's first python or smif job,
+    never for runners of commands alone)."""
+    if importlib.util.find_spec("smif") is None:
+        return ()
+    return ("smifdb.smifrun", "smif.controller.execute_step", "smif.data_layer.file")
 
 
 class NoWorkers(errors.BadInput):
@@ -81,9 +91,10 @@ def _serve(conn: Connection, allow: tuple[str, ...], tail_bytes: int) -> None:
 
     while True:
         try:
-            target, args = conn.recv()
+            target, args, setup = conn.recv()
         except (EOFError, OSError):
             return
+        saved = _enter(setup) if setup else None
         try:
             function = allowed_callable(target, allow)
             value = function(**args)
@@ -95,10 +106,43 @@ def _serve(conn: Connection, allow: tuple[str, ...], tail_bytes: int) -> None:
         except BaseException as exc:  # sys.exit() too: it fails the job, not the worker
             tail = traceback.format_exc()[-tail_bytes:]
             answer = Answer("error", error=f"{type(exc).__name__}: {exc}"[:2000], tail=tail)
+        finally:
+            if saved is not None:
+                _leave(saved)
         try:
             conn.send(answer)
         except Exception as exc:  # a value pickle cannot carry
             conn.send(Answer("error", error=f"the result cannot be sent back: {exc!r}"[:2000]))
+
+
+def _enter(setup: dict[str, Any]) -> dict[str, Any]:
+    """Make the worker look like a job's own process: its folder, its environment (the
+    runner's less its secrets, as a command job's), its output into its log file."""
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    saved = {"cwd": os.getcwd(), "fds": (os.dup(1), os.dup(2)), "environ": dict(os.environ)}
+    fd = os.open(setup["log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.environ.clear()
+    os.environ.update(setup["environ"])
+    os.chdir(setup["cwd"])
+    sys.dont_write_bytecode = True  # beside the models' code is the runner's cache
+    return saved
+
+
+def _leave(saved: dict[str, Any]) -> None:
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    for target, fd in zip((1, 2), saved["fds"], strict=True):
+        os.dup2(fd, target)
+        os.close(fd)
+    os.environ.clear()
+    os.environ.update(saved["environ"])
+    with contextlib.suppress(OSError):
+        os.chdir(saved["cwd"])
 
 
 class Worker:
@@ -114,11 +158,14 @@ class Worker:
         self.jobs = 0
         self.killed = False
 
-    def call(self, target: str, args: dict[str, Any]) -> Answer:
-        """Run one job here; WorkerDied if the process ends first."""
+    def call(
+        self, target: str, args: dict[str, Any], setup: dict[str, Any] | None = None
+    ) -> Answer:
+        """Run one job here (``setup``: its folder, environment and log file, see _enter);
+        WorkerDied if the process ends first."""
         self.jobs += 1
         try:
-            self.conn.send((target, args))
+            self.conn.send((target, args, setup))
             return self.conn.recv()
         except (EOFError, OSError, BrokenPipeError) as exc:
             self.process.join(5)
@@ -181,6 +228,14 @@ class WorkerPool:
                 worker.close()
             self.started += 1
         return Worker(self.context, self.allow, self.tail_bytes)
+
+    def fresh(self) -> Worker:
+        """A new worker, for a job that must not share one (it is ended when given back)."""
+        with self._lock:
+            self.started += 1
+        worker = Worker(self.context, self.allow, self.tail_bytes)
+        worker.jobs = self.max_jobs  # spent after this one
+        return worker
 
     def give(self, worker: Worker) -> None:
         """Back to the idle list, unless it is dead, spent or too big: then it ends."""

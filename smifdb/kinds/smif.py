@@ -27,13 +27,15 @@ from typing import Any, ClassVar
 
 from smifdb import snapshot, workspace
 from smifdb.cache import PRISTINE_MTIME_NS, CacheError
-from smifdb.execute import Attempt, run_process
+from smifdb.execute import Attempt, run_in_worker, run_process
 from smifdb.store.blobs import FileEntry
 from smifdb.store.queue import Outcome
 
 INTERFACES = ("local_csv", "local_binary")
 OPERATIONS = ("before_model_run", "simulate")
 _INT_FIELDS = ("timestep", "decision")
+
+SMIF_STEP = "smifdb.smifrun:run_job"  # what `smif step` and `smif before_step` do
 
 
 def _is_int(value: Any) -> bool:
@@ -197,10 +199,28 @@ class Smif:
             argv += ["-t", str(payload["timestep"]), "-dn", str(payload["decision"])]
         argv += ["-d", str(folder), "-i", payload["interface"]]
         # No bytecode written beside the models' code: that folder is the cache's.
-        return run_process(attempt, argv, cwd=str(folder), env={"PYTHONDONTWRITEBYTECODE": "1"})
+        env = {"PYTHONDONTWRITEBYTECODE": "1"}
+        if attempt.policy.workers is None or attempt.policy.smif_processes:
+            return run_process(attempt, argv, cwd=str(folder), env=env)
+        # What `smif step` does, in a new worker forked from the runner's zygote (smif
+        # imported there once): no second of imports per job, still a process of its own.
+        args = {
+            "project": str(folder),
+            "model_run": name,
+            "model": model,
+            "timestep": payload.get("timestep")
+            if payload["operation"] != "before_model_run"
+            else None,
+            "decision": payload.get("decision"),
+            "interface": payload["interface"],
+        }
+        return run_in_worker(attempt, SMIF_STEP, args, cwd=str(folder), env=env)
 
     def stop(self, attempt: Attempt, reason: str) -> bool:
         attempt.stop(reason)  # SIGTERM to its process group, SIGKILL after a grace
+        worker = attempt.worker
+        if worker is not None:  # a warm worker instead: killed
+            worker.kill()
         return True
 
     def collect(self, attempt: Attempt, outcome: Outcome) -> Outcome:
