@@ -376,8 +376,6 @@ def run_in_worker(
     pool (forked from its warm zygote, so without a new interpreter's start-up), in ``cwd``,
     with a command job's environment plus ``env``, its output into the attempt's log. Stopped
     by killing the worker; a worker that dies fails the attempt."""
-    from smifdb.workers import WorkerDied
-
     job, policy = attempt.job, attempt.policy
     folder = attempt.log_dir / f"workflow-{job.workflow_id}"
     private_folder(folder)
@@ -393,18 +391,7 @@ def run_in_worker(
         "SMIFDB_ATTEMPT": str(job.attempt),
     }
     setup = {"cwd": cwd, "log": str(log_path), "environ": environ}
-    worker = policy.workers.fresh()
-    attempt.worker = worker
-    if attempt.stop_reason is not None:  # stopped while its worker was starting
-        worker.kill()
-    died = None
-    try:
-        answer = worker.call(target, args, setup)
-    except WorkerDied as exc:
-        answer, died = None, str(exc)
-    finally:
-        attempt.worker = None
-        policy.workers.give(worker)
+    answer, died = call_in_worker(attempt, policy.workers.fresh(), target, args, setup)
     cap_log_file(log_path, policy.max_log_bytes)
     tail = _tail(log_path)
     if attempt.stop_reason is not None:
@@ -420,6 +407,29 @@ def run_in_worker(
             "failed", final=final, error=answer.error, reason=reason, log_tail=log_tail
         )
     return attempt.outcome("succeeded", result=answer.value, reason="returned", log_tail=tail)
+
+
+def call_in_worker(
+    attempt: Attempt,
+    worker: Any,
+    target: str,
+    args: dict[str, Any],
+    setup: dict[str, Any] | None = None,
+) -> tuple[Any, str | None]:
+    """(the worker's answer, None), or (None, how it died): the worker is the attempt's while
+    it runs, so that stopping the attempt kills it, and goes back to its pool after."""
+    from smifdb.workers import WorkerDied
+
+    attempt.worker = worker
+    if attempt.stop_reason is not None:  # stopped while it was being handed a worker
+        worker.kill()
+    try:
+        return worker.call(target, args, setup), None
+    except WorkerDied as exc:
+        return None, str(exc)
+    finally:
+        attempt.worker = None
+        attempt.policy.workers.give(worker)
 
 
 def cap_log_file(path: Path, cap: int) -> None:

@@ -10,17 +10,13 @@ the metadata that commits the bucket's files as a new dataset version. Errors ar
 
 from __future__ import annotations
 
-import hashlib
 import mimetypes
-import tempfile
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-import anyio.to_thread
 import psycopg
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -338,24 +334,13 @@ async def bucket_put(request: Request) -> Response:
     path = _file_path(request.path_params["path"])
     user, limit = request.user, blobs.max_file_bytes()
     await in_db(request, datasets.upload, bucket_id, user)  # 404 before reading the body
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"a file over the limit of {limit:,} bytes")
-    digest, size = hashlib.sha256(), 0
-    with tempfile.NamedTemporaryFile(prefix="smifdb-dataset-") as spool:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"a file over the limit of {limit:,} bytes")
-            digest.update(chunk)
-            await anyio.to_thread.run_sync(spool.write, chunk)
-        await anyio.to_thread.run_sync(spool.flush)
-        sha = digest.hexdigest()
-        media = mimetypes.guess_type(path)[0] or "application/octet-stream"
+    media = mimetypes.guess_type(path)[0] or "application/octet-stream"
+    async with downloads.spooled_body(request, limit, "a file") as body:
 
         def store(conn: psycopg.Connection) -> None:
-            blobs.put_file(conn, Path(spool.name), max_bytes=limit, sha256=sha)
-            datasets.put_upload_file(conn, bucket_id, user, FileEntry(path, sha, size), media)
+            blobs.put_file(conn, body.path, max_bytes=limit, sha256=body.sha256)
+            entry = FileEntry(path, body.sha256, body.size)
+            datasets.put_upload_file(conn, bucket_id, user, entry, media)
 
         await in_db(request, store)
     return Response(status_code=204)

@@ -1,4 +1,5 @@
-"""Stored files over HTTP: job outputs listed a page at a time and each file streamed.
+"""Stored files over HTTP: job outputs listed a page at a time and each file streamed, and
+uploaded bodies spooled and hashed on their way into the blob store.
 
 A download reads its blob a batch of chunks per query, each on a pooled connection borrowed
 for that query only (smifdb.store.blobs.read_chunks_with): a client that reads slowly, or not
@@ -7,8 +8,12 @@ at all, holds no database connection, and memory stays at one batch whatever the
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import tempfile
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -113,3 +118,29 @@ def _attachment(name: str) -> str:
         c if c.isascii() and c.isprintable() and c not in '"\\' else "_" for c in name
     )
     return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(name, safe='')}"
+
+
+@dataclass(frozen=True)
+class Spooled:
+    path: Path
+    sha256: str
+    size: int
+
+
+@contextlib.asynccontextmanager
+async def spooled_body(request: Request, limit: int, what: str) -> AsyncIterator[Spooled]:
+    """The request's body in a temporary file as it arrives, hashed on the way: 413 past
+    ``limit`` bytes (declared or sent), never all in memory. The file is gone after the block."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise ApiError(413, f"{what} over the limit of {limit:,} bytes")
+    digest, size = hashlib.sha256(), 0
+    with tempfile.NamedTemporaryFile(prefix="smifdb-upload-") as spool:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise ApiError(413, f"{what} over the limit of {limit:,} bytes")
+            digest.update(chunk)
+            await anyio.to_thread.run_sync(spool.write, chunk)
+        await anyio.to_thread.run_sync(spool.flush)
+        yield Spooled(Path(spool.name), digest.hexdigest(), size)

@@ -13,10 +13,7 @@ heartbeats. Blobs stream in and out (GET/PUT blobs/<sha256>), checked against th
 
 from __future__ import annotations
 
-import hashlib
-import tempfile
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import Any
 
 import anyio
@@ -26,6 +23,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from smifdb.api import downloads
 from smifdb.api.errors import ApiError, read_json
 from smifdb.api.pool import in_db
 from smifdb.store import blobs, jobfiles
@@ -354,23 +352,11 @@ async def blob_put(request: Request) -> Response:
     hash checked against the name, then stored in one transaction."""
     count(request, "blob_put")
     sha, limit = _sha(request), blobs.max_file_bytes()
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise ApiError(413, f"a blob over the limit of {limit:,} bytes")
-    digest, size = hashlib.sha256(), 0
-    with tempfile.NamedTemporaryFile(prefix="smifdb-upload-") as spool:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise ApiError(413, f"a blob over the limit of {limit:,} bytes")
-            digest.update(chunk)
-            await anyio.to_thread.run_sync(spool.write, chunk)
-        await anyio.to_thread.run_sync(spool.flush)
-        if digest.hexdigest() != sha:
-            raise ApiError(400, f"the body's sha256 is {digest.hexdigest()}, not {sha}")
+    async with downloads.spooled_body(request, limit, "a blob") as body:
+        if body.sha256 != sha:
+            raise ApiError(400, f"the body's sha256 is {body.sha256}, not {sha}")
         await in_db(
-            request,
-            lambda conn: blobs.put_file(conn, Path(spool.name), max_bytes=limit, sha256=sha),
+            request, lambda conn: blobs.put_file(conn, body.path, max_bytes=limit, sha256=sha)
         )
     return Response(status_code=204)
 

@@ -13,12 +13,12 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from smifdb.execute import LOG_TAIL_BYTES, Attempt, NotAllowed, allowed_callable
+from smifdb.execute import LOG_TAIL_BYTES, Attempt, NotAllowed, allowed_callable, call_in_worker
 from smifdb.kinds import common
 from smifdb.limits import MAX_DEPTH, too_deep
 from smifdb.pgtext import unstorable
 from smifdb.store.queue import Outcome
-from smifdb.workers import Answer, WorkerDied, WorkerPool
+from smifdb.workers import Answer, WorkerPool
 
 TARGET = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*:[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$")
 
@@ -89,20 +89,13 @@ class Python:
 
     def _in_worker(self, attempt: Attempt, pool: WorkerPool) -> Outcome:
         payload = attempt.job.payload
-        worker = pool.take()
-        attempt.worker = worker
-        if attempt.stop_reason is not None:  # stopped while it was being handed a worker
-            worker.kill()
-        try:
-            answer = worker.call(payload["function"], payload.get("args", {}))
-        except WorkerDied as exc:
+        args = payload.get("args", {})
+        answer, died = call_in_worker(attempt, pool.take(), payload["function"], args)
+        if answer is None:
             if attempt.stop_reason is not None:
                 return attempt.stopped_outcome()
-            error = f"the job ended its process: {exc}"
+            error = f"the job ended its process: {died}"
             return attempt.outcome("failed", error=error, reason="worker died")
-        finally:
-            attempt.worker = None
-            pool.give(worker)
         return self._answered(attempt, answer)
 
     def _answered(self, attempt: Attempt, answer: Answer) -> Outcome:
