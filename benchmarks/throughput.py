@@ -1,13 +1,15 @@
-"""Queue throughput and dispatch latency, smifdb side by side with pgqueuer.
+"""Queue throughput and dispatch latency, smifdb side by side with pgqueuer and procrastinate.
 
-    pip install "pgqueuer[asyncpg]"      # only for the comparison
-    python benchmarks/throughput.py [--dsn DSN] [--jobs 20000] [--skip-pgqueuer] [--quick]
+    pip install "pgqueuer[asyncpg]" procrastinate     # only for the comparison
+    python benchmarks/throughput.py [--dsn DSN] [--jobs 20000] [--peers pgqueuer,procrastinate]
+                                    [--modes thread,workers] [--quick]
 
 Everything runs in one process tree on one database (a new local cluster with durable
 commits unless --dsn is given). Runners and pgqueuer workers are separate processes.
 
 Throughput is measured in steady state, after the run and without polling during it: from each
-system's own log of completions (smifdb's events, pgqueuer's pgqueuer_log), the rate between
+system's own log of completions (smifdb's events, pgqueuer's pgqueuer_log, procrastinate's
+procrastinate_events), the rate between
 the 10% and the 90% completion (process start-up excluded). The wall time from spawning
 workers to their exit is printed too. Dispatch latency is from a parent's
 'succeeded' event to its child's 'running' event (both stamped with clock_timestamp()).
@@ -61,9 +63,12 @@ def spawn_runners(
     batch: int | None,
     logs: str,
     extra: Callable[[int], list[str]] = lambda i: [],
+    in_thread: bool = True,
 ) -> list:
     """``runners`` runner processes that exit once idle; ``batch`` None: all free slots per
-    claim; ``extra(i)``: more options for runner ``i``."""
+    claim; ``extra(i)``: more options for runner ``i``; ``in_thread``: no-op calls in runner
+    threads, as pgqueuer's and procrastinate's in-process ones (else in warm workers, the
+    default for users)."""
     return [
         subprocess.Popen(
             [
@@ -86,7 +91,7 @@ def spawn_runners(
                 logs,
                 "--poll",
                 "0.5",
-                "--python-in-thread",  # no-op calls, as pgqueuer's in-process ones
+                *(["--python-in-thread"] if in_thread else []),
                 *extra(i),
             ],
         )
@@ -110,7 +115,14 @@ def start_clean(dsn: str, tables: str, truncate: bool) -> None:
 
 
 def run_smifdb(
-    dsn: str, spec: dict, runners: int, slots: int, batch: int, logs: str, truncate: bool
+    dsn: str,
+    spec: dict,
+    runners: int,
+    slots: int,
+    batch: int,
+    logs: str,
+    truncate: bool,
+    in_thread: bool = True,
 ) -> dict:
     start_clean(dsn, SMIFDB_TABLES, truncate)
     with psycopg.connect(dsn, autocommit=True) as conn:
@@ -119,7 +131,7 @@ def run_smifdb(
             "ANALYZE jobs, ready_jobs"
         )  # as pgqueuer's queue: both start with current statistics
     t0 = time.perf_counter()
-    procs = spawn_runners(dsn, runners, slots, batch, logs)
+    procs = spawn_runners(dsn, runners, slots, batch, logs, in_thread=in_thread)
     for p in procs:
         p.wait()
     wall = time.perf_counter() - t0
@@ -150,6 +162,35 @@ def run_pgqueuer(dsn: str, total: int, workers: int, batch: int) -> dict:
     times = completion_times(dsn, _PGQUEUER_DONE, [])
     assert len(times) == total, (len(times), total)
     return {"rate": steady_rate(times), "wall": wall}
+
+
+_PROCRASTINATE_DONE = (
+    "SELECT extract(epoch FROM at)::float FROM procrastinate_events WHERE type = 'succeeded'"
+)
+
+
+def run_procrastinate(dsn: str, total: int, workers: int, concurrency: int) -> dict:
+    """procrastinate fetches one job per query; ``concurrency`` async jobs per worker."""
+    worker = str(HERE / "procrastinate_worker.py")
+    subprocess.run([sys.executable, worker, "install", dsn], check=True)
+    start_clean(dsn, "procrastinate_jobs, procrastinate_events", truncate=True)
+    subprocess.run([sys.executable, worker, "enqueue", dsn, str(total)], check=True)
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute("ANALYZE procrastinate_jobs")
+    t0 = time.perf_counter()
+    procs = [
+        subprocess.Popen([sys.executable, worker, "work", dsn, str(concurrency)])
+        for _ in range(workers)
+    ]
+    for p in procs:
+        p.wait()
+    wall = time.perf_counter() - t0
+    times = completion_times(dsn, _PROCRASTINATE_DONE, [])
+    assert len(times) == total, (len(times), total)
+    return {"rate": steady_rate(times), "wall": wall}
+
+
+PEERS = {"pgqueuer": run_pgqueuer, "procrastinate": run_procrastinate}
 
 
 def dispatch_latency(dsn: str, workflow_id: int) -> tuple[float, float, int]:
@@ -203,45 +244,70 @@ def side_by_side(
     n: int,
     pairs: list[tuple[int, int]],
     repeat: int,
-    compare: bool,
+    peers: list[str],
     logs: str,
     truncate: bool,
+    modes: list[str] = ("thread",),
 ) -> None:
+    """smifdb in each of ``modes`` ("thread": --python-in-thread, "workers": warm worker
+    processes) against each of ``peers``, same processes and batch (slots), runs alternating."""
     print(f"\nmedian of {repeat} runs of {n} jobs each")
-    print(f"{'system':10} {'procs':>5} {'batch':>5} {'jobs/s (steady)':>16} {'wall s':>7}")
+    print(f"{'system':22} {'procs':>5} {'batch':>5} {'jobs/s (steady)':>16} {'wall s':>7}")
+    systems: dict[str, Callable[[int, int], dict]] = {
+        f"smifdb ({mode})": (
+            lambda procs, batch, in_thread=(mode == "thread"): run_smifdb(
+                dsn, independent(n), procs, batch, batch, logs, truncate, in_thread
+            )
+        )
+        for mode in modes
+    }
+    systems |= {
+        peer: (lambda procs, batch, run=PEERS[peer]: run(dsn, n, procs, batch)) for peer in peers
+    }
     best: dict[str, float] = {}
     for procs, batch in pairs:
-        # Alternate the two systems run by run: this machine's speed drifts by +-15% over
+        # Alternate the systems run by run: this machine's speed drifts by +-15% over
         # minutes, and back-to-back blocks of runs would hand the drift to one side.
-        ours, theirs = [], []
+        runs: dict[str, list[dict]] = {name: [] for name in systems}
         for _ in range(repeat):
-            ours.append(run_smifdb(dsn, independent(n), procs, batch, batch, logs, truncate))
-            if compare:
-                theirs.append(run_pgqueuer(dsn, n, procs, batch))
-        rate = statistics.median(r["rate"] for r in ours)
-        wall = statistics.median(r["wall"] for r in ours)
-        print(f"{'smifdb':10} {procs:>5} {batch:>5} {rate:>16,.0f} {wall:>7.2f}", flush=True)
-        best["smifdb"] = max(best.get("smifdb", 0), rate)
-        if theirs:
-            q_rate = statistics.median(q["rate"] for q in theirs)
-            q_wall = statistics.median(q["wall"] for q in theirs)
-            print(f"{'pgqueuer':10} {procs:>5} {batch:>5} {q_rate:>16,.0f} {q_wall:>7.2f}")
-            pairwise = sorted(o["rate"] / q["rate"] for o, q in zip(ours, theirs, strict=True))
-            spread = ", ".join(f"{r:.2f}" for r in pairwise)
-            print(f"{'':22} ratio {rate / q_rate:>5.2f}x  (run pairs: {spread})", flush=True)
-            best["pgqueuer"] = max(best.get("pgqueuer", 0), q_rate)
-    if "pgqueuer" in best:
-        print(
-            f"best at {n} jobs: smifdb {best['smifdb']:,.0f}/s, pgqueuer {best['pgqueuer']:,.0f}/s,"
-            f" ratio {best['smifdb'] / best['pgqueuer']:.2f}x"
-        )
+            for name, run in systems.items():
+                runs[name].append(run(procs, batch))
+        rates = {name: statistics.median(r["rate"] for r in rs) for name, rs in runs.items()}
+        for name, rs in runs.items():
+            wall = statistics.median(r["wall"] for r in rs)
+            print(f"{name:22} {procs:>5} {batch:>5} {rates[name]:>16,.0f} {wall:>7.2f}")
+            best[name] = max(best.get(name, 0), rates[name])
+        for mode in modes:
+            ours = f"smifdb ({mode})"
+            for peer in peers:
+                pairwise = sorted(
+                    o["rate"] / q["rate"] for o, q in zip(runs[ours], runs[peer], strict=True)
+                )
+                spread = ", ".join(f"{r:.2f}" for r in pairwise)
+                print(
+                    f"  {ours} / {peer}: {rates[ours] / rates[peer]:.2f}x  (run pairs: {spread})",
+                    flush=True,
+                )
+    print(f"best at {n} jobs: " + ", ".join(f"{k} {v:,.0f}/s" for k, v in best.items()))
+    for mode in modes:
+        for peer in peers:
+            ratio = best[f"smifdb ({mode})"] / best[peer]
+            print(f"  best smifdb ({mode}) / best {peer}: {ratio:.2f}x")
 
 
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--jobs", type=int, default=40_000, help="jobs per independent run")
     p.add_argument("--sizes", help="job counts for the side-by-side runs, e.g. 10000,40000,100000")
-    p.add_argument("--skip-pgqueuer", action="store_true")
+    p.add_argument("--skip-pgqueuer", action="store_true", help="same as --peers ''")
+    p.add_argument(
+        "--peers", default="pgqueuer,procrastinate", help="peers to compare, comma-separated"
+    )
+    p.add_argument(
+        "--modes",
+        default="thread,workers",
+        help="smifdb's python modes: thread (--python-in-thread), workers (warm processes)",
+    )
     p.add_argument("--quick", action="store_true", help="fewer configurations")
     p.add_argument("--repeat", type=int, default=3, help="runs per configuration (median kept)")
     p.add_argument("--configs", help="PROCSxBATCH list for the side-by-side runs, e.g. 2x256,4x64")
@@ -255,6 +321,8 @@ def main() -> None:
     args = p.parse_args()
     n = args.jobs
     truncate = args.dsn is None or args.truncate
+    peers = [] if args.skip_pgqueuer else [x for x in args.peers.split(",") if x]
+    modes = [x for x in args.modes.split(",") if x]
     logs = tempfile.mkdtemp(prefix="smifdb-bench-logs-")
     with database(args.dsn) as dsn:
         print(machine(dsn))
@@ -267,7 +335,7 @@ def main() -> None:
         if not args.only_dags:
             print("## Independent jobs, side by side")
             for size in sizes:
-                side_by_side(dsn, size, pairs, args.repeat, not args.skip_pgqueuer, logs, truncate)
+                side_by_side(dsn, size, pairs, args.repeat, peers, logs, truncate, modes)
 
         if args.no_dags:
             return

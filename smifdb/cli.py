@@ -249,7 +249,7 @@ def submit_cmd(ctx: click.Context, file: str, name: str | None, max_file_bytes: 
     ready = sum(1 for j in dag.jobs if not j.after)
     click.echo(
         f"submitted workflow {workflow_id} {dag.name!r}: {len(dag.jobs)} jobs, "
-        f"{len(dag.edges)} edges, {ready} ready",
+        f"{dag.edge_count} edges, {ready} ready",
         err=True,
     )
     click.echo(workflow_id)

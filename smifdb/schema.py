@@ -214,8 +214,11 @@ workflow_counts = Table(
 job_edges = Table(
     "job_edges",
     metadata,
-    Column("parent_id", BigInteger, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
-    Column("child_id", BigInteger, ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    # No foreign keys (0013): submit_dag writes edges only between the jobs it inserts, prune
+    # deletes them before their jobs; checking two million edges row by row was most of a
+    # million-job submit.
+    Column("parent_id", BigInteger, nullable=False),
+    Column("child_id", BigInteger, nullable=False),
     PrimaryKeyConstraint("parent_id", "child_id", name="job_edges_pkey"),
     CheckConstraint("parent_id <> child_id", name="job_edges_no_self_loop"),
 )

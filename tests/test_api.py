@@ -211,7 +211,7 @@ def chains(name: str, n: int) -> Dag:
         )
         for i in range(n)
     ]
-    return Dag(name=name, jobs=jobs, edges=[(j.after[0], j.key) for j in jobs if j.after])
+    return Dag(name=name, jobs=jobs)
 
 
 def pages(get, path: str, limit: int) -> Iterator[httpx2.Response]:

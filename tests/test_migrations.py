@@ -295,3 +295,40 @@ def test_blob_store_down_and_up(dsn: str) -> None:
     assert migrate.drift(dsn) == []
     with psycopg.connect(dsn) as conn:
         assert conn.execute("SELECT count(*) FROM blobs").fetchone() == (0,)
+
+
+def _edge_foreign_keys(conn: psycopg.Connection) -> list[str]:
+    return [
+        r[0]
+        for r in conn.execute(
+            "SELECT conname FROM pg_constraint WHERE conrelid = 'job_edges'::regclass"
+            " AND contype = 'f' ORDER BY conname"
+        )
+    ]
+
+
+def test_0013_drops_the_edge_foreign_keys_and_down_restores_them(dsn: str) -> None:
+    """Down deletes edges whose jobs are gone (the keys could not be added over them) and keeps
+    the rest; up drops the keys again."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert _edge_foreign_keys(conn) == []
+        wf = conn.execute(
+            "INSERT INTO workflows (name, job_count) VALUES ('w', 2) RETURNING id"
+        ).fetchone()[0]
+        a, b = (
+            conn.execute(
+                "INSERT INTO jobs (workflow_id, key, kind, payload, status)"
+                " VALUES (%s, %s, 'command', '{}', 'waiting') RETURNING id",
+                [wf, key],
+            ).fetchone()[0]
+            for key in ("a", "b")
+        )
+        conn.execute("INSERT INTO job_edges VALUES (%s, %s), (%s, -1)", [a, b, a])
+    migrate.downgrade(dsn, "0012")
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert _edge_foreign_keys(conn) == ["job_edges_child_id_fkey", "job_edges_parent_id_fkey"]
+        assert conn.execute("SELECT parent_id, child_id FROM job_edges").fetchall() == [(a, b)]
+    migrate.upgrade(dsn)
+    assert migrate.drift(dsn) == []
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        assert _edge_foreign_keys(conn) == []

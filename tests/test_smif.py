@@ -270,7 +270,7 @@ def test_between_bundle_dependencies_do_not_crash_like_smif(sample, tmp_path, ds
         "energy_water_rule_simulate_2015_3_energy_demand",
         "energy_water_rule_simulate_2015_3_water_supply",
     }
-    assert dag.edges == [
+    assert list(dag.edges) == [
         (
             "energy_water_rule_simulate_2015_3_energy_demand",
             "energy_water_rule_simulate_2015_3_water_supply",
