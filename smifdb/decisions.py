@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -46,8 +47,11 @@ class DecisionError(errors.BadInput, RuntimeError):
 
 
 class Decider(Protocol):
-    def next_bundle(self, history: list[dict[str, Any]]) -> Dag | None:
-        """The DAG of bundle ``len(history)``, or None when the decision loop has ended."""
+    state: Any  # JSON stored with the bundle just decided, given back (history.decider_state)
+
+    def next_bundle(self, history: Sequence[dict[str, Any]]) -> Dag | None:
+        """The DAG of bundle ``len(history)``, or None when the decision loop has ended.
+        ``history``: smifdb.store.modelruns.History, read lazily."""
 
     def record(self, conn: psycopg.Connection) -> None:
         """Within the transaction that submits the bundle (or ends the run): store what
@@ -70,6 +74,7 @@ class PythonDecider:
             raise ModelRunError(f"decision entry point {entry!r} must look like module:function")
         self.entry, self.folder, self.name = entry, folder, name
         self.function = self._load()
+        self.state = None  # the function's own progress is its to keep, in its history
 
     def _load(self) -> Any:
         module_name, _, attr = self.entry.partition(":")
@@ -88,7 +93,7 @@ class PythonDecider:
     def record(self, conn: psycopg.Connection) -> None:
         pass
 
-    def next_bundle(self, history: list[dict[str, Any]]) -> Dag | None:
+    def next_bundle(self, history: Sequence[dict[str, Any]]) -> Dag | None:
         bundle = len(history)
         try:
             spec = self.function(history)
@@ -122,6 +127,7 @@ class SnapshotDecider:
 
     def __init__(self, conn: psycopg.Connection, model_run: ModelRun) -> None:
         self.model_run = model_run
+        self.state = None
         self.mirror = snapshot.Mirror(mirror_root(model_run.id))
         project, _ = snapshot.split(blobs.model_run_files(conn, model_run.id))
         if not project:
@@ -138,8 +144,10 @@ class SnapshotDecider:
     def prepare(self) -> dict[str, Any]:
         return self.run.prepare()
 
-    def next_bundle(self, history: list[dict[str, Any]]) -> Dag | None:
-        return self.run.next_bundle(history)
+    def next_bundle(self, history: Sequence[dict[str, Any]]) -> Dag | None:
+        dag = self.run.next_bundle(history)
+        self.state = self.run.state
+        return dag
 
     def record(self, conn: psycopg.Connection) -> None:
         found = [f for f in self.mirror.written() if f[0] not in self.job_outputs]

@@ -180,7 +180,7 @@ def advance(conn: psycopg.Connection, model_run: ModelRun, *, actor: str) -> str
             extra={"model_run_id": model_run.id, "workflow_id": workflow_id, "status": ended},
         )
         return ended
-    history = modelruns.history(conn, model_run.id)
+    history = modelruns.History(conn, model_run.id, model_run.bundles)
     try:
         decider = decider_for(model_run, conn)
         dag = decider.next_bundle(history)
@@ -206,7 +206,9 @@ def advance(conn: psycopg.Connection, model_run: ModelRun, *, actor: str) -> str
             extra={"model_run_id": model_run.id, "status": "succeeded"},
         )
         return "succeeded"
-    workflow_id = modelruns.submit_bundle(conn, model_run, len(history), dag, actor=actor)
+    workflow_id = modelruns.submit_bundle(
+        conn, model_run, len(history), dag, actor=actor, decider_state=decider.state
+    )
     log.info(
         "model run %d: bundle %d submitted as workflow %d (%d jobs)",
         model_run.id,
@@ -294,5 +296,7 @@ def submit_model_run(
             raise DecisionError(f"the decision module of {name!r} gave no first bundle")
         decider.record(conn)
         model_run = modelruns.get(conn, model_run_id)
-        workflow_id = modelruns.submit_bundle(conn, model_run, 0, dag, actor=actor)
+        workflow_id = modelruns.submit_bundle(
+            conn, model_run, 0, dag, actor=actor, decider_state=decider.state
+        )
     return model_run_id, workflow_id

@@ -98,6 +98,8 @@ workflows = Table(
     Column("finished_at", TS),
     Column("model_run_id", BigInteger, ForeignKey("model_runs.id")),
     Column("submitted_by", BigInteger, ForeignKey("api_users.id", ondelete="SET NULL")),  # 0010
+    # A bundle's: what its decider resumes from to decide the next bundle (0014).
+    Column("decider_state", JSONB),
     CheckConstraint("job_count > 0", name="workflows_job_count_positive"),
     # A bundle is submitted once, whatever managers race: enforced here, not by timing.
     UniqueConstraint("model_run_id", "bundle", name="workflows_model_run_bundle_key"),

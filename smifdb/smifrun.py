@@ -2,12 +2,14 @@
 
 smif's ``ModelRunner.solve_model`` walks ``DecisionManager.decision_loop()`` in one process and
 runs each bundle's job graph serially. Here each bundle's graph becomes a workflow whose jobs
-run ``smif before_step`` / ``smif step``; the decision loop is *replayed* from the start each
-time the next bundle is wanted, so the decision module's progress is rebuilt from smif's results
-store (which the finished bundles wrote) and never lives in a process.
+run ``smif before_step`` / ``smif step``; the decision module's progress never lives in a
+process: its attributes are stored with each bundle (``workflows.decider_state``) and the next
+bundle is decided by setting them on a freshly built module and taking one step of the loop,
+reading smif's results store (which the finished bundles wrote). A module whose state is not
+plain data is *replayed* from the start instead, which re-derives and rewrites the state files
+of earlier bundles from the same results, so it writes what it wrote before.
 
-Replaying re-derives and rewrites the state files of earlier bundles from the same results, so
-it writes what it wrote before. Nodes of an earlier bundle and scenario nodes appear in smif's
+Nodes of an earlier bundle and scenario nodes appear in smif's
 graphs without attributes (smif 1.3 fails on them with ``KeyError: 'operation'``): they are
 already satisfied and become no jobs.
 """
@@ -17,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -90,6 +93,7 @@ class SmifModelRun:
         self.interface, self.warm, self.warm_start_timestep = interface, warm, warm_start_timestep
         self.in_process, self.shared_project = in_process, shared_project
         self.model_run_id: int | None = None  # a snapshot run's jobs name it (set once recorded)
+        self.state: Any = None  # the decision module's, after the bundle last decided
 
     @classmethod
     def open(
@@ -170,22 +174,41 @@ class SmifModelRun:
     def record(self, conn: Any) -> None:
         """Nothing to store: the replay wrote into the shared project folder itself."""
 
-    def next_bundle(self, history: list[dict[str, Any]]) -> Dag | None:
+    def next_bundle(self, history: Sequence[dict[str, Any]]) -> Dag | None:
+        """Bundle ``len(history)``. The decision module resumes from its state as it was
+        after the previous bundle (``history.decider_state``, stored with that bundle by
+        ``self.state``), so deciding bundle k costs the same for every k; without a stored
+        state (a module whose state is not plain data, or a run from before 0014) the loop is
+        replayed from the start, reaching the same state from the stored results."""
         from smif.controller.modelrun import ModelRunner
         from smif.decision.decision import DecisionManager
 
         wanted = len(history)
         model_run = self._build()
+        self.state = None
         try:
             manager = DecisionManager(
                 self.store, model_run.model_horizon, model_run.name, model_run.sos_model
             )
-            loop = manager.decision_loop()
-            bundle = None
-            for _ in range(wanted + 1):
-                bundle = next(loop, None)
+            module = manager._decision_module
+            saved = None
+            if wanted and module is not None and hasattr(history, "decider_state"):
+                saved = history.decider_state(wanted - 1)
+            if saved is not None:
+                restore_module_state(module, saved)
+                bundle = next(module)  # one step of DecisionManager.decision_loop
                 if bundle is None:
                     return None
+                manager._get_and_save_bundle_decisions(bundle)
+            else:
+                loop = manager.decision_loop()
+                bundle = None
+                for _ in range(wanted + 1):
+                    bundle = next(loop, None)
+                    if bundle is None:
+                        return None
+            if module is not None:
+                self.state = module_state(module)
             model_run.initialised = wanted > 0  # before_model_run jobs only in bundle 0
             runner = ModelRunner(warm_start=self.warm)
             graph = runner.build_job_graph(model_run, bundle)
@@ -256,6 +279,59 @@ class SmifModelRun:
             raise DecisionError(
                 f"smif produced an invalid graph for bundle {index}: {exc}"
             ) from exc
+
+
+# A decision module's attributes that its constructor rebuilds from the project (and that are
+# not plain data): left out of its stored state.
+_REBUILT = frozenset({"_register", "logger", "timesteps"})
+
+
+def module_state(module: Any) -> Any:
+    """A smif decision module's attributes as JSON (sets, tuples and dicts with keys that are
+    not strings tagged so that they come back as they were), or None if one of them is not
+    plain data: then the next bundle replays the loop instead."""
+    try:
+        return {
+            name: _encode(value) for name, value in vars(module).items() if name not in _REBUILT
+        }
+    except TypeError:
+        return None
+
+
+def restore_module_state(module: Any, state: dict[str, Any]) -> None:
+    for name, value in state.items():
+        setattr(module, name, _decode(value))
+
+
+def _encode(value: Any) -> Any:
+    if value is None or type(value) in (str, int, float, bool):
+        return value
+    if type(value) is list:
+        return [_encode(v) for v in value]
+    if type(value) is tuple:
+        return {"tuple": [_encode(v) for v in value]}
+    if type(value) in (set, frozenset):
+        return {"set": sorted((_encode(v) for v in value), key=repr)}
+    if type(value) is dict:
+        if all(type(k) is str for k in value):
+            return {"dict": {k: _encode(v) for k, v in value.items()}}
+        return {"items": [[_encode(k), _encode(v)] for k, v in value.items()]}
+    raise TypeError(f"not plain data: {type(value).__name__}")
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    if not isinstance(value, dict):
+        return value
+    ((tag, inner),) = value.items()
+    if tag == "tuple":
+        return tuple(_decode(v) for v in inner)
+    if tag == "set":
+        return {_decode(v) for v in inner}
+    if tag == "dict":
+        return {k: _decode(v) for k, v in inner.items()}
+    return {_decode(k): _decode(v) for k, v in inner}
 
 
 def run_job(

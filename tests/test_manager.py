@@ -89,6 +89,15 @@ def test_generic_decision_loop_runs_to_convergence(dsn, conn, tmp_path) -> None:
     assert all(len(b["jobs"]) == 3 for b in history)
     reasons = [e["reason"] for e in modelruns.events(conn, model_run.id)]
     assert reasons[0] == "submitted" and reasons[-1] == "decision loop ended after 9 bundle(s)"
+    # What deciders are given: read as indexed, each bundle once.
+    lazy = modelruns.History(conn, model_run.id, model_run.bundles)
+    assert len(lazy) == 9 and lazy._read == {}
+    assert lazy[-1] == history[-1] and set(lazy._read) == {8}
+    assert lazy[2:4] == history[2:4] and set(lazy._read) == {2, 3, 8}
+    assert lazy == history and list(lazy) == history and len(lazy._read) == 9
+    with pytest.raises(IndexError):
+        lazy[9]
+    assert lazy.decider_state(8) is None  # a python decider keeps its progress in its history
 
 
 def test_killed_managers_submit_every_bundle_once(dsn, conn, procs, tmp_path) -> None:

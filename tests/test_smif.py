@@ -194,6 +194,26 @@ def test_shared_project_energy_water_cp_cr_matches_serial_smif(
     assert spans[1][0] < spans[0][1], "independent timesteps should overlap in time"
 
 
+class _Resumable(list):
+    """The first k bundles of a History, with its stored decider states (a plain list has
+    none, so next_bundle replays the loop over it)."""
+
+    def __init__(self, history: modelruns.History, k: int) -> None:
+        super().__init__(history[:k])
+        self.decider_state = history.decider_state
+
+
+def decider_states(conn, model_run_id: int) -> list[bool]:
+    return [
+        r[0]
+        for r in conn.execute(
+            "SELECT decider_state IS NOT NULL FROM workflows WHERE model_run_id = %s"
+            " ORDER BY bundle",
+            [model_run_id],
+        )
+    ]
+
+
 def test_shared_project_energy_central_matches_serial_smif_with_the_manager_killed(
     sample, tmp_path, dsn, conn, procs
 ) -> None:
@@ -215,6 +235,20 @@ def test_shared_project_energy_central_matches_serial_smif_with_the_manager_kill
     ]
     assert reasons == [f"bundle {b} submitted" for b in range(4)]
     assert assert_same_results(expected / "results", folder / "results") == 12
+    # Bundles 1-3 were decided by resuming the decision module from the state stored with the
+    # bundle before (one step each), not by replaying the loop; both give the same bundles.
+    assert decider_states(conn, model_run_id) == [True] * 4
+    from smifdb.smifrun import SmifModelRun
+
+    history = modelruns.History(conn, model_run_id, 4)
+    run = SmifModelRun.open(folder, "energy_central")
+    for k in range(1, 5):
+        resumed = run.next_bundle(_Resumable(history, k))
+        replayed = run.next_bundle(history[:k])
+        assert (resumed is None) == (replayed is None) == (k == 4)
+        if resumed is not None:
+            assert resumed.name == replayed.name
+            assert resumed.jobs == replayed.jobs
 
 
 def test_shared_project_warm_start_skips_finished_jobs(sample, tmp_path, dsn, conn, procs) -> None:
@@ -432,6 +466,7 @@ def test_energy_central_runs_where_the_project_folder_is_not_with_the_manager_ki
         [model_run_id],
     ).fetchone()[0]
     assert states > 0, "the decision states the manager wrote were not stored"
+    assert decider_states(conn, model_run_id) == [True] * 4
     dest = export(dsn, model_run_id, tmp_path / "export")
     assert assert_same_results(expected / "results", dest) == 12
 

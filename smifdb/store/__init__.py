@@ -30,7 +30,7 @@ MODEL_RUN_CHANNEL = "smifdb_model_run"  # payload: model run id, when one ends
 
 # The migration this code expects: alembic's head, written down so that starting a runner or a
 # CLI command need not import alembic (0.2 s) to find it. tests/test_migrations.py checks it.
-SCHEMA_REVISION = "0013"
+SCHEMA_REVISION = "0014"
 
 
 # A workflow `w`'s finished jobs: the sum of its sessions' counts (migration 0009).

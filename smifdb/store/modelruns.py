@@ -8,6 +8,7 @@ constraint makes a second copy of a bundle impossible even if two managers ever 
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -86,9 +87,12 @@ RETURNING status::text
 _HISTORY = """
 SELECT w.bundle, w.id, j.key, j.status::text, j.result, j.model, j.timestep, j.decision
 FROM workflows w JOIN jobs j ON j.workflow_id = w.id
-WHERE w.model_run_id = %s
+WHERE w.model_run_id = %s AND w.bundle = ANY(%s::int[])
 ORDER BY w.bundle, j.id
 """
+_BUNDLE_COUNT = "SELECT count(*) FROM workflows WHERE model_run_id = %s"
+_DECIDER_STATE = "SELECT decider_state FROM workflows WHERE model_run_id = %s AND bundle = %s"
+_SET_DECIDER_STATE = "UPDATE workflows SET decider_state = %s WHERE id = %s"
 _BY_ID = f"SELECT {_COLUMNS} FROM model_runs m WHERE m.id = %s"
 _BY_NAME = f"SELECT {_COLUMNS} FROM model_runs m WHERE m.name = %s ORDER BY m.id DESC LIMIT 1"
 _LOCK = f"SELECT {_COLUMNS} FROM model_runs m WHERE m.id = %s FOR NO KEY UPDATE"
@@ -254,9 +258,16 @@ def refused(
 
 
 def submit_bundle(
-    conn: psycopg.Connection, model_run: ModelRun, bundle: int, dag: Dag, *, actor: str
+    conn: psycopg.Connection,
+    model_run: ModelRun,
+    bundle: int,
+    dag: Dag,
+    *,
+    actor: str,
+    decider_state: Any = None,
 ) -> int:
-    """Within the caller's transaction: write bundle ``bundle`` of a model run as a workflow."""
+    """Within the caller's transaction: write bundle ``bundle`` of a model run as a workflow,
+    with ``decider_state`` (JSON: what the decider resumes from for the next bundle)."""
     if model_run.priority:
         dag = replace(dag, jobs=[replace(j, priority=model_run.priority) for j in dag.jobs])
     workflow_id = submit_dag(
@@ -268,6 +279,8 @@ def submit_bundle(
         model_run_id=model_run.id,
         submitted_by=model_run.submitted_by,
     )
+    if decider_state is not None:
+        conn.execute(_SET_DECIDER_STATE, (Jsonb(decider_state), workflow_id))
     conn.execute(_BUNDLE_SUBMITTED, (bundle + 1, model_run.id))
     conn.execute(
         _EVENT,
@@ -311,24 +324,67 @@ def finish(
     return True
 
 
+class History(Sequence):
+    """A model run's finished bundles, oldest first, each
+    ``{"bundle", "workflow_id", "jobs": {key: {status, result, model, timestep, decision}},
+    "results": {key: result}}``, read from the tables only when asked for: a decider that
+    looks at the last bundle reads that bundle alone, so deciding bundle k does not cost more
+    as k grows (one that iterates reads them all, once). Use within the caller's transaction.
+    """
+
+    def __init__(self, conn: psycopg.Connection, model_run_id: int, bundles: int) -> None:
+        self.conn, self.model_run_id, self.bundles = conn, model_run_id, bundles
+        self._read: dict[int, dict[str, Any]] = {}
+
+    def __len__(self) -> int:
+        return self.bundles
+
+    def __getitem__(self, index: int | slice) -> Any:
+        if isinstance(index, slice):
+            return self._entries(range(self.bundles)[index])
+        if not -self.bundles <= index < self.bundles:
+            raise IndexError("bundle out of range")
+        return self._entries([index % self.bundles])[0]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return iter(self._entries(range(self.bundles)))
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Sequence) and list(self) == list(other)
+
+    def __repr__(self) -> str:
+        return f"History(model run {self.model_run_id}, {self.bundles} bundle(s))"
+
+    def decider_state(self, bundle: int) -> Any:
+        """What the decider stored when it decided ``bundle`` (submit_bundle), or None."""
+        row = self.conn.execute(_DECIDER_STATE, [self.model_run_id, bundle]).fetchone()
+        return None if row is None else row[0]
+
+    def _entries(self, wanted: Iterable[int]) -> list[dict[str, Any]]:
+        wanted = list(wanted)
+        missing = [b for b in wanted if b not in self._read]
+        if missing:
+            rows = self.conn.execute(_HISTORY, [self.model_run_id, missing])
+            for bundle, workflow_id, key, status, result, model, timestep, decision in rows:
+                entry = self._read.setdefault(
+                    bundle,
+                    {"bundle": bundle, "workflow_id": workflow_id, "jobs": {}, "results": {}},
+                )
+                entry["jobs"][key] = {
+                    "status": status,
+                    "result": result,
+                    "model": model,
+                    "timestep": timestep,
+                    "decision": decision,
+                }
+                entry["results"][key] = result
+        return [self._read[b] for b in wanted]
+
+
 def history(conn: psycopg.Connection, model_run_id: int) -> list[dict[str, Any]]:
-    """Finished bundles with their jobs' statuses and results, oldest first."""
-    bundles: dict[int, dict[str, Any]] = {}
-    for bundle, workflow_id, key, status, result, model, timestep, decision in conn.execute(
-        _HISTORY, [model_run_id]
-    ):
-        entry = bundles.setdefault(
-            bundle, {"bundle": bundle, "workflow_id": workflow_id, "jobs": {}, "results": {}}
-        )
-        entry["jobs"][key] = {
-            "status": status,
-            "result": result,
-            "model": model,
-            "timestep": timestep,
-            "decision": decision,
-        }
-        entry["results"][key] = result
-    return [bundles[b] for b in sorted(bundles)]
+    """Finished bundles with their jobs' statuses and results, oldest first, all read now."""
+    bundles = conn.execute(_BUNDLE_COUNT, [model_run_id]).fetchone()[0]
+    return list(History(conn, model_run_id, bundles))
 
 
 def get(conn: psycopg.Connection, ref: str | int) -> ModelRun:
