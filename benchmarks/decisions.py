@@ -1,10 +1,11 @@
 """Does deciding bundle k cost more as k grows? The manager's cost per bundle of a decision loop.
 
-    python benchmarks/decisions.py [--dsn DSN] [--bundles 200] [--skip-smif]
+    python benchmarks/decisions.py [--dsn DSN] [--bundles 200] [--jobs-per-bundle 50] [--skip-smif]
 
 On one database (a new local cluster with durable commits unless --dsn is given):
 
-- a generic loop of --bundles bundles (`smifdb modelrun run --decide`), one no-op job each,
+- a generic loop of --bundles bundles (`smifdb modelrun run --decide`) of --jobs-per-bundle
+  no-op jobs,
   with a decider that reads the last bundle (``history[-1]``) and one that reads every bundle
   (``for b in history``: what every decider paid before the history was read lazily). A
   bundle's cost is the manager's transaction that decides and submits it: from its start
@@ -35,10 +36,14 @@ from smifdb.store import modelruns
 
 DECIDERS = """
 N = {bundles}
+JOBS = {jobs}
 
 
 def job(history):
-    return {{"jobs": [{{"key": "step", "python": "smifdb.examples:noop"}}]}}
+    return {{"jobs": [
+        {{"key": "step" if i == 0 else f"step-{{i}}", "python": "smifdb.examples:noop"}}
+        for i in range(JOBS)
+    ]}}
 
 
 def last_only(history):
@@ -94,9 +99,9 @@ def summary(ms: list[float]) -> str:
     )
 
 
-def generic(dsn: str, bundles: int, work: Path) -> None:
-    (work / "loop.py").write_text(textwrap.dedent(DECIDERS.format(bundles=bundles)))
-    print(f"\n## generic loop, {bundles} bundles of one no-op job")
+def generic(dsn: str, bundles: int, jobs: int, work: Path) -> None:
+    (work / "loop.py").write_text(textwrap.dedent(DECIDERS.format(bundles=bundles, jobs=jobs)))
+    print(f"\n## generic loop, {bundles} bundles of {jobs} no-op job(s)")
     for decider in ("last_only", "every_bundle"):
         t0 = time.perf_counter()
         smifdb(
@@ -158,12 +163,13 @@ class Resumable(list):
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--bundles", type=int, default=200)
+    p.add_argument("--jobs-per-bundle", type=int, default=50)
     p.add_argument("--skip-smif", action="store_true")
     args = p.parse_args()
     work = Path(tempfile.mkdtemp(prefix="smifdb-bench-decisions-"))
     with database(args.dsn) as dsn:
         print(machine(dsn))
-        generic(dsn, args.bundles, work)
+        generic(dsn, args.bundles, args.jobs_per_bundle, work)
         if not args.skip_smif:
             smif(dsn, work)
     shutil.rmtree(work, ignore_errors=True)
