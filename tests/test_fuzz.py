@@ -350,8 +350,19 @@ OUTCOME = st.fixed_dictionaries(
         )
     },
 )
+GROUP = st.fixed_dictionaries(  # plain successes of one claim, as `batch` takes them
+    {
+        "claim_id": SMALL_IDS | st.none() | JSON,
+        "claimed_at": st.sampled_from(["2026-12-06T10:00:00+00:00", "2026-12-06"]) | JSON,
+        "jobs": st.lists(SMALL_IDS, max_size=3) | JSON,
+        "workflows": st.lists(SMALL_IDS, max_size=3) | JSON,
+        "attempts": st.lists(SMALL_IDS, max_size=3) | JSON,
+    },
+    optional={"bogus": JSON},
+)
 FIELDS = {
     "runner": NAMES | JSON,
+    "done": st.lists(GROUP, max_size=2) | JSON,
     "host": st.text(max_size=300) | JSON,
     "pid": SMALL_IDS | JSON,
     "slots": SMALL_IDS | JSON,

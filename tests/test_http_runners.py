@@ -3,20 +3,26 @@ mount namespace where the database's socket folder and the submitter's folder ar
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
+import pytest
 from credentials import user_token
-from processes import FAST, PY, free_port, hide, require_namespaces, wait_for
+from processes import FAST, PY, ApiServer, free_port, hide, require_namespaces, wait_for
 from psycopg import conninfo
 from test_files import finish, jobs, stored, submit, write_spec
 
 from smifdb import migrate
 from smifdb.api import POOL_SIZE
 from smifdb.pgserver import ThrowawayCluster
+from smifdb.store.queue import ClaimedJob, Outcome
+from smifdb.transport import http, outcomes_wire, successes_from
 
 FAN = {
     "name": "fan",
@@ -388,8 +394,135 @@ def test_a_runner_with_two_urls_fails_over_when_one_api_dies(dsn, conn, tmp_path
         assert finish(conn, wf, 90) == "succeeded", (tmp_path / "h0.log").read_text()
         assert all(r["attempts"] == 1 for r in jobs(conn, wf).values())
         assert runner.poll() is None, url
-        assert runner_requests(second).get("cycle", 0) > 0  # its outcomes went to the second
+        assert runner_requests(second).get("batch", 0) > 0  # its outcomes went to the second
     finally:
         for p in (runner, api2):
             p.kill()
             p.wait()
+
+
+def channel(url: str, token: str) -> tuple[http.HttpChannel, str]:
+    api = http.Api([url], http.Token(value=token))
+    ch = http.HttpChannel(api)
+    name, _ = ch.register("r", host="h", pid=1, slots=8, dead_after=30.0, max_losses=3)
+    return ch, name
+
+
+def succeeded(job: ClaimedJob, owner: str, **change) -> Outcome:
+    return replace(
+        Outcome(
+            job.id,
+            job.workflow_id,
+            job.attempt,
+            owner,
+            "succeeded",
+            claimed_at=job.claimed_at,
+            claim_id=job.claim_id,
+        ),
+        **change,
+    )
+
+
+def test_batches_of_grouped_successes_are_fenced_by_owner_attempt_and_claim(
+    dsn, conn, tmp_path
+) -> None:
+    """The compact form runners send (plain successes grouped by claim, claimed jobs as rows)
+    records exactly what `cycle` would: only the caller's own leases, only the attempt and
+    claim they name, each once."""
+    wf = submit(
+        dsn,
+        write_spec(
+            tmp_path / "spec",
+            {
+                "jobs": [
+                    {"key": f"j{i}", "python": "smifdb.examples:noop", "args": {"i": i}}
+                    for i in range(5)
+                ]
+            },
+        ),
+    )
+    url, api = api_serve(dsn, tmp_path)
+    try:
+        mine, me = channel(url, user_token(dsn, "node", role="runner"))
+        theirs, them = channel(url, user_token(dsn, "other", role="runner"))
+        claimed = mine.cycle(me, [], claim_n=5).claimed
+        assert mine.api.batches and len(claimed) == 5
+        rows = conn.execute(
+            "SELECT id, key, payload, attempts, started_at FROM jobs WHERE workflow_id = %s", [wf]
+        ).fetchall()
+        held = {job.id: (job.key, job.payload, job.attempt, job.claimed_at) for job in claimed}
+        assert held == {r[0]: r[1:] for r in rows}  # the rows decode to what the database holds
+        assert all(job.claim_id is not None and job.workflow_id == wf for job in claimed)
+        assert theirs.cycle(them, [succeeded(j, me) for j in claimed]).recorded == []
+        a, b, c, d, e = sorted(claimed, key=lambda j: j.id)
+        later = a.claimed_at + timedelta(seconds=1)
+        report = mine.cycle(
+            me,
+            [
+                succeeded(a, me, attempt=2),  # not the attempt leased
+                succeeded(b, me, claimed_at=later),  # not the claim leased: its own group
+                succeeded(c, me),
+                succeeded(d, me),
+                succeeded(e, me, exit_code=0),  # not plain: sent as an object beside them
+            ],
+        )
+        assert sorted(report.recorded) == [c.id, d.id, e.id]
+        assert mine.cycle(me, [succeeded(c, me), succeeded(d, me)]).recorded == []
+        status = {k: r["status"] for k, r in jobs(conn, wf).items()}
+        assert status == {"j0": "running", "j1": "running", "j2": "succeeded",
+                          "j3": "succeeded", "j4": "succeeded"}  # fmt: skip
+    finally:
+        api.kill()
+        api.wait()
+
+
+def test_a_runner_speaks_cycle_to_an_api_without_batch(dsn, conn, tmp_path) -> None:
+    """An API of an earlier version answers `batch` with 404: the runner sends `cycle`."""
+    from smifdb.api import create_app
+
+    wf = submit(
+        dsn,
+        write_spec(
+            tmp_path / "spec",
+            {"jobs": [{"key": f"j{i}", "python": "smifdb.examples:noop"} for i in range(3)]},
+        ),
+    )
+    app = create_app(dsn)
+    app.router.routes = [r for r in app.router.routes if not r.path.endswith("/batch")]
+    server = ApiServer(app)
+    try:
+        ch, name = channel(server.url, user_token(dsn, "node", role="runner"))
+        claimed = ch.cycle(name, [], claim_n=3).claimed
+        assert not ch.api.batches and len(claimed) == 3
+        report = ch.cycle(name, [succeeded(j, name) for j in claimed])
+        assert sorted(report.recorded) == sorted(j.id for j in claimed)
+        assert finish(conn, wf, 30) == "succeeded"
+    finally:
+        server.stop()
+
+
+def test_grouped_successes_are_checked_before_anything_is_written() -> None:
+    now = datetime.now(UTC)
+    outcome = Outcome(1, 2, 1, "u/r", "succeeded", claimed_at=now, claim_id=7)
+    groups, plain, rest = outcomes_wire(
+        [outcome, replace(outcome, job_id=3), replace(outcome, job_id=4, log_tail="x")]
+    )
+    assert [o.job_id for o in plain] == [1, 3] and [o.job_id for o in rest] == [4]
+    back = successes_from(json.loads(json.dumps(groups)), "u/r", 10)
+    assert back == plain
+    good = groups[0]
+    for bad in (
+        "nope",
+        [{**good, "extra": 1}],
+        [{**good, "jobs": [1]}],  # lengths differ
+        [{**good, "jobs": [1, True]}],
+        [{**good, "attempts": [1, -1]}],
+        [{**good, "workflows": [2, 2**63]}],
+        [{**good, "claimed_at": "yesterday"}],
+        [{**good, "claimed_at": now.replace(tzinfo=None).isoformat()}],
+        [{**good, "claim_id": "7"}],
+    ):
+        with pytest.raises(ValueError):
+            successes_from(bad, "u/r", 10)
+    with pytest.raises(ValueError, match="at most 1"):
+        successes_from(groups, "u/r", 1)

@@ -28,12 +28,13 @@ from smifdb.api.errors import ApiError, read_json
 from smifdb.api.pool import in_db
 from smifdb.store import blobs, jobfiles
 from smifdb.store import runners as runner_rows
-from smifdb.store.queue import MAX_RUNNER_LOSSES, Outcome, Scope
+from smifdb.store.queue import MAX_RUNNER_LOSSES, FinishReport, Outcome, Scope
 from smifdb.transport import (
     PROTOCOL,
     entry_json,
     outcome_from,
     report_json,
+    successes_from,
 )
 from smifdb.transport.direct import DirectChannel
 
@@ -113,11 +114,13 @@ def _scope(body: Body) -> Scope:
 
 
 def _outcomes(body: Body, name: str) -> list[Outcome]:
+    """``outcomes`` as objects, and (the ``batch`` form) ``done``: plain successes grouped."""
     items = body.get("outcomes", [])
     if not isinstance(items, list) or len(items) > MAX_IDS:
         raise ApiError(400, f"'outcomes' must be a list of at most {MAX_IDS}")
     try:
         outcomes = [outcome_from(item) for item in items]
+        successes = successes_from(body.get("done", []), name, MAX_IDS - len(outcomes))
     except (ValueError, TypeError) as exc:
         raise ApiError(400, f"bad outcome: {exc}") from exc
     for outcome in outcomes:
@@ -127,7 +130,7 @@ def _outcomes(body: Body, name: str) -> list[Outcome]:
                 raise ApiError(400, "outcome ids must be whole numbers from 0 to 2^63-1")
         if outcome.exit_code is not None and not -(2**31) <= outcome.exit_code < 2**31:
             raise ApiError(400, "an outcome's exit_code must fit 32 bits")
-    return outcomes
+    return successes + outcomes
 
 
 # -- operations ------------------------------------------------------------------------------
@@ -175,6 +178,14 @@ async def heartbeat(request: Request, body: Body) -> Any:
 
 
 async def cycle(request: Request, body: Body) -> Any:
+    return report_json(await _cycle(request, body))
+
+
+async def batch(request: Request, body: Body) -> Any:
+    return report_json(await _cycle(request, body), rows=True)
+
+
+async def _cycle(request: Request, body: Body) -> FinishReport:
     name = _runner(request, body)
     outcomes = _outcomes(body, name)
     claim_n = _int(body, "claim", default=0, high=10_000)
@@ -200,7 +211,7 @@ async def cycle(request: Request, body: Body) -> Any:
     except (psycopg.DataError, psycopg.errors.ProgramLimitExceeded) as exc:
         # The runner records such a batch one outcome at a time (smifdb.runner).
         raise ApiError(422, f"an outcome could not be stored: {exc.diag.message_primary}") from exc
-    return report_json(report)
+    return report
 
 
 async def reconnect(request: Request, body: Body) -> Any:
@@ -293,6 +304,11 @@ OPS: dict[str, tuple[Callable[[Request, Body], Awaitable[Any]], str]] = {
     "register": (register, "Start a runner (its name qualified by the token's user)"),
     "heartbeat": (heartbeat, "Heartbeat; renew leases; learn which jobs to cancel"),
     "cycle": (cycle, "Record a batch of outcomes and claim up to `claim` jobs"),
+    "batch": (
+        batch,
+        "`cycle` in the compact form runners send: plain successes grouped by claim under"
+        " `done`, claimed jobs as `claimed_rows` under `columns`",
+    ),
     "reconnect": (reconnect, "After a lost answer: hand back jobs the runner does not know"),
     "rescue": (rescue, "Mark silent runners lost and take back their jobs"),
     "state": (state, "Set the runner's state (draining, stopped)"),

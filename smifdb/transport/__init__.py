@@ -178,6 +178,121 @@ def outcome_from(data: Any) -> Outcome:
     return Outcome(**{**data, "claimed_at": _parse_stamp(data.get("claimed_at"), "claimed_at")})
 
 
+def _plain(o: Outcome) -> bool:
+    """A success with nothing to store but its fence: sent grouped by claim."""
+    return (
+        o.status == "succeeded"
+        and o.result is None
+        and o.exit_code is None
+        and o.error is None
+        and o.log_tail is None
+        and o.reason is None
+        and not o.outputs
+    )
+
+
+def outcomes_wire(
+    outcomes: Iterable[Outcome],
+) -> tuple[list[dict[str, Any]], list[Outcome], list[Outcome]]:
+    """Plain successes as groups of one claim (its id and time once, the jobs, workflows and
+    attempts as lists), those successes, and the rest (for ``outcome_json``). A batch of 64
+    no-op successes is then 0.8 kB to write and read, not 18 kB of objects (a tenth of the
+    time on each side)."""
+    groups: dict[tuple[int | None, datetime | None], dict[str, Any]] = {}
+    plain: list[Outcome] = []
+    rest: list[Outcome] = []
+    for o in outcomes:
+        if not _plain(o):
+            rest.append(o)
+            continue
+        plain.append(o)
+        group = groups.get((o.claim_id, o.claimed_at))
+        if group is None:
+            group = groups[(o.claim_id, o.claimed_at)] = {
+                "claim_id": o.claim_id,
+                "claimed_at": _stamp(o.claimed_at),
+                "jobs": [],
+                "workflows": [],
+                "attempts": [],
+            }
+        group["jobs"].append(o.job_id)
+        group["workflows"].append(o.workflow_id)
+        group["attempts"].append(o.attempt)
+    return list(groups.values()), plain, rest
+
+
+def _ids(value: Any, what: str) -> list[int]:
+    if not isinstance(value, list):
+        raise ValueError(f"{what} must be a list")
+    for v in value:
+        if type(v) is not int or not 0 <= v <= BIGINT:
+            raise ValueError(f"{what} must hold whole numbers from 0 to 2^63-1")
+    return value
+
+
+def successes_from(groups: Any, owner: str, limit: int) -> list[Outcome]:
+    """Outcomes from ``outcomes_wire``'s groups, their types checked (ValueError)."""
+    if not isinstance(groups, list):
+        raise ValueError("'done' must be a list of groups")
+    found: list[Outcome] = []
+    for group in groups:
+        if not isinstance(group, dict) or set(group) != _GROUP_FIELDS:
+            raise ValueError(f"a group of 'done' has exactly {', '.join(sorted(_GROUP_FIELDS))}")
+        claim_id = group["claim_id"]
+        if claim_id is not None:
+            _ids([claim_id], "a group's claim_id")
+        claimed_at = _parse_stamp(group["claimed_at"], "a group's claimed_at")
+        jobs = _ids(group["jobs"], "a group's jobs")
+        workflows = _ids(group["workflows"], "a group's workflows")
+        attempts = _ids(group["attempts"], "a group's attempts")
+        if not len(jobs) == len(workflows) == len(attempts):
+            raise ValueError("a group's jobs, workflows and attempts must be lists of one length")
+        if len(found) + len(jobs) > limit:
+            raise ValueError(f"at most {limit} outcomes in one batch")
+        found += [
+            Outcome(job, wf, attempt, owner, "succeeded", claimed_at=claimed_at, claim_id=claim_id)
+            for job, wf, attempt in zip(jobs, workflows, attempts, strict=True)
+        ]
+    return found
+
+
+_GROUP_FIELDS = {"claim_id", "claimed_at", "jobs", "workflows", "attempts"}
+BIGINT = 2**63 - 1
+CLAIMED_COLUMNS = list(ClaimedJob._fields)
+
+
+def claimed_rows(jobs: list[ClaimedJob]) -> list[list[Any]]:
+    """Claimed jobs as rows in CLAIMED_COLUMNS' order (a claim's time written once)."""
+    stamps: dict[datetime | None, str | None] = {}
+    rows = []
+    for job in jobs:
+        stamp = stamps.get(job.claimed_at, ...)
+        if stamp is ...:
+            stamp = stamps[job.claimed_at] = _stamp(job.claimed_at)
+        row = list(job)
+        row[_CLAIMED_AT] = stamp
+        rows.append(row)
+    return rows
+
+
+def claimed_from_rows(columns: list[str], rows: list[list[Any]]) -> list[ClaimedJob]:
+    """``claimed_rows`` read back by the columns' names (an API may add columns)."""
+    at = [columns.index(name) for name in CLAIMED_COLUMNS]
+    stamps: dict[str | None, datetime | None] = {}
+    jobs = []
+    for row in rows:
+        values = [row[i] for i in at]
+        text = values[_CLAIMED_AT]
+        if (stamp := stamps.get(text, ...)) is ...:
+            stamp = stamps[text] = _parse_stamp(text, "claimed_at")
+        values[_CLAIMED_AT] = stamp
+        jobs.append(ClaimedJob(*values))
+    return jobs
+
+
+_CLAIMED_AT = CLAIMED_COLUMNS.index("claimed_at")
+
+
 def job_json(job: ClaimedJob) -> dict[str, Any]:
     data = job._asdict()
     data["claimed_at"] = _stamp(job.claimed_at)
@@ -188,11 +303,17 @@ def job_from(data: dict[str, Any]) -> ClaimedJob:
     return ClaimedJob(**{**data, "claimed_at": _parse_stamp(data.get("claimed_at"), "claimed_at")})
 
 
-def report_json(report: FinishReport) -> dict[str, Any]:
+def report_json(report: FinishReport, *, rows: bool = False) -> dict[str, Any]:
+    """``rows``: claimed jobs as ``claimed_rows`` under ``columns`` (the ``batch`` form)."""
+    claimed: dict[str, Any] = (
+        {"columns": CLAIMED_COLUMNS, "claimed_rows": claimed_rows(report.claimed)}
+        if rows
+        else {"claimed": [job_json(j) for j in report.claimed]}
+    )
     return {
         "recorded": report.recorded,
         "became_ready": report.became_ready,
-        "claimed": [job_json(j) for j in report.claimed],
+        **claimed,
         "finished_workflows": {str(k): v for k, v in report.finished_workflows.items()},
         "taken": [outcome_json(o) for o in report.taken],
         "unsettled": sorted(report.unsettled),
@@ -203,7 +324,11 @@ def report_from(data: dict[str, Any]) -> FinishReport:
     return FinishReport(
         recorded=list(data["recorded"]),
         became_ready=data["became_ready"],
-        claimed=[job_from(j) for j in data["claimed"]],
+        claimed=(
+            claimed_from_rows(data["columns"], data["claimed_rows"])
+            if "claimed_rows" in data
+            else [job_from(j) for j in data["claimed"]]
+        ),
         finished_workflows={int(k): v for k, v in data["finished_workflows"].items()},
         taken=[outcome_from(o) for o in data["taken"]],
         unsettled=set(data["unsettled"]),

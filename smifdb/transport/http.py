@@ -40,6 +40,7 @@ from smifdb.transport import (
     Unstorable,
     entry_from,
     outcome_json,
+    outcomes_wire,
     report_from,
 )
 
@@ -89,6 +90,7 @@ class Api:
         self.current = 0  # the URL that answered last; others are tried when it does not
         self._local = threading.local()
         self.refused_since: float | None = None
+        self.batches = True  # cycles in the compact form: off once an API answers 404 to it
 
     # -- requests ----------------------------------------------------------------------------
 
@@ -319,8 +321,11 @@ class HttpChannel:
         recheck: Iterable[int] = (),
         defer_settle: bool = True,
     ) -> FinishReport:
-        """Outcomes go in parts of at most MAX_REQUEST_BYTES; the last part claims."""
-        encoded = [outcome_json(o) for o in outcomes]
+        """Outcomes go in parts of at most MAX_REQUEST_BYTES; the last part claims. Sent as
+        ``batch`` (plain successes grouped, claimed jobs as rows), or as ``cycle`` to an API
+        of an earlier version, which does not know ``batch`` (404: nothing was done)."""
+        done, plain, rest = outcomes_wire(outcomes)
+        encoded = [outcome_json(o) for o in rest]
         parts, part, size = [], [], 0
         for item in encoded:
             length = len(item.get("log_tail") or "") + len(json.dumps(item.get("result")))
@@ -344,13 +349,26 @@ class HttpChannel:
                 "recheck": sorted(recheck) if last else [],
                 "defer_settle": defer_settle,
             }
-            report = report_from(self.api.call("cycle", body))
+            first = plain if i == 0 else []
+            report = report_from(self._cycle(body, done if i == 0 else [], first))
             total.recorded += report.recorded
             total.became_ready += report.became_ready
             total.claimed += report.claimed
             total.finished_workflows.update(report.finished_workflows)
             total.unsettled |= report.unsettled
         return total
+
+    def _cycle(self, body: dict[str, Any], done: list, plain: list[Outcome]) -> Any:
+        """``batch`` with the grouped successes; ``cycle`` with them as objects."""
+        if self.api.batches:
+            try:
+                return self.api.call("batch", {**body, "done": done})
+            except errors.Error as exc:
+                if getattr(exc, "status", None) != 404:
+                    raise
+                self.api.batches = False
+        outcomes = [outcome_json(o) for o in plain] + body["outcomes"]
+        return self.api.call("cycle", {**body, "outcomes": outcomes})
 
     def reconnect(self, name: str, host: str, pid: int, known: list[int]) -> FinishReport | None:
         data = self.api.call(
