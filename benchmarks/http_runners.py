@@ -191,7 +191,7 @@ def host(url: str, count: int, slots: int, out: str, logs: str) -> None:
             try:
                 return super().call(op, body, **kwargs)
             finally:
-                if op == "cycle" and body.get("claim"):
+                if op in ("cycle", "batch") and body.get("claim"):
                     with lock:
                         latencies.append(time.perf_counter() - start)
 

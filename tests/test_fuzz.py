@@ -354,6 +354,7 @@ GROUP = st.fixed_dictionaries(  # plain successes of one claim, as `batch` takes
     {
         "claim_id": SMALL_IDS | st.none() | JSON,
         "claimed_at": st.sampled_from(["2026-12-06T10:00:00+00:00", "2026-12-06"]) | JSON,
+        "reason": st.sampled_from(["returned", None]) | JSON,
         "jobs": st.lists(SMALL_IDS, max_size=3) | JSON,
         "workflows": st.lists(SMALL_IDS, max_size=3) | JSON,
         "attempts": st.lists(SMALL_IDS, max_size=3) | JSON,

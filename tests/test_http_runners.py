@@ -503,11 +503,17 @@ def test_a_runner_speaks_cycle_to_an_api_without_batch(dsn, conn, tmp_path) -> N
 
 def test_grouped_successes_are_checked_before_anything_is_written() -> None:
     now = datetime.now(UTC)
-    outcome = Outcome(1, 2, 1, "u/r", "succeeded", claimed_at=now, claim_id=7)
+    outcome = Outcome(1, 2, 1, "u/r", "succeeded", reason="returned", claimed_at=now, claim_id=7)
     groups, plain, rest = outcomes_wire(
-        [outcome, replace(outcome, job_id=3), replace(outcome, job_id=4, log_tail="x")]
+        [
+            outcome,
+            replace(outcome, job_id=3),
+            replace(outcome, job_id=4, log_tail="x"),
+            replace(outcome, job_id=5, reason=None),
+        ]
     )
-    assert [o.job_id for o in plain] == [1, 3] and [o.job_id for o in rest] == [4]
+    assert [o.job_id for o in plain] == [1, 3, 5] and [o.job_id for o in rest] == [4]
+    assert len(groups) == 2
     back = successes_from(json.loads(json.dumps(groups)), "u/r", 10)
     assert back == plain
     good = groups[0]
@@ -521,6 +527,7 @@ def test_grouped_successes_are_checked_before_anything_is_written() -> None:
         [{**good, "claimed_at": "yesterday"}],
         [{**good, "claimed_at": now.replace(tzinfo=None).isoformat()}],
         [{**good, "claim_id": "7"}],
+        [{**good, "reason": 1}],
     ):
         with pytest.raises(ValueError):
             successes_from(bad, "u/r", 10)
