@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 import psycopg
 
-from smifdb import __version__, db, errors, logs, snapshot, store
+from smifdb import __version__, db, errors, logs, snapshot, store, workers
 from smifdb.execute import (
     DEFAULT_PYTHON_ALLOW,
     MAX_LOG_BYTES,
@@ -1173,6 +1173,9 @@ def modelrun_run(ctx: click.Context, **kw) -> None:
     _check_timing(kw)
     _python_allow(kw["python_allow"])  # before submitting
     dsn = _dsn(ctx)
+    if not (kw["python_in_thread"] or kw["smif_processes"] or kw["shared_project"]):
+        # Its jobs run in workers: the zygote imports smif while the run is submitted.
+        workers.prestart((*workers.default_preload(), *kw["preload"]))
     with db.connect(dsn) as conn:
         store.check_schema(conn)
         model_run_id, _ = _submit_model_run(conn, kw)

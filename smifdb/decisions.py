@@ -138,7 +138,9 @@ class SnapshotDecider:
         outputs = modelruns.result_files(conn, model_run.id, jobs_only=True)
         self.job_outputs = {e.path for e in outputs}
         self.mirror.sync(conn, [*project, *modelruns.result_files(conn, model_run.id)])
-        self.run = SmifModelRun.open(self.mirror.folder, model_run.name, **model_run.options)
+        self.run = SmifModelRun.open(
+            self.mirror.folder, model_run.name, **model_run.options, check=False
+        )
         self.run.model_run_id = model_run.id
 
     def prepare(self) -> dict[str, Any]:
@@ -166,4 +168,4 @@ def decider_for(model_run: ModelRun, conn: psycopg.Connection) -> Decider:
         return PythonDecider(model_run.decide, folder, model_run.name)
     from smifdb.smifrun import SmifModelRun  # smif is an optional extra
 
-    return SmifModelRun.open(folder, model_run.name, **model_run.options)
+    return SmifModelRun.open(folder, model_run.name, **model_run.options, check=False)

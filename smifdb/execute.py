@@ -370,12 +370,20 @@ def run_process(
 
 
 def run_in_worker(
-    attempt: Attempt, target: str, args: dict[str, Any], *, cwd: str, env: dict[str, str]
+    attempt: Attempt,
+    target: str,
+    args: dict[str, Any],
+    *,
+    cwd: str,
+    env: dict[str, str],
+    warm: tuple[tuple, str, dict[str, Any]] | None = None,
 ) -> Outcome:
     """Call ``target(**args)`` as the attempt's own process: a new worker of the runner's
     pool (forked from its warm zygote, so without a new interpreter's start-up), in ``cwd``,
     with a command job's environment plus ``env``, its output into the attempt's log. Stopped
-    by killing the worker; a worker that dies fails the attempt."""
+    by killing the worker; a worker that dies fails the attempt. ``warm``: (key, function,
+    arguments) of a zygote of the pool's own, warmed up once by ``function(**arguments)``,
+    to fork the process from instead."""
     job, policy = attempt.job, attempt.policy
     folder = attempt.log_dir / f"workflow-{job.workflow_id}"
     private_folder(folder)
@@ -391,7 +399,8 @@ def run_in_worker(
         "SMIFDB_ATTEMPT": str(job.attempt),
     }
     setup = {"cwd": cwd, "log": str(log_path), "environ": environ}
-    answer, died = call_in_worker(attempt, policy.workers.fresh(), target, args, setup)
+    worker = policy.workers.zygote_child(*warm) if warm else policy.workers.fresh()
+    answer, died = call_in_worker(attempt, worker, target, args, setup)
     cap_log_file(log_path, policy.max_log_bytes)
     tail = _tail(log_path)
     if attempt.stop_reason is not None:

@@ -101,6 +101,10 @@ class RunnerConfig:
     def scope(self) -> queue.Scope:
         return queue.Scope(self.workflow_id, self.model_run_id)
 
+    @property
+    def worker_preload(self) -> tuple[str, ...]:
+        return (*workers.default_preload(), *self.preload)
+
 
 class Runner:
     def __init__(
@@ -156,7 +160,7 @@ class Runner:
         if not config.python_in_thread:
             self.python_workers = workers.WorkerPool(
                 config.python_allow,
-                preload=(*workers.default_preload(), *config.preload),
+                preload=config.worker_preload,
                 max_jobs=config.worker_max_jobs,
                 max_memory=config.worker_max_memory,
             )
@@ -190,6 +194,8 @@ class Runner:
     def run(self) -> int:
         """Run until stopped (or idle/finished, as configured). Returns an exit status."""
         self.config.log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.python_workers is not None and (self.config.model_run_id or self.config.preload):
+            workers.prestart(self.config.worker_preload)  # its jobs all need a worker
         self._connect_main()
         assert self.conn is not None
         # Jobs still leased to this name belong to a dead earlier process of the same name.

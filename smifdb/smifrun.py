@@ -19,6 +19,8 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import os
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from smifdb.decisions import (
 from smifdb.spec import Dag, SpecError, parse
 
 INTERFACES = ("local_csv", "local_binary")
+DIMENSION_FILES = 32  # dimension files a process keeps read (smif's own cache's size)
 SNAPSHOT_JOB_ATTEMPTS = 3  # attempts of each job of a snapshot run (a lost runner costs one)
 
 
@@ -105,8 +108,10 @@ class SmifModelRun:
         warm_start_timestep: int | None = None,
         in_process: bool = False,
         shared_project: bool = True,
+        check: bool = True,
     ) -> SmifModelRun:
-        """Check the project and model run exist and build; ModelRunError if not.
+        """Check the project and model run exist and (``check``) build; ModelRunError if not.
+        (A manager re-opening a submitted run does not check: its next bundle builds anyway.)
 
         ``shared_project``: jobs run in ``folder`` itself, which every runner must see at that
         path; otherwise ``folder`` is a copy of the model run's snapshot (the manager's, or
@@ -124,6 +129,7 @@ class SmifModelRun:
         if not is_project(folder):
             raise NotAProject(f"{folder} is not a smif project (no config/ folder)")
         _quiet_smif()
+        _share_dimension_files()  # a manager builds the run for every bundle
         store = _store(folder, interface)
         try:
             store.read_model_run(name)
@@ -137,7 +143,8 @@ class SmifModelRun:
         run = cls(
             folder, name, store, interface, warm, warm_start_timestep, in_process, shared_project
         )
-        run._build()  # configuration errors surface now, not in the manager
+        if check:
+            run._build()  # configuration errors surface now, not in the manager
         return run
 
     def _build(self) -> Any:
@@ -352,6 +359,57 @@ def run_job(
         execute_model_before_step(model_run, model, store)
     else:
         execute_model_step(model_run, model, timestep, decision, store)
+
+
+def warm_up(project: str, model_run: str, interface: str = "local_csv") -> None:
+    """What a model run's zygote does once, so that each job forked from it starts where a
+    `smif run` process is after its first job: the model run's models configured (their
+    dimensions read, which is half of a sample job's work) and imported (with what they
+    import), and xarray's search for optional array libraries done."""
+    import xarray
+    from smif.data_layer.model_loader import ModelLoader
+
+    _quiet_smif()
+    _share_dimension_files()
+    store = _store(Path(project), interface)
+    run = store.read_model_run(model_run)
+    for name in store.read_sos_model(run["sos_model"])["sector_models"]:
+        config = store.read_model(name)
+        config["path"] = os.path.normpath(os.path.join(store.model_base_folder, config["path"]))
+        ModelLoader().load(config)
+    xarray.DataArray([0.0], dims=["x"], coords={"x": [0]}).reindex(x=[0])
+
+
+def _share_dimension_files() -> None:
+    """smif caches a dimension file per metadata store (an lru_cache on the method, keyed by
+    the store), and every job makes a new store: here the cache is keyed by the file itself
+    (its real path, inode, size and modification time), so jobs forked from a zygote find
+    the dimensions it read. A job still gets what smif's own cache would give it: the
+    elements read from that file (one object for all its readers, as there)."""
+    from smif.data_layer.file.file_metadata_store import FileMetadataStore
+
+    read = getattr(FileMetadataStore._read_dimension_file, "__wrapped__", None)
+    if read is None:  # shared already, or not the smif this was written for
+        return
+    cache: OrderedDict[tuple, Any] = OrderedDict()  # at most DIMENSION_FILES, as smif's
+
+    def read_dimension_file(self: Any, filename: str) -> Any:
+        path = os.path.join(self.data_folder, filename)
+        try:
+            st = os.stat(path)
+        except OSError:
+            return read(self, filename)  # smif's own error
+        key = (os.path.realpath(path), st.st_ino, st.st_size, st.st_mtime_ns)
+        if key in cache:
+            cache.move_to_end(key)
+            return cache[key]
+        elements = cache[key] = read(self, filename)
+        if len(cache) > DIMENSION_FILES:
+            cache.popitem(last=False)
+        return elements
+
+    read_dimension_file.cache_clear = cache.clear  # type: ignore[attr-defined]
+    FileMetadataStore._read_dimension_file = read_dimension_file
 
 
 def _describe(bundle: dict) -> str:

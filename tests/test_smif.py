@@ -596,3 +596,38 @@ def test_a_runner_cache_under_its_cap_drops_the_older_project(
     assert projects() == [str(two)]
     assert not has(bigs["first"][1]) and has(bigs["second"][1])
     assert not list((cache / "projects").glob(".*-*")), "a folder set aside was left"
+
+
+def test_a_cancelled_smif_job_is_killed_in_its_own_process_and_the_runner_carries_on(
+    sample, tmp_path, dsn, conn, procs
+) -> None:
+    """smif jobs run in processes forked from a zygote warmed up for their model run: a
+    cancel kills the job's own process (not the zygote, not the runner) at once."""
+    folder = project(sample, tmp_path, "slow")
+    model = folder / "models" / "water_supply.py"
+    mark = tmp_path / "water_supply.pid"
+    model.write_text(
+        model.read_text().replace(
+            "        current_interventions = data.get_current_interventions()\n",
+            "        import os, time\n"
+            f"        open({str(mark)!r}, 'w').write(f'{{os.getpid()}} {{os.getppid()}}')\n"
+            "        time.sleep(120)\n"
+            "        current_interventions = data.get_current_interventions()\n",
+            1,
+        )
+    )
+    model_run_id = submit(dsn, folder, "energy_water_cp_cr")
+    runner = procs.start("--slots", "2", name="r1")
+    procs.manager(name="manager")
+    wait_for(lambda: mark.exists() and mark.read_text(), 120, "the slow step to start")
+    pid, parent = map(int, mark.read_text().split())
+    assert parent not in (runner.pid, pid) and runner.pid != pid  # a zygote's child
+    t0 = time.monotonic()
+    workflow = conn.execute(
+        "SELECT id FROM workflows WHERE model_run_id = %s", [model_run_id]
+    ).fetchone()[0]
+    assert smifdb(dsn, "cancel", str(workflow)).returncode == 0
+    assert wait_model_run(conn, model_run_id, 60).startswith("cancelled")
+    wait_for(lambda: not Path(f"/proc/{pid}").exists(), 10, "the step's process to end")
+    assert time.monotonic() - t0 < 15
+    assert Path(f"/proc/{parent}").exists() and runner.poll() is None  # zygote and runner

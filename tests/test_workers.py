@@ -128,3 +128,99 @@ def test_a_main_module_that_cannot_be_imported_again_is_a_clear_refusal(tmp_path
     )
     out = subprocess.run([PY, str(script)], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "0", out.stderr
+
+
+ZYGOTE_SCRIPT = """
+import json, os, sys, threading, time
+from smifdb.workers import Child, WorkerDied, WorkerPool
+
+SETUP = {"cwd": sys.argv[1], "log": os.path.join(sys.argv[1], "job.log"), "environ": {}}
+
+
+def call(child, target, **args):
+    try:
+        return child.call(target, args, SETUP).value
+    except WorkerDied as exc:
+        return "died: " + str(exc)
+
+
+if __name__ == "__main__":
+    pool = WorkerPool(("crashes",))
+    key = ("project", "run")
+    zygote = lambda: pool.zygote_child(key, "crashes:warm", {"mark": "once"})
+    out = {"runner": os.getpid()}
+    out["children"] = [call(zygote(), "crashes:whoami") for _ in range(3)]
+    out["exit"] = call(zygote(), "crashes:die")
+    out["segfault"] = call(zygote(), "crashes:segfault")
+    child = zygote()
+    threading.Timer(1.0, child.kill).start()
+    started = time.monotonic()
+    out["killed"] = call(child, "crashes:nap", seconds=120)
+    out["kill_took"] = time.monotonic() - started
+    out["after"] = call(zygote(), "crashes:whoami")
+    out["is_child"] = isinstance(zygote(), Child)
+    failing = pool.zygote_child(("other",), "crashes:cannot_warm", {})
+    out["fallback"] = [type(failing).__name__, call(failing, "crashes:whoami")["warmed"]]
+    pool.close()
+    print(json.dumps(out))
+"""
+
+ZYGOTE_JOBS = """
+import ctypes, os, time
+
+WARMED = []
+
+def warm(mark):
+    WARMED.append(mark)
+
+def cannot_warm():
+    raise RuntimeError("no project here")
+
+def whoami():
+    return {"pid": os.getpid(), "parent": os.getppid(), "warmed": WARMED}
+
+def die():
+    os._exit(3)
+
+def segfault():
+    ctypes.string_at(0)
+
+def nap(seconds):
+    time.sleep(seconds)
+"""
+
+
+def test_jobs_forked_from_a_warm_zygote_each_get_a_process_of_their_own(tmp_path) -> None:
+    """What smif jobs run in: a zygote warmed up once forks a process per job, which can end
+    or be killed without harm to the zygote or the next job; a zygote that cannot warm up
+    leaves its jobs to plain workers."""
+    import json
+    import os
+    import subprocess
+
+    from processes import PY
+
+    (tmp_path / "crashes.py").write_text(ZYGOTE_JOBS)
+    (tmp_path / "zygotes.py").write_text(ZYGOTE_SCRIPT)
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    done = subprocess.run(
+        [PY, str(tmp_path / "zygotes.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    children = out["children"]
+    assert len({c["pid"] for c in children}) == 3  # a process each
+    zygotes = {c["parent"] for c in children}
+    assert len(zygotes) == 1 and out["runner"] not in zygotes  # ... forked by one zygote
+    assert all(c["warmed"] == ["once"] for c in children)  # ... warmed up once, before them
+    assert out["exit"] == "died: its worker process exited with status 3"
+    assert out["segfault"] == "died: its worker process died of SIGSEGV"
+    assert out["killed"] == "died: its worker was killed to stop it"
+    assert out["kill_took"] < 5
+    assert out["after"]["parent"] in zygotes and out["after"]["warmed"] == ["once"]
+    assert out["is_child"] is True
+    assert out["fallback"] == ["Worker", []]  # not warmed, but run

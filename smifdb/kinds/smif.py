@@ -36,6 +36,7 @@ OPERATIONS = ("before_model_run", "simulate")
 _INT_FIELDS = ("timestep", "decision")
 
 SMIF_STEP = "smifdb.smifrun:run_job"  # what `smif step` and `smif before_step` do
+SMIF_WARM_UP = "smifdb.smifrun:warm_up"  # what a model run's zygote does once
 
 
 def _is_int(value: Any) -> bool:
@@ -214,7 +215,16 @@ class Smif:
             "decision": payload.get("decision"),
             "interface": payload["interface"],
         }
-        return run_in_worker(attempt, SMIF_STEP, args, cwd=str(folder), env=env)
+        # Forked from a zygote that has read this model run's project once (its dimensions,
+        # its models' imports), as one `smif run` process would have for all its jobs.
+        project = str(self._project_folder(attempt))
+        warm_args = {"project": project, "model_run": name, "interface": payload["interface"]}
+        warm = ((project, name, payload["interface"]), SMIF_WARM_UP, warm_args)
+        return run_in_worker(attempt, SMIF_STEP, args, cwd=str(folder), env=env, warm=warm)
+
+    def _project_folder(self, attempt: Attempt) -> Path:
+        """The cache's copy of the project, which the attempt's folder links into."""
+        return Path(os.path.realpath(self.folder(attempt) / "config")).parent
 
     def stop(self, attempt: Attempt, reason: str) -> bool:
         attempt.stop(reason)  # SIGTERM to its process group, SIGKILL after a grace
