@@ -470,7 +470,7 @@ def with_files(dag: Dag, keys: frozenset[str]) -> Dag:
     """The DAG with the jobs ``keys`` given the workflow's files in their folders (the spec's
     ``files:`` gives them to every command job; only steps with dataslots need them)."""
     jobs = [
-        replace(job, payload={**job.payload, "files": True}) if job.key in keys else job
+        job._replace(payload={**job.payload, "files": True}) if job.key in keys else job
         for job in dag.jobs
     ]
     return replace(dag, jobs=jobs)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -384,6 +385,33 @@ def test_concurrent_submissions_do_not_interleave(dsn: str, conn) -> None:
         t.join()
     assert not errors and partial == 0
     assert counts(conn)["jobs"] == 8000
+
+
+def test_job_ids_that_are_not_one_range_are_read_one_by_one(dsn: str, conn) -> None:
+    """Ids come back as a range when the sequence gave this submission n values in a row;
+    otherwise (values of other sessions among them) as the list, and edges still join the
+    right jobs."""
+    spec = {
+        "jobs": [{"key": f"j{i}", "python": "m:f", "after": [f"j{i - 1}"] if i else []}
+        for i in range(50)]
+    }  # fmt: skip
+    conn.execute("ALTER SEQUENCE jobs_id_seq INCREMENT BY 3")  # as if others took two in three
+    try:
+        spaced = smifdb.submit(dsn, spec)
+    finally:
+        conn.execute("ALTER SEQUENCE jobs_id_seq INCREMENT BY 1")
+    solid = smifdb.submit(dsn, spec)
+    for wf, step in ((spaced, 3), (solid, 1)):
+        ids = [r[0] for r in conn.execute(
+            "SELECT id FROM jobs WHERE workflow_id = %s ORDER BY id", [wf]
+        )]  # fmt: skip
+        assert len(ids) == 50 and {b - a for a, b in itertools.pairwise(ids)} == {step}
+        edges = conn.execute(
+            "SELECT p.key, c.key FROM job_edges e JOIN jobs p ON p.id = e.parent_id"
+            " JOIN jobs c ON c.id = e.child_id WHERE c.workflow_id = %s",
+            [wf],
+        ).fetchall()
+        assert sorted(edges) == sorted((f"j{i - 1}", f"j{i}") for i in range(1, 50))
 
 
 @pytest.mark.parametrize(

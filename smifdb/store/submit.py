@@ -8,6 +8,7 @@ from itertools import groupby
 from pathlib import Path
 
 import psycopg
+from psycopg.copy import QueuedLibpqWriter
 
 from smifdb.spec import Dag, Job
 from smifdb.store import READY_CHANNEL, blobs, notify
@@ -18,9 +19,16 @@ INSERT INTO workflows (name, model_run, bundle, model_run_id, job_count, submitt
 VALUES (%(name)s, %(model_run)s, %(bundle)s, %(model_run_id)s, %(job_count)s, %(submitted_by)s)
 RETURNING id
 """
+# Job ids, allocated up front. The sequence is named once: nextval of a constant runs at a
+# third of a microsecond, of pg_get_serial_sequence(...) per row at 2.5 µs (a million jobs:
+# 0.3 s against 2.7 s). Read back as a range when no other session's values fell among ours.
+_JOB_SEQUENCE = "SELECT pg_get_serial_sequence('jobs', 'id')"
 _ALLOCATE_JOB_IDS = """
-SELECT nextval(pg_get_serial_sequence('jobs', 'id')) FROM generate_series(1, %s)
+SELECT min(id), max(id) FROM (
+    SELECT nextval(%(sequence)s::regclass) AS id FROM generate_series(1, %(n)s)
+) ids
 """
+_ALLOCATE_JOB_ID_LIST = "SELECT nextval(%(sequence)s::regclass) FROM generate_series(1, %(n)s)"
 _COPY_JOBS = """
 COPY jobs (id, workflow_id, key, kind, payload, model, operation, timestep, decision,
            status, priority, unfinished_parents, max_attempts, timeout_seconds,
@@ -52,7 +60,8 @@ def _number(value: float | None) -> str:
 def _copy_lines(cur: psycopg.Cursor, statement: str, lines: Iterable[str]) -> None:
     """COPY rows rendered here as text lines: psycopg's write_row adapts each value on its
     own (~5 µs a row), which is most of a million-job submit's client time."""
-    with cur.copy(statement) as copy:
+    # Written from a thread of psycopg's, so that rendering the next rows overlaps sending.
+    with cur.copy(statement, writer=QueuedLibpqWriter(cur)) as copy:
         chunk: list[str] = []
         for line in lines:
             chunk.append(line)
@@ -149,8 +158,7 @@ def submit_dag(
                 "submitted_by": submitted_by,
             },
         ).fetchone()[0]
-        with conn.cursor(binary=True) as cur:
-            ids = [r[0] for r in cur.execute(_ALLOCATE_JOB_IDS, [len(jobs)])]
+        ids = _allocate_job_ids(conn, len(jobs))
         with conn.cursor() as cur:
             for statement, lines in render_copies(dag, ids, workflow_id, actor):
                 _copy_lines(cur, statement, lines)
@@ -159,6 +167,16 @@ def submit_dag(
         if any(not job.after for job in jobs):
             notify(conn, READY_CHANNEL, workflow_id)
     return workflow_id
+
+
+def _allocate_job_ids(conn: psycopg.Connection, n: int) -> Sequence[int]:
+    sequence = conn.execute(_JOB_SEQUENCE).fetchone()[0]
+    args = {"sequence": sequence, "n": n}
+    first, last = conn.execute(_ALLOCATE_JOB_IDS, args).fetchone()
+    if last - first + 1 == n:  # n values in a range of n: all ours
+        return range(first, last + 1)
+    with conn.cursor(binary=True) as cur:  # interleaved with another submission's: the list
+        return [r[0] for r in cur.execute(_ALLOCATE_JOB_ID_LIST, args)]
 
 
 def put_files(
