@@ -457,7 +457,7 @@ def _runner_options(f):
             type=Bytes(2**20),
             default="1G",
             show_default=True,
-            help="...or once its resident memory is past this after a job.",
+            help="...or once its resident memory is past this (read every 16th job).",
         ),
     ]
     return _stack(f, options)

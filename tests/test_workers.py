@@ -108,6 +108,22 @@ def test_warm_workers_are_reused_and_recycled(conn, runners, crashes) -> None:
     assert proc.pid not in pids
 
 
+def test_a_worker_past_its_memory_bound_is_replaced_at_its_next_check(
+    conn, runners, crashes
+) -> None:
+    jobs = [{"key": f"j{i:02d}", "python": "crashes:whoami"} for i in range(40)]
+    wf = smifdb.submit(conn, {"jobs": jobs})
+    proc = runners.start(
+        "--slots", "1", "--batch", "1", "--worker-max-memory", "1M", "--exit-when-idle"
+    )
+    assert proc.wait(timeout=90) == 0, runners.output("r0")
+    rows = job_rows(conn, wf)
+    pids = [rows[f"j{i:02d}"]["result"] for i in range(40)]  # in claim order
+    # Every worker is past 1 MiB: each is read after its 16th job, and replaced.
+    assert [len(set(pids[k : k + 16])) for k in (0, 16, 32)] == [1, 1, 1], pids
+    assert len(set(pids)) == 3
+
+
 def test_a_main_module_that_cannot_be_imported_again_is_a_clear_refusal(tmp_path) -> None:
     """Workers import the parent's main module again: code read from stdin cannot be."""
     import subprocess
