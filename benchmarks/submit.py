@@ -9,8 +9,9 @@ On one database (a new local cluster with durable commits unless --dsn is given)
   adds to the process (the spec itself is not counted);
 - the write (``submit_dag``: one transaction of four COPYs) side by side with its bound, a bare
   COPY of the same rows, rendered beforehand, into tables made ``LIKE`` smifdb's with the same
-  indexes, checks and storage settings but no foreign keys, in one transaction. The two
-  alternate, each from emptied tables and a fresh checkpoint;
+  indexes, checks and storage settings but no foreign keys, in one transaction; and the whole
+  of ``smifdb.submit`` (validation and write, each job written as soon as it is checked). The
+  three alternate, each from emptied tables and a fresh checkpoint;
 - with --cli, the CLI on a JSON file (process start, parse JSON, validate, write);
 - with --drain RUNNERSxSLOTS, the layered DAG drained by no-op runners against as many
   independent no-op jobs, in the same session (throughput.py's steady-state rate).
@@ -30,6 +31,7 @@ import psycopg
 from common import database, layered_dag, machine, parser
 from throughput import SMIFDB_TABLES, independent, run_smifdb
 
+import smifdb
 from smifdb.spec import parse
 from smifdb.store.submit import render_copies, submit_dag
 
@@ -111,6 +113,14 @@ def smifdb_write(dsn: str, dag) -> float:
     return time.perf_counter() - t0
 
 
+def smifdb_submit(dsn: str, spec: dict) -> float:
+    """``smifdb.submit``: each job written as soon as it is checked (smifdb.spec.Checking)."""
+    t0 = time.perf_counter()
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        smifdb.submit(conn, spec)
+    return time.perf_counter() - t0
+
+
 def main() -> None:
     p = parser(__doc__)
     p.add_argument("--jobs", type=int, default=1_000_000)
@@ -142,9 +152,13 @@ def main() -> None:
             bare = bare_copy(dsn, copies)
             clean(dsn, truncate)
             write = smifdb_write(dsn, dag)
+            clean(dsn, truncate)
+            whole = smifdb_submit(dsn, spec)
             print(
                 f"write run {run}: bare COPY {bare:6.2f} s   submit_dag {write:6.2f} s"
                 f"   ratio {write / bare:.2f}x   validate + write {seconds + write:6.2f} s"
+                f"   smifdb.submit (checked as written) {whole:6.2f} s"
+                f" ({whole / bare:.2f}x the bare COPY)"
             )
         del copies
         if args.cli:

@@ -11,7 +11,7 @@ import json
 import math
 import os
 from array import array
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -267,67 +267,89 @@ def parse(raw: Any, name: str | None = None) -> Dag:
 
     Linear in jobs and edges, and light: the cycle check is Kahn's algorithm over counters
     (networkx is built only over what is left when there is a cycle, to name one)."""
-    problems: list[str] = []
-    if not isinstance(raw, Mapping):
-        raise SpecError([f"the spec must be a mapping with 'jobs', got {type(raw).__name__}"])
-    unknown = sorted(set(raw) - TOP_FIELDS)
-    if unknown:
-        problems.append(f"unknown top-level field(s) {', '.join(unknown)}")
-    given = name is not None  # --name: not in the spec that text_problems checks below
-    name = name if given else raw.get("name", "workflow")
-    if not isinstance(name, str) or not name.strip():
-        problems.append("'name' must be a non-empty string")
-    elif given and (problem := text_problem(name)):
-        problems.append(f"the name {problem}, which PostgreSQL cannot store")
-    raw_jobs = raw.get("jobs")
-    if not isinstance(raw_jobs, list) or not raw_jobs:
-        problems.append("'jobs' must be a non-empty list")
-        raise SpecError(problems)
-    for where, problem in text_problems(raw):
-        problems.append(f"{where}: the string {problem}, which PostgreSQL cannot store")
-    files = _check_files(raw.get("files", []), problems)
-
-    jobs: list[Job] = []
-    index: dict[str, int] = {}  # key: position in jobs
-    owned = kinds.spec_fields()
-    memo: dict[tuple, tuple[str, dict]] = {}
-    for position, raw_job in enumerate(raw_jobs):
-        job = _check_job(position, raw_job, owned, problems, memo)
-        if job is None:
-            continue
-        if job.key in index:
-            problems.append(f"duplicate job key {job.key!r}")
-            continue
-        index[job.key] = len(jobs)
-        jobs.append(job)
-    del memo
-
-    jobs = [_with_inputs(job, index, bool(files), problems) for job in jobs]
-    parents = _parent_positions(jobs, index, problems)
-    if problems:
-        raise SpecError(problems)
-    _check_acyclic(jobs, parents)
-    return Dag(name=name, jobs=jobs, files=files)
+    return Checking(raw, name).dag()
 
 
-def _parent_positions(
-    jobs: list[Job], index: dict[str, int], problems: list[str]
-) -> tuple[array, array]:
-    """Every job's parents as positions in ``jobs``, flat: job i's are
-    ``flat[starts[i]:starts[i + 1]]``. Two arrays of machine integers, not a list per job: a
-    million jobs' two million edges take 24 MB."""
-    starts, flat = array("q", [0]), array("q")
-    for position, job in enumerate(jobs):
-        for parent in job.after:
-            at = index.get(parent)
-            if at is None:
-                problems.append(f"job {job.key!r} depends on unknown job {parent!r}")
-            elif at == position:
-                problems.append(f"job {job.key!r} depends on itself")
-            else:
-                flat.append(at)
-        starts.append(len(flat))
-    return starts, flat
+class Checking:
+    """``parse`` as a stream, for a submission that writes each job as soon as it is checked
+    (in a transaction it rolls back if ``finish`` refuses the spec): the top level and the
+    jobs' keys first, then each job in order, checked whole (its fields, the jobs it names),
+    then what needs every job (the problems found, and the cycle check)."""
+
+    def __init__(self, raw: Any, name: str | None = None) -> None:
+        self.problems: list[str] = []
+        problems = self.problems
+        if not isinstance(raw, Mapping):
+            raise SpecError([f"the spec must be a mapping with 'jobs', got {type(raw).__name__}"])
+        unknown = sorted(set(raw) - TOP_FIELDS)
+        if unknown:
+            problems.append(f"unknown top-level field(s) {', '.join(unknown)}")
+        given = name is not None  # --name: not in the spec that text_problems checks below
+        name = name if given else raw.get("name", "workflow")
+        if not isinstance(name, str) or not name.strip():
+            problems.append("'name' must be a non-empty string")
+        elif given and (problem := text_problem(name)):
+            problems.append(f"the name {problem}, which PostgreSQL cannot store")
+        raw_jobs = raw.get("jobs")
+        if not isinstance(raw_jobs, list) or not raw_jobs:
+            problems.append("'jobs' must be a non-empty list")
+            raise SpecError(problems)
+        for where, problem in text_problems(raw):
+            problems.append(f"{where}: the string {problem}, which PostgreSQL cannot store")
+        self.name: str = name  # type: ignore[assignment]
+        self.raw_jobs: list[Any] = raw_jobs
+        self.files = _check_files(raw.get("files", []), problems)
+        # key: the position of the first job that has it (a job's key is checked with the job)
+        self.index: dict[str, int] = {}
+        for position, raw_job in enumerate(raw_jobs):
+            key = raw_job.get("key") if isinstance(raw_job, Mapping) else None
+            if type(key) is str:
+                self.index.setdefault(key, position)
+        self.jobs: list[Job] = []
+        # Every job's parents as positions, flat: job i's are flat[starts[i]:starts[i + 1]]. Two
+        # arrays of machine integers, not a list per job: two million edges take 24 MB.
+        self._parents = array("q", [0]), array("q")
+
+    def __iter__(self) -> Iterator[Job]:
+        """The jobs, each once it is checked, until a problem is found."""
+        problems, index, files = self.problems, self.index, bool(self.files)
+        starts, flat = self._parents
+        owned = kinds.spec_fields()
+        memo: dict[tuple, tuple[str, dict]] = {}
+        for position, raw_job in enumerate(self.raw_jobs):
+            job = _check_job(position, raw_job, owned, problems, memo)
+            if job is None:
+                continue
+            if index[job.key] != position:
+                problems.append(f"duplicate job key {job.key!r}")
+                continue
+            job = _with_inputs(job, index, files, problems)
+            for parent in job.after:
+                at = index.get(parent)
+                if at is None:
+                    problems.append(f"job {job.key!r} depends on unknown job {parent!r}")
+                elif at == position:
+                    problems.append(f"job {job.key!r} depends on itself")
+                else:
+                    flat.append(at)
+            starts.append(len(flat))
+            self.jobs.append(job)
+            if not problems:  # a spec found wrong is only checked on, to list every problem
+                yield job
+
+    def dag(self) -> Dag:
+        """Every job checked, then ``finish``."""
+        for _ in self:
+            pass
+        return self.finish()
+
+    def finish(self) -> Dag:
+        """The Dag, once every job has been read; SpecError listing every problem, or naming a
+        cycle."""
+        if self.problems:
+            raise SpecError(self.problems)
+        _check_acyclic(self.jobs, self._parents)
+        return Dag(name=self.name, jobs=self.jobs, files=self.files)
 
 
 def _check_acyclic(jobs: list[Job], parents: tuple[array, array]) -> None:
@@ -469,8 +491,11 @@ def _walk(folder: Path) -> Iterator[Path]:
 def with_base_dir(dag: Dag, base: Path) -> Dag:
     """The DAG of a spec file in folder ``base``: each kind says what that changes (command
     jobs run in ``base``, a relative ``cwd`` is taken from it)."""
-    jobs = []
-    for job in dag.jobs:
+    return replace(dag, jobs=list(based(dag.jobs, base)))
+
+
+def based(jobs: Iterable[Job], base: Path) -> Iterator[Job]:
+    """``with_base_dir`` a job at a time."""
+    for job in jobs:
         payload = kinds.KINDS[job.kind].with_base_dir(job.payload, base)
-        jobs.append(job._replace(payload=payload) if payload is not job.payload else job)
-    return replace(dag, jobs=jobs)
+        yield job._replace(payload=payload) if payload is not job.payload else job

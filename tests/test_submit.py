@@ -724,3 +724,90 @@ def test_validation_memory_stays_linear_and_small() -> None:
         tracemalloc.stop()
     assert len(dag.jobs) == n and dag.edge_count > 1.9 * (n - per_layer)
     assert peak < 600 * n, f"validation peaked at {peak / n:.0f} bytes per job"
+
+
+def _layered(n: int, seed: int = 7) -> dict:
+    rng = random.Random(seed)
+    return {
+        "name": "layered",
+        "jobs": [
+            {
+                "key": f"j{i}",
+                "python": "m:f",
+                "args": {"i": i % 3},
+                "priority": i % 5,
+                "after": sorted({f"j{rng.randrange(i)}" for _ in range(2)}) if i >= 10 else [],
+            }
+            for i in range(n)
+        ],
+    }
+
+
+def _rows(conn: psycopg.Connection, wf: int) -> dict[str, list]:
+    """A workflow's jobs, edges, ready roots and submission events by key (ids aside)."""
+    return {
+        "jobs": conn.execute(
+            "SELECT key, kind::text, payload, status::text, priority, unfinished_parents,"
+            " max_attempts, timeout_seconds, retry_backoff_seconds FROM jobs"
+            " WHERE workflow_id = %s ORDER BY key",
+            [wf],
+        ).fetchall(),
+        "edges": conn.execute(
+            "SELECT p.key, c.key FROM job_edges e JOIN jobs p ON p.id = e.parent_id"
+            " JOIN jobs c ON c.id = e.child_id WHERE c.workflow_id = %s ORDER BY 1, 2",
+            [wf],
+        ).fetchall(),
+        "ready": conn.execute(
+            "SELECT j.key, r.priority FROM ready_jobs r JOIN jobs j ON j.id = r.job_id"
+            " WHERE r.workflow_id = %s ORDER BY 1",
+            [wf],
+        ).fetchall(),
+        "events": conn.execute(
+            "SELECT coalesce(j.key, ''), e.to_status, e.reason FROM events e"
+            " LEFT JOIN jobs j ON j.id = e.job_id WHERE e.workflow_id = %s ORDER BY 1, 2",
+            [wf],
+        ).fetchall(),
+    }
+
+
+def test_a_spec_checked_as_it_is_written_writes_what_parse_and_submit_dag_write(
+    dsn: str, conn
+) -> None:
+    """smifdb.submit writes each job as soon as it is checked (spec.Checking, submit_checking):
+    the rows are those of the two steps one after the other."""
+    from smifdb.store.submit import submit_dag
+
+    spec = _layered(25_000)  # more than one chunk of COPY rows
+    streamed = smifdb.submit(dsn, spec)
+    with psycopg.connect(dsn) as other:
+        stepwise = submit_dag(other, parse(spec), actor="test")
+    assert _rows(conn, streamed) == _rows(conn, stepwise)
+    assert len(_rows(conn, streamed)["edges"]) > 40_000
+
+
+@pytest.mark.parametrize(
+    ("last", "says"),
+    [
+        ({"key": "bad", "python": "m:f", "priority": "high"}, "'priority' must be an integer"),
+        ({"key": "j3", "python": "m:f"}, "duplicate job key 'j3'"),
+        ({"key": "late", "python": "m:f", "after": ["nowhere"]}, "depends on unknown job"),
+    ],
+)
+def test_a_spec_wrong_at_its_end_is_rolled_back_after_its_jobs_were_sent(
+    dsn: str, conn, last: dict, says: str
+) -> None:
+    spec = _layered(25_000)
+    spec["jobs"].append(last)
+    before = counts(conn)
+    with pytest.raises(SpecError, match=says):
+        smifdb.submit(dsn, spec)
+    assert counts(conn) == before
+
+
+def test_a_cycle_found_once_every_job_was_sent_writes_nothing(dsn: str, conn) -> None:
+    spec = _layered(25_000)
+    spec["jobs"][0]["after"] = ["j24999"]  # j0 is an ancestor of the last job
+    before = counts(conn)
+    with pytest.raises(SpecError, match="dependency cycle"):
+        smifdb.submit(dsn, spec)
+    assert counts(conn) == before

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import groupby
 from pathlib import Path
 
 import psycopg
 from psycopg.copy import QueuedLibpqWriter
 
-from smifdb.spec import Dag, Job
+from smifdb.spec import Checking, Dag, Job
 from smifdb.store import READY_CHANNEL, blobs, notify
 from smifdb.store.blobs import FileEntry
 
@@ -57,76 +57,92 @@ def _number(value: float | None) -> str:
     return "\\N" if value is None else str(value)
 
 
-def _copy_lines(cur: psycopg.Cursor, statement: str, lines: Iterable[str]) -> None:
-    """COPY rows rendered here as text lines: psycopg's write_row adapts each value on its
-    own (~5 µs a row), which is most of a million-job submit's client time."""
-    # Written from a thread of psycopg's, so that rendering the next rows overlaps sending.
+def _copy(cur: psycopg.Cursor, statement: str, chunks: Iterable[str]) -> None:
+    """COPY rows rendered here as text (psycopg's write_row adapts each value on its own,
+    ~5 µs a row, which was most of a million-job submit's client time), written from a
+    thread of psycopg's, so that rendering the next rows overlaps sending these."""
     with cur.copy(statement, writer=QueuedLibpqWriter(cur)) as copy:
-        chunk: list[str] = []
-        for line in lines:
-            chunk.append(line)
-            if len(chunk) == _CHUNK_ROWS:
-                copy.write("".join(chunk))
-                chunk.clear()
-        if chunk:
-            copy.write("".join(chunk))
+        for chunk in chunks:
+            copy.write(chunk)
+
+
+class _Rows:
+    """The COPY lines of a submission: each job's line as it is read, and beside it the lines
+    of its edges, of its row in ready_jobs (a root) and of its submission event, kept (as
+    chunks of joined lines) until the jobs' COPY is over."""
+
+    def __init__(
+        self, ids: Sequence[int], positions: Mapping[str, int], workflow_id: int, actor: str
+    ) -> None:
+        self.ids, self.positions = ids, positions
+        self.wf, self.who = str(workflow_id), _text(actor)
+        self.payloads: dict[int, str] = {}  # parse() shares one payload among alike jobs
+        self.edges: list[str] = []
+        self.ready: list[str] = []
+        self.events: list[str] = []
+
+    def _payload(self, job: Job) -> str:
+        text = self.payloads.get(id(job.payload))
+        if text is None:
+            text = _text(json.dumps(job.payload, separators=(",", ":")))
+            self.payloads[id(job.payload)] = text
+        return text
+
+    def jobs(self, jobs: Iterable[Job]) -> Iterator[str]:
+        """The jobs' COPY text, a chunk at a time, as ``jobs`` are read."""
+        ids, positions, wf, who = self.ids, self.positions, self.wf, self.who
+        lines = _Chunks([])
+        edges, ready, events = _Chunks(self.edges), _Chunks(self.ready), _Chunks(self.events)
+        for i, job in zip(ids, jobs, strict=False):
+            status = "waiting" if job.after else "ready"
+            lines.add(
+                f"{i}\t{wf}\t{_text(job.key)}\t{job.kind}\t{self._payload(job)}\t"
+                f"{_text(job.model)}\t{_text(job.operation)}\t{_number(job.timestep)}\t"
+                f"{_number(job.decision)}\t{status}\t"
+                f"{job.priority}\t{len(job.after)}\t{job.max_attempts}\t"
+                f"{_number(job.timeout)}\t{job.retry_backoff}\n"
+            )
+            for parent in job.after:
+                edges.add(f"{ids[positions[parent]]}\t{i}\n")
+            if not job.after:
+                ready.add(f"{i}\t{wf}\t{job.priority}\n")
+            events.add(f"{wf}\t{i}\t{status}\t{who}\tsubmitted\n")
+            if lines.out:  # a chunk is full
+                yield lines.out.pop()
+        for chunks in (lines, edges, ready, events):
+            chunks.close()
+        yield from lines.out
+
+    def rest(self) -> list[tuple[str, list[str]]]:
+        return [(_COPY_EDGES, self.edges), (_COPY_READY, self.ready), (_COPY_EVENTS, self.events)]
+
+
+class _Chunks:
+    """Lines appended to ``out`` as strings of _CHUNK_ROWS lines: two million edges as 200
+    strings, not two million."""
+
+    def __init__(self, out: list[str]) -> None:
+        self.out, self.lines = out, []
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+        if len(self.lines) == _CHUNK_ROWS:
+            self.close()
+
+    def close(self) -> None:
+        if self.lines:
+            self.out.append("".join(self.lines))
+            self.lines = []
 
 
 def render_copies(
     dag: Dag, ids: Sequence[int], workflow_id: int, actor: str
-) -> list[tuple[str, Iterator[str]]]:
+) -> list[tuple[str, list[str]]]:
     """The four COPYs of a submission (jobs, edges, ready roots, submission events), each as
-    its statement and its rows' text lines, rendered as they are read. ``ids``: the jobs'
-    ids, allocated up front so that edges need no jobs read back."""
-    jobs = dag.jobs
-    key_to_id = {job.key: ids[i] for i, job in enumerate(jobs)}
-    payloads: dict[int, str] = {}  # parse() shares one payload among jobs that are alike
-
-    def payload(job: Job) -> str:
-        text = payloads.get(id(job.payload))
-        if text is None:
-            text = _text(json.dumps(job.payload, separators=(",", ":")))
-            payloads[id(job.payload)] = text
-        return text
-
-    wf = str(workflow_id)
-    who = _text(actor)
-    return [
-        (
-            _COPY_JOBS,
-            (
-                f"{i}\t{wf}\t{_text(job.key)}\t{job.kind}\t{payload(job)}\t"
-                f"{_text(job.model)}\t{_text(job.operation)}\t{_number(job.timestep)}\t"
-                f"{_number(job.decision)}\t{'waiting' if job.after else 'ready'}\t"
-                f"{job.priority}\t{len(job.after)}\t{job.max_attempts}\t"
-                f"{_number(job.timeout)}\t{job.retry_backoff}\n"
-                for i, job in zip(ids, jobs, strict=True)
-            ),
-        ),
-        (
-            _COPY_EDGES,
-            (
-                f"{key_to_id[parent]}\t{i}\n"
-                for i, job in zip(ids, jobs, strict=True)
-                for parent in job.after
-            ),
-        ),
-        (
-            _COPY_READY,
-            (
-                f"{i}\t{wf}\t{job.priority}\n"
-                for i, job in zip(ids, jobs, strict=True)
-                if not job.after
-            ),
-        ),
-        (
-            _COPY_EVENTS,
-            (
-                f"{wf}\t{i}\t{'waiting' if job.after else 'ready'}\t{who}\tsubmitted\n"
-                for i, job in zip(ids, jobs, strict=True)
-            ),
-        ),
-    ]
+    its statement and its rows' text (for benchmarks/submit.py's bare COPY of the same rows).
+    ``ids``: the jobs' ids, allocated up front so that edges need no jobs read back."""
+    rows = _Rows(ids, {job.key: i for i, job in enumerate(dag.jobs)}, workflow_id, actor)
+    return [(_COPY_JOBS, list(rows.jobs(dag.jobs))), *rows.rest()]
 
 
 def submit_dag(
@@ -145,26 +161,87 @@ def submit_dag(
     ``submitted_by`` is the API user's id (None from the CLI, which database roles govern).
     ``files``: the stored files of its spec's ``files:`` (put_files), named in the same
     transaction."""
-    jobs = dag.jobs
+    positions = {job.key: i for i, job in enumerate(dag.jobs)}
+    return _write(
+        conn,
+        dag.name,
+        dag.jobs,
+        positions,
+        lambda: None,
+        actor=actor,
+        model_run=model_run,
+        bundle=bundle,
+        model_run_id=model_run_id,
+        submitted_by=submitted_by,
+        files=files,
+    )
+
+
+def submit_checking(
+    conn: psycopg.Connection,
+    checking: Checking,
+    *,
+    actor: str,
+    jobs: Iterable[Job] | None = None,
+) -> tuple[int, Dag]:
+    """Check a spec and write it at once: each job goes into the jobs' COPY as soon as it is
+    checked, so that PostgreSQL loads the first jobs while later ones are checked (for a
+    million jobs, most of the validation's time). If the spec turns out to be wrong the
+    transaction is rolled back, nothing is written, and SpecError lists every problem, as
+    parse would. ``jobs``: ``checking``'s jobs as they are to be written (spec.based). A spec
+    with ``files:`` is not written this way: its files are checked and stored first."""
+    workflow_id = _write(
+        conn,
+        checking.name,
+        checking if jobs is None else jobs,
+        checking.index,
+        checking.finish,
+        count=len(checking.raw_jobs),
+        actor=actor,
+    )
+    return workflow_id, checking.finish()
+
+
+def _write(
+    conn: psycopg.Connection,
+    name: str,
+    jobs: Iterable[Job],
+    positions: Mapping[str, int],
+    check: Callable[[], object],
+    *,
+    actor: str,
+    count: int | None = None,
+    model_run: str | None = None,
+    bundle: int | None = None,
+    model_run_id: int | None = None,
+    submitted_by: int | None = None,
+    files: Sequence[FileEntry] = (),
+) -> int:
+    """One transaction: the workflow, its jobs (job i's id is the i-th allocated, ``positions``
+    maps a key to its i), then ``check()``, which may refuse them all (rolled back), then their
+    edges, ready roots and submission events, rendered beside the jobs."""
+    count = len(jobs) if count is None else count  # type: ignore[arg-type]
     with conn.transaction():
         workflow_id = conn.execute(
             _INSERT_WORKFLOW,
             {
-                "name": dag.name,
+                "name": name,
                 "model_run": model_run,
                 "bundle": bundle,
                 "model_run_id": model_run_id,
-                "job_count": len(jobs),
+                "job_count": count,
                 "submitted_by": submitted_by,
             },
         ).fetchone()[0]
-        ids = _allocate_job_ids(conn, len(jobs))
+        rows = _Rows(_allocate_job_ids(conn, count), positions, workflow_id, actor)
         with conn.cursor() as cur:
-            for statement, lines in render_copies(dag, ids, workflow_id, actor):
-                _copy_lines(cur, statement, lines)
+            _copy(cur, _COPY_JOBS, rows.jobs(jobs))
+            check()
+            for statement, chunks in rows.rest():
+                _copy(cur, statement, chunks)
         blobs.add_workflow_files(conn, workflow_id, files)
         conn.execute(_INSERT_EVENT, (workflow_id, None, None, "pending", None, actor, "submitted"))
-        if any(not job.after for job in jobs):
+        if rows.ready:
             notify(conn, READY_CHANNEL, workflow_id)
     return workflow_id
 
