@@ -270,6 +270,35 @@ def parse(raw: Any, name: str | None = None) -> Dag:
     return Checking(raw, name).dag()
 
 
+_TEXT_CHECKS = 10_000  # jobs whose strings are checked at once (one json.dumps of them)
+
+
+def _text_problems(raw_jobs: list[Any], start: int, end: int, problems: list[str]) -> None:
+    """Strings PostgreSQL cannot store in ``raw_jobs[start:end]``: one C-speed pass over them
+    all, then, if it finds any, each job's walked to say where."""
+    if next(text_problems(raw_jobs[start:end]), None) is None:
+        return
+    for position in range(start, min(end, len(raw_jobs))):
+        for where, problem in text_problems(raw_jobs[position], f"jobs[{position}]"):
+            problems.append(f"{where}: the string {problem}, which PostgreSQL cannot store")
+
+
+def _key_index(raw_jobs: list[Any]) -> dict[str, int]:
+    """Each key that is a string, to the position of the first job that has it (a job's key
+    is checked with the job): by dict(zip(...)) from the end, at C speed, when it can be."""
+    keys = [j.get("key") if isinstance(j, Mapping) else None for j in raw_jobs]
+    try:
+        index = dict(zip(reversed(keys), range(len(keys) - 1, -1, -1), strict=True))
+    except TypeError:  # a key that cannot be hashed: refused with its job
+        index = {}
+        for position, key in enumerate(keys):
+            if type(key) is str:
+                index.setdefault(key, position)
+    if any(type(k) is not str for k in index):
+        index = {k: v for k, v in index.items() if type(k) is str}
+    return index
+
+
 class Checking:
     """``parse`` as a stream, for a submission that writes each job as soon as it is checked
     (in a transaction it rolls back if ``finish`` refuses the spec): the top level and the
@@ -294,18 +323,15 @@ class Checking:
         if not isinstance(raw_jobs, list) or not raw_jobs:
             problems.append("'jobs' must be a non-empty list")
             raise SpecError(problems)
-        for where, problem in text_problems(raw):
+        top = {k: v for k, v in raw.items() if k != "jobs"}  # the jobs' strings: as they come
+        for where, problem in text_problems(top):
             problems.append(f"{where}: the string {problem}, which PostgreSQL cannot store")
         self.name: str = name  # type: ignore[assignment]
         self.raw_jobs: list[Any] = raw_jobs
         self.files = _check_files(raw.get("files", []), problems)
-        # key: the position of the first job that has it (a job's key is checked with the job)
-        self.index: dict[str, int] = {}
-        for position, raw_job in enumerate(raw_jobs):
-            key = raw_job.get("key") if isinstance(raw_job, Mapping) else None
-            if type(key) is str:
-                self.index.setdefault(key, position)
+        self.index = _key_index(raw_jobs)
         self.jobs: list[Job] = []
+        self._dag: Dag | None = None
         # Every job's parents as positions, flat: job i's are flat[starts[i]:starts[i + 1]]. Two
         # arrays of machine integers, not a list per job: two million edges take 24 MB.
         self._parents = array("q", [0]), array("q")
@@ -316,7 +342,10 @@ class Checking:
         starts, flat = self._parents
         owned = kinds.spec_fields()
         memo: dict[tuple, tuple[str, dict]] = {}
-        for position, raw_job in enumerate(self.raw_jobs):
+        raw_jobs = self.raw_jobs
+        for position, raw_job in enumerate(raw_jobs):
+            if position % _TEXT_CHECKS == 0:  # the next jobs' strings, in one pass
+                _text_problems(raw_jobs, position, position + _TEXT_CHECKS, problems)
             job = _check_job(position, raw_job, owned, problems, memo)
             if job is None:
                 continue
@@ -346,10 +375,12 @@ class Checking:
     def finish(self) -> Dag:
         """The Dag, once every job has been read; SpecError listing every problem, or naming a
         cycle."""
-        if self.problems:
-            raise SpecError(self.problems)
-        _check_acyclic(self.jobs, self._parents)
-        return Dag(name=self.name, jobs=self.jobs, files=self.files)
+        if self._dag is None:
+            if self.problems:
+                raise SpecError(self.problems)
+            _check_acyclic(self.jobs, self._parents)
+            self._dag = Dag(name=self.name, jobs=self.jobs, files=self.files)
+        return self._dag
 
 
 def _check_acyclic(jobs: list[Job], parents: tuple[array, array]) -> None:

@@ -57,13 +57,21 @@ def _number(value: float | None) -> str:
     return "\\N" if value is None else str(value)
 
 
-def _copy(cur: psycopg.Cursor, statement: str, chunks: Iterable[str]) -> None:
+def _copy(
+    cur: psycopg.Cursor,
+    statement: str,
+    chunks: Iterable[str],
+    meanwhile: Callable[[], object] | None = None,
+) -> None:
     """COPY rows rendered here as text (psycopg's write_row adapts each value on its own,
     ~5 µs a row, which was most of a million-job submit's client time), written from a
-    thread of psycopg's, so that rendering the next rows overlaps sending these."""
+    thread of psycopg's, so that rendering the next rows overlaps sending these; then
+    ``meanwhile()``, while the last of them are sent and loaded."""
     with cur.copy(statement, writer=QueuedLibpqWriter(cur)) as copy:
         for chunk in chunks:
             copy.write(chunk)
+        if meanwhile is not None:
+            meanwhile()
 
 
 class _Rows:
@@ -218,8 +226,9 @@ def _write(
     files: Sequence[FileEntry] = (),
 ) -> int:
     """One transaction: the workflow, its jobs (job i's id is the i-th allocated, ``positions``
-    maps a key to its i), then ``check()``, which may refuse them all (rolled back), then their
-    edges, ready roots and submission events, rendered beside the jobs."""
+    maps a key to its i), their edges, ready roots and submission events (rendered beside the
+    jobs); and ``check()``, called once the jobs are read, which may refuse them all: the
+    transaction is then rolled back."""
     count = len(jobs) if count is None else count  # type: ignore[arg-type]
     with conn.transaction():
         workflow_id = conn.execute(
@@ -236,8 +245,9 @@ def _write(
         rows = _Rows(_allocate_job_ids(conn, count), positions, workflow_id, actor)
         with conn.cursor() as cur:
             _copy(cur, _COPY_JOBS, rows.jobs(jobs))
-            check()
-            for statement, chunks in rows.rest():
+            (edges, edge_chunks), *rest = rows.rest()
+            _copy(cur, edges, edge_chunks, meanwhile=check)  # the cycle check, as they load
+            for statement, chunks in rest:
                 _copy(cur, statement, chunks)
         blobs.add_workflow_files(conn, workflow_id, files)
         conn.execute(_INSERT_EVENT, (workflow_id, None, None, "pending", None, actor, "submitted"))
