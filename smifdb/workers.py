@@ -11,6 +11,11 @@ only its attempt; either way the next job gets a new worker. A worker is also re
 leaks or caches does not pile up. As with any multiprocessing, a worker imports the parent's
 main module again: code that starts a Runner itself belongs under ``if __name__ ==
 "__main__"``.
+
+smif jobs go one step further (``Zygote``): a worker warmed up once for a model run (its
+models configured and imported, see smifdb.smifrun.warm_up) forks a new process for each job,
+so that every job starts where a `smif run` process is after its first, in a process of its
+own all the same.
 """
 
 from __future__ import annotations
@@ -174,7 +179,7 @@ def _become_zygote(
     try:
         while True:
             try:
-                ready = conn.poll(REAP_EVERY)
+                ready = conn.poll(REAP_EVERY if children else None)  # idle: nothing to reap
                 message = conn.recv() if ready else None
             except (EOFError, OSError):
                 return  # the runner hung up
