@@ -400,7 +400,7 @@ BASE = {
     "known": [],
     "state": "draining",
     "workflow_id": 1,
-    "model_run_id": None,
+    "model_run_id": 1,  # none such: every operation answers for it, model_run_inputs too
     "inputs": [],
     "sha256": [],
 }
