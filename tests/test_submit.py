@@ -804,6 +804,18 @@ def test_a_spec_wrong_at_its_end_is_rolled_back_after_its_jobs_were_sent(
     assert counts(conn) == before
 
 
+def test_a_spec_wrong_at_its_top_level_is_refused_before_anything_is_sent(dsn: str, conn) -> None:
+    spec = _layered(100) | {"name": 123, "extra": True}
+    spec["jobs"][50]["priority"] = "high"
+    before = counts(conn)
+    with pytest.raises(SpecError) as refused:
+        smifdb.submit(dsn, spec)
+    assert "'name' must be a non-empty string" in str(refused.value)
+    assert "unknown top-level field(s) extra" in str(refused.value)
+    assert "job 'j50': 'priority' must be an integer" in str(refused.value)  # all listed
+    assert counts(conn) == before
+
+
 def test_a_cycle_found_once_every_job_was_sent_writes_nothing(dsn: str, conn) -> None:
     spec = _layered(25_000)
     spec["jobs"][0]["after"] = ["j24999"]  # j0 is an ancestor of the last job

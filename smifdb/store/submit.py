@@ -198,6 +198,8 @@ def submit_checking(
     transaction is rolled back, nothing is written, and SpecError lists every problem, as
     parse would. ``jobs``: ``checking``'s jobs as they are to be written (spec.based). A spec
     with ``files:`` is not written this way: its files are checked and stored first."""
+    if checking.problems:  # at its top level (its name, say): no need to write anything
+        checking.dag()  # SpecError, every problem listed
     workflow_id = _write(
         conn,
         checking.name,
