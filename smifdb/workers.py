@@ -48,7 +48,7 @@ warnings.filterwarnings(
 )
 DEFAULT_MAX_JOBS = 1000
 MEMORY_EVERY = 16  # jobs between two checks of a worker's resident memory
-MAX_ZYGOTES = 2  # warm zygotes a runner keeps (one per smif model run it serves)
+MAX_ZYGOTES = 2  # warm zygotes a runner keeps (one per smif model run), more while jobs run
 ZYGOTE_IDLE = 300.0  # seconds unused before a zygote gives way to another's
 DEFAULT_MAX_MEMORY = 1 << 30  # bytes of resident memory
 _PR_SET_PDEATHSIG = 1
@@ -336,6 +336,7 @@ class Zygote:
         self.worker = Worker(pool.context, pool.allow, pool.tail_bytes)
         self.lock = threading.Lock()  # one request and its reply at a time
         self.used = time.monotonic()
+        self.running = 0  # its children not yet answered: it is not closed while they run
         try:
             self.worker.conn.send((_BECOME_ZYGOTE, warm, args))
             answer = self.worker.conn.recv()
@@ -350,8 +351,14 @@ class Zygote:
         return self.worker.process.is_alive()
 
     def child(self) -> Child:
+        """A child to be; the caller holds the pool's zygote lock."""
         self.used = time.monotonic()
+        with self.lock:
+            self.running += 1
         return Child(self)
+
+    def idle(self) -> bool:
+        return self.running == 0
 
     def _fork(self, target: str, args: dict[str, Any], setup: dict[str, Any]) -> tuple:
         """A new child running this call: (its pid, the runner's end of its answer pipe)."""
@@ -385,17 +392,20 @@ class Child:
         self.killed = False
 
     def call(self, target: str, args: dict[str, Any], setup: dict[str, Any]) -> Answer:
-        self.pid, answers = self.zygote._fork(target, args, setup)
-        if self.killed:  # stopped while it was being forked
-            self.zygote.kill(self.pid)
         try:
-            message = answers.recv()
-        except (EOFError, OSError) as exc:
-            raise WorkerDied(
-                _death(None, self.killed) if self.killed else "its zygote died"
-            ) from exc
+            self.pid, answers = self.zygote._fork(target, args, setup)
+            if self.killed:  # stopped while it was being forked
+                self.zygote.kill(self.pid)
+            try:
+                message = answers.recv()
+            except (EOFError, OSError) as exc:
+                why = _death(None, True) if self.killed else "its zygote died"
+                raise WorkerDied(why) from exc
+            finally:
+                answers.close()
         finally:
-            answers.close()
+            with self.zygote.lock:
+                self.zygote.running -= 1
         if isinstance(message, Answer):
             return message
         raise WorkerDied(_death(message[1], self.killed))
@@ -474,19 +484,23 @@ class WorkerPool:
         with self._zygote_lock:
             now = time.monotonic()
             for old_key, old in list(self._zygotes.items()):
-                if not old.alive() or (old_key != key and now - old.used > ZYGOTE_IDLE):
+                unused = old_key != key and old.idle() and now - old.used > ZYGOTE_IDLE
+                if not old.alive() or unused:
                     del self._zygotes[old_key]
                     old.close()
             zygote = self._zygotes.get(key)
             if zygote is None:
+                # Past MAX_ZYGOTES, the oldest with no job running goes: closing a zygote
+                # ends its children, so one whose jobs run stays until they end.
+                spare = [k for k, z in self._zygotes.items() if z.idle()]
+                for old_key in spare[: max(len(self._zygotes) + 1 - MAX_ZYGOTES, 0)]:
+                    self._zygotes.pop(old_key).close()
                 try:
                     zygote = Zygote(self, warm, args)
                 except WorkerDied as exc:
                     log.warning("jobs run without a warm zygote: %s", exc)
                     return self.fresh()
                 self._zygotes[key] = zygote
-                while len(self._zygotes) > MAX_ZYGOTES:
-                    self._zygotes.pop(next(iter(self._zygotes))).close()
             return zygote.child()
 
     def give(self, worker: Worker | Child) -> None:

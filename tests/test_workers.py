@@ -174,7 +174,18 @@ if __name__ == "__main__":
     out["killed"] = call(child, "crashes:nap", seconds=120)
     out["kill_took"] = time.monotonic() - started
     out["after"] = call(zygote(), "crashes:whoami")
-    out["is_child"] = isinstance(zygote(), Child)
+    out["is_child"] = isinstance(child, Child)
+    # Past MAX_ZYGOTES (2) zygotes, one whose job still runs is not closed (that would end it).
+    busy, napping = zygote(), []
+    nap = threading.Thread(target=lambda: napping.append(call(busy, "crashes:nap", seconds=2)))
+    nap.start()
+    time.sleep(0.5)
+    others = [pool.zygote_child((f"other{i}",), "crashes:warm", {"mark": i}) for i in range(3)]
+    out["others"] = [call(c, "crashes:whoami")["warmed"] for c in others]
+    nap.join()
+    out["napped"], out["zygotes"] = napping, [len(pool._zygotes)]
+    call(pool.zygote_child(("last",), "crashes:warm", {"mark": "last"}), "crashes:whoami")
+    out["zygotes"].append(len(pool._zygotes))  # those with no job running were let go
     failing = pool.zygote_child(("other",), "crashes:cannot_warm", {})
     out["fallback"] = [type(failing).__name__, call(failing, "crashes:whoami")["warmed"]]
     pool.close()
@@ -239,4 +250,7 @@ def test_jobs_forked_from_a_warm_zygote_each_get_a_process_of_their_own(tmp_path
     assert out["kill_took"] < 5
     assert out["after"]["parent"] in zygotes and out["after"]["warmed"] == ["once"]
     assert out["is_child"] is True
+    assert out["napped"] == [None]  # not ended by the zygotes made while it ran
+    assert out["others"] == [[0], [1], [2]]
+    assert out["zygotes"] == [4, 2]  # more while their jobs ran, then back to MAX_ZYGOTES
     assert out["fallback"] == ["Worker", []]  # not warmed, but run
