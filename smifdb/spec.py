@@ -11,7 +11,7 @@ import json
 import math
 import os
 from array import array
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -522,11 +522,8 @@ def _walk(folder: Path) -> Iterator[Path]:
 def with_base_dir(dag: Dag, base: Path) -> Dag:
     """The DAG of a spec file in folder ``base``: each kind says what that changes (command
     jobs run in ``base``, a relative ``cwd`` is taken from it)."""
-    return replace(dag, jobs=list(based(dag.jobs, base)))
-
-
-def based(jobs: Iterable[Job], base: Path) -> Iterator[Job]:
-    """``with_base_dir`` a job at a time."""
-    for job in jobs:
+    jobs = []
+    for job in dag.jobs:
         payload = kinds.KINDS[job.kind].with_base_dir(job.payload, base)
-        yield job._replace(payload=payload) if payload is not job.payload else job
+        jobs.append(job._replace(payload=payload) if payload is not job.payload else job)
+    return replace(dag, jobs=jobs)

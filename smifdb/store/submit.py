@@ -190,20 +190,19 @@ def submit_checking(
     checking: Checking,
     *,
     actor: str,
-    jobs: Iterable[Job] | None = None,
 ) -> tuple[int, Dag]:
     """Check a spec and write it at once: each job goes into the jobs' COPY as soon as it is
     checked, so that PostgreSQL loads the first jobs while later ones are checked (for a
     million jobs, most of the validation's time). If the spec turns out to be wrong the
     transaction is rolled back, nothing is written, and SpecError lists every problem, as
-    parse would. ``jobs``: ``checking``'s jobs as they are to be written (spec.based). A spec
-    with ``files:`` is not written this way: its files are checked and stored first."""
+    parse would. A spec with ``files:`` is not written this way: its files are checked and
+    stored first."""
     if checking.problems:  # at its top level (its name, say): no need to write anything
         checking.dag()  # SpecError, every problem listed
     workflow_id = _write(
         conn,
         checking.name,
-        checking if jobs is None else jobs,
+        checking,
         checking.index,
         checking.finish,
         count=len(checking.raw_jobs),
