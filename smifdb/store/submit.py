@@ -6,6 +6,7 @@ import json
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import groupby
 from pathlib import Path
+from typing import Any
 
 import psycopg
 from psycopg.copy import QueuedLibpqWriter
@@ -169,20 +170,16 @@ def submit_dag(
     ``submitted_by`` is the API user's id (None from the CLI, which database roles govern).
     ``files``: the stored files of its spec's ``files:`` (put_files), named in the same
     transaction."""
+    row = {
+        "name": dag.name,
+        "model_run": model_run,
+        "bundle": bundle,
+        "model_run_id": model_run_id,
+        "job_count": len(dag.jobs),
+        "submitted_by": submitted_by,
+    }
     positions = {job.key: i for i, job in enumerate(dag.jobs)}
-    return _write(
-        conn,
-        dag.name,
-        dag.jobs,
-        positions,
-        lambda: None,
-        actor=actor,
-        model_run=model_run,
-        bundle=bundle,
-        model_run_id=model_run_id,
-        submitted_by=submitted_by,
-        files=files,
-    )
+    return _write(conn, row, dag.jobs, positions, actor=actor, files=files)
 
 
 def submit_checking(
@@ -199,51 +196,30 @@ def submit_checking(
     stored first."""
     if checking.problems:  # at its top level (its name, say): no need to write anything
         checking.dag()  # SpecError, every problem listed
-    workflow_id = _write(
-        conn,
-        checking.name,
-        checking,
-        checking.index,
-        checking.finish,
-        count=len(checking.raw_jobs),
-        actor=actor,
-    )
+    row = {"name": checking.name, "job_count": len(checking.raw_jobs)}
+    row |= dict.fromkeys(("model_run", "bundle", "model_run_id", "submitted_by"))
+    workflow_id = _write(conn, row, checking, checking.index, actor=actor, check=checking.finish)
     return workflow_id, checking.finish()
 
 
 def _write(
     conn: psycopg.Connection,
-    name: str,
+    row: dict[str, Any],
     jobs: Iterable[Job],
     positions: Mapping[str, int],
-    check: Callable[[], object],
     *,
     actor: str,
-    count: int | None = None,
-    model_run: str | None = None,
-    bundle: int | None = None,
-    model_run_id: int | None = None,
-    submitted_by: int | None = None,
+    check: Callable[[], object] | None = None,
     files: Sequence[FileEntry] = (),
 ) -> int:
-    """One transaction: the workflow, its jobs (job i's id is the i-th allocated, ``positions``
-    maps a key to its i), their edges, ready roots and submission events (rendered beside the
-    jobs); and ``check()``, called once the jobs are read, which may refuse them all: the
-    transaction is then rolled back."""
-    count = len(jobs) if count is None else count  # type: ignore[arg-type]
+    """One transaction: the workflow (``row``: _INSERT_WORKFLOW's values), its jobs (job i's
+    id is the i-th allocated, ``positions`` maps a key to its i), their edges, ready roots and
+    submission events (rendered beside the jobs); and ``check()``, called once the jobs are
+    read, which may refuse them all: the transaction is then rolled back."""
     with conn.transaction():
-        workflow_id = conn.execute(
-            _INSERT_WORKFLOW,
-            {
-                "name": name,
-                "model_run": model_run,
-                "bundle": bundle,
-                "model_run_id": model_run_id,
-                "job_count": count,
-                "submitted_by": submitted_by,
-            },
-        ).fetchone()[0]
-        rows = _Rows(_allocate_job_ids(conn, count), positions, workflow_id, actor)
+        workflow_id = conn.execute(_INSERT_WORKFLOW, row).fetchone()[0]
+        ids = _allocate_job_ids(conn, row["job_count"])
+        rows = _Rows(ids, positions, workflow_id, actor)
         with conn.cursor() as cur:
             _copy(cur, _COPY_JOBS, rows.jobs(jobs))
             (edges, edge_chunks), *rest = rows.rest()
